@@ -1,0 +1,5 @@
+"""`python -m sipguard` is the `sipguard` command."""
+
+from .cli import entry
+
+entry()

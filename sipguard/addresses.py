@@ -1,0 +1,113 @@
+"""Address parsing and the allow-list: what a filter captured becomes one canonical address.
+
+Never guesses: text that is not a valid IPv4/IPv6 address yields None (and is counted by
+the caller), so a malformed capture can never ban something else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from functools import lru_cache
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@lru_cache(maxsize=65536)
+def normalize_ip(text: str) -> str | None:
+    """Canonical text of an address as Kamailio prints $si, or None when invalid.
+
+    Accepts ``1.2.3.4``, ``2001:db8::1``, ``[2001:db8::1]``, a zone suffix ``fe80::1%eth0``
+    (dropped: a zone never crosses the host) and IPv4-mapped IPv6 ``::ffff:1.2.3.4``
+    (returned as ``1.2.3.4``, since that is the sender the kernel sees on a v4 socket).
+    """
+    if not text or len(text) > 64:
+        return None
+    if text[0] == "[" and text[-1] == "]":
+        text = text[1:-1]
+    if "%" in text:
+        text = text.split("%", 1)[0]
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def parse_target(text: str) -> str:
+    """An address or CIDR given by an operator, canonical; ValueError with a clear reason."""
+    text = text.strip()
+    if "/" in text:
+        net = ipaddress.ip_network(text, strict=False)
+        if net.prefixlen == net.max_prefixlen:
+            return str(net.network_address)
+        return str(net)
+    ip = normalize_ip(text)
+    if ip is None:
+        raise ValueError(f"not an IP address or CIDR: {text!r}")
+    return ip
+
+
+def host_addresses() -> set[str]:
+    """This host's own addresses (best effort, no privileges needed): we never ban ourselves."""
+    found: set[str] = set()
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr():
+                addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+                if addr:
+                    ip = normalize_ip(addr)
+                    if ip:
+                        found.add(ip)
+    except Exception:  # noqa: BLE001 - no netlink (container, sandbox): fall back below
+        pass
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            ip = normalize_ip(str(info[4][0]))
+            if ip:
+                found.add(ip)
+    except OSError:
+        pass
+    return found
+
+
+class AllowList:
+    """CIDRs that are never banned. Lookups are cached per address."""
+
+    ALWAYS = ("127.0.0.0/8", "::1/128")
+
+    def __init__(self, cidrs: Iterable[str], include_host: bool = True) -> None:
+        nets: list[IPNetwork] = [ipaddress.ip_network(c, strict=False) for c in self.ALWAYS]
+        nets += [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        if include_host:
+            nets += [ipaddress.ip_network(a) for a in host_addresses()]
+        self.networks: tuple[IPNetwork, ...] = tuple(dict.fromkeys(nets))
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, target: str) -> bool:
+        hit = self._cache.get(target)
+        if hit is None:
+            hit = self._lookup(target)
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[target] = hit
+        return hit
+
+    def _lookup(self, target: str) -> bool:
+        try:
+            if "/" in target:
+                net = ipaddress.ip_network(target, strict=False)
+                return any(
+                    net.version == n.version and (net.subnet_of(n) or n.subnet_of(net))  # type: ignore[arg-type]
+                    for n in self.networks
+                )
+            addr = ipaddress.ip_address(target)
+        except ValueError:
+            return False
+        return any(addr in n for n in self.networks)

@@ -1,0 +1,289 @@
+"""The one TOML config file, validated by pydantic: every setting has a default.
+
+A bad file raises ConfigError naming the file, the key (and line when we can find it) and the
+reason, before any other stage starts; nothing here touches the kernel or the database.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .model import EventKind
+
+DEFAULT_CONFIG = Path("/etc/sipguard/sipguard.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/sipguard")
+SHIPPED_FILTERS = Path(__file__).resolve().parent.parent / "filters"
+if not SHIPPED_FILTERS.is_dir():  # installed as a wheel: filters are package data
+    SHIPPED_FILTERS = Path(__file__).resolve().parent / "data" / "filters"
+SHIPPED_RULES = SHIPPED_FILTERS.parent / "rules"
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(value: Any, allow_permanent: bool = False) -> float | None:
+    """'30s', '10m', '2h', '7d', '1w' or a number of seconds; 'permanent' → None when allowed."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 10m, 2h, 7d")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        if value.strip().lower() in ("permanent", "forever", "never"):
+            if allow_permanent:
+                return None
+            raise ValueError("'permanent' is not allowed here")
+        m = _DURATION.match(value)
+        if not m:
+            raise ValueError(f"bad duration {value!r}: expected like 30s, 10m, 2h, 7d")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    else:
+        raise ValueError("expected a duration like 30s, 10m, 2h, 7d")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+def format_duration(seconds: float | None) -> str:
+    """Short human form of a duration; 'permanent' for None."""
+    if seconds is None:
+        return "permanent"
+    seconds = int(round(seconds))
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+MaybePermanent = Annotated[float | None, BeforeValidator(lambda v: parse_duration(v, allow_permanent=True))]
+
+
+def _cidr(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR string like 203.0.113.0/24")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError as exc:
+        raise ValueError(f"invalid CIDR {value!r}: {exc}") from None
+
+
+CIDR = Annotated[str, BeforeValidator(_cidr)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def default_logs() -> list[str]:
+    """/var/log/kamailio.log when it exists, else /var/log/syslog (Debian's default target)."""
+    if Path("/var/log/kamailio.log").exists():
+        return ["/var/log/kamailio.log"]
+    return ["/var/log/syslog"]
+
+
+class SourcesConfig(Section):
+    """Which files to follow and how to read them."""
+
+    logs: list[str] = Field(default_factory=default_logs)
+    format: Literal["auto", "syslog", "iso", "rfc5424", "journal", "stderr"] = "auto"
+    from_start: bool = False
+    programs: list[str] = ["kamailio"]
+    verify_pid: bool = True
+    max_line: int = Field(1 << 20, ge=1024)
+
+
+class FiltersConfig(Section):
+    """Filter directories (later ones override earlier ones by name) and selection."""
+
+    directories: list[Path] = Field(default_factory=lambda: [SHIPPED_FILTERS, Path("/etc/sipguard/filters.d")])
+    enabled: list[str] | None = None
+    disabled: list[str] = []
+
+
+class JailConfig(Section):
+    """fail2ban's jail: events of these kinds, summed inside findtime, ban at threshold."""
+
+    kinds: list[EventKind]
+    findtime: Duration
+    threshold: float = Field(gt=0)
+    reset_on_success: bool = False
+    bantime: MaybePermanent | None = None  # None: the policy's escalating ban time
+
+    @field_validator("kinds")
+    @classmethod
+    def _no_success(cls, kinds: list[EventKind]) -> list[EventKind]:
+        if EventKind.SUCCESS in kinds:
+            raise ValueError("'success' events clear scores; they cannot be scored")
+        if not kinds:
+            raise ValueError("a jail needs at least one event kind")
+        return kinds
+
+
+def _default_jails() -> dict[str, JailConfig]:
+    return {
+        "flood": JailConfig(kinds=[EventKind.FLOOD], findtime=60, threshold=1),
+        "scanner": JailConfig(kinds=[EventKind.SCANNER], findtime=600, threshold=1),
+        "auth": JailConfig(kinds=[EventKind.AUTH_FAILURE], findtime=600, threshold=3, reset_on_success=True),
+        "malformed": JailConfig(kinds=[EventKind.MALFORMED], findtime=60, threshold=5),
+        "probe": JailConfig(kinds=[EventKind.PROBE], findtime=600, threshold=10, reset_on_success=True),
+    }
+
+
+class PolicyConfig(Section):
+    """Ban times: bantime for a first offence, times factor per repeat, capped at max_bantime."""
+
+    bantime: Duration = 3600
+    bantime_factor: float = Field(2.0, ge=1.0)
+    max_bantime: MaybePermanent = 7 * 86400
+    offence_memory: Duration = 30 * 86400
+    jails: dict[str, JailConfig] = Field(default_factory=_default_jails)
+
+    @field_validator("jails", mode="before")
+    @classmethod
+    def _merge_jails(cls, value: Any) -> Any:
+        """A [policy.jails.auth] table only has to name what it changes; `enabled = false` drops it."""
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {k: v.model_dump(exclude_unset=True) for k, v in _default_jails().items()}
+        for name, table in value.items():
+            if isinstance(table, dict) and table.get("enabled", True) is False:
+                merged.pop(name, None)
+                continue
+            if isinstance(table, dict):
+                table = {k: v for k, v in table.items() if k != "enabled"}
+            if name in merged and isinstance(table, dict):
+                merged[name] = {**merged[name], **table}
+            else:
+                merged[name] = table
+        return merged
+
+
+class AllowConfig(Section):
+    """Never banned: loopback and this host's addresses always, plus these CIDRs."""
+
+    cidrs: list[CIDR] = []
+    include_host_addresses: bool = True
+
+
+class StoreConfig(Section):
+    """How much history the SQLite database keeps (it must stay bounded under a spray)."""
+
+    event_retention: Duration = 86400
+    max_events: int = Field(2_000_000, ge=1000)
+    history_retention: Duration = 90 * 86400
+
+
+class EnforceConfig(Section):
+    """Which enforcer applies bans: the kernel ones arrive with the kernel issue."""
+
+    backend: Literal["auto", "dryrun"] = "auto"
+
+
+class DaemonConfig(Section):
+    """Loop timings of `sipguard run`."""
+
+    control_interval: Duration = 0.25
+    prune_interval: Duration = 60
+
+
+class Config(Section):
+    state_dir: Path | None = None
+    sources: SourcesConfig = SourcesConfig()
+    filters: FiltersConfig = FiltersConfig()
+    policy: PolicyConfig = PolicyConfig()
+    allowlist: AllowConfig = AllowConfig()
+    store: StoreConfig = StoreConfig()
+    enforce: EnforceConfig = EnforceConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    path: Path | None = Field(None, exclude=True)
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _state_dir(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, str):
+            raise ValueError("expected a directory path")
+        return v
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line number of a dotted key in TOML text (for a friendlier error)."""
+    lines = text.splitlines()
+    section: list[str] = []
+    keys = [str(p) for p in loc if not isinstance(p, int)]
+    if not keys:
+        return None
+    for no, raw in enumerate(lines, 1):
+        s = raw.strip()
+        if s.startswith("["):
+            section = [p.strip().strip('"') for p in s.strip("[]").split(".")]
+            continue
+        m = re.match(r'^"?([A-Za-z0-9_-]+)"?\s*=', s)
+        if m and section + [m.group(1)] == keys[: len(section) + 1] and len(keys) <= len(section) + 1:
+            return no
+        if m and section + [m.group(1)] == keys:
+            return no
+    # A whole section that is wrong: point at its header.
+    for no, raw in enumerate(lines, 1):
+        s = raw.strip()
+        if s.startswith("[") and [p.strip().strip('"') for p in s.strip("[]").split(".")] == keys:
+            return no
+    return None
+
+
+def load_config(path: str | Path | None = None, *, required: bool | None = None) -> Config:
+    """Read and validate the config; with no file at the default path, return the defaults.
+
+    `path` None means $SIPGUARD_CONFIG or the default; an explicitly named file must exist.
+    """
+    explicit = path is not None or "SIPGUARD_CONFIG" in os.environ
+    p = Path(path or os.environ.get("SIPGUARD_CONFIG") or DEFAULT_CONFIG)
+    if required is None:
+        required = explicit
+    if not p.exists():
+        if required:
+            raise ConfigError(str(p), None, "config file not found")
+        return Config()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), None, f"cannot read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(str(p), int(m.group(1)) if m else None, f"invalid TOML: {exc}") from None
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        key = ".".join(str(x) for x in loc)
+        line = _line_of(text, loc)
+        where = f"line {line}: {key}" if line else key
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(str(p), where, msg) from None
+    cfg.path = p
+    return cfg
+
+
+def resolve_state_dir(cfg: Config, cli_value: str | Path | None = None) -> Path:
+    """--state-dir, then $SIPGUARD_STATE_DIR, then the config's state_dir, then the default."""
+    if cli_value:
+        return Path(cli_value)
+    if os.environ.get("SIPGUARD_STATE_DIR"):
+        return Path(os.environ["SIPGUARD_STATE_DIR"])
+    return cfg.state_dir or DEFAULT_STATE_DIR

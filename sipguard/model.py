@@ -1,0 +1,94 @@
+"""The data that crosses stage boundaries: Line -> Record -> Event -> Decision -> Ban.
+
+Plain frozen dataclasses, no behaviour; no stage may pass dicts to the next one instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One complete physical line (newline stripped) as a source read it.
+
+    `offset` is the byte offset just past the line's newline in `source`, so a store of
+    offsets can resume exactly after it.
+    """
+
+    source: str
+    data: bytes
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One Kamailio log record, parsed from one or more physical lines.
+
+    `text` is the message after the syslog / stderr prefix (what Kamailio itself printed,
+    level and module marker included, e.g. ``NOTICE: <script>: auth failed ...``);
+    continuation lines are joined to it with ``\\n``. `time` is epoch seconds or None when
+    the format carries no timestamp (Kamailio's stderr).
+    """
+
+    text: str
+    time: float | None = None
+    host: str | None = None
+    program: str | None = None
+    pid: int | None = None
+    rank: int | None = None
+    source: str = ""
+
+
+class EventKind(str, Enum):
+    """What a filter says happened; the policy scores per (ip, kind)."""
+
+    FLOOD = "flood"
+    MALFORMED = "malformed"
+    SCANNER = "scanner"
+    AUTH_FAILURE = "auth_failure"
+    PROBE = "probe"  # challenge sent / unknown user: harmless once, suspicious in bulk
+    SUCCESS = "success"  # clears the source's auth-failure / probe score
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A filter hit: `ip` is the normalised source address Kamailio printed as $si."""
+
+    time: float
+    ip: str
+    filter: str
+    kind: EventKind
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy decided for one event: ban `ip` for `duration` seconds (None = permanent)."""
+
+    ip: str
+    reason: str
+    score: float
+    duration: float | None
+    offence: int
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """A ban as stored and enforced. `expires` is epoch seconds, None when permanent."""
+
+    ip: str
+    reason: str
+    created: float
+    expires: float | None
+    score: float = 0.0
+    offence: int = 1
+    manual: bool = False
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds left (>= 0), None when permanent."""
+        if self.expires is None:
+            return None
+        return max(0.0, self.expires - now)
