@@ -50,6 +50,12 @@ class DaemonStats:
     errors: int = 0
 
 
+def _counters(stats: object) -> dict:
+    """Any stage's counters (a Counter, a dict or a dataclass with as_dict) as a plain dict."""
+    as_dict = getattr(stats, "as_dict", None)
+    return dict(as_dict()) if callable(as_dict) else dict(stats)  # type: ignore[call-overload]
+
+
 def ban_from_decision(d: Decision, now: float) -> Ban:
     return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
                score=d.score, offence=d.offence, manual=False)
@@ -148,21 +154,25 @@ class Daemon:
         events: list[Event] = []
         match = self.filters.match
         touched = set()
+        records = 0
         for line in lines:
             parser = self.parsers.get(line.source)
             if parser is None:
                 continue
             touched.add(line.source)
             for rec in parser.feed(line):
+                records += 1
                 ev = match(rec, now)
                 if ev is not None:
                     events.append(ev)
         for path in touched:
             for rec in self.parsers[path].flush():
+                records += 1
                 ev = match(rec, now)
                 if ev is not None:
                     events.append(ev)
         self.stats.lines += len(lines)
+        self.stats.records += records
         self.stats.events += len(events)
         new_bans: list[Ban] = []
         for ev in events:
@@ -247,8 +257,9 @@ class Daemon:
         self._last_status = now
         parse: dict[str, int] = {}
         for p in self.parsers.values():
-            for k, v in dict(p.stats).items():
-                parse[k] = parse.get(k, 0) + int(v)
+            for k, v in _counters(p.stats).items():
+                if isinstance(v, int):
+                    parse[k] = parse.get(k, 0) + v
         status = {
             "pid": os.getpid(),
             "running": running,
@@ -256,9 +267,9 @@ class Daemon:
             "logs": self.logs,
             "enforcer": self.enforcer.name,
             "daemon": asdict(self.stats),
-            "sources": dict(self.follower.stats) if self.follower else {},
+            "sources": _counters(self.follower.stats) if self.follower else {},
             "formats": parse,
-            "filters": dict(self.filters.stats),
+            "filters": _counters(self.filters.stats),
             "policy": asdict(self.policy.stats) if self.policy else {},
         }
         self.store.set_meta("status", json.dumps(status))
