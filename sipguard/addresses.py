@@ -34,7 +34,9 @@ def normalize_ip(text: str) -> str | None:
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        return None  # 0.0.0.0 / :: never sent a packet: banning it means nothing
     return str(addr)
 
 

@@ -6,17 +6,20 @@ daemon would have banned had it followed these files as they were written.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .addresses import AllowList
 from .config import Config
 from .filters import FilterSet
 from .formats import RecordParser
-from .model import Event
+from .model import Event, Line
 from .policy import Policy
-from .sources import read_file
+from .sources import read_chunks, read_file
+
+SNIFF_LINES = 200
 
 
 @dataclass
@@ -80,9 +83,49 @@ def scan_events(events: Iterable[Event], cfg: Config, allow: AllowList) -> list[
     return out
 
 
+def _looks_like_stderr(path: str, fmt: str, programs: frozenset[str]) -> bool:
+    """Kamailio -E output needs every line (continuations, PID checks): no fast path for it."""
+    if fmt == "stderr":
+        return True
+    if fmt != "auto":
+        return False
+    parser = RecordParser(fmt, programs=programs)
+    for i, line in enumerate(read_file(path)):
+        parser.feed(line)
+        if i >= SNIFF_LINES:
+            break
+    return bool(parser.stats.by_format.get("stderr"))
+
+
+def _trigger_lines(path: str, trigger: re.Pattern[bytes], counter: list[int]) -> Iterator[Line]:
+    """Only the lines that carry a trigger literal, found by one regex pass over big buffers.
+
+    `counter[0]` receives the number of lines read, so the caller can report it.
+    """
+    for chunk in read_chunks(path):
+        counter[0] += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
+        end = -1
+        for m in trigger.finditer(chunk):
+            pos = m.start()
+            if pos < end:
+                continue  # another trigger on a line already handed out
+            start = chunk.rfind(b"\n", 0, pos) + 1
+            end = chunk.find(b"\n", pos)
+            if end < 0:
+                end = len(chunk)
+            data = chunk[start:end]
+            if data.endswith(b"\r"):
+                data = data[:-1]
+            yield Line(path, data, 0)
+
+
 def scan_files(paths: list[str], cfg: Config, filters: FilterSet | None = None,
-               allow: AllowList | None = None) -> ScanResult:
-    """Read every file whole (.gz too) in order and return lines, matches and resulting bans."""
+               allow: AllowList | None = None, fast: bool = True) -> ScanResult:
+    """Read every file whole (.gz too) in order and return lines, matches and resulting bans.
+
+    Fast path: when every filter has prefilter literals and the log is syslog-shaped, only the
+    lines holding a literal are parsed; the result is the same as parsing every line.
+    """
     t0 = time.perf_counter()
     filters = filters or FilterSet.load(cfg.filters.directories, enabled=cfg.filters.enabled,
                                         disabled=cfg.filters.disabled)
@@ -91,9 +134,22 @@ def scan_files(paths: list[str], cfg: Config, filters: FilterSet | None = None,
     events: list[Event] = []
     now = time.time()
     programs = frozenset(cfg.sources.programs)
+    fmt = cfg.sources.format
+    trigger = None
+    if fast and filters.triggers_complete and filters.triggers:
+        trigger = re.compile(b"|".join(re.escape(t.encode()) for t in filters.triggers))
+    match = filters.match
     for path in paths:
-        parser = RecordParser(cfg.sources.format, programs=programs)
-        match = filters.match
+        parser = RecordParser(fmt, programs=programs)
+        if trigger is not None and not _looks_like_stderr(path, fmt, programs):
+            counter = [0]
+            for line in _trigger_lines(path, trigger, counter):
+                for rec in parser.feed(line) + parser.flush():
+                    ev = match(rec, now)
+                    if ev is not None:
+                        events.append(ev)
+            result.lines += counter[0]
+            continue
         n = 0
         for line in read_file(path):
             n += 1

@@ -1,0 +1,100 @@
+"""`sipguard scan`: the --json schema, log-time windows, .gz input, and fast path == full parse."""
+
+import gzip
+import json
+import random
+import subprocess
+import sys
+
+from sipguard.addresses import AllowList
+from sipguard.config import Config
+from sipguard.scan import scan_files
+
+
+def line(ts: str, text: str, prog: str = "kamailio[811]") -> str:
+    return f"Nov 30 {ts} edge {prog}: {text}\n"
+
+
+ATTACKS = [
+    "NOTICE: <script>: auth failed for user 1000 from {ip}:5060 method REGISTER",
+    "WARNING: <script>: Blocked scanner UA 'friendly-scanner' from {ip}:5060",
+    "NOTICE: <script>: Malformed SIP request from {ip}:5060",
+    "ALERT: <script>: ALERT: pike block OPTIONS from sip:100@x (IP:{ip}:5060)",
+    "NOTICE: <script>: auth challenge for user 1000 from {ip}:5060 method REGISTER",
+    "NOTICE: <script>: REGISTER success for user 1000 from {ip}:5060",
+]
+NOISE = [
+    "INFO: <core> [core/tcp_main.c:4987]: tcp_timer(): connection timeout",
+    "NOTICE: <script>: INVITE sip:1001@example.test from sip:1000@example.test",
+    "WARNING: <core> [core/udp_server.c:615]: udp_send(): sendto: Network is unreachable",
+    "ERROR: tm [t_lookup.c:1315]: t_unref(): generation mismatch from 198.18.0.44:5060",
+]
+
+
+def make_log(path, n=20000, seed=7):
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        ts = f"02:{(i // 600) % 60:02d}:{(i // 10) % 60:02d}"
+        if rnd.random() < 0.08:
+            ip = f"198.18.{rnd.randrange(8)}.{rnd.randrange(1, 40)}"
+            out.append(line(ts, rnd.choice(ATTACKS).format(ip=ip)))
+        elif rnd.random() < 0.01:
+            out.append(line(ts, rnd.choice(ATTACKS).format(ip="198.18.9.9"), prog="sshd[99]"))
+        else:
+            out.append(line(ts, rnd.choice(NOISE)))
+    path.write_text("".join(out))
+    return path
+
+
+def cfg():
+    return Config.model_validate({"allowlist": {"include_host_addresses": False}})
+
+
+def test_fast_path_equals_full_parse(tmp_path):
+    log = make_log(tmp_path / "k.log")
+    allow = AllowList([], include_host=False)
+    fast = scan_files([str(log)], cfg(), allow=allow, fast=True)
+    slow = scan_files([str(log)], cfg(), allow=allow, fast=False)
+    assert fast.lines == slow.lines == 20000
+    assert fast.matched == slow.matched > 1000
+    assert fast.as_json() == slow.as_json()
+    assert "198.18.9.9" not in {b.ip for b in slow.bans}  # other programs' lines never count
+
+
+def test_log_time_windows(tmp_path):
+    log = tmp_path / "k.log"
+    fails = "NOTICE: <script>: auth failed for user 1000 from {ip}:5060 method REGISTER"
+    log.write_text(
+        line("02:00:00", fails.format(ip="198.18.1.1")) + line("02:06:00", fails.format(ip="198.18.1.1"))
+        + line("02:12:00", fails.format(ip="198.18.1.1"))  # 12 minutes: never 3 inside 10
+        + line("02:00:00", fails.format(ip="198.18.1.2")) + line("02:01:00", fails.format(ip="198.18.1.2"))
+        + line("02:09:59", fails.format(ip="198.18.1.2"))
+    )
+    r = scan_files([str(log)], cfg(), allow=AllowList([], include_host=False))
+    assert [b.ip for b in r.bans] == ["198.18.1.2"]
+
+
+def test_scan_json_schema_and_gz(tmp_path, monkeypatch):
+    log = make_log(tmp_path / "k.log", n=3000)
+    gz = tmp_path / "k.log.1.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(line("01:00:00", ATTACKS[1].format(ip="198.18.7.77")))
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text("[allowlist]\ninclude_host_addresses = false\n")
+    p = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(cfgf), "scan", "--json",
+                        str(gz), str(log)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    assert set(data) == {"lines", "matched", "bans"}
+    assert data["lines"] == 3001 and isinstance(data["matched"], int) and data["matched"] > 0
+    assert data["bans"], data
+    for b in data["bans"]:
+        assert set(b) == {"ip", "filters", "events", "score"}
+        assert isinstance(b["ip"], str) and isinstance(b["filters"], list) and b["filters"]
+        assert isinstance(b["events"], int) and b["events"] >= 1
+        assert isinstance(b["score"], (int, float)) and b["score"] >= 1
+    assert "198.18.7.77" in {b["ip"] for b in data["bans"]}
+    human = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(cfgf), "scan", str(log)],
+                           capture_output=True, text=True, timeout=120)
+    assert human.returncode == 0 and "bans from 3000 lines" in human.stdout
