@@ -22,6 +22,7 @@ from . import __version__
 from .actions import manual_ban, manual_unban, unban_all
 from .addresses import AllowList
 from .config import Config, format_duration, load_config, parse_duration, resolve_state_dir
+from .cli_firewall import firewall_app
 from .errors import SipguardError
 from .store import Store
 
@@ -31,6 +32,7 @@ app = typer.Typer(
     help="sipguard: bans the sources that attack a Kamailio SIP server, from what Kamailio logs.",
     pretty_exceptions_enable=False,
 )
+app.add_typer(firewall_app, name="firewall")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -97,7 +97,7 @@ class SourcesConfig(Section):
     """Which files to follow and how to read them."""
 
     logs: list[str] = Field(default_factory=default_logs)
-    format: Literal["auto", "syslog", "iso", "rfc5424", "journal", "stderr"] = "auto"
+    format: Literal["auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr"] = "auto"
     from_start: bool = False
     programs: list[str] = ["kamailio"]
     verify_pid: bool = True
@@ -186,9 +186,17 @@ class StoreConfig(Section):
 
 
 class EnforceConfig(Section):
-    """Which enforcer applies bans: the kernel ones arrive with the kernel issue."""
+    """Which enforcer makes the kernel drop banned sources, and how (see sipguard/enforce/)."""
 
-    backend: Literal["auto", "dryrun"] = "auto"
+    backend: Literal["auto", "dryrun", "ipset", "nftables"] = "auto"  # auto: ipset as root with ip_set, else nftables
+    action: Literal["DROP", "REJECT"] = "DROP"  # what the hook rules do with a banned source's packets
+    iptables: Literal["auto", "nft", "legacy"] = "auto"  # ipset backend: which iptables to program (auto: detect)
+    set_prefix: str = Field("sipguard", pattern=r"^[A-Za-z0-9_.-]{1,25}$")  # ipsets PREFIX-v4/-v6/-net4/-net6
+    chain: str = Field("SIPGUARD", pattern=r"^[A-Za-z0-9_-]{1,28}$")  # iptables hook chain, jumped to first
+    nft_table: str = Field("sipguard", pattern=r"^[A-Za-z0-9_]{1,32}$")  # nftables backend: table inet NAME
+    maxelem: int = Field(1_000_000, ge=1024, le=1 << 28)  # max entries per set (ipset maxelem, nft size)
+    hook_forward: bool = False  # also jump from FORWARD (routed traffic), not only INPUT
+    resync_interval: Duration = 3600  # daemon re-checks sets/hooks and re-arms bans beyond the kernel's timeout cap
 
 
 class DaemonConfig(Section):
@@ -196,6 +204,66 @@ class DaemonConfig(Section):
 
     control_interval: Duration = 0.25
     prune_interval: Duration = 60
+
+
+def _port_or_range(value: Any) -> str:
+    """5060 or "10000-20000" (also "10000:20000") → "5060" / "10000:20000" (iptables syntax)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a port number or a range like 10000-20000")
+    if isinstance(value, int):
+        lo = hi = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d{1,5}\s*([-:]\s*\d{1,5}\s*)?", value):
+        parts = re.split(r"[-:]", value)
+        lo, hi = int(parts[0]), int(parts[-1])
+    else:
+        raise ValueError(f"bad port {value!r}: expected a number or a range like 10000-20000")
+    if not (1 <= lo <= hi <= 65535):
+        raise ValueError(f"bad port {value!r}: ports are 1-65535, low-high")
+    return str(lo) if lo == hi else f"{lo}:{hi}"
+
+
+def _rate(value: Any) -> str:
+    """"6/min", "10/s", "20/second" → iptables' canonical "6/min", "10/sec" (limit and hashlimit)."""
+    m = re.fullmatch(r"\s*(\d{1,6})\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*", str(value))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"bad rate {value!r}: expected like 6/min, 10/sec, 100/hour")
+    unit = {"s": "sec", "second": "sec", "m": "min", "minute": "min", "h": "hour"}.get(m.group(2), m.group(2))
+    return f"{int(m.group(1))}/{unit}"
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PortOrRange = Annotated[str, BeforeValidator(_port_or_range)]
+Rate = Annotated[str, BeforeValidator(_rate)]
+
+
+class FirewallConfig(Section):
+    """The baseline firewall of `sipguard firewall apply` (rules/baseline-v4.rules, -v6.rules)."""
+
+    public_interface: str = Field("", pattern=r"^(|any|[A-Za-z0-9_.:@+-]{1,15})$")  # "": default route's; "any": all
+    sip_udp: list[Port] = [5060]  # SIP over UDP
+    sip_tcp: list[Port] = [5060]  # SIP over TCP
+    sip_tls: list[Port] = [5061]  # SIP over TLS (TCP)
+    websocket: list[Port] = []  # SIP over WebSocket, ws and wss (TCP), e.g. [8080, 8443]
+    rtp: list[PortOrRange] = ["10000-20000"]  # media (UDP): rtpengine's default range; [] = none
+    ssh_port: int = Field(22, ge=0, le=65535)  # 0 = no SSH rule at all (console access only)
+    management_cidrs: list[CIDR] = []  # SSH only from these; empty = from anywhere, rate-limited
+    ssh_rate: Rate = "6/min"  # new SSH connections per source (per /64 in IPv6) when open to all
+    extra_tcp: list[PortOrRange] = []  # more inbound TCP services, e.g. [53] on a DNS server
+    extra_udp: list[PortOrRange] = []  # more inbound UDP services, e.g. [53, 123] on a DNS/NTP server
+    icmp_echo: bool = True  # answer ping (echo requests, rate-limited below)
+    icmp_rate: Rate = "10/sec"  # echo requests accepted, all sources together
+    icmp_burst: int = Field(10, ge=1, le=10000)  # ... with this burst
+    psd: bool = True  # answer a random few unsolicited probes (REJECT/TARPIT) to slow scanners down
+    psd_rate: Rate = "20/sec"  # at most this many probes handed to PSD (its REJECTs go to maybe-spoofed sources)
+    spoof_filter: Literal["auto", "on", "off"] = "auto"  # drop private/bogon sources on the public interface
+    spoof_sources_v4: list[CIDR] = ["0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+                                    "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"]  # what the spoof filter drops
+    spoof_sources_v6: list[CIDR] = ["::1/128", "::ffff:0:0/96", "fc00::/7", "fec0::/10"]  # never fe80::/10 (ND)
+    tarpit: Literal["auto", "never"] = "auto"  # PSD's TARPIT (xtables-addons) when available, else REJECT/DROP
+    allow_6in4: bool = False  # accept IPv6-in-IPv4 tunnels (protocol 41) on the public interface
+    dhcpv6_client: bool = True  # accept DHCPv6 server replies (udp 547 → 546 from link-local)
+    ipv6: bool = True  # also manage ip6tables; false leaves the IPv6 firewall as it is
+    iptables: Literal["auto", "nft", "legacy"] = "auto"  # auto: [enforce] iptables if set, else `iptables -V`
 
 
 class Config(Section):
@@ -207,6 +275,7 @@ class Config(Section):
     store: StoreConfig = StoreConfig()
     enforce: EnforceConfig = EnforceConfig()
     daemon: DaemonConfig = DaemonConfig()
+    firewall: FirewallConfig = FirewallConfig()
     path: Path | None = Field(None, exclude=True)
 
     @field_validator("state_dir", mode="before")

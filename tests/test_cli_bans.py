@@ -19,7 +19,8 @@ runner = CliRunner()
 def state(tmp_path, monkeypatch):
     monkeypatch.delenv("SIPGUARD_CONFIG", raising=False)
     cfg = tmp_path / "sipguard.toml"
-    cfg.write_text('[allowlist]\ncidrs = ["198.18.9.0/24"]\n')
+    # dryrun: these tests run in the host's network namespace and must never touch its firewall
+    cfg.write_text('[allowlist]\ncidrs = ["198.18.9.0/24"]\n[enforce]\nbackend = "dryrun"\n')
     return ["--config", str(cfg), "--state-dir", str(tmp_path / "state")]
 
 

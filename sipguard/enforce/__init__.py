@@ -6,10 +6,14 @@ enforcer's view equal to the store's both ways (after a restart, reboot or flush
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..model import Ban
+
+if TYPE_CHECKING:
+    from ..config import EnforceConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +47,78 @@ class Enforcer(Protocol):
     def close(self) -> None: ...
 
 
-def make_enforcer(backend: str, state_dir: str | None = None) -> Enforcer:
-    """The enforcer a config names; 'auto' is dry-run until the kernel enforcers land."""
-    from .dryrun import DryRunEnforcer
+# The kernel caps ipset entry timeouts at (2^31 - 1) ms = 2,147,483 s (about 24.8 days) and silently
+# clamps longer ones. A longer ban is armed with the cap and re-armed by every `sync` (the daemon
+# runs one each [enforce] resync_interval), so it never lapses while the daemon runs; when the daemon
+# is down longer than the cap, it comes back at the next start (setup() syncs).
+IPSET_MAX_TIMEOUT = 2_147_483
+SYNC_TOLERANCE = 2.0  # seconds: a kernel timeout this close to the ban's remaining time is right
 
-    if backend in ("auto", "dryrun"):
+
+def kernel_timeout(ban: Ban, now: float, cap: int | None = None) -> int | None:
+    """Whole seconds to arm a kernel entry with: 0 = permanent, None = already expired (skip)."""
+    if ban.expires is None:
+        return 0
+    left = ban.expires - now
+    if left <= 0:
+        return None
+    secs = max(1, math.ceil(left))
+    return min(secs, cap) if cap else secs
+
+
+def needs_rearm(kernel: float | None, want: int) -> bool:
+    """True when a kernel entry's timeout (None/0 = permanent) is not the one the ban wants."""
+    k = kernel or 0
+    if (k == 0) != (want == 0):
+        return True
+    return want != 0 and abs(k - want) > SYNC_TOLERANCE
+
+
+def make_enforcer(cfg: EnforceConfig | str | None = None, state_dir: str | None = None) -> Enforcer:
+    """The enforcer [enforce] names; 'auto' = ipset+iptables as root with ip_set, else nftables.
+
+    Building one touches nothing: sets and hook rules are created on the first ban or sync.
+    """
+    from ..config import EnforceConfig
+    from ..errors import SipguardError
+
+    if cfg is None:
+        cfg = EnforceConfig()
+    elif isinstance(cfg, str):
+        cfg = EnforceConfig(backend=cfg)  # type: ignore[arg-type]
+    backend = cfg.backend
+    if backend == "dryrun":
+        from .dryrun import DryRunEnforcer
+
         return DryRunEnforcer()
-    raise ValueError(f"unknown enforcer backend {backend!r}")
+    if backend == "auto":
+        backend = detect_backend()
+    if backend == "ipset":
+        from .ipset import IpsetEnforcer
+
+        return IpsetEnforcer(cfg)
+    if backend == "nftables":
+        from .nftables import NftablesEnforcer
+
+        return NftablesEnforcer(cfg)
+    raise SipguardError(f"unknown enforcer backend {backend!r}")
+
+
+def detect_backend() -> str:
+    """ipset when root with ip_set and some iptables; else nftables when nft exists; else an error."""
+    import os
+    import shutil
+
+    from ..errors import SipguardError
+
+    if os.geteuid() == 0:
+        from .ipsetnl import ipset_available
+
+        has_iptables = bool(shutil.which("iptables-restore") or shutil.which("iptables-nft-restore")
+                            or shutil.which("iptables-legacy"))
+        if has_iptables and ipset_available():
+            return "ipset"
+    if shutil.which("nft"):
+        return "nftables"
+    raise SipguardError("no kernel enforcer available (needs root with ip_set and iptables, or nft); "
+                        "set [enforce] backend = \"dryrun\" to decide and record without enforcing")
