@@ -119,9 +119,10 @@ class Daemon:
                  report.added, report.removed)
         saved = self.store.positions()
         positions = {p: SourcePosition(p, s.dev, s.inode, s.offset) for p, s in saved.items() if p in self.logs}
-        self.follower = FileFollower(self.logs, positions=positions, from_start=self.from_start,
-                                     max_line=self.cfg.sources.max_line)
-        self.follower.start()
+        follower = FileFollower(self.logs, positions=positions, from_start=self.from_start,
+                                max_line=self.cfg.sources.max_line)
+        follower.start()
+        self.follower = follower  # set only once started: "following" means the end is pinned
         self._last_control = self.store.last_request_id()
         log.info("following %s with %d filters (%s)", ", ".join(self.logs), len(self.filters.names),
                  ", ".join(self.filters.names))

@@ -130,6 +130,7 @@ class IpsetNetlink:
         except OSError as exc:
             raise IpsetNetlinkError(exc.errno or errno.EPROTONOSUPPORT, "netfilter netlink socket") from None
         self.sock.bind((0, 0))
+        self.sock.settimeout(30.0)  # the kernel always answers; never hang forever
         for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
@@ -178,7 +179,7 @@ class IpsetNetlink:
 
     # -- queries -------------------------------------------------------------------------------
     def protocol(self) -> int:
-        for msg in self.request(CMD_PROTOCOL, b"", "ipset protocol", flags=NLM_F_REQUEST):
+        for msg in self.request(CMD_PROTOCOL, b"", "ipset protocol"):
             for kind, val in _attrs(msg):
                 if kind == A_PROTOCOL:
                     return val[0]
@@ -187,13 +188,14 @@ class IpsetNetlink:
     def header(self, name: str) -> SetHeader | None:
         """The set's type and limits, None when there is no such set."""
         try:
-            msgs = self.request(CMD_HEADER, _setname(name), f"ipset {name}", flags=NLM_F_REQUEST)
+            msgs = self.request(CMD_HEADER, _setname(name), f"ipset {name}")
         except IpsetNetlinkError as exc:
             if exc.code == errno.ENOENT:
                 return None
             raise
         typename, family, timeout, maxelem, elements, refs = "", 0, False, 0, 0, 0
-        for msg in msgs:
+        # HEADER names the type; LIST with the header flag adds the create options and counts
+        for msg in msgs + self._list_msgs(name, header_only=True):
             for kind, val in _attrs(msg):
                 if kind == A_TYPENAME:
                     typename = val.rstrip(b"\0").decode()
@@ -205,18 +207,10 @@ class IpsetNetlink:
                             timeout = True
                         elif k == D_MAXELEM:
                             maxelem = struct.unpack(">I", v)[0]
-        # HEADER has no element count: LIST's first message carries it
-        try:
-            first = next(iter(self._list_msgs(name, header_only=True)), b"")
-            for kind, val in _attrs(first):
-                if kind == A_DATA:
-                    for k, v in _attrs(val):
-                        if k == D_ELEMENTS:
+                        elif k == D_ELEMENTS:
                             elements = struct.unpack(">I", v)[0]
                         elif k == D_REFERENCES:
                             refs = struct.unpack(">I", v)[0]
-        except IpsetNetlinkError:
-            pass
         fam = {2: socket.AF_INET, 10: socket.AF_INET6}.get(family, family)
         return SetHeader(name, typename, fam, timeout, maxelem, elements, refs)
 
