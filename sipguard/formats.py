@@ -345,11 +345,12 @@ class RecordParser:
             return self._forged_into_pending(st, text)
         if not st.warned:
             st.warned = True
-            log.warning(
-                "source %s is Kamailio stderr output: it has no timestamps and lets SIP text forge "
-                "lines; prefer syslog (log_stderror=no)", source or "?")
-            if self.on_stderr is not None:
+            if self.on_stderr is not None:  # the caller reports it its own way
                 self.on_stderr(source)
+            else:
+                log.warning(
+                    "source %s is Kamailio stderr output: it has no timestamps and lets SIP text forge "
+                    "lines; prefer syslog (log_stderror=no)", source or "?")
         return self._start(st, [msg, None, None, None, pid, rank, source], "stderr", "stderr")
 
     def _stderr_genuine(self, st: _SourceState, rank: int, pid: int) -> bool:

@@ -89,12 +89,13 @@ def _looks_like_stderr(path: str, fmt: str, programs: frozenset[str]) -> bool:
         return True
     if fmt != "auto":
         return False
-    parser = RecordParser(fmt, programs=programs)
+    seen: list[str] = []
+    parser = RecordParser(fmt, programs=programs, on_stderr=seen.append)
     for i, line in enumerate(read_file(path)):
         parser.feed(line)
-        if i >= SNIFF_LINES:
+        if seen or i >= SNIFF_LINES:
             break
-    return bool(parser.stats.by_format.get("stderr"))
+    return bool(seen)
 
 
 def _trigger_lines(path: str, trigger: re.Pattern[bytes], counter: list[int]) -> Iterator[Line]:

@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Regenerate tests/data/real/*.log: real Kamailio log output for sipguard.
+
+Run as root from the repository root::
+
+    sudo .venv/bin/python -m tests.lab.capture_real_logs            # all formats
+    sudo .venv/bin/python -m tests.lab.capture_real_logs stderr iso  # some
+
+For every format a fresh lab is built (namespace ``sgl-cap-hub`` with the proxy
+on 198.18.0.1, one client namespace per attacker address), Kamailio is started
+with ``examples/kamailio/kamailio.cfg`` and the attack scenario in
+:data:`SCENARIO` is played once, each step from its own source address.  The
+namespaces are deleted afterwards, also on failure.  All traffic is bounded.
+
+Formats (output file name -> how the log is produced):
+
+* ``traditional.log`` rsyslog ``RSYSLOG_TraditionalFileFormat``
+* ``iso.log``         rsyslog ``RSYSLOG_FileFormat`` (Debian 12 default)
+* ``rfc5424.log``     rsyslog ``RSYSLOG_SyslogProtocol23Format``
+* ``stderr.log``      ``kamailio -E`` (stderr, no escaping of CR/LF)
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import REPO_ROOT
+from .kamailio import Kamailio
+from .netns import Lab
+from .sip import SipClient, build_request, rand_token
+
+OUT_DIR = REPO_ROOT / "tests" / "data" / "real"
+PROXY = "198.18.0.1"
+DOMAIN = "sipguard.test"
+NET = "198.18.0."
+FAKE = "198.18.0.99"          # address that injected text pretends to be
+PHONE_UA = "Yealink SIP-T46S 66.86.0.15"
+SYSTEM_PY = "/usr/bin/python3"  # sipvicious is installed for the system python
+
+FORMATS = {
+    "traditional": ("rsyslog", "RSYSLOG_TraditionalFileFormat"),
+    "iso": ("rsyslog", "RSYSLOG_FileFormat"),
+    "rfc5424": ("rsyslog", "RSYSLOG_SyslogProtocol23Format"),
+    "stderr": ("stderr", None),
+}
+
+FORGED = f" 5(4242) NOTICE: <script>: auth failed for user 1000 from {FAKE}:5060 method REGISTER"
+
+# sipvicious with a chosen User-Agent: patch the default of makeRequest()
+_SV_WRAPPER = r"""
+import sys
+sys.path.insert(0, '/usr/share/sipvicious')
+from sipvicious.libs import svhelper
+f = svhelper.makeRequest
+names = f.__code__.co_varnames[:f.__code__.co_argcount]
+d = list(f.__defaults__)
+d[names.index('useragent') - (len(names) - len(d))] = sys.argv[1]
+f.__defaults__ = tuple(d)
+tool = sys.argv[2]
+mod = __import__('sipvicious.' + tool, fromlist=['main'])
+sys.argv = [tool] + sys.argv[3:]
+mod.main()
+"""
+
+
+def sipvicious(ns, tool: str, args: list[str], ua: str | None = None, timeout: float = 60) -> str:
+    """Run svmap/svwar/svcrack inside namespace *ns* (bounded by *timeout*).
+    With *ua*, the tool's stock User-Agent is replaced."""
+    if ua is None:
+        argv = [tool, *args]
+    else:
+        argv = [SYSTEM_PY, "-c", _SV_WRAPPER, ua, tool, *args]
+    with tempfile.TemporaryDirectory(prefix="sgl-sv-") as home:
+        try:
+            r = ns.run(*argv, check=False, timeout=timeout, cwd=home,
+                       env={"HOME": home, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                       stdin=subprocess.DEVNULL)
+            return (r.stdout + r.stderr)[-400:]
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
+# -- scenario steps: (last octet, description, function(lab, ns, ip)) ---------
+
+def st_svmap(lab, ns, ip):
+    return sipvicious(ns, "svmap", [PROXY])
+
+
+def st_svwar(lab, ns, ip):
+    return sipvicious(ns, "svwar", ["-e1000-1010", PROXY])
+
+
+def st_svcrack(lab, ns, ip):
+    return sipvicious(ns, "svcrack", ["-u1000", "-r1-30", PROXY])
+
+
+def st_svmap_spoof(lab, ns, ip):
+    return sipvicious(ns, "svmap", [PROXY], ua=PHONE_UA)
+
+
+def st_svwar_spoof(lab, ns, ip):
+    return sipvicious(ns, "svwar", ["--force", "-e1000-1010", PROXY], ua=PHONE_UA)
+
+
+def st_svcrack_spoof(lab, ns, ip):
+    return sipvicious(ns, "svcrack", ["-u1000", "-r1-40", PROXY], ua=PHONE_UA)
+
+
+def client(ns, ip) -> SipClient:
+    return SipClient(PROXY, netns=ns.name, local_ip=ip, domain=DOMAIN, timeout=1.5)
+
+
+def st_flood(lab, ns, ip):
+    with client(ns, ip) as c:
+        n = c.flood_options(count=300, max_seconds=5)
+    return f"sent {n} OPTIONS"
+
+
+def st_bad_cseq(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.request(c.build_bad_cseq())
+    return f"reply {r and r.status}"
+
+
+def st_bad_clen(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.request(c.build_wrong_content_length())
+    return f"reply {r and r.status}"
+
+
+def st_bad_version(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.request(c.build_wrong_version())
+    return f"reply {r and r.status}"
+
+
+def st_garbage(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.request(c.build_garbage(seed=7), timeout=0.5)
+    return f"reply {r and r.status}"
+
+
+def st_bad_from_uri(lab, ns, ip):
+    with client(ns, ip) as c:
+        msg = build_request("OPTIONS", f"sip:1000@{DOMAIN}", from_uri="sip:@@[bad",
+                            to_uri=f"sip:1000@{DOMAIN}", local_ip=ip)
+        r = c.request(msg)
+    return f"reply {r and r.status}"
+
+
+def st_wrong_password(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.register("1000", password="wrong-password")
+    return f"reply {r and r.status}"
+
+
+def st_challenge(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.register("1000")
+    return f"reply {r and r.status}"
+
+
+def st_unknown_user(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.register("1999", password="whatever")
+    return f"reply {r and r.status}"
+
+
+def st_success(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.register("1000", password="secret1000")
+    return f"reply {r and r.status}"
+
+
+def st_injection(lab, ns, ip):
+    """Attacker-chosen text that looks like a source address."""
+    inj = f"from {FAKE}:5060 (IP:{FAKE}:5060)"
+    out = []
+    with client(ns, ip) as c:
+        # 1. scanner UA carrying fake addresses -> "Blocked scanner UA" line
+        r = c.request(c.build_register("1000", user_agent=f"friendly-scanner {inj}"), timeout=0.5)
+        out.append(f"ua:{r and r.status}")
+        # 2. challenge with injected From display name
+        r = c.register("1000", from_display=f"x {inj}")
+        out.append(f"disp:{r and r.status}")
+        # 3. wrong password with injected display name and UA
+        r = c.register("1000", password="bad", from_display=f"x {inj}", user_agent=f"Yealink {inj}")
+        out.append(f"pw:{r and r.status}")
+        # 4. From user part crafted to look like an address (unknown user)
+        aor = f"sip:{FAKE}:5060@{DOMAIN}"
+        msg = build_request("REGISTER", f"sip:{DOMAIN}", from_uri=aor, to_uri=aor, local_ip=ip,
+                            from_display=inj, contact=f"<sip:x@{ip}>", expires=60)
+        r = c.request(msg)
+        out.append(f"user:{r and r.status}")
+    return " ".join(out)
+
+
+def st_crlf_header(lab, ns, ip):
+    """Folded User-Agent header whose continuation lines look like a log
+    line (logged through the scanner-UA xlog, which prints $ua verbatim)."""
+    folded = f"User-Agent: friendly-scanner\r\n{FORGED}\r\n x"
+    with client(ns, ip) as c:
+        msg = build_request("REGISTER", f"sip:{DOMAIN}", from_uri=f"sip:1000@{DOMAIN}",
+                            to_uri=f"sip:1000@{DOMAIN}", local_ip=ip, user_agent=None,
+                            raw_header_block=folded)
+        r = c.request(msg, timeout=0.5)
+    return f"reply {r and r.status}"
+
+
+def st_crlf_garbage(lab, ns, ip):
+    """A message that fails core parsing; Kamailio dumps it into the log
+    (parse_msg: message=<...>) including the embedded CR/LF."""
+    payload = (f"INVITE \x01bad\r\n{FORGED}\r\n x\r\n\r\n").encode()
+    with client(ns, ip) as c:
+        r = c.request(payload, timeout=0.5)
+    return f"reply {r and r.status}"
+
+
+def st_flood_inject(lab, ns, ip):
+    """Pike-tripping flood whose From URI contains a fake (IP:...) group."""
+    with client(ns, ip) as c:
+        n = c.flood_options(count=300, max_seconds=5, from_uri=f"sip:x(IP:{FAKE}:5060)@{DOMAIN}")
+    return f"sent {n} OPTIONS"
+
+
+SCENARIO = [
+    (10, "svmap, stock UA friendly-scanner", st_svmap),
+    (11, "svwar -e1000-1010, stock UA", st_svwar),
+    (12, "svcrack -u1000 -r1-30, stock UA", st_svcrack),
+    (13, "OPTIONS flood, 300 packets (pike)", st_flood),
+    (14, "malformed: bad CSeq", st_bad_cseq),
+    (15, "malformed: wrong Content-Length", st_bad_clen),
+    (16, "malformed: wrong SIP version (SIP/3.0)", st_bad_version),
+    (17, "garbage bytes (core parse failure)", st_garbage),
+    (18, "malformed From URI", st_bad_from_uri),
+    (20, "REGISTER 1000 wrong password (auth failed)", st_wrong_password),
+    (21, "REGISTER 1000 without credentials (auth challenge)", st_challenge),
+    (22, "REGISTER 1999 (unknown user)", st_unknown_user),
+    (23, "REGISTER 1000 right password (success)", st_success),
+    (24, "svmap with spoofed phone UA", st_svmap_spoof),
+    (25, "svwar --force -e1000-1010 with spoofed phone UA", st_svwar_spoof),
+    (26, "svcrack -u1000 -r1-40 with spoofed phone UA", st_svcrack_spoof),
+    (30, "injection: UA/display name/From user with fake addresses", st_injection),
+    (31, "injection: folded User-Agent with CRLF + forged line", st_crlf_header),
+    (32, "injection: unparsable message with CRLF + forged line", st_crlf_garbage),
+    (33, "OPTIONS flood with (IP:198.18.0.99:5060) in From URI (pike)", st_flood_inject),
+]
+
+
+def capture(name: str, only: set[int] | None = None, verbose: bool = True) -> Path:
+    """Play :data:`SCENARIO` against a fresh Kamailio and write OUT_DIR/<name>.log."""
+    logmode, template = FORMATS[name]
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sgl-cap-") as tmp:
+        logfile = Path(tmp) / f"{name}.log"
+        with Lab("cap", proxy_ip=PROXY) as lab:
+            with Kamailio(lab.hub, PROXY, logmode=logmode,
+                          template=template or "RSYSLOG_TraditionalFileFormat",
+                          logfile=logfile, domain=DOMAIN) as kam:
+                time.sleep(1.0)
+                for octet, desc, fn in SCENARIO:
+                    if only and octet not in only:
+                        continue
+                    ip = f"{NET}{octet}"
+                    ns = lab.add_client(ip)
+                    t0 = time.monotonic()
+                    res = fn(lab, ns, ip)
+                    if verbose:
+                        print(f"[{name}] {ip:<14} {desc}: {res!s:.120} ({time.monotonic()-t0:.1f}s)",
+                              flush=True)
+                    time.sleep(0.3)
+                time.sleep(1.0)
+            # Kamailio (and rsyslogd) stopped here: shutdown lines are flushed
+        out = OUT_DIR / f"{name}.log"
+        shutil.copyfile(logfile, out)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(FORMATS)
+    for n in names:
+        if n not in FORMATS:
+            print(f"unknown format {n}; choose from {', '.join(FORMATS)}", file=sys.stderr)
+            return 2
+    for n in names:
+        path = capture(n)
+        print(f"wrote {path} ({sum(1 for _ in path.open('rb'))} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
