@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps
+APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps redis-server chromium systemd
 PYTEST_ARGS ?=
 
 .PHONY: setup apt venv test demo clean
@@ -20,6 +20,8 @@ apt:
 	fi
 	@# Debian starts services on install; the tests run their own, never the system's.
 	@systemctl disable --now kamailio >/dev/null 2>&1 || true
+	@systemctl disable --now redis-server >/dev/null 2>&1 || true
+	@service redis-server stop >/dev/null 2>&1 || true
 
 venv: $(VENV)/.installed
 
@@ -33,7 +35,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m sipguard.demo
+	$(PY) -m tests.e2e.demo
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -35,12 +35,38 @@ def manual_ban(
         raise SipguardError(f"{ip} is allow-listed (loopback, this host or [allowlist]); use --force to ban it anyway")
     ban = Ban(ip=ip, reason=reason, created=now, expires=None if duration is None else now + duration,
               score=0.0, offence=1, manual=True)
-    with store.transaction():
+    with store.transaction():  # a kernel error rolls the store back: both or neither
         store.put_ban(ban, now)
         store.request("ban", ip)
-    if enforcer is not None:
-        enforcer.ban(ban, now)
+        if enforcer is not None:
+            enforcer.ban(ban, now)
     return ban
+
+
+def manual_ban_many(
+    store: Store,
+    targets: list[str],
+    duration: float | None,
+    reason: str,
+    enforcer: Enforcer | None = None,
+    now: float | None = None,
+) -> list[Ban]:
+    """Ban many canonical targets (already parsed and allow-list checked) in one batch.
+
+    The kernel gets one batch, the store one transaction; a kernel error rolls the store back.
+    A running daemon re-syncs once instead of mirroring every ban.
+    """
+    now = time.time() if now is None else now
+    expires = None if duration is None else now + duration
+    bans = [Ban(ip=ip, reason=reason, created=now, expires=expires, score=0.0, offence=1, manual=True)
+            for ip in dict.fromkeys(targets)]
+    with store.transaction():
+        for ban in bans:
+            store.put_ban(ban, now)
+        store.request("sync")
+        if enforcer is not None:
+            enforcer.ban_many(bans, now)
+    return bans
 
 
 def manual_unban(store: Store, target: str, enforcer: Enforcer | None = None, now: float | None = None) -> Ban | None:
@@ -67,7 +93,6 @@ def unban_all(store: Store, enforcer: Enforcer | None = None, now: float | None 
             store.remove_ban(ban.ip, now)
             store.mark_cleared(ban.ip, now)
         store.request("unban_all")
-    if enforcer is not None:
-        for ban in bans:
-            enforcer.unban(ban.ip)
+    if enforcer is not None:  # one batch, not one kernel call per ban
+        enforcer.sync(store.active_bans(now), now)
     return bans

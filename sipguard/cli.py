@@ -12,19 +12,18 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from . import __version__
-from .actions import manual_ban, manual_unban, unban_all
 from .addresses import AllowList
 from .config import Config, format_duration, load_config, parse_duration, resolve_state_dir
 from .cli_firewall import firewall_app
 from .errors import SipguardError
-from .store import Store
+
+if TYPE_CHECKING:
+    from .store import Store
 
 app = typer.Typer(
     add_completion=False,
@@ -33,8 +32,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(firewall_app, name="firewall")
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """A rich Console made on first use: `scan --json` and friends never pay for importing rich."""
+
+    def __init__(self, **kw: object) -> None:
+        self._kw = kw
+        self._console = None
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kw)
+        return getattr(self._console, name)
+
+
+def Table(*args, **kw):  # noqa: ANN201, N802 - rich's Table, imported on first use
+    from rich.table import Table as _Table
+
+    return _Table(*args, **kw)
+
+
+out = _LazyConsole(highlight=False, soft_wrap=True)
+err = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 class _Ctx:
@@ -49,6 +71,8 @@ class _Ctx:
         return self._cfg
 
     def store(self) -> Store:
+        from .store import Store
+
         state = resolve_state_dir(self.cfg, self.state_dir)
         try:
             return Store.open_state_dir(state)
@@ -117,7 +141,7 @@ def run(
 
     filters = FilterSet.load(cfg.filters.directories, enabled=cfg.filters.enabled, disabled=cfg.filters.disabled)
     store = ctx.store()
-    enforcer = make_enforcer("dryrun" if dry_run else cfg.enforce.backend)
+    enforcer = make_enforcer("dryrun" if dry_run else cfg.enforce)
     daemon = Daemon(cfg, store, enforcer, logs=log or None, from_start=from_start or None, filters=filters)
     daemon.install_signal_handlers()
     stats = daemon.run(max_seconds=max_seconds)
@@ -225,43 +249,134 @@ def test_filter(
 
 
 # -- bans --------------------------------------------------------------------------------------
+def _kernel_enforcer():
+    """The enforcer [enforce] names, or None with backend = "dryrun" (the CLI then only writes the store)."""
+    from .enforce import make_enforcer
+
+    if ctx.cfg.enforce.backend == "dryrun":
+        return None
+    return make_enforcer(ctx.cfg.enforce)
+
+
 @app.command("list")
 def list_(
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of bans")] = False,
+    kernel: Annotated[bool, typer.Option("--kernel", help="also show what the kernel's sets hold")] = False,
 ) -> None:
-    """Bans in force."""
+    """Bans in force (with --kernel: beside the kernel's own entries and their timeouts)."""
     store = ctx.store()
     now = time.time()
     bans = store.active_bans(now)
+    held: dict[str, float | None] = {}
+    if kernel:
+        enforcer = _kernel_enforcer()
+        if enforcer is None:
+            raise SipguardError('--kernel: [enforce] backend = "dryrun" enforces nothing')
+        try:
+            held = {e.ip: e.timeout for e in enforcer.entries()}
+        finally:
+            enforcer.close()
+    in_db = {b.ip for b in bans}
     if as_json:
-        print(json.dumps([
-            {"ip": b.ip, "reason": b.reason, "created": _iso(b.created), "expires": _iso(b.expires),
-             "manual": b.manual, "score": b.score, "offence": b.offence}
-            for b in bans
-        ]))
+        rows = []
+        for b in bans:
+            row = {"ip": b.ip, "reason": b.reason, "created": _iso(b.created), "expires": _iso(b.expires),
+                   "manual": b.manual, "score": b.score, "offence": b.offence}
+            if kernel:
+                row["kernel"] = {"timeout": held[b.ip]} if b.ip in held else None
+            rows.append(row)
+        for ip in sorted(held.keys() - in_db):
+            rows.append({"ip": ip, "reason": None, "created": None, "expires": None, "manual": None,
+                         "score": None, "offence": None, "kernel": {"timeout": held[ip]}, "kernel_only": True})
+        print(json.dumps(rows))
         return
-    table = Table(title=f"{len(bans)} bans in force")
-    for col in ("ip", "reason", "created", "expires", "left", "offence", "by"):
+    table = Table(title=f"{len(bans)} bans in force" + (f", {len(held)} kernel entries" if kernel else ""))
+    cols = ["ip", "reason", "created", "expires", "left", "offence", "by"] + (["kernel"] if kernel else [])
+    for col in cols:
         table.add_column(col)
+
+    def k(ip: str) -> str:
+        if ip not in held:
+            return "MISSING"
+        return "permanent" if held[ip] is None else format_duration(held[ip])
+
     for b in bans:
         table.add_row(b.ip, b.reason, _iso(b.created) or "", _iso(b.expires) or "never",
-                      format_duration(b.remaining(now)), str(b.offence), "manual" if b.manual else "auto")
+                      format_duration(b.remaining(now)), str(b.offence), "manual" if b.manual else "auto",
+                      *([k(b.ip)] if kernel else []))
+    for ip in sorted(held.keys() - in_db):
+        table.add_row(ip, "(kernel only)", "", "", "", "", "", k(ip))
     out.print(table)
+
+
+def _read_targets(path: Path, allow: AllowList, force: bool) -> list[str]:
+    """One address or CIDR per line, '#' comments and blank lines allowed; errors name file:line."""
+    from .addresses import parse_target
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SipguardError(f"{path}: cannot read: {exc}") from None
+    targets = []
+    for no, raw in enumerate(text.splitlines(), 1):
+        item = raw.split("#", 1)[0].strip()
+        if not item:
+            continue
+        try:
+            ip = parse_target(item)
+        except ValueError as exc:
+            raise SipguardError(f"{path}:{no}: {exc}") from None
+        if ip in allow and not force:
+            raise SipguardError(f"{path}:{no}: {ip} is allow-listed; use --force to ban it anyway")
+        targets.append(ip)
+    return targets
 
 
 @app.command()
 def ban(
-    target: Annotated[str, typer.Argument(help="IP address or CIDR")],
+    target: Annotated[Optional[str], typer.Argument(help="IP address or CIDR")] = None,
     for_: Annotated[Optional[str], typer.Option("--for", help="30s, 10m, 2h, 7d or 'permanent'")] = None,
     reason: Annotated[str, typer.Option("--reason", help="why (shown in list)")] = "manual",
     force: Annotated[bool, typer.Option("--force", help="ban even an allow-listed address")] = False,
+    from_file: Annotated[Optional[Path], typer.Option("--from-file", help="one address/CIDR per line, # comments")] = None,
 ) -> None:
-    """Ban an address or network by hand."""
+    """Ban an address or network by hand (or every one in a file, in one batch)."""
+    from .addresses import parse_target
+
+    if bool(target) == bool(from_file):
+        raise SipguardError("give either an address or --from-file FILE")
     dur = _duration_option(for_)
     if dur == "policy":
         dur = ctx.cfg.policy.bantime
+    allow = ctx.allow()
+    if from_file is not None:
+        targets = _read_targets(from_file, allow, force)  # all validated before anything changes
+        store = ctx.store()
+        enforcer = _kernel_enforcer()
+        t0 = time.perf_counter()
+        try:
+            from .actions import manual_ban_many
+
+            bans = manual_ban_many(store, targets, dur, reason, enforcer)  # type: ignore[arg-type]
+        finally:
+            if enforcer is not None:
+                enforcer.close()
+        out.print(f"banned {len(bans)} addresses from {from_file} for "
+                  f"{format_duration(None if dur is None else float(dur))} in {time.perf_counter() - t0:.2f}s")
+        return
+    try:
+        parse_target(target or "")  # a bad address fails before any kernel state is looked at
+    except ValueError as exc:
+        raise SipguardError(str(exc)) from None
     store = ctx.store()
-    b = manual_ban(store, target, dur, reason, ctx.allow(), force=force)  # type: ignore[arg-type]
+    enforcer = _kernel_enforcer()
+    try:
+        from .actions import manual_ban
+
+        b = manual_ban(store, target or "", dur, reason, allow, enforcer=enforcer, force=force)  # type: ignore[arg-type]
+    finally:
+        if enforcer is not None:
+            enforcer.close()
     out.print(f"banned {b.ip} for {format_duration(b.remaining(time.time()))} ({b.reason})")
 
 
@@ -274,11 +389,20 @@ def unban(
     if all_ == bool(target):
         raise SipguardError("give either an address or --all")
     store = ctx.store()
-    if all_:
-        bans = unban_all(store)
-        out.print(f"unbanned {len(bans)} addresses")
-        return
-    b = manual_unban(store, target or "")
+    enforcer = _kernel_enforcer()
+    try:
+        if all_:
+            from .actions import unban_all
+
+            bans = unban_all(store, enforcer)
+            out.print(f"unbanned {len(bans)} addresses")
+            return
+        from .actions import manual_unban
+
+        b = manual_unban(store, target or "", enforcer)
+    finally:
+        if enforcer is not None:
+            enforcer.close()
     if b is None:
         out.print(f"{target} was not banned (its past events no longer count)")
     else:
@@ -295,6 +419,10 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     alive = bool(st) and st.get("running") and now - st.get("heartbeat", 0) < 10
     info = {"daemon": "running" if alive else "not running", "bans": len(store.active_bans(now)),
             "database": store.path, **store.stats(), "last_status": st}
+    if ctx.cfg.cluster is not None:  # fleet mode: the nodes Redis has seen and whether this one is in sync
+        from .cluster import cluster_status
+
+        info["cluster"] = cluster_status(ctx.cfg.cluster, store, now)
     if as_json:
         print(json.dumps(info))
         return
@@ -306,6 +434,11 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             if vals:
                 out.print(f"{part}: " + ", ".join(f"{k}={v}" for k, v in vals.items() if k != "started"))
     out.print(f"bans in force: {info['bans']}; events stored: {info['events']}; database: {store.path}")
+    if "cluster" in info:
+        from .cluster import cluster_lines
+
+        for line in cluster_lines(info["cluster"]):
+            out.print(line, markup=False)
 
 
 @app.command("check-config")
@@ -320,6 +453,9 @@ def check_config() -> None:
     for name, j in cfg.policy.jails.items():
         out.print(f"jail {name}: {'+'.join(k.value for k in j.kinds)} >= {j.threshold:g} in "
                   f"{format_duration(j.findtime)}" + (", reset on success" if j.reset_on_success else ""))
+
+
+from . import cli_ops  # noqa: E402,F401 - registers `import` and `report`
 
 
 def entry() -> None:

@@ -102,6 +102,9 @@ class SourcesConfig(Section):
     programs: list[str] = ["kamailio"]
     verify_pid: bool = True
     max_line: int = Field(1 << 20, ge=1024)
+    journal: list[str] = []  # systemd units to follow through the journal, e.g. ["kamailio.service"]
+    journal_identifiers: list[str] = []  # ... or syslog identifiers (journalctl -t), e.g. ["kamailio"]
+    journalctl: str = "journalctl"  # the journalctl binary (journal sources)
 
 
 class FiltersConfig(Section):
@@ -266,6 +269,64 @@ class FirewallConfig(Section):
     iptables: Literal["auto", "nft", "legacy"] = "auto"  # auto: [enforce] iptables if set, else `iptables -V`
 
 
+class MetricsConfig(Section):
+    """The Prometheus endpoint (sipguard/metrics.py): off unless `listen` is set."""
+
+    listen: str = Field("", pattern=r"^(|\[?[0-9A-Fa-f:.]+\]?:\d{1,5}|[A-Za-z0-9.-]+:\d{1,5})$")  # "127.0.0.1:9108"
+
+
+class HtableConfig(Section):
+    """Mirror bans into Kamailio's `ipban` htable over JSON-RPC (sipguard/htable.py), beside the kernel."""
+
+    enabled: bool = False
+    rpc: str = "unix:/run/kamailio/kamailio_rpc.sock"  # unix:DGRAM-SOCKET | fifo:PATH | http://HOST:PORT/RPC
+    table: str = Field("ipban", pattern=r"^[A-Za-z0-9_]{1,64}$")
+    value: int = 2  # what $sht(ipban=>$si) is set to (the script's pike block sets 1: resync leaves those alone)
+    timeout: Duration = 2.0  # per RPC call
+
+
+class BlocklistConfig(Section):
+    """A blocklist fetched from `url` every `refresh` (sipguard/blocklists.py); bans say blocklist:NAME."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    url: str
+    refresh: Duration = 3600
+    format: Literal["auto", "text", "json"] = "auto"
+    bantime: MaybePermanent | None = None  # None: until the entry drops off the list (or "permanent")
+    max_entries: int = Field(1_000_000, ge=1)
+
+
+
+def _redis_url(value: Any) -> str:
+    """redis://, rediss://, unix:// (what redis-py's from_url takes) or redis+sentinel:// / rediss+sentinel://."""
+    if not isinstance(value, str) or "://" not in value:
+        raise ValueError("expected a URL like redis://host:6379/0")
+    scheme = value.split("://", 1)[0].lower()
+    if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+        raise ValueError(f"unsupported scheme {scheme!r}: use redis://, rediss://, unix:// or redis+sentinel://")
+    return value
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname() or "sipguard"
+
+
+class ClusterConfig(Section):
+    """Fleet mode (sipguard/cluster.py): scores and bans shared by every node through one Redis."""
+
+    redis_url: Annotated[str, BeforeValidator(_redis_url)]  # redis://[:pw@]host:6379/0, rediss://, unix://,
+    #                          redis+sentinel://[:pw@]s1:26379,s2:26379/MASTER[/db]
+    node_name: str = Field(default_factory=_hostname, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    key_prefix: str = Field("sipguard:", pattern=r"^[A-Za-z0-9_.:{}-]{0,64}$")
+    heartbeat_interval: Duration = 2.0  # how often a node refreshes its heartbeat key
+    node_timeout: Duration = 10.0  # heartbeat key TTL: a node not heard from this long is gone
+    socket_timeout: Duration = 1.0  # per Redis call (and connect); a slow Redis never stalls detection long
+    retry_interval: Duration = 1.0  # while Redis is unreachable: how often to try again
+    stream_maxlen: int = Field(100_000, ge=100)  # ban stream entries kept (approximate trim)
+
+
 class Config(Section):
     state_dir: Path | None = None
     sources: SourcesConfig = SourcesConfig()
@@ -276,6 +337,10 @@ class Config(Section):
     enforce: EnforceConfig = EnforceConfig()
     daemon: DaemonConfig = DaemonConfig()
     firewall: FirewallConfig = FirewallConfig()
+    cluster: ClusterConfig | None = None  # [cluster]: fleet mode through Redis; absent = standalone
+    metrics: MetricsConfig = MetricsConfig()
+    htable: HtableConfig = HtableConfig()
+    blocklists: list[BlocklistConfig] = []
     path: Path | None = Field(None, exclude=True)
 
     @field_validator("state_dir", mode="before")

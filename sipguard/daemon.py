@@ -14,16 +14,17 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 from .addresses import AllowList
 from .config import Config
 from .enforce import Enforcer
-from .filters import FilterSet
+from .filters import FilterSet, trigger_starts
 from .formats import RecordParser
-from .model import Ban, Decision, Event
+from .model import Ban, Decision, Event, Line
 from .policy import Policy
-from .sources import FileFollower, SourcePosition
+from .sources import FileFollower, LineBatch, SourcePosition
 from .store import Store
 
 log = logging.getLogger("sipguard.daemon")
@@ -56,6 +57,54 @@ def _counters(stats: object) -> dict:
     return dict(as_dict()) if callable(as_dict) else dict(stats)  # type: ignore[call-overload]
 
 
+_FREE = object()  # not following a trigger line's record
+
+
+def _sparse_lines(src: str, off: int, data: bytes, lits: tuple[bytes, ...], parser: RecordParser,
+                  follow: dict) -> Iterator[Line]:
+    """The lines of one segment (whole lines of `src` starting at file offset `off`) that must be
+    parsed, as Line objects made only for them: each line holding a literal, then the lines after
+    it for as long as its record is pending (a header line ends it; a continuation would make it
+    multi-line, hence refused; the header may hold a literal and be followed in turn). `follow`
+    carries "still following" into the source's next segment of the same batch.
+
+    The caller feeds each line before asking for the next one: `parser.pending` tells what it did.
+    """
+    size = len(data)
+    find = data.find
+    starts = trigger_starts(data, lits)
+    nstarts = len(starts)
+    k = 0
+    pos = 0
+    tok = follow.pop(src, _FREE)
+    while True:
+        if tok is _FREE:
+            while k < nstarts and starts[k] < pos:
+                k += 1
+            if k == nstarts:
+                return
+            pos = starts[k]
+            k += 1
+            trig = True
+        elif pos >= size:
+            follow[src] = tok
+            return
+        else:
+            trig = False
+        e = find(b"\n", pos)
+        nxt = size if e < 0 else e + 1
+        ln = data[pos:size if e < 0 else e]
+        if ln[-1:] == b"\r":
+            ln = ln[:-1]
+        yield Line(src, ln, off + nxt)
+        pos = nxt
+        cur = parser.pending(src)
+        if trig:
+            tok = cur
+        elif cur is not tok:  # this line began a new record: follow it too if it holds a literal
+            tok = cur if any(map(ln.__contains__, lits)) else _FREE
+
+
 def ban_from_decision(d: Decision, now: float) -> Ban:
     return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
                score=d.score, offence=d.offence, manual=False)
@@ -81,6 +130,7 @@ class Daemon:
         self.filters = filters or FilterSet.load(
             cfg.filters.directories, enabled=cfg.filters.enabled, disabled=cfg.filters.disabled
         )
+        self._literals = self.filters.search_literals  # None: every line is parsed
         self.allow = AllowList(cfg.allowlist.cidrs, include_host=cfg.allowlist.include_host_addresses)
         self.stats = DaemonStats()
         self._stop = threading.Event()
@@ -95,6 +145,11 @@ class Daemon:
         self._last_control = 0
         self._last_prune = 0.0
         self._last_status = 0.0
+        self._last_resync = 0.0
+        self.cluster = None  # fleet mode ([cluster]): sipguard/cluster.py's ClusterBridge
+        from .integrations import Integrations  # metrics, htable, blocklists, journal: no-ops unless configured
+
+        self.integrations = Integrations.attach(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -111,17 +166,23 @@ class Daemon:
         self.policy = Policy(pc, self.allow, self.store.offence_history(now - pc.offence_memory))
         self._expire(now)
         self.policy.restore(self.store.recent_events(now - self.policy.max_findtime))
+        if self.cfg.cluster is not None:  # scores in Redis, shares bans (wraps self.policy)
+            from .cluster import attach
+
+            self.cluster = attach(self)
         active = self.store.active_bans(now)
         for ban in active:
             self.policy.note_ban(ban.ip)
         report = self.enforcer.sync(active, now)
-        log.info("restored %d bans (enforcer %s: +%d -%d)", len(active), self.enforcer.name,
-                 report.added, report.removed)
+        self._last_resync = now
+        log.info("restored %d bans (enforcer %s: +%d -%d, %d repaired)", len(active), self.enforcer.name,
+                 report.added, report.removed, report.repaired)
         saved = self.store.positions()
         positions = {p: SourcePosition(p, s.dev, s.inode, s.offset) for p, s in saved.items() if p in self.logs}
         follower = FileFollower(self.logs, positions=positions, from_start=self.from_start,
                                 max_line=self.cfg.sources.max_line)
         follower.start()
+        follower = self.integrations.wrap_follower(follower)
         self.follower = follower  # set only once started: "following" means the end is pinned
         self._last_control = self.store.last_request_id()
         log.info("following %s with %d filters (%s)", ", ".join(self.logs), len(self.filters.names),
@@ -132,12 +193,14 @@ class Daemon:
         assert self.follower is not None
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         interval = self.cfg.daemon.control_interval
+        # a plain FileFollower hands out its read buffers (LineBatch): most lines are never parsed
+        poll = getattr(self.follower, "poll_batch", None) or self.follower.poll
         try:
             while not self._stop.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 try:
-                    self.step(self.follower.poll(interval))
+                    self.step(poll(interval))
                 except Exception:  # noqa: BLE001 - the daemon never dies on one bad batch
                     self.stats.errors += 1
                     log.exception("error while processing a batch; continuing")
@@ -145,10 +208,13 @@ class Daemon:
         finally:
             self.write_status(time.time(), running=False)
             self.follower.close()
+            self.integrations.close()
+            if self.cluster is not None:
+                self.cluster.close()
         return self.stats
 
     # -- one batch ---------------------------------------------------------------------------
-    def step(self, lines: list) -> list[Ban]:
+    def step(self, lines: list | LineBatch) -> list[Ban]:
         """Process a batch of lines, apply new bans, commit, then housekeeping."""
         assert self.policy is not None and self.follower is not None
         now = time.time()
@@ -156,12 +222,8 @@ class Daemon:
         match = self.filters.match
         touched = set()
         records = 0
-        for line in lines:
-            parser = self.parsers.get(line.source)
-            if parser is None:
-                continue
-            touched.add(line.source)
-            for rec in parser.feed(line):
+        for line in self._to_parse(lines, touched):
+            for rec in self.parsers[line.source].feed(line):
                 records += 1
                 ev = match(rec, now)
                 if ev is not None:
@@ -180,6 +242,8 @@ class Daemon:
             decision = self.policy.observe(ev)
             if decision is not None:
                 new_bans.append(ban_from_decision(decision, now))
+        if self.cluster is not None:  # one Redis call scores the batch cluster-wide
+            new_bans = self.cluster.on_batch(new_bans, now)
         for ban in new_bans:  # the kernel first: that is what stops the attack
             try:
                 self.enforcer.ban(ban, now)
@@ -196,13 +260,75 @@ class Daemon:
                 for ban in new_bans:
                     self.store.put_ban(ban, now)
                 self.store.save_positions(self.follower.positions().values())
+                self.integrations.in_transaction(now)
+        self.integrations.on_batch(lines, events, new_bans, now)
         self.stats.bans += len(new_bans)
         self.housekeeping(now)
         return new_bans
 
+    def _to_parse(self, lines: list | LineBatch, touched: set) -> Iterator[Line]:
+        """The lines of a batch that must be parsed, in order; notes their sources in `touched`.
+
+        For a syslog-family source (one record per line; continuation lines exist only in the
+        journal's indented form) with filters that all have prefilter literals and refuse
+        multi-line records, a record can only yield an event when its one line holds a literal.
+        So only those lines and the lines that end their records are parsed (`_sparse_lines`),
+        found by a C-speed search over the read buffers: the events are those of parsing every
+        line. Other sources (stderr, whose headers need every line; formats not known yet) and
+        plain lists of lines get every line parsed.
+        """
+        parsers = self.parsers
+        lits = self._literals
+        if lits is None or not isinstance(lines, LineBatch):
+            for line in lines:
+                if line.source in parsers:
+                    touched.add(line.source)
+                    yield line
+            return
+        follow: dict = {}
+        for src, off, data in lines.segments:
+            parser = parsers.get(src)
+            if parser is None:
+                continue
+            touched.add(src)
+            if type(parser) is not RecordParser:
+                yield from LineBatch([(src, off, data)])
+                continue
+            if parser.family(src) is None:  # a source's first lines: one by one until a header
+                follow.pop(src, None)
+                pos, size = 0, len(data)
+                while pos < size and parser.family(src) is None:
+                    e = data.find(b"\n", pos)
+                    nxt = size if e < 0 else e + 1
+                    ln = data[pos:size if e < 0 else e]
+                    yield Line(src, ln[:-1] if ln[-1:] == b"\r" else ln, off + nxt)
+                    pos = nxt
+                if pos >= size:
+                    continue
+                off, data = off + pos, data[pos:]
+            if parser.family(src) == "syslog":
+                yield from _sparse_lines(src, off, data, lits, parser, follow)
+            else:  # stderr: every line (continuations, rank/PID checks)
+                yield from LineBatch([(src, off, data)])
+
     def housekeeping(self, now: float) -> None:
         self._apply_control(now)
+        if self.cluster is not None:
+            self.cluster.housekeeping(now)
+        self.integrations.tick(now)
         self._expire(now)
+        if now - self._last_resync >= self.cfg.enforce.resync_interval:
+            # repairs flushed sets / deleted hook rules and re-arms bans longer than the kernel's
+            # timeout cap (ipset: ~24.8 days), so they never lapse while the daemon runs
+            self._last_resync = now
+            try:
+                report = self.enforcer.sync(self.store.active_bans(now), now)
+                if report.added or report.removed or report.repaired:
+                    log.warning("enforcer resync: +%d -%d, %d repaired", report.added, report.removed,
+                                report.repaired)
+            except Exception:  # noqa: BLE001 - retried at the next interval
+                self.stats.errors += 1
+                log.exception("enforcer resync failed")
         if now - self._last_prune >= self.cfg.daemon.prune_interval:
             self._last_prune = now
             sc = self.cfg.store

@@ -239,6 +239,15 @@ class FilterSet:
         """True when every active filter has a prefilter, so `triggers` covers every possible match."""
         return all(f.prefilter for f in self.filters)
 
+    @property
+    def search_literals(self) -> tuple[bytes, ...] | None:
+        """Byte literals whose absence from a one-line record proves no filter can match it, or None
+        when that shortcut is not sound (a filter without prefilter, or one accepting multi-line
+        records). Readers use it to skip lines without parsing them (`trigger_starts`)."""
+        if not self.filters or not self.triggers_complete or any(f.multiline for f in self.filters):
+            return None
+        return search_literals(self.triggers)
+
     def match(self, record: Record, now: float) -> Event | None:
         """The first active filter's Event for this record, or None."""
         text = record.text
@@ -307,6 +316,41 @@ class FilterSet:
                 break
             out.append(verdict)
         return out
+
+
+def search_literals(literals: Iterable[str]) -> tuple[bytes, ...]:
+    """The byte strings to search for: one per literal, minus those another one already finds.
+
+    A literal holding a newline can never be inside a one-line record, so it is not searched.
+    """
+    lits = sorted({t.encode() for t in literals if "\n" not in t}, key=len)
+    out: list[bytes] = []
+    for lit in lits:
+        if not any(o in lit for o in out):
+            out.append(lit)
+    return tuple(out)
+
+
+def trigger_starts(buf: bytes, literals: tuple[bytes, ...], start: int = 0, end: int | None = None) -> list[int]:
+    """Sorted start offsets of the newline-separated lines of `buf[start:end]` holding any literal.
+
+    One C-speed `bytes.find` pass per literal (far faster than a regex alternation, which tries
+    every alternative at almost every byte), jumping to the next line after each hit.
+    """
+    if end is None:
+        end = len(buf)
+    starts: set[int] = set()
+    add = starts.add
+    find, rfind = buf.find, buf.rfind
+    for lit in literals:
+        i = find(lit, start, end)
+        while i >= 0:
+            add(rfind(b"\n", start, i) + 1 or start)
+            e = find(b"\n", i + len(lit), end)
+            if e < 0:
+                break
+            i = find(lit, e + 1, end)
+    return sorted(starts)
 
 
 def shipped_dir() -> Path:

@@ -208,6 +208,20 @@ class RecordParser:
                     return self._syslog_trad(st, m, text, source)
         return self._continuation(st, text)
 
+    def family(self, source: str) -> str | None:
+        """"syslog" or "stderr" once a header of that family started a record of `source`, else None.
+
+        Sticky: once set, headers of the other family are only ever continuation text.
+        """
+        st = self._states.get(source)
+        return None if st is None else st.family
+
+    def pending(self, source: str) -> object:
+        """An opaque token for the record `source` has pending: it changes exactly when a header
+        line ends that record and starts another (continuation and garbage lines keep it)."""
+        st = self._states.get(source)
+        return None if st is None else st.pending
+
     def flush(self) -> list[Record]:
         """Every pending record (end of a read batch, or EOF when scanning offline)."""
         out = []

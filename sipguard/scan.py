@@ -6,20 +6,20 @@ daemon would have banned had it followed these files as they were written.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .addresses import AllowList
 from .config import Config
-from .filters import FilterSet
+from .filters import FilterSet, trigger_starts
 from .formats import RecordParser
 from .model import Event, Line
 from .policy import Policy
 from .sources import read_chunks, read_file
 
 SNIFF_LINES = 200
+SNIFF_CHUNK = 1 << 16
 
 
 @dataclass
@@ -91,41 +91,40 @@ def _looks_like_stderr(path: str, fmt: str, programs: frozenset[str]) -> bool:
         return False
     seen: list[str] = []
     parser = RecordParser(fmt, programs=programs, on_stderr=seen.append)
-    for i, line in enumerate(read_file(path)):
+    # small reads: the generator stops after the first few, not after a whole 8 MB chunk
+    for i, line in enumerate(read_file(path, chunk_size=SNIFF_CHUNK)):
         parser.feed(line)
         if seen or i >= SNIFF_LINES:
             break
     return bool(seen)
 
 
-def _trigger_lines(path: str, trigger: re.Pattern[bytes], counter: list[int]) -> Iterator[Line]:
-    """Only the lines that carry a trigger literal, found by one regex pass over big buffers.
+def _trigger_lines(path: str, literals: tuple[bytes, ...], counter: list[int]) -> Iterator[bytes]:
+    """Only the lines that carry a trigger literal, found over big buffers (CR/LF stripped).
 
     `counter[0]` receives the number of lines read, so the caller can report it.
     """
     for chunk in read_chunks(path):
         counter[0] += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
-        end = -1
-        for m in trigger.finditer(chunk):
-            pos = m.start()
-            if pos < end:
-                continue  # another trigger on a line already handed out
-            start = chunk.rfind(b"\n", 0, pos) + 1
-            end = chunk.find(b"\n", pos)
+        find = chunk.find
+        size = len(chunk)
+        for start in trigger_starts(chunk, literals):
+            end = find(b"\n", start)
             if end < 0:
-                end = len(chunk)
+                end = size
             data = chunk[start:end]
-            if data.endswith(b"\r"):
+            if data[-1:] == b"\r":
                 data = data[:-1]
-            yield Line(path, data, 0)
+            yield data
 
 
 def scan_files(paths: list[str], cfg: Config, filters: FilterSet | None = None,
                allow: AllowList | None = None, fast: bool = True) -> ScanResult:
     """Read every file whole (.gz too) in order and return lines, matches and resulting bans.
 
-    Fast path: when every filter has prefilter literals and the log is syslog-shaped, only the
-    lines holding a literal are parsed; the result is the same as parsing every line.
+    Fast path: when every filter has prefilter literals (and none accepts multi-line records) and
+    the log is syslog-shaped, only the lines holding a literal are parsed; the result is the same
+    as parsing every line.
     """
     t0 = time.perf_counter()
     filters = filters or FilterSet.load(cfg.filters.directories, enabled=cfg.filters.enabled,
@@ -136,19 +135,25 @@ def scan_files(paths: list[str], cfg: Config, filters: FilterSet | None = None,
     now = time.time()
     programs = frozenset(cfg.sources.programs)
     fmt = cfg.sources.format
-    trigger = None
-    if fast and filters.triggers_complete and filters.triggers:
-        trigger = re.compile(b"|".join(re.escape(t.encode()) for t in filters.triggers))
+    literals = filters.search_literals if fast else None
     match = filters.match
+    append = events.append
     for path in paths:
         parser = RecordParser(fmt, programs=programs)
-        if trigger is not None and not _looks_like_stderr(path, fmt, programs):
+        if literals is not None and not _looks_like_stderr(path, fmt, programs):
+            # Each trigger line is a record of its own: fed, then flushed (what parsing every
+            # line would give, since the line after it starts a new record or is skipped).
             counter = [0]
-            for line in _trigger_lines(path, trigger, counter):
-                for rec in parser.feed(line) + parser.flush():
+            feed, flush = parser.feed, parser.flush
+            for data in _trigger_lines(path, literals, counter):
+                for rec in feed(Line(path, data, 0)):
                     ev = match(rec, now)
                     if ev is not None:
-                        events.append(ev)
+                        append(ev)
+                for rec in flush():
+                    ev = match(rec, now)
+                    if ev is not None:
+                        append(ev)
             result.lines += counter[0]
             continue
         n = 0

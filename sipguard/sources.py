@@ -36,7 +36,7 @@ from watchdog.observers import Observer
 
 from .model import Line
 
-__all__ = ["FileFollower", "SourcePosition", "read_chunks", "read_file", "STAT_KEYS"]
+__all__ = ["FileFollower", "LineBatch", "SourcePosition", "read_chunks", "read_file", "STAT_KEYS"]
 
 log = logging.getLogger("sipguard.sources")
 
@@ -189,6 +189,33 @@ def _to_lines(source: str, segs: list[tuple[int, bytes]], out: list[Line]) -> No
             if last[-1:] == b"\r":
                 last = last[:-1]
             append(Line(source, last, off))
+
+
+class LineBatch:
+    """The complete lines of one poll, kept as the `(source, offset, bytes)` segments they were
+    read in (each segment is whole lines; only a rotated-away file's last may lack its newline).
+
+    Iterating yields Line objects (made on demand); `len()` is the number of lines.
+    """
+
+    __slots__ = ("segments", "_count")
+
+    def __init__(self, segments: list[tuple[str, int, bytes]]) -> None:
+        self.segments = segments
+        self._count = sum(seg.count(b"\n") + (seg[-1:] not in (b"\n", b"")) for _, _, seg in segments)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[Line]:
+        out: list[Line] = []
+        for source, off, seg in self.segments:
+            _to_lines(source, [(off, seg)], out)
+            yield from out
+            out.clear()
 
 
 # --------------------------------------------------------------------------- offline reading
@@ -488,10 +515,15 @@ class FileFollower:
         Reads at most about `read_budget` bytes per call; when more is pending the next call
         returns at once.
         """
+        return list(self.poll_batch(timeout))
+
+    def poll_batch(self, timeout: float) -> LineBatch:
+        """Like poll(), but the lines stay in the big buffers they were read in (a LineBatch):
+        a reader that skips most lines (the daemon) never pays for Line objects it does not use."""
         if not self._started:
             self.start()
         if self._closed:
-            return []
+            return LineBatch([])
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             self._wake.clear()
@@ -586,11 +618,11 @@ class FileFollower:
                 t = at if t is None else min(t, at)
         return t
 
-    def _pass(self) -> tuple[list[Line], bool]:
+    def _pass(self) -> tuple[LineBatch, bool]:
         """One round over all paths: notice new/rotated files, read what is there."""
         self._check_dirs()
         now = time.monotonic()
-        out: list[Line] = []
+        segs: list[tuple[str, int, bytes]] = []
         budget = self.read_budget
         n = len(self._follows)
         start = self._rr
@@ -598,9 +630,10 @@ class FileFollower:
         for k in range(n):
             f = self._follows[(start + k) % n]
             self._check_path(f, now)
-            budget = self._read_follow(f, budget, out, now)
+            budget = self._read_follow(f, budget, segs, now)
             if budget <= 0:
                 break
+        out = LineBatch(segs)
         self.stats["lines"] += len(out)
         return out, budget <= 0
 
@@ -799,7 +832,7 @@ class FileFollower:
         f.reader = chain[0]
         f.queue = chain[1:]
 
-    def _read_follow(self, f: _Follow, budget: int, out: list[Line], now: float) -> int:
+    def _read_follow(self, f: _Follow, budget: int, out: list[tuple[str, int, bytes]], now: float) -> int:
         """Read f's current file (then its successors once it is done) within `budget` bytes."""
         name = self._names.get(f.path, f.path)
         while f.reader is not None and budget > 0:
@@ -826,7 +859,7 @@ class FileFollower:
                 budget -= len(data)
                 self.stats["bytes"] += len(data)
                 r.last_data = now
-                _to_lines(name, cut.feed(data), out)
+                out.extend([(name, off, seg) for off, seg in cut.feed(data)])
             if budget <= 0 or st.st_size > cut.pos:
                 return budget
             if f.queue:
@@ -840,7 +873,7 @@ class FileFollower:
             tail = cut.tail()
             if tail is not None:
                 self.stats["unterminated"] += 1
-                _to_lines(name, [tail], out)
+                out.append((name, *tail))
             r.close()
             if f.queue:
                 f.reader = f.queue.pop(0)

@@ -34,3 +34,5 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO_ROOT / "examples" / "kamailio"
 NS_PREFIX = "sgl-"
+# every prefix a lab namespace may carry (the e2e test and the demo use their own)
+NS_PREFIXES = ("sgl-", "sge2e-", "sgdemo-", "sgo-")

@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from . import NS_PREFIX
+from . import NS_PREFIX, NS_PREFIXES
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 CLONE_NEWNET = 0x40000000
@@ -44,9 +44,9 @@ def check_addr(addr: str) -> str:
 
 
 def check_name(name: str) -> str:
-    """Return *name* if it is an allowed namespace name (``sgl-`` prefix)."""
-    if not name.startswith(NS_PREFIX) or len(name) > 40 or "/" in name:
-        raise ValueError(f"namespace name {name!r} must start with {NS_PREFIX!r}")
+    """Return *name* if it is an allowed namespace name (a prefix of NS_PREFIXES)."""
+    if not name.startswith(NS_PREFIXES) or len(name) > 40 or "/" in name:
+        raise ValueError(f"namespace name {name!r} must start with one of {NS_PREFIXES!r}")
     return name
 
 
@@ -230,13 +230,17 @@ class Lab:
     ...     c.run("ping", "-c1", "-W1", lab.proxy_ip)
     """
 
-    def __init__(self, tag: str, proxy_ip: str = "198.18.0.1", prefixlen: int = 24):
+    def __init__(self, tag: str, proxy_ip: str = "198.18.0.1", prefixlen: int = 24,
+                 prefix: str = NS_PREFIX, hub_name: str | None = None):
         if not tag.replace("-", "").isalnum() or len(tag) > 12:
             raise ValueError("tag must be short and alphanumeric")
+        if prefix not in NS_PREFIXES:
+            raise ValueError(f"prefix must be one of {NS_PREFIXES!r}")
         self.tag = tag
+        self.prefix = prefix
         self.proxy_ip = check_addr(proxy_ip)
         self.prefixlen = prefixlen
-        self.hub = Netns(f"{NS_PREFIX}{tag}-hub")
+        self.hub = Netns(hub_name or f"{prefix}{tag}-hub")
         self.clients: dict[str, Netns] = {}
         self._n = 0
 
@@ -271,7 +275,7 @@ class Lab:
         if addr in self.clients:
             return self.clients[addr]
         self._n += 1
-        ns = Netns(f"{NS_PREFIX}{self.tag}-c{self._n}")
+        ns = Netns(f"{self.prefix}{self.tag}-c{self._n}")
         self.clients[addr] = ns
         ns.create()
         veth = f"v{self._n}"

@@ -1,0 +1,280 @@
+"""The Prometheus endpoint: what the daemon read, matched, decided and enforced, and how fast.
+
+Off unless `[metrics] listen = "HOST:PORT"`. The daemon hands each processed batch to
+`observe_batch`; every enforcer call goes through `MeteredEnforcer` (bans, unbans, errors, and
+the set of bans in force by family and reason); skipped/garbage line counters are read from the
+daemon's stages at scrape time. Each `Metrics` has its own registry, so several daemons in one
+process (tests) never share figures.
+
+Ban latency is "log line written → enforcer returned": the line's own timestamp when the format
+carries sub-second precision (ISO-8601 with microseconds, the journal), else the time the
+daemon read the line's batch (which then measures sipguard's own part only).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .model import Ban
+
+if TYPE_CHECKING:
+    from .enforce import EnforcedEntry, Enforcer, SyncReport
+    from .model import Event, Line
+
+log = logging.getLogger("sipguard.metrics")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# how far a record's own timestamp may lie from the read time and still count as "when it was written"
+_PLAUSIBLE = 3600.0
+
+# parser / follower counters exported as sipguard_lines_skipped_total{reason}
+_PARSER_SKIPS = ("garbage", "forged", "invalid_utf8", "truncated", "other_program")
+_SOURCE_SKIPS = ("too_long", "errors")
+
+
+def reason_label(ban: Ban) -> str:
+    """Bounded label values: the jail of an automatic ban, blocklist:NAME, or 'manual'."""
+    if ban.reason.startswith("blocklist:"):
+        return ban.reason
+    if ban.manual:
+        return "manual"
+    return ban.reason.split(":", 1)[0] or "unknown"
+
+
+def family(ip: str) -> str:
+    """ipv4 / ipv6 for addresses, net4 / net6 for networks."""
+    try:
+        if "/" in ip:
+            return "net4" if ipaddress.ip_network(ip, strict=False).version == 4 else "net6"
+        return "ipv4" if ipaddress.ip_address(ip).version == 4 else "ipv6"
+    except ValueError:
+        return "unknown"
+
+
+def write_time(event_time: float, read_time: float) -> float:
+    """When the line was written: its record time if precise and plausible, else the read time."""
+    if event_time != int(event_time) and read_time - _PLAUSIBLE <= event_time <= read_time + 1.0:
+        return min(event_time, read_time)
+    return read_time
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.lines = Counter("sipguard_lines_read", "Physical lines read, per source", ["source"], registry=r)
+        self.matched = Counter("sipguard_lines_matched", "Records a filter matched, per filter", ["filter"],
+                               registry=r)
+        self.events = Counter("sipguard_events", "Events (filter hits), per kind", ["kind"], registry=r)
+        self.bans = Counter("sipguard_bans", "Bans applied, per reason", ["reason"], registry=r)
+        self.unbans = Counter("sipguard_unbans", "Bans lifted (unban, expiry, dropped off a blocklist)", registry=r)
+        self.enforcer_errors = Counter("sipguard_enforcer_errors", "Enforcer calls that raised", ["enforcer", "op"],
+                                       registry=r)
+        self.blocklist_skipped = Counter("sipguard_blocklist_skipped", "Blocklist entries skipped (allow-listed)",
+                                         ["list"], registry=r)
+        self.latency = Histogram("sipguard_ban_latency_seconds",
+                                 "Log line written (or read) to ban set in the enforcer", buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self._lock = threading.Lock()
+        self._active: dict[str, tuple[str, str, float | None]] = {}  # ip -> (family, reason, expires)
+        self._skip_source: Callable[[], dict[str, int]] | None = None
+        r.register(_Collector(self))
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.address: tuple[str, int] | None = None
+
+    # -- the daemon's hooks ------------------------------------------------------------------
+    def observe_batch(self, lines: Iterable[Line], events: Iterable[Event], bans: Iterable[Ban],
+                      read_time: float, done: float | None = None) -> None:
+        """One processed batch: lines per source, matches per filter, events per kind, ban latency."""
+        done = time.time() if done is None else done
+        per_source: dict[str, int] = {}
+        for line in lines:
+            per_source[line.source] = per_source.get(line.source, 0) + 1
+        for src, n in per_source.items():
+            self.lines.labels(src).inc(n)
+        first: dict[str, float] = {}
+        per_filter: dict[str, int] = {}
+        per_kind: dict[str, int] = {}
+        for ev in events:
+            per_filter[ev.filter] = per_filter.get(ev.filter, 0) + 1
+            per_kind[ev.kind.value] = per_kind.get(ev.kind.value, 0) + 1
+            first.setdefault(ev.ip, ev.time)
+        for f, n in per_filter.items():
+            self.matched.labels(f).inc(n)
+        for k, n in per_kind.items():
+            self.events.labels(k).inc(n)
+        for ban in bans:
+            t = first.get(ban.ip)
+            written = read_time if t is None else write_time(t, read_time)
+            self.latency.observe(max(0.0, done - written))
+
+    def skipped_from(self, fn: Callable[[], dict[str, int]]) -> None:
+        """A function returning the skipped-line counters by reason (read at scrape time)."""
+        self._skip_source = fn
+
+    # -- bans in force (kept by MeteredEnforcer) ---------------------------------------------
+    def _add(self, bans: Iterable[Ban]) -> None:
+        with self._lock:
+            for b in bans:
+                self._active[b.ip] = (family(b.ip), reason_label(b), b.expires)
+
+    def _remove(self, ip: str) -> bool:
+        with self._lock:
+            return self._active.pop(ip, None) is not None
+
+    def _replace(self, bans: Iterable[Ban]) -> int:
+        with self._lock:
+            new = {b.ip: (family(b.ip), reason_label(b), b.expires) for b in bans}
+            gone = len(self._active.keys() - new.keys())
+            self._active = new
+            return gone
+
+    def active_counts(self, now: float | None = None) -> dict[tuple[str, str], int]:
+        now = time.time() if now is None else now
+        out: dict[tuple[str, str], int] = {}
+        with self._lock:
+            items = list(self._active.values())
+        for fam, reason, exp in items:
+            if exp is None or exp > now:
+                out[(fam, reason)] = out.get((fam, reason), 0) + 1
+        return out
+
+    # -- HTTP ------------------------------------------------------------------------------
+    def serve(self, listen: str) -> tuple[str, int]:
+        """Start the /metrics endpoint on HOST:PORT ([v6]:port too); returns the bound address."""
+        from prometheus_client import start_http_server
+
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        server, thread = start_http_server(int(port), addr=host, registry=self.registry)
+        self._server, self._thread = server, thread
+        self.address = server.server_address[:2]
+        log.info("metrics on http://%s:%d/metrics", *self.address)
+        return self.address
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _Collector:
+    """Figures computed at scrape time: bans in force, skipped lines."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        g = GaugeMetricFamily("sipguard_active_bans", "Bans in force, by family and reason",
+                              labels=["family", "reason"])
+        for (fam, reason), n in sorted(self.m.active_counts().items()):
+            g.add_metric([fam, reason], n)
+        yield g
+        c = CounterMetricFamily("sipguard_lines_skipped", "Lines skipped or rejected, by reason", labels=["reason"])
+        fn = self.m._skip_source
+        if fn is not None:
+            for _ in range(3):  # the daemon thread may be adding a key right now
+                try:
+                    vals = fn()
+                    break
+                except RuntimeError:
+                    continue
+            else:
+                vals = {}
+            for reason, n in sorted(vals.items()):
+                c.add_metric([reason], n)
+        yield c
+
+
+class MeteredEnforcer:
+    """Wraps the daemon's enforcer: counts bans, unbans and errors, keeps the set in force."""
+
+    def __init__(self, inner: Enforcer, metrics: Metrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self.name = inner.name
+
+    def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:
+            self.metrics.enforcer_errors.labels(self.name, op).inc()
+            raise
+
+    def ban(self, ban: Ban, now: float) -> None:
+        self._call("ban", self.inner.ban, ban, now)
+        self.metrics._add([ban])
+        self.metrics.bans.labels(reason_label(ban)).inc()
+
+    def ban_many(self, bans: list[Ban], now: float) -> None:
+        self._call("ban_many", self.inner.ban_many, bans, now)
+        self.metrics._add(bans)
+        per: dict[str, int] = {}
+        for b in bans:
+            per[reason_label(b)] = per.get(reason_label(b), 0) + 1
+        for reason, n in per.items():
+            self.metrics.bans.labels(reason).inc(n)
+
+    def unban(self, ip: str) -> None:
+        self._call("unban", self.inner.unban, ip)
+        if self.metrics._remove(ip):
+            self.metrics.unbans.inc()
+
+    def sync(self, bans: list[Ban], now: float) -> SyncReport:
+        report = self._call("sync", self.inner.sync, bans, now)
+        gone = self.metrics._replace(bans)
+        if gone:
+            self.metrics.unbans.inc(gone)
+        return report
+
+    def entries(self) -> list[EnforcedEntry]:
+        return self._call("entries", self.inner.entries)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # backend extras (e.g. a kernel enforcer's own helpers)
+        return getattr(self.inner, name)
+
+
+def skipped_counters(daemon: Any) -> dict[str, int]:
+    """Skipped-line counters of a running daemon's parsers and follower, by reason."""
+    out: dict[str, int] = {}
+    for p in list(daemon.parsers.values()):
+        st = p.stats
+        for k in _PARSER_SKIPS:
+            v = getattr(st, k, None)
+            if v is None:
+                try:
+                    v = st[k]
+                except (KeyError, TypeError, IndexError):
+                    v = 0
+            out[k] = out.get(k, 0) + int(v or 0)
+    follower = getattr(daemon, "follower", None)
+    if follower is not None:
+        fst = follower.stats
+        for k in _SOURCE_SKIPS:
+            try:
+                out[k] = out.get(k, 0) + int(fst.get(k, 0) if hasattr(fst, "get") else fst[k])
+            except (KeyError, TypeError):
+                pass
+    es = getattr(daemon.filters, "stats", None)
+    if es is not None:
+        try:
+            out["invalid_ip"] = int(es.get("invalid_ip", 0) if hasattr(es, "get") else es["invalid_ip"])
+        except (KeyError, TypeError):
+            pass
+    return out

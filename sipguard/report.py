@@ -1,0 +1,247 @@
+"""`sipguard report`: one self-contained HTML page from the SQLite history (events + ban_log).
+
+Attacks over time per filter, top offending sources and networks (/24 for IPv4, /64 for IPv6),
+bans over time per reason, and totals. The page carries its data as JSON and draws inline SVG
+with a few lines of inline JavaScript: no network access, no external file, opens anywhere.
+When the charts are drawn the script sets `data-rendered="true"` on <body> (tests look for it).
+Events are kept only [store] event_retention (1 day by default); ban history history_retention.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from . import __version__
+from .store import Store
+
+_STEPS = (60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 86400)
+
+
+def _bucket(span: float) -> int:
+    """A bucket size giving at most ~120 columns over `span` seconds."""
+    for step in _STEPS:
+        if span / step <= 120:
+            return step
+    return 7 * 86400
+
+
+def network_of(ip: str) -> str:
+    """The /24 (IPv4) or /64 (IPv6) an address or network belongs to."""
+    try:
+        if "/" in ip:
+            net = ipaddress.ip_network(ip, strict=False)
+            plen = 24 if net.version == 4 else 64
+            return str(net.supernet(new_prefix=plen)) if net.prefixlen > plen else str(net)
+        a = ipaddress.ip_address(ip)
+        return str(ipaddress.ip_network(f"{a}/{24 if a.version == 4 else 64}", strict=False))
+    except ValueError:
+        return ip
+
+
+def _reason_group(reason: str | None, manual: int) -> str:
+    reason = reason or "?"
+    if reason.startswith("blocklist:"):
+        return reason
+    if manual:
+        return "manual"
+    return reason.split(":", 1)[0]
+
+
+def build_report(store: Store, since: float | None = None, now: float | None = None, top: int = 20) -> dict[str, Any]:
+    """Everything the page shows, as plain JSON-able data."""
+    now = time.time() if now is None else now
+    since = now - 7 * 86400 if since is None else since
+    q = store.conn.execute
+    first = q("SELECT min(time) FROM (SELECT min(time) AS time FROM events WHERE time >= ? "
+              "UNION ALL SELECT min(time) FROM ban_log WHERE time >= ?)", (since, since)).fetchone()[0]
+    start = max(since, first if first is not None else now - 3600)
+    step = _bucket(max(now - start, 60))
+    b0 = int(start // step)
+    nb = int(now // step) - b0 + 1
+
+    filters: dict[str, list[int]] = {}
+    for b, flt, n in q("SELECT CAST(time / ? AS INTEGER) AS b, filter, count(*) FROM events "
+                       "WHERE time >= ? GROUP BY b, filter", (step, start)):
+        i = b - b0
+        if 0 <= i < nb:
+            filters.setdefault(flt, [0] * nb)[i] += n
+
+    sources = []
+    for ip, n, flts, t0, t1 in q("SELECT ip, count(*) AS n, group_concat(DISTINCT filter), min(time), max(time) "
+                                 "FROM events WHERE time >= ? GROUP BY ip ORDER BY n DESC, ip LIMIT ?", (start, top)):
+        sources.append({"ip": ip, "events": n, "filters": sorted((flts or "").split(",")), "first": t0, "last": t1})
+    bans_per_ip = dict(q("SELECT ip, count(*) FROM ban_log WHERE action = 'ban' AND time >= ? GROUP BY ip", (start,)))
+    for s in sources:
+        s["bans"] = bans_per_ip.get(s["ip"], 0)
+
+    nets: dict[str, dict[str, Any]] = {}
+    for ip, n in q("SELECT ip, count(*) FROM events WHERE time >= ? GROUP BY ip", (start,)):
+        key = network_of(ip)
+        e = nets.setdefault(key, {"network": key, "events": 0, "sources": 0})
+        e["events"] += n
+        e["sources"] += 1
+    networks = sorted(nets.values(), key=lambda e: (-e["events"], e["network"]))[:top]
+
+    bans_time: dict[str, list[int]] = {}
+    actions: dict[str, int] = {}
+    for t, action, reason, manual in q("SELECT time, action, reason, manual FROM ban_log WHERE time >= ?", (start,)):
+        actions[action] = actions.get(action, 0) + 1
+        if action != "ban":
+            continue
+        i = int(t // step) - b0
+        if 0 <= i < nb:
+            bans_time.setdefault(_reason_group(reason, manual), [0] * nb)[i] += 1
+    active: dict[str, int] = {}
+    for b in store.active_bans(now):
+        g = _reason_group(b.reason, int(b.manual))
+        active[g] = active.get(g, 0) + 1
+
+    total_events = sum(sum(v) for v in filters.values())
+    return {
+        "generated": now,
+        "since": start,
+        "step": step,
+        "buckets": [(b0 + i) * step for i in range(nb)],
+        "filters": dict(sorted(filters.items())),
+        "sources": sources,
+        "networks": networks,
+        "bans_time": dict(sorted(bans_time.items())),
+        "active": dict(sorted(active.items(), key=lambda kv: -kv[1])),
+        "totals": {"events": total_events, "sources": sum(e["sources"] for e in nets.values()),
+                   "bans": actions.get("ban", 0), "unbans": actions.get("unban", 0),
+                   "expired": actions.get("expire", 0), "delisted": actions.get("delist", 0),
+                   "active": sum(active.values())},
+        "version": __version__,
+    }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def render_html(data: dict[str, Any]) -> str:
+    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e").replace(
+        "&", "\\u0026")
+    title = f"sipguard report {_iso(data['generated'])}"
+    return _PAGE.replace("%%TITLE%%", html.escape(title)).replace("%%DATA%%", blob).replace(
+        "%%SINCE%%", html.escape(_iso(data["since"]))).replace("%%VERSION%%", html.escape(data["version"]))
+
+
+_PAGE = r"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>%%TITLE%%</title>
+<style>
+ body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
+ h1{font-size:22px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px}
+ .sub{color:#666;margin-bottom:16px}
+ .cards{display:flex;gap:12px;flex-wrap:wrap}
+ .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 16px;min-width:110px}
+ .card b{display:block;font-size:22px}
+ .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px;margin-top:8px}
+ .grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+ table{border-collapse:collapse;width:100%;font-size:13px} td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:left}
+ td.n{text-align:right;font-variant-numeric:tabular-nums}
+ .legend span{display:inline-block;margin-right:12px;font-size:12px}
+ .legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
+ svg text{font-size:11px;fill:#555}
+ .empty{color:#999;font-style:italic}
+</style></head>
+<body data-rendered="false">
+<h1>sipguard report</h1>
+<div class="sub">from %%SINCE%% &middot; sipguard %%VERSION%% &middot; <span id="gen"></span></div>
+<div class="cards" id="cards"></div>
+<h2>Attacks over time, per filter</h2>
+<div class="panel"><div id="attacks"></div><div class="legend" id="attacks-legend"></div></div>
+<h2>Bans over time, per reason</h2>
+<div class="panel"><div id="bans"></div><div class="legend" id="bans-legend"></div></div>
+<div class="grid">
+ <div><h2>Top offending sources</h2><div class="panel"><div id="top-sources-chart"></div><table id="top-sources"></table></div></div>
+ <div><h2>Top offending networks (/24, /64)</h2><div class="panel"><div id="top-networks-chart"></div><table id="top-networks"></table></div></div>
+</div>
+<h2>Bans in force, per reason</h2>
+<div class="panel"><div id="active"></div></div>
+<script id="sipguard-data" type="application/json">%%DATA%%</script>
+<script>
+(function(){
+"use strict";
+var D = JSON.parse(document.getElementById("sipguard-data").textContent);
+var NS = "http://www.w3.org/2000/svg";
+var COLORS = ["#4e79a7","#f28e2b","#e15759","#76b7b2","#59a14f","#edc948","#b07aa1","#ff9da7","#9c755f","#bab0ac"];
+function el(tag, attrs, parent, text){
+  var e = tag.indexOf("svg:") === 0 ? document.createElementNS(NS, tag.slice(4)) : document.createElement(tag);
+  for (var k in attrs) e.setAttribute(k, attrs[k]);
+  if (text !== undefined) e.textContent = text;
+  if (parent) parent.appendChild(e);
+  return e;
+}
+function fmtTime(t){ var d = new Date(t*1000); return d.toISOString().slice(D.step >= 86400 ? 5 : 11, D.step >= 86400 ? 10 : 16); }
+function legend(id, names){
+  var L = document.getElementById(id);
+  names.forEach(function(n, i){ var s = el("span", {}, L); el("i", {style:"background:"+COLORS[i%COLORS.length]}, s); s.appendChild(document.createTextNode(n)); });
+}
+function stacked(id, series, legendId){
+  var box = document.getElementById(id), names = Object.keys(series);
+  var n = D.buckets.length, W = 1100, H = 220, L = 44, B = 22, T = 8;
+  if (!names.length){ el("div", {"class":"empty"}, box, "nothing in this period"); return; }
+  var tot = []; for (var i=0;i<n;i++){ var s=0; names.forEach(function(k){ s += series[k][i]; }); tot.push(s); }
+  var max = Math.max.apply(null, tot.concat([1])), ticks = Math.min(4, max);
+  max = Math.ceil(max / ticks) * ticks;
+  var svg = el("svg:svg", {viewBox:"0 0 "+W+" "+(H+B+T), width:"100%", role:"img", "class":"chart"}, box);
+  var bw = (W-L)/n;
+  for (var g=0; g<=ticks; g++){ var y = T + H - H*g/ticks; el("svg:line", {x1:L, x2:W, y1:y, y2:y, stroke:"#eee"}, svg);
+    el("svg:text", {x:L-4, y:y+4, "text-anchor":"end"}, svg, String(max*g/ticks)); }
+  for (var i2=0;i2<n;i2++){
+    var y0 = T + H;
+    names.forEach(function(k, ci){
+      var v = series[k][i2]; if (!v) return;
+      var h = H * v / max; y0 -= h;
+      var r = el("svg:rect", {x:L+i2*bw+0.5, y:y0, width:Math.max(bw-1,1), height:h, fill:COLORS[ci%COLORS.length], "class":"bar"}, svg);
+      el("svg:title", {}, r, k+": "+v+" at "+fmtTime(D.buckets[i2]));
+    });
+  }
+  var every = Math.max(1, Math.ceil(n/10));
+  for (var i3=0;i3<n;i3+=every) el("svg:text", {x:L+i3*bw, y:T+H+15, "text-anchor": i3+every>=n && i3>0 ? "end" : "start"}, svg, fmtTime(D.buckets[i3]));
+  legend(legendId, names);
+}
+function hbars(id, rows, label, value){
+  var box = document.getElementById(id);
+  if (!rows.length){ el("div", {"class":"empty"}, box, "none"); return; }
+  var W = 520, rh = 18, L = 190, H = rows.length*rh + 4;
+  var max = Math.max.apply(null, rows.map(value).concat([1]));
+  var svg = el("svg:svg", {viewBox:"0 0 "+W+" "+H, width:"100%", role:"img", "class":"chart"}, box);
+  rows.forEach(function(r, i){
+    var y = i*rh + 2, w = (W-L-50) * value(r) / max;
+    el("svg:text", {x:L-6, y:y+12, "text-anchor":"end"}, svg, label(r));
+    el("svg:rect", {x:L, y:y+2, width:Math.max(w,1), height:rh-5, fill:COLORS[0], "class":"bar"}, svg);
+    el("svg:text", {x:L+w+4, y:y+12}, svg, String(value(r)));
+  });
+}
+function table(id, head, rows){
+  var t = document.getElementById(id), tr = el("tr", {}, t);
+  head.forEach(function(h){ el("th", {}, tr, h); });
+  rows.forEach(function(r){ var tr2 = el("tr", {}, t); r.forEach(function(c){ el("td", typeof c === "number" ? {"class":"n"} : {}, tr2, String(c)); }); });
+}
+document.getElementById("gen").textContent = "generated " + new Date(D.generated*1000).toISOString().replace("T"," ").slice(0,16) + " UTC, " + (D.step/60) + "-minute buckets";
+var C = document.getElementById("cards");
+[["events", D.totals.events], ["sources", D.totals.sources], ["bans", D.totals.bans], ["in force", D.totals.active],
+ ["unbanned", D.totals.unbans], ["expired", D.totals.expired], ["delisted", D.totals.delisted]].forEach(function(c){
+  var d = el("div", {"class":"card"}, C); el("b", {}, d, String(c[1])); d.appendChild(document.createTextNode(c[0])); });
+stacked("attacks", D.filters, "attacks-legend");
+stacked("bans", D.bans_time, "bans-legend");
+hbars("top-sources-chart", D.sources.slice(0, 10), function(r){ return r.ip; }, function(r){ return r.events; });
+table("top-sources", ["source", "events", "bans", "filters"], D.sources.map(function(s){ return [s.ip, s.events, s.bans, s.filters.join(", ")]; }));
+hbars("top-networks-chart", D.networks.slice(0, 10), function(r){ return r.network; }, function(r){ return r.events; });
+table("top-networks", ["network", "events", "sources"], D.networks.map(function(n){ return [n.network, n.events, n.sources]; }));
+var act = Object.keys(D.active).map(function(k){ return {k:k, v:D.active[k]}; });
+hbars("active", act, function(r){ return r.k; }, function(r){ return r.v; });
+document.body.setAttribute("data-rendered", "true");
+})();
+</script>
+</body></html>
+"""

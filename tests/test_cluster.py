@@ -1,0 +1,405 @@
+"""Fleet mode: three (or four) daemons sharing one real redis-server, each with its own state dir,
+log file and dry-run enforcer.
+
+The redis-server is this test's own: 127.0.0.1, a free port, its own temp dir, no persistence, and it
+is stopped by its PID. Nothing here touches the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from sipguard.actions import manual_ban, manual_unban
+from sipguard.addresses import AllowList
+from sipguard.config import Config
+from sipguard.daemon import Daemon
+from sipguard.enforce.dryrun import DryRunEnforcer
+from sipguard.store import Store
+
+REDIS = shutil.which("redis-server")
+if REDIS is None:
+    if os.geteuid() == 0:  # CI runs as root after `make setup` installed it: never skip there
+        pytest.fail("redis-server is not installed (the Makefile's APT_PACKAGES install it)", pytrace=False)
+    pytest.skip("redis-server is not installed", allow_module_level=True)
+
+ALLOW = AllowList([], include_host=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server: 127.0.0.1 only, own dir, no persistence; killed by PID."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "redis"
+        self.dir.mkdir(exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+             "--appendonly", "no", "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=2)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def syslog(text: str) -> str:
+    return f"{datetime.now().strftime('%b %d %H:%M:%S')} edge kamailio[4242]: {text}\n"
+
+
+def auth_failed(ip: str) -> str:
+    return syslog(f"NOTICE: <script>: auth failed for user 1000 from {ip}:5060 method REGISTER")
+
+
+def success(ip: str) -> str:
+    return syslog(f"NOTICE: <script>: REGISTER success for user 1000 from {ip}:5060")
+
+
+def wait_for(cond, timeout: float = 5.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(0.01)
+    raise AssertionError(f"condition not met in {timeout}s")
+
+
+def cluster_cfg(url: str, name: str, prefix: str = "sgtest:") -> dict:
+    return {"allowlist": {"include_host_addresses": False}, "daemon": {"control_interval": 0.05},
+            "enforce": {"backend": "dryrun"},
+            "cluster": {"redis_url": url, "node_name": name, "key_prefix": prefix, "heartbeat_interval": 0.2,
+                        "node_timeout": 3, "socket_timeout": 0.5, "retry_interval": 0.2}}
+
+
+class Node:
+    """One sipguard daemon on a thread: its own log file, state dir and dry-run enforcer."""
+
+    def __init__(self, tmp: Path, url: str, name: str) -> None:
+        self.name = name
+        self.dir = tmp / name
+        self.dir.mkdir(exist_ok=True)
+        self.log = self.dir / "kamailio.log"
+        self.log.touch()
+        self.raw_cfg = cluster_cfg(url, name)
+        self.cfg = Config.model_validate(self.raw_cfg)
+        self.enforcer = DryRunEnforcer()
+        self.store: Store | None = None
+        self.daemon: Daemon | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> Node:
+        self.store = Store.open_state_dir(self.dir / "state")
+        self.daemon = Daemon(self.cfg, self.store, self.enforcer, logs=[str(self.log)])
+        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.daemon.follower is not None)
+        return self
+
+    def stop(self) -> None:
+        if self.thread is None:
+            return
+        self.daemon.stop()
+        self.thread.join(15)
+        assert not self.thread.is_alive()
+        self.store.close()
+        self.thread = None
+
+    @property
+    def bridge(self):
+        return self.daemon.cluster
+
+    def write(self, *lines: str) -> None:
+        with self.log.open("a") as f:
+            f.write("".join(lines))
+
+    def enforced(self) -> set[str]:
+        return {e.ip for e in self.enforcer.entries()}
+
+    def cli_store(self) -> Store:
+        return Store.open_state_dir(self.dir / "state")
+
+    def ban_rows(self, ip: str) -> list[tuple]:
+        with _Closing(self.cli_store()) as st:
+            return st.conn.execute("SELECT action, expires FROM ban_log WHERE ip = ? ORDER BY id", (ip,)).fetchall()
+
+    def config_file(self) -> Path:
+        p = self.dir / "sipguard.toml"
+        c = self.raw_cfg["cluster"]
+        p.write_text(
+            '[enforce]\nbackend = "dryrun"\n[allowlist]\ninclude_host_addresses = false\n'
+            f'[cluster]\nredis_url = "{c["redis_url"]}"\nnode_name = "{c["node_name"]}"\n'
+            f'key_prefix = "{c["key_prefix"]}"\nsocket_timeout = 0.5\n')
+        return p
+
+
+class _Closing:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> Store:
+        return self.store
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+
+
+@pytest.fixture
+def fleet(tmp_path, redis_server):
+    nodes = [Node(tmp_path, redis_server.url, f"edge{i}").start() for i in (1, 2, 3)]
+    try:
+        wait_for(lambda: all(n.bridge.in_sync() for n in nodes))
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def all_enforce(nodes, ip: str) -> bool:
+    return all(ip in n.enforced() for n in nodes)
+
+
+def none_enforce(nodes, ip: str) -> bool:
+    return not any(ip in n.enforced() for n in nodes)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def test_spray_across_three_nodes_bans_on_all(fleet):
+    ip = "198.18.10.1"
+    for n in fleet:  # one failure per node: under every node's threshold of 3
+        n.write(auth_failed(ip))
+        wait_for(lambda: n.bridge.stats.scored >= 1)
+    wait_for(lambda: all_enforce(fleet, ip), timeout=3)
+    bans = [n.store.get_ban(ip) for n in fleet]
+    assert len({(b.created, b.expires) for b in bans}) == 1  # the same absolute expiry everywhere
+    assert bans[0].reason.startswith("auth:") and bans[0].score == 3 and not bans[0].manual
+    assert 3590 < bans[0].expires - bans[0].created <= 3600
+    assert sum(n.bridge.stats.cluster_bans for n in fleet) == 1  # decided once, cluster-wide
+    time.sleep(0.3)
+    for n in fleet:
+        assert [a for a, _ in n.ban_rows(ip)] == ["ban"]  # applied once on every node
+
+
+def test_two_failures_over_two_nodes_do_not_ban_and_success_resets(fleet):
+    a, b, c = fleet
+    ip = "198.18.10.2"
+    a.write(auth_failed(ip))
+    b.write(auth_failed(ip))
+    wait_for(lambda: a.bridge.stats.scored + b.bridge.stats.scored >= 2)
+    time.sleep(0.3)
+    assert none_enforce(fleet, ip)
+    c.write(success(ip))  # a success anywhere clears the cluster score of reset_on_success jails
+    wait_for(lambda: c.bridge.stats.scored >= 1)
+    a.write(auth_failed(ip))
+    wait_for(lambda: a.bridge.stats.scored >= 2)
+    time.sleep(0.3)
+    assert none_enforce(fleet, ip)
+    b.write(auth_failed(ip), auth_failed(ip))
+    wait_for(lambda: all_enforce(fleet, ip))
+
+
+# -- ban sharing --------------------------------------------------------------------------------
+def test_manual_ban_and_unban_propagate_within_a_second(fleet):
+    a, b, c = fleet
+    ip = "198.18.10.3"
+    with _Closing(a.cli_store()) as st:
+        t0 = time.monotonic()
+        ban = manual_ban(st, ip, 7200, "manual", ALLOW)
+    wait_for(lambda: all_enforce(fleet, ip), timeout=2)
+    assert time.monotonic() - t0 < 1.0
+    for n in (b, c):
+        got = n.store.get_ban(ip)
+        assert got.manual and got.expires == ban.expires and got.created == ban.created
+    # unban on another node, through the real CLI
+    r = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(b.config_file()), "--state-dir",
+                        str(b.dir / "state"), "unban", ip], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    t0 = time.monotonic()
+    wait_for(lambda: none_enforce(fleet, ip), timeout=2)
+    assert time.monotonic() - t0 < 1.0
+    assert all(n.store.get_ban(ip) is None for n in fleet)
+    # its old events do not count any more: one new failure is not three
+    a.write(auth_failed(ip))
+    time.sleep(0.4)
+    assert none_enforce(fleet, ip)
+
+
+def test_cli_ban_from_file_is_published(fleet, tmp_path):
+    a, b, c = fleet
+    f = tmp_path / "list.txt"
+    f.write_text("198.18.11.1\n198.18.11.0/30\n# comment\n203.0.113.9\n")
+    r = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(c.config_file()), "--state-dir",
+                        str(c.dir / "state"), "ban", "--from-file", str(f), "--for", "1h"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    want = {"198.18.11.1", "198.18.11.0/30", "203.0.113.9"}
+    wait_for(lambda: all(want <= n.enforced() for n in fleet), timeout=3)
+
+
+def test_redis_outage_bans_meanwhile_reach_every_node(fleet, redis_server, caplog):
+    a, b, c = fleet
+    caplog.set_level(logging.WARNING, logger="sipguard.cluster")
+    redis_server.stop()
+    wait_for(lambda: not any(n.bridge.scoring for n in fleet), timeout=5)
+    auto, manual = "198.18.12.1", "198.18.12.2"
+    a.write(auth_failed(auto) * 3)  # a alone: local scoring still bans
+    wait_for(lambda: auto in a.enforced())
+    with _Closing(b.cli_store()) as st:
+        manual_ban(st, manual, 3600, "manual", ALLOW)
+    wait_for(lambda: manual in b.enforced())
+    for i in range(20):  # many lines while Redis is away: still only one warning per node
+        c.write(auth_failed(f"198.18.13.{i}"))
+    time.sleep(0.6)
+    assert a.bridge.outbox_size() >= 1 and b.bridge.outbox_size() >= 1
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 3, [r.getMessage() for r in unreachable]  # one per node
+    redis_server.start()  # empty: it lost everything; the nodes re-publish what they hold
+    wait_for(lambda: all_enforce(fleet, auto) and all_enforce(fleet, manual), timeout=10)
+    wait_for(lambda: all(n.bridge.in_sync() for n in fleet), timeout=5)
+    for ip in (auto, manual):
+        assert len({(n.store.get_ban(ip).created, n.store.get_ban(ip).expires) for n in fleet}) == 1
+        for n in fleet:
+            assert [x for x, _ in n.ban_rows(ip)] == ["ban"]  # none applied twice
+    assert redis_server.client().hlen("sgtest:bans") == 2
+    # and the cluster scores again
+    ip = "198.18.12.3"
+    for n in fleet:
+        n.write(auth_failed(ip))
+    wait_for(lambda: all_enforce(fleet, ip))
+
+
+def test_late_joiner_and_restarted_node_converge(fleet, tmp_path, redis_server):
+    a, b, c = fleet
+    with _Closing(a.cli_store()) as st:
+        ban = manual_ban(st, "198.18.14.1", 3600, "manual", ALLOW)
+        manual_ban(st, "198.18.14.2", 3600, "manual", ALLOW)
+    wait_for(lambda: all_enforce(fleet, "198.18.14.2"))
+    c.stop()
+    with _Closing(a.cli_store()) as st:  # while c is down: one unban, one new ban
+        manual_unban(st, "198.18.14.2")
+        manual_ban(st, "198.18.14.3", 600, "manual", ALLOW)
+    wait_for(lambda: "198.18.14.3" in b.enforced() and "198.18.14.2" not in b.enforced())
+    d = Node(tmp_path, redis_server.url, "edge4").start()
+    c.enforcer = DryRunEnforcer()
+    c.start()
+    try:
+        for n in (c, d):
+            wait_for(lambda: {"198.18.14.1", "198.18.14.3"} <= n.enforced() and "198.18.14.2" not in n.enforced())
+            assert n.store.get_ban("198.18.14.1").expires == ban.expires
+        assert c.store.get_ban("198.18.14.2") is None
+    finally:
+        d.stop()
+
+
+def test_malformed_stream_entries_are_skipped_and_counted(fleet, redis_server):
+    r = redis_server.client()
+    r.xadd("sgtest:stream", {"op": "ban", "ip": "198.18.15.1", "ban": "{not json"})
+    r.xadd("sgtest:stream", {"op": "ban", "ip": "not-an-ip", "ban": json.dumps({"ip": "not-an-ip"})})
+    r.xadd("sgtest:stream", {"op": "explode"})
+    r.xadd("sgtest:stream", {"op": "unban", "ip": "198.18.15.1", "at": "yesterday"})
+    r.xadd("sgtest:stream", {"op": "ban", "ip": "198.18.15.2",
+                             "ban": json.dumps({"ip": "198.18.15.2", "created": "now", "id": "x", "origin": "y"})})
+    wait_for(lambda: all(n.bridge.stats.malformed >= 5 for n in fleet))
+    with _Closing(fleet[0].cli_store()) as st:
+        manual_ban(st, "198.18.15.3", 3600, "manual", ALLOW)
+    wait_for(lambda: all_enforce(fleet, "198.18.15.3"))
+    assert all(n.thread.is_alive() for n in fleet)
+    assert none_enforce(fleet, "198.18.15.1") and none_enforce(fleet, "198.18.15.2")
+
+
+def test_status_shows_the_cluster(fleet):
+    a = fleet[0]
+    wait_for(lambda: a.store.get_meta("cluster_status") is not None)
+    r = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(a.config_file()), "--state-dir",
+                        str(a.dir / "state"), "status", "--json"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)["cluster"]
+    assert info["reachable"] and info["node"] == "edge1"
+    nodes = {n["node"]: n for n in info["nodes"]}
+    assert set(nodes) == {"edge1", "edge2", "edge3"}
+    assert all(n["alive"] and n["in_sync"] and n["age"] < 3 for n in nodes.values())
+    assert info["this_node"]["in_sync"]
+    r = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(a.config_file()), "--state-dir",
+                        str(a.dir / "state"), "status"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "edge2" in r.stdout and "in sync" in r.stdout
+
+
+def test_no_cluster_section_means_standalone(tmp_path):
+    cfg = Config.model_validate({"allowlist": {"include_host_addresses": False}})
+    assert cfg.cluster is None
+    store = Store.open_state_dir(tmp_path / "state")
+    log = tmp_path / "k.log"
+    log.touch()
+    d = Daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
+    d.setup()
+    try:
+        assert d.cluster is None and type(d.policy).__name__ == "Policy"
+    finally:
+        d.follower.close()
+        store.close()
+
+
+def test_cluster_config_validation():
+    from sipguard.errors import ConfigError
+    from sipguard.config import load_config
+
+    for url in ("redis://h:6379/0", "rediss://:pw@h:6380/1", "unix:///run/redis.sock",
+                "redis+sentinel://:pw@s1:26379,s2:26379/mymaster/0"):
+        assert Config.model_validate({"cluster": {"redis_url": url}}).cluster.redis_url == url
+    assert Config.model_validate({"cluster": {"redis_url": "redis://h"}}).cluster.node_name == socket.gethostname()
+    with pytest.raises(Exception, match="unsupported scheme"):
+        Config.model_validate({"cluster": {"redis_url": "http://h:6379"}})
+    del ConfigError, load_config
