@@ -4,10 +4,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps redis-server chromium systemd
+APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps redis-server chromium systemd fail2ban python3-pyinotify
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv test demo clean
+.PHONY: setup apt venv test demo bench clean
 
 setup: apt venv
 
@@ -16,12 +16,15 @@ apt:
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\n# sipguard make: packages install without starting their services\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod +x /usr/sbin/policy-rc.d; guard=1; fi; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; rc=$$?; \
+	  [ -n "$$guard" ] && rm -f /usr/sbin/policy-rc.d; \
+	  exit $$rc; \
 	fi
-	@# Debian starts services on install; the tests run their own, never the system's.
-	@systemctl disable --now kamailio >/dev/null 2>&1 || true
-	@systemctl disable --now redis-server >/dev/null 2>&1 || true
-	@service redis-server stop >/dev/null 2>&1 || true
+	@# fail2ban is here for the benchmarks only (run privately in namespaces): never the host's service.
+	@systemctl disable --now fail2ban >/dev/null 2>&1 || true
 
 venv: $(VENV)/.installed
 
@@ -33,6 +36,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks side by side with fail2ban (bench/README.md); writes bench/RESULTS.md and bench/latency.png.
+bench: setup
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 demo: setup
 	$(PY) -m tests.e2e.demo

@@ -33,7 +33,6 @@ Plain Redis or Sentinel; not Redis Cluster (the scripts touch keys of many sourc
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import json
 import logging
@@ -47,6 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .addresses import parse_target
 from .model import Ban, Decision, Event, EventKind
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ STATUS_META = "cluster_status"  # this node's cluster view, for `sipguard status
 SNAPSHOT_MARGIN = 2.0  # seconds: bans created this close to a snapshot are never dropped by it
 UNBAN_MEMORY = 86400.0  # how long Redis remembers an unban (so a stale ban published later loses)
 FLUSH_BATCH = 500
+SCORE_CHUNK = 2000  # events per score script call
 
 
 # -- Redis scripts ------------------------------------------------------------------------------
@@ -222,8 +223,11 @@ def connect(cfg: ClusterConfig, extra_timeout: float = 0.0):
     (rediss+sentinel:// for TLS to the master). Everything else goes to redis-py's from_url.
     """
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     timeout = cfg.socket_timeout + extra_timeout
+    no_retry = Retry(NoBackoff(), 0)  # one bounded attempt: the bridge has its own retry and fallback
     scheme = cfg.redis_url.split("://", 1)[0].lower()
     if scheme.endswith("+sentinel"):
         from redis.sentinel import Sentinel
@@ -247,15 +251,16 @@ def connect(cfg: ClusterConfig, extra_timeout: float = 0.0):
             raise ValueError("redis+sentinel:// URL needs the master name as its path")
         service, db = parts[0], int(parts[1]) if len(parts) > 1 else 0
         q = {k: v[0] for k, v in parse_qs(u.query).items()}
-        skw = {"socket_timeout": cfg.socket_timeout}
+        skw = {"socket_timeout": cfg.socket_timeout, "socket_connect_timeout": cfg.socket_timeout}
         if q.get("sentinel_password"):
             skw["password"] = q["sentinel_password"]
-        sentinel = Sentinel(nodes, socket_timeout=cfg.socket_timeout, sentinel_kwargs=skw)
+        sentinel = Sentinel(nodes, socket_timeout=cfg.socket_timeout, socket_connect_timeout=cfg.socket_timeout,
+                            sentinel_kwargs=skw)
         return sentinel.master_for(service, socket_timeout=timeout, socket_connect_timeout=cfg.socket_timeout,
                                    db=db, username=unquote(user) or None, password=unquote(password) or None,
-                                   ssl=scheme.startswith("rediss"), decode_responses=True)
+                                   ssl=scheme.startswith("rediss"), decode_responses=True, retry=no_retry)
     return redis.Redis.from_url(cfg.redis_url, socket_timeout=timeout, socket_connect_timeout=cfg.socket_timeout,
-                                decode_responses=True)
+                                decode_responses=True, retry=no_retry)
 
 
 def redacted(url: str) -> str:
@@ -280,10 +285,10 @@ def _num(v: Any, what: str) -> float:
 
 
 def _canonical_ip(ip: Any) -> str:
+    """The address or CIDR as the CLI and the filters write it (so one source is one key)."""
     if not isinstance(ip, str) or len(ip) > 64:
         raise ValueError("bad ip")
-    net = ipaddress.ip_network(ip, strict=False)
-    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+    return parse_target(ip)
 
 
 def parse_ban(payload: str) -> tuple[Ban, str, str]:
@@ -461,6 +466,7 @@ class ClusterStats:
     duplicates: int = 0  # entries this node already held (idempotent skip)
     superseded: int = 0  # entries older than what this node holds
     malformed: int = 0  # stream entries that could not be parsed (skipped)
+    allowlisted: int = 0  # automatic bans from other nodes of addresses allow-listed here
     snapshots: int = 0
     dropped_by_snapshot: int = 0
     reseeds: int = 0
@@ -600,7 +606,14 @@ class ClusterBridge:
             return out
         events, pol.buffer = pol.buffer, []
         try:
-            payloads, _resets, _skipped = self._score(args=pol.score_args(events, round(now, 3)))
+            if len(events) <= SCORE_CHUNK:
+                results = [self._score(args=pol.score_args(events, round(now, 3)))]
+            else:  # short scripts, so Redis never blocks the other nodes long; still one round trip
+                with self.client.pipeline(transaction=False) as pipe:
+                    for k in range(0, len(events), SCORE_CHUNK):
+                        self._score(args=pol.score_args(events[k:k + SCORE_CHUNK], round(now, 3)), client=pipe)
+                    results = pipe.execute()
+            payloads = [p for r in results for p in r[0]]
         except self._errors as exc:
             self._down(str(exc) or type(exc).__name__)
             from .daemon import ban_from_decision
@@ -785,6 +798,9 @@ class ClusterBridge:
 
     def _apply_ban(self, ban: Ban, ban_id: str, origin: str, now: float) -> None:
         if ban.expires is not None and ban.expires <= now:
+            return
+        if not ban.manual and ban.ip in self.daemon.allow:  # this node's allow-list (loopback, own host)
+            self.stats.allowlisted += 1
             return
         held = self._held(ban.ip)
         local = self.store.get_ban(ban.ip)

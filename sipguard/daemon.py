@@ -29,6 +29,10 @@ from .store import Store
 
 log = logging.getLogger("sipguard.daemon")
 
+READ_BUDGET = 2 << 20
+"""Bytes read per batch: bounds the memory one batch takes (every line of a flood can be an
+event) while keeping commits rare (a batch is ~10,000 lines)."""
+
 
 def kamailio_pid_alive(pid: int, names: frozenset[str] = frozenset({"kamailio"})) -> bool:
     """True when PID is a running process named like Kamailio (guards stderr-format logs)."""
@@ -180,7 +184,8 @@ class Daemon:
         saved = self.store.positions()
         positions = {p: SourcePosition(p, s.dev, s.inode, s.offset) for p, s in saved.items() if p in self.logs}
         follower = FileFollower(self.logs, positions=positions, from_start=self.from_start,
-                                max_line=self.cfg.sources.max_line)
+                                max_line=self.cfg.sources.max_line,
+                                read_budget=max(READ_BUDGET, self.cfg.sources.max_line + 1))
         follower.start()
         follower = self.integrations.wrap_follower(follower)
         self.follower = follower  # set only once started: "following" means the end is pinned
@@ -194,7 +199,8 @@ class Daemon:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         interval = self.cfg.daemon.control_interval
         # a plain FileFollower hands out its read buffers (LineBatch): most lines are never parsed
-        poll = getattr(self.follower, "poll_batch", None) or self.follower.poll
+        # (a wrapper, e.g. the journal's MultiFollower, keeps its own poll)
+        poll = self.follower.poll_batch if isinstance(self.follower, FileFollower) else self.follower.poll
         try:
             while not self._stop.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
@@ -303,6 +309,7 @@ class Daemon:
                     ln = data[pos:size if e < 0 else e]
                     yield Line(src, ln[:-1] if ln[-1:] == b"\r" else ln, off + nxt)
                     pos = nxt
+                follow[src] = parser.pending(src)  # the last line's record may go on: follow it
                 if pos >= size:
                     continue
                 off, data = off + pos, data[pos:]

@@ -134,20 +134,36 @@ class JournalFollower:
         self._read_cursor = self.cursor  # last cursor read from journalctl (restart point)
         self._handed_cursor = self.cursor  # last cursor handed out by drain()
 
-    def argv(self, cursor: str | None) -> list[str]:
-        argv = [self.journalctl, "--follow", "--output=json", "--all", "--no-pager", "--quiet"]
+    def _match_args(self) -> list[str]:
+        argv = []
         for u in self.units:
             argv += ["--unit", u]
         for i in self.identifiers:
             argv += ["--identifier", i]
+        return argv
+
+    def argv(self, cursor: str | None) -> list[str]:
+        argv = [self.journalctl, "--follow", "--output=json", "--all", "--no-pager", "--quiet",
+                *self._match_args()]
         if cursor:
             argv += ["--after-cursor", cursor]
         else:
-            argv += ["--lines=all" if self.from_start else "--lines=0"]
+            argv += ["--lines=all"]
         return argv
 
+    def _tail_cursor(self) -> str | None:
+        """The cursor of the newest matching entry now (None: there is none yet)."""
+        p = subprocess.run([self.journalctl, "--output=json", "--lines=1", "--no-pager", "--quiet",
+                            *self._match_args()], capture_output=True, timeout=30)
+        lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+        return _cursor_of(lines[-1]) if lines else None
+
     def start(self) -> None:
-        self._spawn(self.cursor)
+        """Start following. A first start pins the journal's end *before* returning (as the file
+        follower does), so an entry written right after start() is never lost."""
+        if self.cursor is None and not self.from_start:
+            self._read_cursor = self._tail_cursor()
+        self._spawn(self._read_cursor)
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
 

@@ -8,11 +8,16 @@ no file, writes no database and touches no kernel, so every rule is testable wit
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from dataclasses import dataclass, field
 
 from .addresses import AllowList
 from .config import JailConfig, PolicyConfig
 from .model import Decision, Event, EventKind
+
+
+DEFAULT_MAX_TRACKED = 200_000
+"""Sources each jail scores at once unless [policy] max_tracked says otherwise (about 130 bytes each)."""
 
 
 @dataclass(slots=True)
@@ -23,6 +28,7 @@ class PolicyStats:
     decisions: int = 0
     resets: int = 0
     tracked: int = 0
+    evicted: int = 0
 
 
 @dataclass(slots=True)
@@ -38,9 +44,14 @@ class _Jail:
 class Policy:
     """Keeps, per (source, jail), the weighted events inside that jail's findtime.
 
-    A source's window is a flat list [t0, w0, t1, w1, ...] (compact: a spray of a million
-    one-event sources must stay small). `banned` holds sources with a ban in force, whose
-    events are not scored again until the ban ends (`release`).
+    Compact, so a spray of a million one-event sources stays small: one dict per jail keyed by
+    the source, whose value is the time of its one event (when that event weighs 1.0, the usual
+    case) or a flat list [t0, w0, t1, w1, ...]. Each jail tracks at most `max_tracked` sources
+    ([policy] max_tracked, default DEFAULT_MAX_TRACKED): beyond that the least recently active
+    ones are forgotten in bulk, like sshguard's attacker list (an attacker spraying more sources
+    than that can make a slow guesser's partial score be forgotten; its next events count anew).
+    `banned` holds sources with a ban in force, whose events are not scored again until the ban
+    ends (`release`).
     """
 
     def __init__(
@@ -57,7 +68,8 @@ class Policy:
             for kind in jail.kinds:
                 self._by_kind.setdefault(kind, []).append(jail)
         self._reset_jails = [j for j in self.jails if j.cfg.reset_on_success]
-        self.windows: dict[tuple[str, str], list[float]] = {}
+        self._win: dict[str, dict[str, float | list[float]]] = {j.name: {} for j in self.jails}
+        self.max_tracked = max(1, int(getattr(cfg, "max_tracked", None) or DEFAULT_MAX_TRACKED))
         self.offences: dict[str, list[float]] = {k: list(v) for k, v in (offences or {}).items()}
         self.banned: set[str] = set()
         self.stats = PolicyStats()
@@ -95,18 +107,49 @@ class Policy:
             if self._clear(ev.ip, self._reset_jails):
                 self.stats.resets += 1
             return None
+        ip, t, w = ev.ip, ev.time, ev.weight
         for jail in self._by_kind.get(ev.kind, ()):
-            key = (ev.ip, jail.name)
-            win = self.windows.get(key)
-            if win is None:
-                win = self.windows[key] = []
-            win.append(ev.time)
-            win.append(ev.weight)
-            score = _prune_and_sum(win, ev.time - jail.cfg.findtime)
+            wins = self._win[jail.name]
+            old = wins.pop(ip, None)  # re-inserted below: dict order is least recently active first
+            since = t - jail.cfg.findtime
+            if old is None and w == 1.0:
+                win: float | list[float] = t  # one event of weight 1.0: just its time
+                score = 1.0
+            else:
+                if old is None:
+                    win = [t, w]
+                elif type(old) is not list:
+                    win = [old, 1.0, t, w]
+                else:
+                    win = old
+                    win.append(t)
+                    win.append(w)
+                score = _prune_and_sum(win, since)
+            wins[ip] = win
+            if len(wins) > self.max_tracked:
+                self._evict(wins)
             if decide and score >= jail.cfg.threshold:
                 self.stats.decisions += 1
                 return self._decide(ev, jail, score)
         return None
+
+    def _evict(self, wins: dict) -> None:
+        """Forget the least recently active tenth of a full jail at once (amortised O(1))."""
+        n = len(wins) - self.max_tracked + self.max_tracked // 10
+        for ip in list(islice(wins, n)):
+            del wins[ip]
+        self.stats.evicted += n
+
+    @property
+    def windows(self) -> dict[tuple[str, str], list[float]]:
+        """Every window as {(source, jail): [t0, w0, ...]} (a copy, for inspection and tests)."""
+        return {(ip, name): (list(w) if type(w) is list else [w, 1.0])
+                for name, wins in self._win.items() for ip, w in wins.items()}
+
+    @property
+    def tracked(self) -> int:
+        """How many (source, jail) windows are held."""
+        return sum(len(w) for w in self._win.values())
 
     def _decide(self, ev: Event, jail: _Jail, score: float) -> Decision:
         history = [t for t in self.offences.get(ev.ip, ()) if t >= ev.time - self.cfg.offence_memory]
@@ -129,29 +172,38 @@ class Policy:
     def _clear(self, ip: str, jails: Iterable[_Jail]) -> bool:
         hit = False
         for jail in jails:
-            if self.windows.pop((ip, jail.name), None) is not None:
+            if self._win[jail.name].pop(ip, None) is not None:
                 hit = True
         return hit
 
     def expire(self, now: float) -> int:
         """Drop windows whose newest event is older than their findtime (bounds memory)."""
-        findtime = {j.name: j.cfg.findtime for j in self.jails}
-        dead = [k for k, w in self.windows.items() if not w or w[-2] < now - findtime.get(k[1], 0.0)]
-        for k in dead:
-            del self.windows[k]
+        n = 0
+        for jail in self.jails:
+            wins = self._win[jail.name]
+            since = now - jail.cfg.findtime
+            dead = [ip for ip, w in wins.items() if ((not w or w[-2] < since) if type(w) is list else w < since)]
+            for ip in dead:
+                del wins[ip]
+            n += len(dead)
+            if dead:  # a dict keeps its size after deletions: rebuild a much smaller one
+                self._win[jail.name] = dict(wins)
         horizon = now - self.cfg.offence_memory
         for ip in [ip for ip, ts in self.offences.items() if not ts or ts[-1] < horizon]:
             del self.offences[ip]
-        self.stats.tracked = len(self.windows)
-        return len(dead)
+        self.stats.tracked = self.tracked
+        return n
 
     def score(self, ip: str, now: float) -> dict[str, float]:
         """Current score per jail for one source (for `status` and tests)."""
         out = {}
         for jail in self.jails:
-            win = self.windows.get((ip, jail.name))
-            if win:
-                out[jail.name] = _sum_since(win, now - jail.cfg.findtime)
+            win = self._win[jail.name].get(ip)
+            if type(win) is list:
+                if win:
+                    out[jail.name] = _sum_since(win, now - jail.cfg.findtime)
+            elif win is not None:
+                out[jail.name] = 1.0 if win >= now - jail.cfg.findtime else 0.0
         return out
 
 

@@ -403,3 +403,20 @@ def test_cluster_config_validation():
     with pytest.raises(Exception, match="unsupported scheme"):
         Config.model_validate({"cluster": {"redis_url": "http://h:6379"}})
     del ConfigError, load_config
+
+
+def test_outbox_survives_a_restart_while_redis_is_away(fleet, redis_server):
+    a, b, c = fleet
+    redis_server.stop()
+    wait_for(lambda: not a.bridge.scoring)
+    with _Closing(a.cli_store()) as st:
+        manual_ban(st, "198.18.16.1", 3600, "manual", ALLOW)
+    wait_for(lambda: a.bridge.outbox_size() == 1)
+    a.stop()  # the queued ban lives in a's SQLite, not in memory
+    a.enforcer = DryRunEnforcer()
+    redis_server.start()
+    a.start()
+    wait_for(lambda: all_enforce(fleet, "198.18.16.1"), timeout=10)
+    wait_for(lambda: a.bridge.outbox_size() == 0 and all(n.bridge.in_sync() for n in fleet))
+    for n in fleet:
+        assert [x for x, _ in n.ban_rows("198.18.16.1")] == ["ban"]

@@ -1,0 +1,163 @@
+"""Throughput: `sipguard scan` vs `fail2ban-regex` (whole process, A B A B ...), and the lines/s
+`sipguard run --dry-run` sustains while a writer appends to the file it follows."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from . import genlog
+from .common import (
+    F2B_FILTER, SIPGUARD, db_offset, have_fail2ban, log, median, start, stop, wait_for, write_config,
+)
+
+
+def ensure_log(work: Path, lines: int) -> Path:
+    path = work / f"kamailio-{lines}.log"
+    if not path.exists():
+        log(f"generating {lines} lines -> {path}")
+        genlog.write_log(str(path) + ".tmp", lines)
+        os.replace(str(path) + ".tmp", path)
+    return path
+
+
+def _timed(cmd: list[str], **kw) -> tuple[float, str]:
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True, **kw)
+    return time.perf_counter() - t, p.stdout
+
+
+def scan_vs_fail2ban(work: Path, lines: int = 500_000, runs: int = 5) -> dict:
+    """Median lines/s of each over `runs` alternated runs, the median of the per-pair ratios, and
+    a check that both matched the same lines."""
+    logf = ensure_log(work, lines)
+    cfg = write_config(work / "scan.toml")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    sg_times, f2b_times, ratios = [], [], []
+    sg_matched = f2b_matched = None
+    f2b = have_fail2ban()
+    for i in range(runs):
+        t_sg, out = _timed([*SIPGUARD, "--config", str(cfg), "scan", "--json", str(logf)], env=env)
+        sg_times.append(t_sg)
+        import json
+
+        sg_matched = json.loads(out)["matched"]
+        if f2b:
+            t_f, out = _timed(["fail2ban-regex", str(logf), str(F2B_FILTER)])
+            f2b_times.append(t_f)
+            m = re.search(r"Lines: (\d+) lines, (\d+) ignored, (\d+) matched", out)
+            f2b_matched = int(m.group(2)) + int(m.group(3)) if m else None
+            ratios.append(t_f / t_sg)
+        log(f"scan run {i + 1}/{runs}: sipguard {t_sg:.3f}s" + (f", fail2ban-regex {t_f:.3f}s" if f2b else ""))
+    res = {
+        "lines": lines,
+        "runs": runs,
+        "sipguard_seconds": sg_times,
+        "sipguard_lines_per_s": lines / median(sg_times),
+        "sipguard_matched": sg_matched,
+    }
+    if f2b:
+        res.update({
+            "fail2ban_seconds": f2b_times,
+            "fail2ban_lines_per_s": lines / median(f2b_times),
+            "fail2ban_matched": f2b_matched,
+            "ratio": median(ratios),
+            "same_lines_matched": sg_matched == f2b_matched,
+        })
+    return res
+
+
+def daemon_follow(work: Path, rate: float = 500_000, seconds: float = 8.0, source_lines: int = 200_000) -> dict:
+    """`sipguard run --dry-run` following a file a writer appends to at `rate` lines/s for
+    `seconds` (then unthrottled until the same amount again, to see the ceiling).
+
+    Reports lines/s processed while writing, the lag (lines written but not yet processed) at
+    mid-run and at the end of writing, and how long catching up took.
+    """
+    body = ensure_log(work, source_lines).read_bytes()
+    nl = body.count(b"\n")
+    per_line = len(body) / nl
+    state = work / "daemon-state"
+    shutil.rmtree(state, ignore_errors=True)
+    target = work / "followed.log"
+    target.write_bytes(b"")
+    cfg = write_config(work / "daemon.toml", '[store]\nmax_events = 200000\n[daemon]\nprune_interval = "5s"\n')
+    d = start([*SIPGUARD, "--config", str(cfg), "--state-dir", str(state), "run", "--dry-run", "--log", str(target)])
+    try:
+        if not wait_for(lambda: (state / "sipguard.db").exists() and _status_ok(state), 30):
+            raise RuntimeError("sipguard run did not start")
+        results = {}
+        for phase, r in (("throttled", rate), ("unthrottled", None)):
+            written = 0
+            t0 = time.perf_counter()
+            start_off = os.path.getsize(target)
+            block = 1 << 16
+            samples = []
+            fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+            try:
+                pos = 0
+                total = int((r or rate) * seconds)
+                lines_written = 0
+                next_sample = t0 + 0.5
+                while lines_written < total:
+                    now = time.perf_counter()
+                    if r is not None:
+                        due = int((now - t0) * r)
+                        if lines_written >= due:
+                            time.sleep(0.002)
+                            continue
+                    chunk = body[pos:pos + block]
+                    cut = chunk.rfind(b"\n") + 1
+                    if cut == 0:
+                        pos = 0
+                        continue
+                    os.write(fd, chunk[:cut])
+                    written += cut
+                    lines_written += chunk[:cut].count(b"\n")
+                    pos = (pos + cut) % len(body)
+                    if now >= next_sample:
+                        done = db_offset(state, str(target)) - start_off
+                        samples.append((now - t0, (written - done) / per_line))
+                        next_sample += 0.5
+            finally:
+                os.close(fd)
+            t_end = time.perf_counter()
+            processed_at_end = db_offset(state, str(target)) - start_off
+            lag_end = (written - processed_at_end) / per_line
+            wait_for(lambda: db_offset(state, str(target)) - start_off >= written, 120, 0.02)
+            t_caught = time.perf_counter()
+            elapsed_write = t_end - t0
+            results[phase] = {
+                "target_lines_per_s": r,
+                "lines": lines_written,
+                "write_seconds": elapsed_write,
+                "processed_lines_per_s": lines_written / (t_caught - t0),
+                "lag_lines_mid": samples[len(samples) // 2][1] if samples else 0.0,
+                "lag_lines_end": lag_end,
+                "catch_up_seconds": t_caught - t_end,
+            }
+            log(f"daemon {phase}: {results[phase]['processed_lines_per_s']:,.0f} lines/s, "
+                f"lag at end {lag_end:,.0f} lines, caught up in {t_caught - t_end:.2f}s")
+        results["daemon_cpu_seconds"] = _cpu_seconds(d.pid)
+        return results
+    finally:
+        stop(d)
+        target.unlink(missing_ok=True)
+
+
+def _status_ok(state: Path) -> bool:
+    from .common import db_status
+
+    return bool(db_status(state).get("running"))
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
