@@ -163,8 +163,8 @@ def _n_core(rng):
         "WARNING: sanity [sanity.c:1120]: check_parse_uris(): invalid From header or uri",
         f"INFO: <core> [core/udp_server.c:{rng.randint(100, 200)}]: probe_max_receive_buffer(): SO_RCVBUF is "
         f"finally 425984 on fd {rng.randint(5, 20)}",
-        f"ERROR: sl [sl_funcs.c:415]: sl_reply_error(): stateless error reply used: I'm terribly sorry, "
-        f"server error occurred (1/SL)",
+        "ERROR: sl [sl_funcs.c:415]: sl_reply_error(): stateless error reply used: I'm terribly sorry, "
+        "server error occurred (1/SL)",
         f"WARNING: dialog [dlg_handlers.c:1619]: dlg_onroute(): unable to find dialog for BYE with route "
         f"param '{rng.getrandbits(32):08x}' [{rng.randint(1000, 9999)}:{rng.randint(1000, 9999)}] and "
         f"call-id '{_callid(rng)}'",

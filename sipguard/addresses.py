@@ -90,6 +90,8 @@ class AllowList:
         if include_host:
             nets += [ipaddress.ip_network(a) for a in host_addresses()]
         self.networks: tuple[IPNetwork, ...] = tuple(dict.fromkeys(nets))
+        # (family, network as int, mask as int): an address lookup is a few int operations
+        self._ints = [(n.version, int(n.network_address), int(n.netmask)) for n in self.networks]
         self._cache: dict[str, bool] = {}
 
     def __contains__(self, target: str) -> bool:
@@ -109,7 +111,9 @@ class AllowList:
                     net.version == n.version and (net.subnet_of(n) or n.subnet_of(net))  # type: ignore[arg-type]
                     for n in self.networks
                 )
-            addr = ipaddress.ip_address(target)
-        except ValueError:
+            v6 = ":" in target
+            n = int.from_bytes(socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, target.split("%")[0]))
+        except (ValueError, OSError):
             return False
-        return any(addr in n for n in self.networks)
+        version = 6 if v6 else 4
+        return any(ver == version and n & mask == net for ver, net, mask in self._ints)

@@ -151,6 +151,7 @@ class PolicyConfig(Section):
     bantime_factor: float = Field(2.0, ge=1.0)
     max_bantime: MaybePermanent = 7 * 86400
     offence_memory: Duration = 30 * 86400
+    max_tracked: int = Field(200_000, ge=100)  # sources scored at once per jail; least recently active go first
     jails: dict[str, JailConfig] = Field(default_factory=_default_jails)
 
     @field_validator("jails", mode="before")
@@ -376,6 +377,19 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return None
 
 
+def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    """The text and the parsed table of a TOML file (config or filter); ConfigError on bad input."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), None, f"cannot read: {exc}") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(str(path), int(m.group(1)) if m else None, f"invalid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, *, required: bool | None = None) -> Config:
     """Read and validate the config; with no file at the default path, return the defaults.
 
@@ -389,15 +403,7 @@ def load_config(path: str | Path | None = None, *, required: bool | None = None)
         if required:
             raise ConfigError(str(p), None, "config file not found")
         return Config()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(p), None, f"cannot read: {exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(str(p), int(m.group(1)) if m else None, f"invalid TOML: {exc}") from None
+    text, data = read_toml(p)
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Annotated, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from sipguard.addresses import normalize_ip
+from sipguard.config import read_toml
 from sipguard.errors import ConfigError
 from sipguard.model import Event, EventKind, Record
 
@@ -121,16 +121,7 @@ def _where(text: str, loc: Sequence[object]) -> str:
 
 def load_spec(path: Path) -> tuple[FilterSpec, str]:
     """Parse and validate one filter file; ConfigError names the file, the key or line, the reason."""
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(path), None, f"cannot read: {e}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        m = re.search(r"line (\d+)", str(e))
-        raise ConfigError(str(path), int(m.group(1)) if m else None, f"invalid TOML: {e}") from None
+    text, data = read_toml(path)
     try:
         spec = FilterSpec.model_validate(data)
     except ValidationError as e:

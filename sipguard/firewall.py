@@ -262,7 +262,6 @@ def render(cfg: Config, fam: int, env: Env, template: str | None = None) -> str:
     hook = getattr(cfg.enforce, "chain", "SIPGUARD")
     iface = f"-i {env.public_interface} " if env.public_interface else ""
     spoof, tarpit = env.spoof.get(fam, False), env.tarpit.get(fam, False)
-    icmp = "icmp" if fam == 4 else "ipv6-icmp"
     blocks: dict[str, list[str]] = {k: [] for k in (
         "PRIVATE_CHAIN", "PSD_CHAIN", "HOOK_FORWARD", "PRIVATE_JUMP", "TUNNEL_6IN4", "ICMP_ECHO", "PRIVATE_RULES",
         "PSD_RULES", "SERVICE_RULES", "SSH_RULES", "PSD_JUMP", "DHCPV6_CLIENT")}

@@ -256,12 +256,7 @@ class RecordParser:
         if st.family == "syslog":
             n = st.indent
             text = text[n:] if text[:n].isspace() else text.lstrip(" ")
-        body = pending[0]  # type: ignore[index]
-        if len(body) + len(text) + 1 > MAX_RECORD_CHARS:
-            self.stats.truncated += 1
-            return []
-        pending[0] = body + "\n" + text  # type: ignore[index]
-        return []
+        return self._append(pending, text)
 
     def _start(self, st: _SourceState, new: list | object, family: str, fmt: str) -> list[Record]:
         """A header line: it completes the pending record and becomes the new pending one."""
@@ -286,11 +281,15 @@ class RecordParser:
         if pending is None or pending is _DROPPED:
             self.stats.garbage += 1
             return []
-        body = pending[0]  # type: ignore[index]
+        return self._append(pending, text)
+
+    def _append(self, pending: list, text: str) -> list[Record]:
+        """One more physical line of the pending record, within MAX_RECORD_CHARS."""
+        body = pending[0]
         if len(body) + len(text) + 1 > MAX_RECORD_CHARS:
             self.stats.truncated += 1
             return []
-        pending[0] = body + "\n" + text  # type: ignore[index]
+        pending[0] = body + "\n" + text
         return []
 
     def _other_program(self, st: _SourceState, fmt: str) -> list[Record]:

@@ -16,7 +16,7 @@ from .config import JailConfig, PolicyConfig
 from .model import Decision, Event, EventKind
 
 
-DEFAULT_MAX_TRACKED = 200_000
+DEFAULT_MAX_TRACKED = PolicyConfig.model_fields["max_tracked"].default
 """Sources each jail scores at once unless [policy] max_tracked says otherwise (about 130 bytes each)."""
 
 
@@ -69,7 +69,7 @@ class Policy:
                 self._by_kind.setdefault(kind, []).append(jail)
         self._reset_jails = [j for j in self.jails if j.cfg.reset_on_success]
         self._win: dict[str, dict[str, float | list[float]]] = {j.name: {} for j in self.jails}
-        self.max_tracked = max(1, int(getattr(cfg, "max_tracked", None) or DEFAULT_MAX_TRACKED))
+        self.max_tracked = cfg.max_tracked
         self.offences: dict[str, list[float]] = {k: list(v) for k, v in (offences or {}).items()}
         self.banned: set[str] = set()
         self.stats = PolicyStats()

@@ -5,8 +5,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +14,7 @@ from sipguard.config import Config
 from sipguard.daemon import Daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.store import Store
+from waiting import wait_for
 
 SIPGUARD = [sys.executable, "-m", "sipguard"]
 
@@ -129,13 +128,6 @@ class _ListServer:
         self.httpd.server_close()
 
 
-def _wait(cond, timeout=8.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met")
 
 
 def test_daemon_refreshes_from_url(tmp_path):
@@ -154,16 +146,16 @@ def test_daemon_refreshes_from_url(tmp_path):
         th.start()
         try:
             ents = lambda: {e.ip for e in enf.entries()}  # noqa: E731
-            _wait(lambda: ents() == {"198.51.100.20", "198.51.100.21"})
+            wait_for(lambda: ents() == {"198.51.100.20", "198.51.100.21"}, timeout=8.0)
             assert d.policy is not None and "198.51.100.20" in d.policy.banned
             srv.body = b'{"ipaddress": ["198.51.100.21", "not-an-address"]}'  # malformed: nothing changes
             hits = srv.hits
-            _wait(lambda: srv.hits > hits and "apiban" in d.integrations.refresher.errors)
+            wait_for(lambda: srv.hits > hits and "apiban" in d.integrations.refresher.errors, timeout=8.0)
             assert ents() == {"198.51.100.20", "198.51.100.21"}
             assert "api/banned:1: entry 1" in d.integrations.refresher.errors["apiban"]
             srv.body = b'{"ipaddress": ["198.51.100.21", "198.51.100.22"]}'
             d.integrations.refresher.due["apiban"] = 0  # don't wait for the retry delay
-            _wait(lambda: ents() == {"198.51.100.21", "198.51.100.22"})
+            wait_for(lambda: ents() == {"198.51.100.21", "198.51.100.22"}, timeout=8.0)
             assert set(listed_bans(store, "apiban")) == {"198.51.100.21", "198.51.100.22"}
         finally:
             d.stop()

@@ -4,13 +4,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from sipguard.cli import app
-from sipguard.store import Store
 
 runner = CliRunner()
 

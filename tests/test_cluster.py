@@ -27,6 +27,7 @@ from sipguard.config import Config
 from sipguard.daemon import Daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.store import Store
+from waiting import wait_for
 
 REDIS = shutil.which("redis-server")
 if REDIS is None:
@@ -108,13 +109,6 @@ def success(ip: str) -> str:
     return syslog(f"NOTICE: <script>: REGISTER success for user 1000 from {ip}:5060")
 
 
-def wait_for(cond, timeout: float = 5.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return time.monotonic() - t0
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def cluster_cfg(url: str, name: str, prefix: str = "sgtest:") -> dict:

@@ -5,7 +5,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import pytest
 
 from sipguard.actions import manual_ban, manual_unban
 from sipguard.addresses import AllowList
@@ -13,6 +12,7 @@ from sipguard.config import Config
 from sipguard.daemon import Daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.store import Store
+from waiting import wait_for
 
 
 def syslog(text: str, pid: int = 4242) -> str:
@@ -65,13 +65,6 @@ class Running:
         return {e.ip for e in self.enforcer.entries()}
 
 
-def wait_for(cond, timeout: float = 5.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return time.monotonic() - t0
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met in {timeout}s")
 
 
 def test_detects_and_bans(tmp_path):

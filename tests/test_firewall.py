@@ -575,3 +575,28 @@ def test_traffic_through_veth(veth, server, run_in):
     for ns in (srv, peer):
         _ip("-n", ns, "-6", "neigh", "flush", "all")
     assert ping6(peer, "2001:db8:96::1")
+
+
+def save_legacy(ns: str, fam: int = 4) -> str:
+    tool = "iptables-legacy-save" if fam == 4 else "ip6tables-legacy-save"
+    r = subprocess.run(["ip", "netns", "exec", ns, tool, "-t", "filter"], capture_output=True, text=True,
+                       timeout=30, check=True)
+    return r.stdout
+
+
+@needs_root
+def test_apply_and_remove_on_a_legacy_iptables_host(netns, run_in):
+    """The same ruleset through iptables-legacy: same golden rules, nothing in the nf_tables side."""
+    ns = netns()
+    toml = GOLDEN_TOML.replace("[firewall]\n", "[firewall]\niptables = \"legacy\"\n")
+    r = run_in(ns, toml, "firewall", "apply")
+    assert r.returncode == 0, r.stderr
+    for fam in (4, 6):
+        assert fw.parse_save(save_legacy(ns, fam)).dump() == (DATA / f"expected-v{fam}.rules").read_text()
+        assert "SIPGUARD" not in save(ns, fam)  # not split over two rule sets
+    r = run_in(ns, toml, "firewall", "apply")
+    assert r.returncode == 0 and "nothing changed" in r.stdout, r.stdout + r.stderr
+    r = run_in(ns, toml, "firewall", "remove")
+    assert r.returncode == 0, r.stderr
+    for fam in (4, 6):
+        assert "SIPGUARD" not in save_legacy(ns, fam) and "-A " not in save_legacy(ns, fam)

@@ -129,7 +129,7 @@ def test_journal_continuation_that_looks_like_stderr_is_a_continuation() -> None
 
 
 def test_stderr() -> None:
-    (a, b, c), p = parse(f" 1(24255) {MSG}", f" 0(24250) NOTICE: main", f"12(24266) {MSG}")
+    (a, b, c), p = parse(f" 1(24255) {MSG}", " 0(24250) NOTICE: main", f"12(24266) {MSG}")
     assert (a.text, a.time, a.host, a.program, a.pid, a.rank) == (MSG, None, None, None, 24255, 1)
     assert (b.rank, b.pid) == (0, 24250) and (c.rank, c.pid) == (12, 24266)
     assert p.stats.by_format == {"stderr": 3}
@@ -271,7 +271,7 @@ def test_fixed_format_skips_detection() -> None:
 def test_feed_returns_previous_record_and_flush_the_pending_one() -> None:
     p = RecordParser(now=lambda: NOW)
     assert p.feed(L(f" 1(9) {MSG}")) == []
-    assert [r.text for r in p.feed(L(f" 1(9) second"))] == [MSG]
+    assert [r.text for r in p.feed(L(" 1(9) second"))] == [MSG]
     assert [r.text for r in p.flush()] == ["second"]
     assert p.flush() == []
     assert p.feed(L("orphan continuation")) == [] and p.stats.garbage == 1

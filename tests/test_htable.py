@@ -4,7 +4,6 @@ restart reconciles the table with the store."""
 
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -14,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from sipguard.actions import manual_unban
-from sipguard.config import Config, HtableConfig
+from sipguard.config import Config
 from sipguard.daemon import Daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
-from sipguard.htable import Fanout, HtableEnforcer, JsonRpc, dump_keys
+from sipguard.htable import Fanout, JsonRpc, dump_keys
 from sipguard.model import Ban
 from sipguard.store import Store
+from waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,13 +61,6 @@ def kamailio():
             yield lab, k, client
 
 
-def _wait(cond, timeout=8.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met")
 
 
 def test_bans_mirrored_into_real_kamailio(kamailio, tmp_path):
@@ -93,7 +86,7 @@ def test_bans_mirrored_into_real_kamailio(kamailio, tmp_path):
     th = threading.Thread(target=d.run, daemon=True)
     th.start()
     try:
-        _wait(lambda: d.follower is not None)
+        wait_for(lambda: d.follower is not None, timeout=8.0)
         # the full resync at start: store's ban in, stale sipguard entry out, pike's entry kept
         assert table() == {"198.51.100.5": 2, "198.51.100.77": 1}
         with SipClient(server=lab.proxy_ip, netns=client.name, local_ip=CLIENT, timeout=1.0) as sip:
@@ -103,14 +96,14 @@ def test_bans_mirrored_into_real_kamailio(kamailio, tmp_path):
             with log.open("a") as f:
                 f.write(f"{ts} edge kamailio[42]: WARNING: <script>: Blocked scanner UA 'sipvicious' "
                         f"from {CLIENT}:5060\n")
-            _wait(lambda: CLIENT in table())
+            wait_for(lambda: CLIENT in table(), timeout=8.0)
             item = rpc.call("htable.get", "ipban", CLIENT)["item"]
             assert item["value"] == 2 and item["expire"] != "NEVER"  # timed ban: per-item expiry
             assert CLIENT in {e.ip for e in kernel.entries()}  # the kernel enforcer got it too
             sip.drain()
             assert sip.options() is None  # $sht(ipban=>$si) != $null: Kamailio drops it silently
             manual_unban(Store.open_state_dir(state), CLIENT)
-            _wait(lambda: CLIENT not in table())
+            wait_for(lambda: CLIENT not in table(), timeout=8.0)
             sip.drain()
             r = sip.options()
             assert r is not None and r.status == 200

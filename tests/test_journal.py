@@ -20,6 +20,7 @@ from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.journal import JournalParser, message_text
 from sipguard.model import Line
 from sipguard.store import Store
+from waiting import wait_for
 
 JOURNALD = "/lib/systemd/systemd-journald"
 
@@ -119,13 +120,6 @@ exec {JOURNALD}
         s.close()
 
 
-def _wait(cond, timeout=10.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met")
 
 
 def _auth(ip: str, user: str = "100") -> str:
@@ -149,7 +143,7 @@ def test_follows_real_journal_and_resumes_at_cursor(tmp_path):
             d = Daemon(cfg, store, enf, logs=[])
             th = threading.Thread(target=d.run, daemon=True)
             th.start()
-            _wait(lambda: d.follower is not None)
+            wait_for(lambda: d.follower is not None, timeout=10.0)
             return d, th, store, enf
 
         def stop(d, th, store):
@@ -165,7 +159,7 @@ def test_follows_real_journal_and_resumes_at_cursor(tmp_path):
             j.native(_auth("198.18.9.1", "a\rb"))  # MESSAGE as a byte array
             j.syslog("NOTICE: <script>: REGISTER success for user 7 from 198.18.9.5:5060", ident="other-daemon")
             j.syslog(_auth("198.18.9.1"))
-            _wait(lambda: {e.ip for e in enf.entries()} == {"198.18.9.1"})
+            wait_for(lambda: {e.ip for e in enf.entries()} == {"198.18.9.1"}, timeout=10.0)
             assert store.count_events() == 3
         finally:
             stop(d, th, store)
@@ -175,7 +169,7 @@ def test_follows_real_journal_and_resumes_at_cursor(tmp_path):
         j.syslog(_auth("198.18.9.2"))
         d, th, store, enf = start()
         try:
-            _wait(lambda: "198.18.9.2" in {e.ip for e in enf.entries()})
+            wait_for(lambda: "198.18.9.2" in {e.ip for e in enf.entries()}, timeout=10.0)
             time.sleep(0.3)
             assert store.count_events() == 6
             ips = [r[0] for r in store.conn.execute("SELECT ip FROM events ORDER BY id")]

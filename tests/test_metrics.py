@@ -1,7 +1,6 @@
 """The Prometheus endpoint of a running daemon (dry-run enforcer), scraped over HTTP."""
 
 import threading
-import time
 import urllib.request
 from datetime import datetime, timezone
 
@@ -14,6 +13,7 @@ from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.metrics import family, reason_label, write_time
 from sipguard.model import Ban
 from sipguard.store import Store
+from waiting import wait_for
 
 
 def iso_line(text: str, pid: int = 4242) -> str:
@@ -21,13 +21,6 @@ def iso_line(text: str, pid: int = 4242) -> str:
     return f"{ts} edge kamailio[{pid}]: {text}\n"
 
 
-def wait_for(cond, timeout: float = 5.0) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met")
 
 
 def scrape(addr) -> dict:

@@ -67,6 +67,7 @@ def test_compact_windows_decide_like_plain_lists(events):
 def test_max_tracked_caps_a_spray_and_keeps_the_recent():
     p = Policy(PolicyConfig(), ALLOW)
     p.max_tracked = 1000
+    assert Policy(PolicyConfig(max_tracked=1000), p.allow).max_tracked == 1000
     for i in range(10_000):
         p.observe(Event(time=float(i), ip=f"198.18.{i // 250}.{i % 250 + 1}", filter="f",
                         kind=EventKind.AUTH_FAILURE, weight=1.0))

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sipguard.model import Ban, Event, EventKind
-from sipguard.report import build_report, network_of, render_html
+from sipguard.report import build_report, network_of
 from sipguard.store import Store
 
 

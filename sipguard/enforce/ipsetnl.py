@@ -105,13 +105,14 @@ def encode_entry(ip: str, timeout: int | None, lineno: int = 0) -> tuple[int, by
     """(family, DATA attribute) for an address or CIDR with an optional timeout (0 = permanent)."""
     if "/" in ip:
         net = ipaddress.ip_network(ip, strict=False)
-        addr, cidr = net.network_address, net.prefixlen
+        v6, packed, cidr = net.version == 6, net.network_address.packed, net.prefixlen
+    else:  # a canonical address: inet_pton is C speed (bulk loads encode 100,000 of these)
+        v6 = ":" in ip
+        packed, cidr = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, ip), None
+    if not v6:
+        fam, inner = socket.AF_INET, _attr(IPADDR_IPV4 | NLA_F_NET_BYTEORDER, packed)
     else:
-        addr, cidr = ipaddress.ip_address(ip), None
-    if addr.version == 4:
-        fam, inner = socket.AF_INET, _attr(IPADDR_IPV4 | NLA_F_NET_BYTEORDER, addr.packed)
-    else:
-        fam, inner = socket.AF_INET6, _attr(IPADDR_IPV6 | NLA_F_NET_BYTEORDER, addr.packed)
+        fam, inner = socket.AF_INET6, _attr(IPADDR_IPV6 | NLA_F_NET_BYTEORDER, packed)
     body = _attr(D_IP | NLA_F_NESTED, inner)
     if cidr is not None:
         body += _attr(D_CIDR, bytes([cidr]))

@@ -242,12 +242,7 @@ class NftablesEnforcer:
         self.ban_many([ban], now)
 
     def ban_many(self, bans: list[Ban], now: float) -> None:
-        want: dict[str, int] = {}
-        for ban in bans:
-            ms = _timeout_s(ban, now)
-            if ms is not None:
-                classify(ban.ip)
-                want[ban.ip] = ms
+        want = _wanted(bans, now)
         if not want:
             return
         self._ensure_once()
@@ -278,12 +273,7 @@ class NftablesEnforcer:
     def sync(self, bans: list[Ban], now: float) -> SyncReport:
         repaired = self.ensure()
         kernel = self._list_sets()
-        want: dict[str, int] = {}
-        for ban in bans:
-            ms = _timeout_s(ban, now)
-            if ms is not None:
-                classify(ban.ip)
-                want[ban.ip] = ms
+        want = _wanted(bans, now)
         have: dict[str, float] = {}
         for d in kernel.values():
             have.update(d)
@@ -350,3 +340,14 @@ def _elem_key(el: object) -> str | None:
         nets = list(ipaddress.summarize_address_range(ipaddress.ip_address(lo), ipaddress.ip_address(hi)))
         return str(nets[0]) if len(nets) == 1 else f"{lo}-{hi}"
     return None
+
+
+def _wanted(bans: list[Ban], now: float) -> dict[str, int]:
+    """address → kernel timeout (s) of the bans still in force; classify() rejects a bad address."""
+    want: dict[str, int] = {}
+    for ban in bans:
+        secs = _timeout_s(ban, now)
+        if secs is not None:
+            classify(ban.ip)
+            want[ban.ip] = secs
+    return want

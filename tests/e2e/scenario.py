@@ -23,8 +23,6 @@ and time; only processes started here are stopped (by PID), and leftovers of an 
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ipaddress
 import json
 import os
 import re

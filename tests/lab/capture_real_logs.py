@@ -32,7 +32,7 @@ from pathlib import Path
 from . import REPO_ROOT
 from .kamailio import Kamailio
 from .netns import Lab
-from .sip import SipClient, build_request, rand_token
+from .sip import SipClient, build_request
 
 OUT_DIR = REPO_ROOT / "tests" / "data" / "real"
 PROXY = "198.18.0.1"
@@ -261,7 +261,7 @@ def capture(name: str, only: set[int] | None = None, verbose: bool = True) -> Pa
         with Lab("cap", proxy_ip=PROXY) as lab:
             with Kamailio(lab.hub, PROXY, logmode=logmode,
                           template=template or "RSYSLOG_TraditionalFileFormat",
-                          logfile=logfile, domain=DOMAIN) as kam:
+                          logfile=logfile, domain=DOMAIN):
                 time.sleep(1.0)
                 for octet, desc, fn in SCENARIO:
                     if only and octet not in only:
