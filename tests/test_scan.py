@@ -102,11 +102,12 @@ def test_scan_json_schema_and_gz(tmp_path, monkeypatch):
 
 REAL = __import__("pathlib").Path(__file__).parent / "data" / "real"
 # Banned by the default policy in every capture (tests/data/real/README.md): svmap/svwar/svcrack with
-# the stock UA, the pike floods, svcrack with a phone UA (23 failures + pike), the UA-injection sender
-# and the folded-UA sender (not on stderr, where its record spans lines). Malformed senders made one
-# request each (threshold 5), so they are not banned; 198.18.0.99 never is.
-REAL_BANS = {"198.18.0.10", "198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.26", "198.18.0.30",
-             "198.18.0.31", "198.18.0.33"}
+# the stock UA (scanner, 1), the pike floods (flood, 1), svcrack with a phone UA (23 failures + pike),
+# svwar -m OPTIONS with a phone UA (31 unknown users: probe, 10), the UA-injection sender and the
+# folded-UA sender (not on stderr, where its record spans lines). Malformed senders made one request
+# each (threshold 5) and the other probers stayed below 10, so they are not banned; 198.18.0.99 never is.
+REAL_BANS = {"198.18.0.10", "198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.26", "198.18.0.27",
+             "198.18.0.30", "198.18.0.31", "198.18.0.33"}
 
 
 def test_real_captures_scan_to_the_expected_bans():

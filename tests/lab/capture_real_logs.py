@@ -107,6 +107,14 @@ def st_svwar_spoof(lab, ns, ip):
     return sipvicious(ns, "svwar", ["--force", "-e1000-1010", PROXY], ua=PHONE_UA)
 
 
+def st_svwar_options_spoof(lab, ns, ip):
+    # OPTIONS enumeration (as tests/e2e/scenario.py): every OPTIONS to a user of the domain is
+    # answered "200 Keepalive", so svwar (--force) walks the whole range; -t 0.15 keeps it at
+    # ~6 requests/s, below pike's 20 per 2 s. Each non-existent extension logs "unknown user".
+    return sipvicious(ns, "svwar", ["--force", "-m", "OPTIONS", "-t", "0.15", "-e1000-1030", PROXY],
+                      ua=PHONE_UA)
+
+
 def st_svcrack_spoof(lab, ns, ip):
     return sipvicious(ns, "svcrack", ["-u1000", "-r1-40", PROXY], ua=PHONE_UA)
 
@@ -245,6 +253,7 @@ SCENARIO = [
     (24, "svmap with spoofed phone UA", st_svmap_spoof),
     (25, "svwar --force -e1000-1010 with spoofed phone UA", st_svwar_spoof),
     (26, "svcrack -u1000 -r1-40 with spoofed phone UA", st_svcrack_spoof),
+    (27, "svwar --force -m OPTIONS -e1000-1030 with spoofed phone UA", st_svwar_options_spoof),
     (30, "injection: UA/display name/From user with fake addresses", st_injection),
     (31, "injection: folded User-Agent with CRLF + forged line", st_crlf_header),
     (32, "injection: unparsable message with CRLF + forged line", st_crlf_garbage),
