@@ -41,6 +41,7 @@ test: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) bench/cluster_bench.py   # appends the "## Cluster" section to bench/RESULTS.md
 
 demo: setup
 	$(PY) -m tests.e2e.demo
