@@ -54,9 +54,41 @@ def parse_target(text: str) -> str:
     return ip
 
 
-def host_addresses() -> set[str]:
-    """This host's own addresses (best effort, no privileges needed): we never ban ourselves."""
+def _proc_host_addresses() -> set[str] | None:
+    """The kernel's own list of local addresses of this network namespace, from /proc (stdlib only,
+    no netlink library to import): IPv4 `/32 host LOCAL` entries of fib_trie, IPv6 if_inet6."""
+    try:
+        with open("/proc/net/fib_trie") as f:
+            trie = f.read()
+    except OSError:
+        return None
     found: set[str] = set()
+    last = None
+    for line in trie.splitlines():
+        s = line.strip()
+        if s.startswith("|-- "):
+            last = s[4:]
+        elif s.startswith("/32 host LOCAL") and last:
+            ip = normalize_ip(last)
+            if ip:
+                found.add(ip)
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                parts = line.split()
+                if parts and len(parts[0]) == 32:
+                    found.add(str(ipaddress.IPv6Address(bytes.fromhex(parts[0]))))
+    except (OSError, ValueError):
+        pass  # no IPv6 in this kernel
+    return found
+
+
+def host_addresses() -> set[str]:
+    """This host's own addresses (no privileges needed): we never ban ourselves."""
+    found = _proc_host_addresses()
+    if found is not None:
+        return found
+    found = set()
     try:
         from pyroute2 import IPRoute
 

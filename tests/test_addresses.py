@@ -1,5 +1,10 @@
 """Address normalisation and the allow-list."""
 
+import os
+import secrets
+import subprocess
+import sys
+
 import pytest
 
 from sipguard.addresses import AllowList, normalize_ip, parse_target
@@ -54,3 +59,28 @@ def test_allowlist_includes_host_addresses():
     a = AllowList([], include_host=True)
     for ip in host_addresses():
         assert ip in a
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
+def test_host_addresses_from_proc_equal_netlink_view():
+    """/proc's list (what sipguard reads) equals pyroute2's netlink dump, secondary addresses included."""
+    ns = f"sgx-addr-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+    try:
+        for cmd in (["link", "set", "lo", "up"], ["addr", "add", "198.18.88.1/24", "dev", "lo"],
+                    ["addr", "add", "198.18.88.2/24", "dev", "lo"], ["addr", "add", "198.18.89.7/32", "dev", "lo"],
+                    ["addr", "add", "2001:db8:88::1/64", "dev", "lo", "nodad"]):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True, timeout=30)
+        code = "\n".join([
+            "from sipguard.addresses import _proc_host_addresses, normalize_ip",
+            "from pyroute2 import IPRoute",
+            "with IPRoute() as i: nl = {normalize_ip(a.get_attr('IFA_ADDRESS')) for a in i.get_addr()}",
+            "print(sorted(_proc_host_addresses()) == sorted(nl), sorted(nl))",
+        ])
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.startswith("True"), r.stdout + r.stderr
+        for ip in ("198.18.88.1", "198.18.88.2", "198.18.89.7", "2001:db8:88::1", "127.0.0.1", "::1"):
+            assert ip in r.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], timeout=30)
