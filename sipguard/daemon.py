@@ -190,6 +190,10 @@ class Daemon:
         follower = self.integrations.wrap_follower(follower)
         self.follower = follower  # set only once started: "following" means the end is pinned
         self._last_control = self.store.last_request_id()
+        if self.cfg.sources.format == "stderr":  # auto-detected stderr sources warn when first seen
+            log.warning("following Kamailio stderr (-E) output: it has no timestamps and copies CR/LF from "
+                        "SIP messages into the log; records are checked against live Kamailio PIDs, but "
+                        "syslog (log_stderror=no) is the safe choice")
         log.info("following %s with %d filters (%s)", ", ".join(self.logs), len(self.filters.names),
                  ", ".join(self.filters.names))
 
