@@ -6,6 +6,8 @@ daemon would have banned had it followed these files as they were written.
 
 from __future__ import annotations
 
+import os
+import pickle
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -14,12 +16,14 @@ from .addresses import AllowList
 from .config import Config
 from .filters import FilterSet, trigger_starts
 from .formats import RecordParser
-from .model import Event, Line
+from .model import Event, EventKind, Line
 from .policy import Policy
 from .sources import read_chunks, read_file
 
 SNIFF_LINES = 200
 SNIFF_CHUNK = 1 << 16
+PARALLEL_MIN = 16 << 20
+"""A plain file at least this big is scanned by two processes (one forked), each over half of it."""
 
 
 @dataclass
@@ -99,12 +103,13 @@ def _looks_like_stderr(path: str, fmt: str, programs: frozenset[str]) -> bool:
     return bool(seen)
 
 
-def _trigger_lines(path: str, literals: tuple[bytes, ...], counter: list[int]) -> Iterator[bytes]:
+def _trigger_lines(path: str, literals: tuple[bytes, ...], counter: list[int],
+                   start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """Only the lines that carry a trigger literal, found over big buffers (CR/LF stripped).
 
     `counter[0]` receives the number of lines read, so the caller can report it.
     """
-    for chunk in read_chunks(path):
+    for chunk in read_chunks(path, start=start, end=end):
         counter[0] += chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
         find = chunk.find
         size = len(chunk)
@@ -116,6 +121,75 @@ def _trigger_lines(path: str, literals: tuple[bytes, ...], counter: list[int]) -
             if data[-1:] == b"\r":
                 data = data[:-1]
             yield data
+
+
+def _fast_part(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: str,
+               programs: frozenset[str], now: float, start: int = 0, end: int | None = None
+               ) -> tuple[int, list[Event]]:
+    """(lines, events) of one byte range: each trigger line is a record of its own, fed then
+    flushed (what parsing every line gives, since the next line starts a new record or is skipped)."""
+    parser = RecordParser(fmt, programs=programs)
+    feed, flush, match = parser.feed, parser.flush, filters.match
+    events: list[Event] = []
+    counter = [0]
+    for data in _trigger_lines(path, literals, counter, start, end):
+        for rec in feed(Line(path, data, 0)) + flush():
+            ev = match(rec, now)
+            if ev is not None:
+                events.append(ev)
+    return counter[0], events
+
+
+def _split_point(path: str) -> int | None:
+    """Where a plain, big file can be cut in two at a line boundary (None: don't split)."""
+    if (os.cpu_count() or 1) < 2 or not hasattr(os, "fork"):
+        return None
+    try:
+        size = os.path.getsize(path)
+        if size < PARALLEL_MIN or os.path.splitext(path)[1].lower() in (".gz", ".bz2", ".xz", ".lzma"):
+            return None
+        with open(path, "rb") as f:
+            f.seek(size // 2)
+            window = f.read(2 << 20)
+    except OSError:
+        return None
+    nl = window.find(b"\n")
+    return None if nl < 0 else size // 2 + nl + 1
+
+
+def _fast_file(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: str,
+               programs: frozenset[str], now: float) -> tuple[int, list[Event]]:
+    """The fast path over one file, the second half in a forked child when the file is big."""
+    split = _split_point(path)
+    if split is None:
+        return _fast_part(path, literals, filters, fmt, programs, now)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: scan the second half, send (lines, event tuples) back, never return
+        code = 1
+        try:
+            os.close(rfd)
+            n, evs = _fast_part(path, literals, filters, fmt, programs, now, split, None)
+            payload = pickle.dumps((n, [(e.time, e.ip, e.filter, e.kind.value, e.weight) for e in evs]),
+                                   protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(wfd, "wb") as w:
+                w.write(payload)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    try:
+        n1, first = _fast_part(path, literals, filters, fmt, programs, now, 0, split)
+    finally:
+        with os.fdopen(rfd, "rb") as r:
+            payload = r.read()
+        _, status = os.waitpid(pid, 0)
+    if status != 0 or not payload:  # the child failed: do its half here
+        n2, second = _fast_part(path, literals, filters, fmt, programs, now, split, None)
+    else:
+        n2, rows = pickle.loads(payload)
+        second = [Event(t, ip, f, EventKind(k), w) for t, ip, f, k, w in rows]
+    return n1 + n2, first + second
 
 
 def scan_files(paths: list[str], cfg: Config, filters: FilterSet | None = None,
@@ -137,25 +211,13 @@ def scan_files(paths: list[str], cfg: Config, filters: FilterSet | None = None,
     fmt = cfg.sources.format
     literals = filters.search_literals if fast else None
     match = filters.match
-    append = events.append
     for path in paths:
-        parser = RecordParser(fmt, programs=programs)
         if literals is not None and not _looks_like_stderr(path, fmt, programs):
-            # Each trigger line is a record of its own: fed, then flushed (what parsing every
-            # line would give, since the line after it starts a new record or is skipped).
-            counter = [0]
-            feed, flush = parser.feed, parser.flush
-            for data in _trigger_lines(path, literals, counter):
-                for rec in feed(Line(path, data, 0)):
-                    ev = match(rec, now)
-                    if ev is not None:
-                        append(ev)
-                for rec in flush():
-                    ev = match(rec, now)
-                    if ev is not None:
-                        append(ev)
-            result.lines += counter[0]
+            n, evs = _fast_file(path, literals, filters, fmt, programs, now)
+            events.extend(evs)
+            result.lines += n
             continue
+        parser = RecordParser(fmt, programs=programs)
         n = 0
         for line in read_file(path):
             n += 1

@@ -230,7 +230,7 @@ _DECOMPRESS: dict[str, Callable[..., Any]] = {
 _DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
-def _raw_reads(path: str, chunk_size: int) -> Iterator[bytes]:
+def _raw_reads(path: str, chunk_size: int, start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """Big reads of a plain file; of a compressed one (by extension) its decompressed data.
 
     Compressed data comes from read1() pieces gathered up to chunk_size, so a truncated or
@@ -241,9 +241,15 @@ def _raw_reads(path: str, chunk_size: int) -> Iterator[bytes]:
     if opener is None:
         with open(path, "rb", buffering=0) as f:
             read = f.read
-            while data := read(chunk_size):
+            if start:
+                f.seek(start)
+            left = -1 if end is None else end - start  # a byte range of a plain file (parallel scan)
+            while left and (data := read(chunk_size if left < 0 else min(chunk_size, left))):
+                left -= len(data) if left > 0 else 0
                 yield data
         return
+    if start or end is not None:
+        raise ValueError("byte ranges are for plain files only")
     with opener(path, "rb") as z:
         read1 = z.read1
         parts: list[bytes] = []
@@ -267,11 +273,13 @@ def _raw_reads(path: str, chunk_size: int) -> Iterator[bytes]:
 
 
 def _segments(
-    path: str, chunk_size: int, max_line: int, stats: Counter[str]
+    path: str, chunk_size: int, max_line: int, stats: Counter[str], start: int = 0, end: int | None = None
 ) -> Iterator[tuple[int, bytes]]:
-    """Contiguous (offset, bytes) pieces of the (decompressed) file, cut at line boundaries."""
-    cutter = _Cutter(max_line, 0, stats)
-    reads = _raw_reads(path, chunk_size)
+    """Contiguous (offset, bytes) pieces of the (decompressed) file, cut at line boundaries.
+
+    `start`/`end` select a byte range of a plain file; `start` must begin a line."""
+    cutter = _Cutter(max_line, start, stats)
+    reads = _raw_reads(path, chunk_size, start, end)
     while True:
         try:
             data = next(reads)
@@ -296,14 +304,17 @@ def read_chunks(
     chunk_size: int = CHUNK,
     max_line: int = MAX_LINE,
     stats: Counter[str] | None = None,
+    start: int = 0,
+    end: int | None = None,
 ) -> Iterator[bytes]:
-    """Yield big pieces of a whole file, each ending at a line boundary, for bulk scanners.
+    """Yield big pieces of a whole file (or of the byte range [start, end) of a plain file, start
+    at a line's beginning), each ending at a line boundary, for bulk scanners.
 
     Lets a scanner run one regex over megabytes instead of a Python call per line. Pieces hold raw lines (newline and any CR included) and never a line longer than
     max_line (those are dropped and counted in stats["too_long"]); only the last piece may lack
     a final newline, when the file does. Compressed files are decompressed.
     """
-    for _off, seg in _segments(path, chunk_size, max_line, stats if stats is not None else Counter()):
+    for _off, seg in _segments(path, chunk_size, max_line, stats if stats is not None else Counter(), start, end):
         yield seg
 
 

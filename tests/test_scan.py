@@ -118,3 +118,23 @@ def test_real_captures_scan_to_the_expected_bans():
         assert {b.ip for b in r.bans} == want, name
         slow = scan_files([str(REAL / name)], cfg(), allow=allow, fast=False)
         assert slow.as_json() == r.as_json(), name
+
+
+def test_two_process_split_equals_one_pass(tmp_path, monkeypatch):
+    """The forked second half gives exactly what one pass gives: lines, events, order, bans."""
+    import sipguard.scan as scan_mod
+
+    log = make_log(tmp_path / "k.log", n=6000, seed=11)
+    with log.open("ab") as f:  # CRLF, a 1 MiB+ line (skipped), and no final newline
+        f.write(b"Nov 30 03:00:00 edge kamailio[811]: NOTICE: <script>: auth failed for user 1 from 198.18.6.6:5060 "
+                b"method REGISTER\r\n" + b"x" * (1 << 20) + b" auth failed for user\n"
+                + line("03:00:01", ATTACKS[1].format(ip="198.18.6.7")).rstrip("\n").encode())
+    allow = AllowList([], include_host=False)
+    one = scan_files([str(log)], cfg(), allow=allow, fast=True)
+    monkeypatch.setattr(scan_mod, "PARALLEL_MIN", 1)
+    assert scan_mod._split_point(str(log)) is not None
+    two = scan_files([str(log)], cfg(), allow=allow, fast=True)
+    slow = scan_files([str(log)], cfg(), allow=allow, fast=False)
+    assert two.lines == one.lines == slow.lines
+    assert two.as_json() == one.as_json() == slow.as_json()
+    assert {"198.18.6.7"} <= {b.ip for b in two.bans}
