@@ -11,7 +11,6 @@ import socket
 from collections.abc import Iterable
 from functools import lru_cache
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

@@ -22,7 +22,6 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .addresses import AllowList, parse_target
@@ -232,7 +231,3 @@ class BlocklistRefresher:
             entries, error = None, f"{cfg.url}: {exc}"
         with self._lock:
             self._done.append((cfg, entries, error))
-
-
-def read_file_for_import(path: Path, fmt: str = "auto") -> list[str]:
-    return load_blocklist(str(path), fmt)
