@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps redis-server chromium systemd fail2ban python3-pyinotify
 PYTEST_ARGS ?=
+# The distribution's interpreter (the one python3-venv is installed for, and fail2ban runs on)
+SYSTEM_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 
 .PHONY: setup apt venv test demo bench clean
 
@@ -29,7 +31,7 @@ apt:
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@

@@ -83,7 +83,7 @@ CIDR = Annotated[str, BeforeValidator(_cidr)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
 
 
 def default_logs() -> list[str]:
@@ -330,17 +330,17 @@ class ClusterConfig(Section):
 
 class Config(Section):
     state_dir: Path | None = None
-    sources: SourcesConfig = SourcesConfig()
-    filters: FiltersConfig = FiltersConfig()
-    policy: PolicyConfig = PolicyConfig()
-    allowlist: AllowConfig = AllowConfig()
-    store: StoreConfig = StoreConfig()
-    enforce: EnforceConfig = EnforceConfig()
-    daemon: DaemonConfig = DaemonConfig()
-    firewall: FirewallConfig = FirewallConfig()
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    allowlist: AllowConfig = Field(default_factory=AllowConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    enforce: EnforceConfig = Field(default_factory=EnforceConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    firewall: FirewallConfig = Field(default_factory=FirewallConfig)
     cluster: ClusterConfig | None = None  # [cluster]: fleet mode through Redis; absent = standalone
-    metrics: MetricsConfig = MetricsConfig()
-    htable: HtableConfig = HtableConfig()
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    htable: HtableConfig = Field(default_factory=HtableConfig)
     blocklists: list[BlocklistConfig] = []
     path: Path | None = Field(None, exclude=True)
 

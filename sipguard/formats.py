@@ -208,6 +208,43 @@ class RecordParser:
                     return self._syslog_trad(st, m, text, source)
         return self._continuation(st, text)
 
+    def parse_alone(self, data: bytes, source: str = "") -> list[Record]:
+        """`feed` then `flush` of one line (same records, same counters): anything pending, then
+        the line's own record.
+
+        For bulk scanners that parse only the lines holding a trigger literal. A traditional
+        syslog header of a watched program takes a short path; every other case goes through
+        `feed` and `flush`.
+        """
+        st = self._states.get(source)
+        c = data[:1]
+        if self._want_trad and b"A" <= c <= b"Z" and (st is None or (st.family == "syslog" and st.pending is None)):
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            m = None if text is None else _TRADITIONAL.match(text)
+            if m is not None:
+                mon, day, hh, mi, ss, host, prog, pid, msg = m.groups()
+                if prog in self.programs:
+                    key = text[: m.end(4)]
+                    base = self._minute_cache.get(key, 0.0)
+                    if base == 0.0:
+                        base = self._trad_minute(key, mon, int(day), int(hh), int(mi))
+                    if st is None:
+                        st = self._states[source] = _SourceState()
+                        st.family = "syslog"
+                    stats = self.stats
+                    stats.lines += 1
+                    stats.records += 1
+                    by_format = stats.by_format
+                    by_format["traditional"] = by_format.get("traditional", 0) + 1
+                    return [Record(msg, None if base is None else base + int(ss), host, prog,
+                                   int(pid) if pid else None, None, source)]
+        done = self.feed(Line(source, data, 0))
+        done += self.flush()
+        return done
+
     def family(self, source: str) -> str | None:
         """"syslog" or "stderr" once a header of that family started a record of `source`, else None.
 

@@ -19,20 +19,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from watchdog.events import (
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
+if TYPE_CHECKING:  # watchdog is imported when a follower starts: `scan` and friends never pay for it
+    from watchdog.events import FileSystemEvent
+    from watchdog.observers import Observer
 
 from .model import Line
 
@@ -400,35 +391,32 @@ class _Follow:
             r.close()
 
 
-class _Wake(FileSystemEventHandler):
-    """Watchdog handler: wakes poll() on events touching a followed name (or its rotations)."""
+def _wake_handler(follower: FileFollower, directory: str, names: tuple[str, ...]) -> object:
+    """A watchdog handler that wakes poll() on events touching a followed name (or its rotations)."""
+    from watchdog.events import FileSystemEventHandler
 
-    def __init__(self, follower: FileFollower, directory: str, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self._f = follower
-        self._dir = directory
-        self._names = names
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
-            if os.fsdecode(event.src_path) == self._dir:
-                self._f._dir_gone(self._dir)
-            return
-        for p in (event.src_path, getattr(event, "dest_path", "")):
-            if p and os.path.basename(os.fsdecode(p)).startswith(self._names):
-                self._f._wake.set()
+    class _Wake(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.is_directory:
+                if os.fsdecode(event.src_path) == directory:
+                    follower._dir_gone(directory)
                 return
+            for p in (event.src_path, getattr(event, "dest_path", "")):
+                if p and os.path.basename(os.fsdecode(p)).startswith(names):
+                    follower._wake.set()
+                    return
+
+    return _Wake()
 
 
-_EVENTS = [
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileClosedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-]
+def _watched_events() -> list[type]:
+    from watchdog.events import (
+        DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
+        FileModifiedEvent, FileMovedEvent,
+    )
+
+    return [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent,
+            DirDeletedEvent, DirMovedEvent]
 
 
 class FileFollower:
@@ -480,6 +468,8 @@ class FileFollower:
             return
         self._started = True
         try:
+            from watchdog.observers import Observer
+
             obs = Observer()
             obs.daemon = True
             obs.start()
@@ -611,7 +601,8 @@ class FileFollower:
                 cur = None
             if cur is None and ident is not None:
                 try:
-                    w = obs.schedule(_Wake(self, d, tuple(names)), d, recursive=False, event_filter=_EVENTS)
+                    w = obs.schedule(_wake_handler(self, d, tuple(names)), d, recursive=False,
+                                     event_filter=_watched_events())
                     self._watches[d] = (w, ident)
                 except Exception as e:
                     failed = True

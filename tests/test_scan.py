@@ -138,3 +138,33 @@ def test_two_process_split_equals_one_pass(tmp_path, monkeypatch):
     assert two.lines == one.lines == slow.lines
     assert two.as_json() == one.as_json() == slow.as_json()
     assert {"198.18.6.7"} <= {b.ip for b in two.bans}
+
+
+def test_split_in_many_pieces_and_a_child_that_dies(tmp_path, monkeypatch):
+    """The child's events arrive piece by piece; if it dies half-way, the parent scans what is
+    missing, and the result is still exactly one pass's."""
+    import os
+    import pickle
+
+    import sipguard.scan as scan_mod
+
+    log = make_log(tmp_path / "k.log", n=8000, seed=5)
+    allow = AllowList([], include_host=False)
+    one = scan_files([str(log)], cfg(), allow=allow, fast=True)
+    monkeypatch.setattr(scan_mod, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(scan_mod, "PIECE", 4096)
+    many = scan_files([str(log)], cfg(), allow=allow, fast=True)
+    assert many.as_json() == one.as_json() and many.lines == 8000
+
+    def dying_child(wfd, path, literals, filters, fmt, programs, now, start):
+        with os.fdopen(wfd, "wb") as w:  # two real pieces, then a cut-off frame, then death
+            for i, (n, evs) in enumerate(scan_mod._fast_chunks(path, literals, filters, fmt, programs, now, start)):
+                msg = pickle.dumps((n, [(e.time, e.ip, e.filter, e.kind.value, e.weight) for e in evs]))
+                w.write(scan_mod._FRAME.pack(len(msg)) + (msg if i < 2 else msg[:5]))
+                if i == 2:
+                    break
+        os._exit(3)
+
+    monkeypatch.setattr(scan_mod, "_child_scan", dying_child)
+    rescued = scan_files([str(log)], cfg(), allow=allow, fast=True)
+    assert rescued.as_json() == one.as_json() and rescued.lines == 8000
