@@ -27,6 +27,7 @@ BENCH = ROOT / "bench"
 PY = sys.executable
 SIPGUARD = [PY, "-m", "sipguard"]
 F2B_FILTER = BENCH / "fail2ban" / "filter.d" / "sipguard-kamailio.conf"
+F2B_FILTER_PLAIN = BENCH / "fail2ban" / "filter.d" / "sipguard-kamailio-plain.conf"
 NS_PREFIX = "sgb-"
 
 _started: list[subprocess.Popen] = []

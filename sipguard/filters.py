@@ -10,10 +10,11 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
@@ -367,13 +368,14 @@ def trigger_lines(buf: bytes, literals: tuple[bytes, ...], start: int = 0, end: 
     """
     if end is None:
         end = len(buf)
-    db = _hyperscan_db(literals) if literals else None
-    if db is None:
+    hs = _hyperscan(literals) if literals else None
+    if hs is None:
         return _trigger_lines_find(buf, literals, start, end)
+    db, scratch = hs
     hits: list[tuple[int, int]] = []
     add = hits.append
     view = memoryview(buf)[start:end] if start or end != len(buf) else buf
-    db.scan(view, match_event_handler=lambda i, _from, to, _flags, _ctx: add((to, i)))
+    db.scan(view, match_event_handler=lambda i, _from, to, _flags, _ctx: add((to, i)), scratch=scratch)
     # hits ascend by end offset: a new line starts at the first hit past the current line's end
     starts: list[int] = []
     masks: list[int] = []
@@ -414,6 +416,27 @@ def _trigger_lines_find(buf: bytes, literals: tuple[bytes, ...], start: int, end
 
 _HS_DBS: dict[tuple[bytes, ...], object] = {}
 _HS_BROKEN: list[str] = []  # why Hyperscan is not used (import or compile error), once
+
+
+_HS_LOCAL = threading.local()  # per thread: {literals: Scratch}; a scratch serves one scan at a time
+
+
+def _hyperscan(literals: tuple[bytes, ...]) -> tuple[Any, Any] | None:
+    """(database, this thread's scratch space) for `literals`, or None without Hyperscan."""
+    db = _hyperscan_db(literals)
+    if db is None:
+        return None
+    scratches = getattr(_HS_LOCAL, "scratches", None)
+    if scratches is None:
+        scratches = _HS_LOCAL.scratches = {}
+    scratch = scratches.get(literals)
+    if scratch is None or scratch.database is not db:
+        import hyperscan
+
+        if len(scratches) > 16:
+            scratches.clear()
+        scratch = scratches[literals] = hyperscan.Scratch(db)
+    return db, scratch
 
 
 def _hyperscan_db(literals: tuple[bytes, ...]) -> object | None:

@@ -115,3 +115,28 @@ def test_parse_alone_equals_feed_and_flush():
         want = a.feed(Line("s", data)) + a.flush()
         assert b.parse_alone(data, "s") == want, data
     assert a.stats.as_dict() == b.stats.as_dict()
+
+
+def test_trigger_lines_from_many_threads_at_once():
+    """Several daemons (cluster nodes, tests) in one process search at the same time: each thread
+    needs its own Hyperscan scratch space."""
+    import threading
+
+    buf = (b"Nov 30 02:00:00 edge kamailio[1]: NOTICE: <script>: auth failed for user 1 from 198.18.0.1:5060\n"
+           b"noise line without any trigger\n" * 3) * 20000
+    want = reference(buf, LITS)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(8):
+                assert trigger_lines(buf, LITS) == want
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
