@@ -416,8 +416,6 @@ def _trigger_lines_find(buf: bytes, literals: tuple[bytes, ...], start: int, end
 
 _HS_DBS: dict[tuple[bytes, ...], object] = {}
 _HS_BROKEN: list[str] = []  # why Hyperscan is not used (import or compile error), once
-
-
 _HS_LOCAL = threading.local()  # per thread: {literals: Scratch}; a scratch serves one scan at a time
 
 

@@ -2,7 +2,7 @@
 
 Nothing here touches the host's own firewall: every netfilter command runs in a namespace made
 here (`ip netns exec`, or a forked child that entered it with setns), and the namespaces are
-deleted again even when a test fails.
+deleted again even when a test fails. Namespaces themselves come from tests/lab/netns.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from tests.lab.netns import Netns, enter
+
 SERVER4, PEER4 = "198.18.64.1", "198.18.64.2"
 SERVER6, PEER6 = "2001:db8:64::1", "2001:db8:64::2"
 PORT = 5060
-_START_NS = os.readlink("/proc/self/ns/net")  # the namespace the test process started in (the host's)
 
 
 def sh(*argv: str, ns: str | None = None, check: bool = True, timeout: float = 60,
@@ -33,25 +34,6 @@ def sh(*argv: str, ns: str | None = None, check: bool = True, timeout: float = 6
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()} {p.stdout.strip()}")
     return p
-
-
-def enter(ns: str) -> None:
-    """Move the calling (forked, single-threaded) process into the existing namespace `ns`.
-
-    Fails closed: a missing namespace raises (never created, never the host's).
-    """
-    import ctypes
-
-    assert ns.startswith("sge-"), ns
-    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), f"setns({ns}) failed")
-    finally:
-        os.close(fd)
-    if os.readlink("/proc/thread-self/ns/net") == _START_NS:
-        raise OSError(f"setns({ns}) left the process in the host namespace")
 
 
 def ns_call(ns: str, fn: Callable, *args, timeout: float = 60, **kwargs):
@@ -111,23 +93,14 @@ class Pair:
 def netns_pair(tag: str) -> Iterator[Pair]:
     """Two namespaces joined by a veth pair: server 198.18.64.1 / 2001:db8:64::1, peer .2 / ::2."""
     uid = f"{os.getpid() % 100000}{tag}"
-    server, peer = f"sge-{uid}-s", f"sge-{uid}-p"
     va, vb = f"sge{uid}a"[:15], f"sge{uid}b"[:15]
-    made: list[str] = []
-    try:
-        for ns in (server, peer):
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
-            sh("ip", "link", "set", "lo", "up", ns=ns)
-        sh("ip", "link", "add", va, "netns", server, "type", "veth", "peer", "name", vb, "netns", peer)
+    with Netns(f"sge-{uid}-s") as server, Netns(f"sge-{uid}-p") as peer:
+        sh("ip", "link", "add", va, "netns", server.name, "type", "veth", "peer", "name", vb, "netns", peer.name)
         for ns, dev, a4, a6 in ((server, va, SERVER4, SERVER6), (peer, vb, PEER4, PEER6)):
-            sh("ip", "addr", "add", f"{a4}/24", "dev", dev, ns=ns)
-            sh("ip", "-6", "addr", "add", f"{a6}/64", "dev", dev, "nodad", ns=ns)
-            sh("ip", "link", "set", dev, "up", ns=ns)
-        yield Pair(server, peer)
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            ns.add_addr(dev, f"{a4}/24")
+            ns.ip("-6", "addr", "add", f"{a6}/64", "dev", dev, "nodad")
+            ns.ip("link", "set", dev, "up")
+        yield Pair(server.name, peer.name)
 
 
 # -- traffic -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 
 from sipguard import firewall as fw
 from sipguard.config import Config, ConfigError, load_config
+from tests.lab.netns import Netns
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (network namespaces)")
@@ -225,18 +226,16 @@ def _ip(*args: str) -> None:
 @pytest.fixture
 def netns():
     """Factory of sgf-* network namespaces (lo up); every one is deleted afterwards."""
-    made: list[str] = []
+    made: list[Netns] = []
 
     def make() -> str:
-        name = f"sgf-{secrets.token_hex(3)}"
-        _ip("netns", "add", name)
-        made.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
-        return name
+        ns = Netns(f"sgf-{secrets.token_hex(3)}")
+        made.append(ns)
+        return ns.create().name
 
     yield make
-    for name in made:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    for ns in made:
+        ns.delete()
 
 
 @pytest.fixture

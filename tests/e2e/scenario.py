@@ -54,6 +54,8 @@ MAX_BAN_LATENCY = 2.0                # seconds, decisive packet -> address in th
 SG_ARGV = [sys.executable, "-m", "sipguard"]
 
 Echo = Callable[[str], None]
+SCENARIO_PREFIXES = ("sge2e-", "sgdemo-")  # only this scenario makes namespaces with these
+assert set(SCENARIO_PREFIXES) <= set(NS_PREFIXES)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -64,7 +66,7 @@ def _ts() -> str:
 def cleanup_stale(prefix: str, echo: Echo | None = None) -> list[str]:
     """Delete namespaces left by an interrupted run with this *prefix*, stopping (by PID) the
     processes still inside them: only this scenario creates namespaces with these prefixes."""
-    if prefix not in NS_PREFIXES or prefix == "sgl-":
+    if prefix not in SCENARIO_PREFIXES:
         raise ValueError(f"refusing to clean prefix {prefix!r}")
     gone = []
     for name in list_namespaces():
@@ -465,7 +467,7 @@ class Scenario:
     """Build the lab, run everything, tear it down. Use as a context manager."""
 
     def __init__(self, prefix: str = "sge2e-", echo: Echo = print, keep: bool = False):
-        if prefix not in NS_PREFIXES or prefix == "sgl-":
+        if prefix not in SCENARIO_PREFIXES:
             raise ValueError("prefix must be sge2e- or sgdemo-")
         self.prefix = prefix
         self.echo = echo

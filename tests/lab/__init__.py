@@ -34,5 +34,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO_ROOT / "examples" / "kamailio"
 NS_PREFIX = "sgl-"
-# every prefix a lab namespace may carry (the e2e test and the demo use their own)
-NS_PREFIXES = ("sgl-", "sge2e-", "sgdemo-", "sgo-")
+# every prefix a test namespace may carry: the lab, the e2e test and the demo, the ops tests, the
+# kernel enforcer tests (tests/netns_util.py) and the firewall tests
+NS_PREFIXES = ("sgl-", "sge2e-", "sgdemo-", "sgo-", "sge-", "sgf-")

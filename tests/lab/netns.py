@@ -33,6 +33,7 @@ from . import NS_PREFIX, NS_PREFIXES
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 CLONE_NEWNET = 0x40000000
+_START_NS = os.readlink("/proc/self/ns/net")  # the namespace the test process started in (the host's)
 
 
 def check_addr(addr: str) -> str:
@@ -119,6 +120,22 @@ def _setns(fd: int, nstype: int) -> None:
     if _libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def enter(name: str) -> None:
+    """Move the calling process (a forked, single-threaded child) into namespace *name* for good.
+
+    Fails closed: a missing namespace raises (it is never created here, and never the host's), and
+    so does still being in the namespace the test process started in.
+    """
+    check_name(name)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        _setns(fd, CLONE_NEWNET)
+    finally:
+        os.close(fd)
+    if os.readlink("/proc/thread-self/ns/net") == _START_NS:
+        raise OSError(f"setns({name}) left the process in the host namespace")
 
 
 @contextmanager
