@@ -6,10 +6,12 @@ daemon would have banned had it followed these files as they were written.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
 import queue
+import signal
 import struct
 import threading
 import time
@@ -256,6 +258,7 @@ def _fast_file(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: 
     received = 0  # pieces of the child's part fed so far
     complete = False
     kinds = {k.value: k for k in EventKind}
+    done = False
     try:
         for n, events in _fast_chunks(path, literals, filters, fmt, programs, now, 0, split):
             total += n
@@ -272,7 +275,11 @@ def _fast_file(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: 
             total += n
             received += 1
             replay.feed([Event(t, ip, f, kinds[k], w) for t, ip, f, k, w in rows])
+        done = True
     finally:
+        if not done:  # the parent failed: its child's work is moot
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         reader.join()
     if not complete or status != 0:  # the child failed: same pieces, same order, skip those fed

@@ -168,3 +168,43 @@ def test_split_in_many_pieces_and_a_child_that_dies(tmp_path, monkeypatch):
     monkeypatch.setattr(scan_mod, "_child_scan", dying_child)
     rescued = scan_files([str(log)], cfg(), allow=allow, fast=True)
     assert rescued.as_json() == one.as_json() and rescued.lines == 8000
+
+
+def test_a_failing_parent_ends_its_child(tmp_path, monkeypatch):
+    """An error in the parent's part propagates at once and leaves no child behind."""
+    import os
+    import time
+
+    import pytest
+
+    import sipguard.scan as scan_mod
+
+    log = make_log(tmp_path / "k.log", n=4000, seed=3)
+    monkeypatch.setattr(scan_mod, "PARALLEL_MIN", 1)
+    children: list[int] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            children.append(pid)
+        return pid
+
+    real_chunks = scan_mod._fast_chunks
+
+    def chunks(path, literals, filters, fmt, programs, now, start=0, end=None):
+        if os.getpid() == parent:
+            raise OSError("disk on fire")
+        time.sleep(60)  # a child with a long way to go: the parent must not wait for it
+        return real_chunks(path, literals, filters, fmt, programs, now, start, end)
+
+    parent = os.getpid()
+    monkeypatch.setattr(scan_mod.os, "fork", fork)
+    monkeypatch.setattr(scan_mod, "_fast_chunks", chunks)
+    t = time.monotonic()
+    with pytest.raises(OSError, match="disk on fire"):
+        scan_files([str(log)], cfg(), allow=AllowList([], include_host=False), fast=True)
+    assert time.monotonic() - t < 20
+    assert len(children) == 1
+    with pytest.raises(ChildProcessError):  # already reaped by scan_files
+        os.waitpid(children[0], os.WNOHANG)
