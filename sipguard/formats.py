@@ -225,12 +225,8 @@ class RecordParser:
                 text = None
             m = None if text is None else _TRADITIONAL.match(text)
             if m is not None:
-                mon, day, hh, mi, ss, host, prog, pid, msg = m.groups()
+                host, prog, pid, msg = m.group(6, 7, 8, 9)
                 if prog in self.programs:
-                    key = text[: m.end(4)]
-                    base = self._minute_cache.get(key, 0.0)
-                    if base == 0.0:
-                        base = self._trad_minute(key, mon, int(day), int(hh), int(mi))
                     if st is None:
                         st = self._states[source] = _SourceState()
                         st.family = "syslog"
@@ -239,8 +235,8 @@ class RecordParser:
                     stats.records += 1
                     by_format = stats.by_format
                     by_format["traditional"] = by_format.get("traditional", 0) + 1
-                    return [Record(msg, None if base is None else base + int(ss), host, prog,
-                                   int(pid) if pid else None, None, source)]
+                    return [Record(msg, self._trad_time(text, m), host, prog, int(pid) if pid else None,
+                                   None, source)]
         done = self.feed(Line(source, data, 0))
         done += self.flush()
         return done
@@ -337,17 +333,12 @@ class RecordParser:
     def _syslog_trad(self, st: _SourceState, m: re.Match, text: str, source: str) -> list[Record]:
         if st.family == "stderr":
             return self._forged_into_pending(st, text)
-        mon, day, hh, mi, ss, host, prog, pid, msg = m.groups()
+        host, prog, pid, msg = m.group(6, 7, 8, 9)
         if prog not in self.programs:
             return self._other_program(st, "traditional")
-        key = text[: m.end(4)]
-        base = self._minute_cache.get(key, 0.0)
-        if base == 0.0:
-            base = self._trad_minute(key, mon, int(day), int(hh), int(mi))
-        ts = None if base is None else base + int(ss)
         st.indent = m.start(9)
-        return self._start(st, [msg, ts, host, prog, int(pid) if pid else None, None, source],
-                           "syslog", "traditional")
+        return self._start(st, [msg, self._trad_time(text, m), host, prog, int(pid) if pid else None, None,
+                                source], "syslog", "traditional")
 
     def _syslog_iso(self, st: _SourceState, m: re.Match, text: str, source: str) -> list[Record]:
         if st.family == "stderr":
@@ -433,6 +424,15 @@ class RecordParser:
         return False
 
     # -- timestamps -------------------------------------------------------------------------------
+
+    def _trad_time(self, text: str, m: re.Match) -> float | None:
+        """Epoch of a `_TRADITIONAL` header's timestamp; its minute is computed once and cached."""
+        key = text[: m.end(4)]
+        base = self._minute_cache.get(key, 0.0)
+        if base == 0.0:
+            mon, day, hh, mi = m.group(1, 2, 3, 4)
+            base = self._trad_minute(key, mon, int(day), int(hh), int(mi))
+        return None if base is None else base + int(m.group(5))
 
     def _trad_minute(self, key: str, mon: str, day: int, hh: int, mi: int) -> float | None:
         """Epoch of a `Mmm dd HH:MM` local minute; the year is this year unless that is > 1 day ahead."""

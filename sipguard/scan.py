@@ -117,13 +117,6 @@ class BanReplay:
         return out
 
 
-def scan_events(events: Iterable[Event], cfg: Config, allow: AllowList) -> list[ScanBan]:
-    """Run the policy over events in log time (see BanReplay)."""
-    replay = BanReplay(cfg, allow)
-    replay.feed(events)
-    return replay.bans()
-
-
 def _looks_like_stderr(path: str, fmt: str, programs: frozenset[str]) -> bool:
     """Kamailio -E output needs every line (continuations, PID checks): no fast path for it."""
     if fmt == "stderr":
