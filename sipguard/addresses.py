@@ -148,3 +148,37 @@ class AllowList:
             return False
         version = 6 if v6 else 4
         return any(ver == version and n & mask == net for ver, net, mask in self._ints)
+
+
+# -- address families and networks (enforcers, metrics, reports) -----------------------------
+def classify(ip: str) -> tuple[int, bool]:
+    """(4 or 6, is a network) of a canonical address or CIDR."""
+    if "/" in ip:
+        net = ipaddress.ip_network(ip, strict=False)
+        if net.prefixlen == net.max_prefixlen:
+            return net.version, False
+        return net.version, True
+    return (6 if ":" in ip else 4), False  # canonical text: the colon tells the family
+
+
+def family_label(ip: str) -> str:
+    """ipv4 / ipv6 for addresses, net4 / net6 for networks."""
+    try:
+        if "/" in ip:
+            return "net4" if ipaddress.ip_network(ip, strict=False).version == 4 else "net6"
+        return "ipv4" if ipaddress.ip_address(ip).version == 4 else "ipv6"
+    except ValueError:
+        return "unknown"
+
+
+def network_of(ip: str) -> str:
+    """The /24 (IPv4) or /64 (IPv6) an address or network belongs to."""
+    try:
+        if "/" in ip:
+            net = ipaddress.ip_network(ip, strict=False)
+            plen = 24 if net.version == 4 else 64
+            return str(net.supernet(new_prefix=plen)) if net.prefixlen > plen else str(net)
+        a = ipaddress.ip_address(ip)
+        return str(ipaddress.ip_network(f"{a}/{24 if a.version == 4 else 64}", strict=False))
+    except ValueError:
+        return ip

@@ -13,7 +13,6 @@ daemon read the line's batch (which then measures sipguard's own part only).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .addresses import family_label as family
 from .model import Ban
 
 if TYPE_CHECKING:
@@ -47,16 +47,6 @@ def reason_label(ban: Ban) -> str:
     if ban.manual:
         return "manual"
     return ban.reason.split(":", 1)[0] or "unknown"
-
-
-def family(ip: str) -> str:
-    """ipv4 / ipv6 for addresses, net4 / net6 for networks."""
-    try:
-        if "/" in ip:
-            return "net4" if ipaddress.ip_network(ip, strict=False).version == 4 else "net6"
-        return "ipv4" if ipaddress.ip_address(ip).version == 4 else "ipv6"
-    except ValueError:
-        return "unknown"
 
 
 def write_time(event_time: float, read_time: float) -> float:

@@ -10,12 +10,12 @@ Events are kept only [store] event_retention (1 day by default); ban history his
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 import time
 from datetime import datetime, timezone
 from typing import Any
 
+from .addresses import network_of
 from . import __version__
 from .store import Store
 
@@ -28,19 +28,6 @@ def _bucket(span: float) -> int:
         if span / step <= 120:
             return step
     return 7 * 86400
-
-
-def network_of(ip: str) -> str:
-    """The /24 (IPv4) or /64 (IPv6) an address or network belongs to."""
-    try:
-        if "/" in ip:
-            net = ipaddress.ip_network(ip, strict=False)
-            plen = 24 if net.version == 4 else 64
-            return str(net.supernet(new_prefix=plen)) if net.prefixlen > plen else str(net)
-        a = ipaddress.ip_address(ip)
-        return str(ipaddress.ip_network(f"{a}/{24 if a.version == 4 else 64}", strict=False))
-    except ValueError:
-        return ip
 
 
 def _reason_group(reason: str | None, manual: int) -> str:

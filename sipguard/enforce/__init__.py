@@ -1,77 +1,19 @@
-"""Enforcers: the one small protocol that turns bans into something that drops packets.
+"""Enforcers: what turns bans into something that drops packets.
 
-Enforcers never decide who is banned; they apply what the store holds. `sync` makes the
-enforcer's view equal to the store's both ways (after a restart, reboot or flush).
+`base` holds the protocol and shared types; each backend is a module of its own (`ipset` with its
+`hook` and `ipsetnl` helpers, `nftables`, `dryrun`) and imports only `base`. This package's face
+re-exports `base` and chooses a backend (`make_enforcer`), importing the chosen one only.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from ..model import Ban
+from .base import (IPSET_MAX_TIMEOUT, SYNC_TOLERANCE, EnforcedEntry, Enforcer, SyncReport, kernel_timeout,
+                   needs_rearm)
 
 if TYPE_CHECKING:
     from ..config import EnforceConfig
-
-
-@dataclass(frozen=True, slots=True)
-class EnforcedEntry:
-    """What the enforcer itself holds for one address: `timeout` seconds left, None = no timeout."""
-
-    ip: str
-    timeout: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class SyncReport:
-    added: int = 0
-    removed: int = 0
-    repaired: int = 0
-
-
-class Enforcer(Protocol):
-    name: str
-
-    def ban(self, ban: Ban, now: float) -> None: ...
-
-    def ban_many(self, bans: list[Ban], now: float) -> None: ...
-
-    def unban(self, ip: str) -> None: ...
-
-    def sync(self, bans: list[Ban], now: float) -> SyncReport: ...
-
-    def entries(self) -> list[EnforcedEntry]: ...
-
-    def close(self) -> None: ...
-
-
-# The kernel caps ipset entry timeouts at (2^31 - 1) ms = 2,147,483 s (about 24.8 days) and silently
-# clamps longer ones. A longer ban is armed with the cap and re-armed by every `sync` (the daemon
-# runs one each [enforce] resync_interval), so it never lapses while the daemon runs; when the daemon
-# is down longer than the cap, it comes back at the next start (setup() syncs).
-IPSET_MAX_TIMEOUT = 2_147_483
-SYNC_TOLERANCE = 2.0  # seconds: a kernel timeout this close to the ban's remaining time is right
-
-
-def kernel_timeout(ban: Ban, now: float, cap: int | None = None) -> int | None:
-    """Whole seconds to arm a kernel entry with: 0 = permanent, None = already expired (skip)."""
-    if ban.expires is None:
-        return 0
-    left = ban.expires - now
-    if left <= 0:
-        return None
-    secs = max(1, math.ceil(left))
-    return min(secs, cap) if cap else secs
-
-
-def needs_rearm(kernel: float | None, want: int) -> bool:
-    """True when a kernel entry's timeout (None/0 = permanent) is not the one the ban wants."""
-    k = kernel or 0
-    if (k == 0) != (want == 0):
-        return True
-    return want != 0 and abs(k - want) > SYNC_TOLERANCE
 
 
 def make_enforcer(cfg: EnforceConfig | str | None = None, state_dir: str | None = None) -> Enforcer:
@@ -122,3 +64,7 @@ def detect_backend() -> str:
         return "nftables"
     raise SipguardError("no kernel enforcer available (needs root with ip_set and iptables, or nft); "
                         "set [enforce] backend = \"dryrun\" to decide and record without enforcing")
+
+
+__all__ = ["IPSET_MAX_TIMEOUT", "SYNC_TOLERANCE", "EnforcedEntry", "Enforcer", "SyncReport", "detect_backend",
+           "kernel_timeout", "make_enforcer", "needs_rearm"]

@@ -9,7 +9,7 @@ import logging
 import time
 
 from ..model import Ban
-from . import EnforcedEntry, SyncReport
+from .base import EnforcedEntry, SyncReport
 
 log = logging.getLogger("sipguard.enforce")
 

@@ -20,22 +20,13 @@ import logging
 import socket
 
 from ..errors import SipguardError
+from ..addresses import classify
 from ..model import Ban
-from . import IPSET_MAX_TIMEOUT, EnforcedEntry, SyncReport, kernel_timeout, needs_rearm
+from .base import IPSET_MAX_TIMEOUT, EnforcedEntry, SyncReport, kernel_timeout, needs_rearm
 from .hook import IptablesHook, plans
 from .ipsetnl import IpsetNetlink, IpsetNetlinkError
 
 log = logging.getLogger("sipguard.enforce")
-
-
-def classify(ip: str) -> tuple[int, bool]:
-    """(4 or 6, is a network) of a canonical address or CIDR."""
-    if "/" in ip:
-        net = ipaddress.ip_network(ip, strict=False)
-        if net.prefixlen == net.max_prefixlen:
-            return net.version, False
-        return net.version, True
-    return (6 if ":" in ip else 4), False  # canonical text: the colon tells the family
 
 
 class IpsetEnforcer:
@@ -288,4 +279,4 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-__all__ = ["IpsetEnforcer", "classify"]
+__all__ = ["IpsetEnforcer"]

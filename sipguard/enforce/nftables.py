@@ -27,10 +27,10 @@ import logging
 import shutil
 import subprocess
 
+from ..addresses import classify
 from ..errors import SipguardError
 from ..model import Ban
-from . import EnforcedEntry, SyncReport, kernel_timeout, needs_rearm
-from .ipset import classify
+from .base import EnforcedEntry, SyncReport, kernel_timeout, needs_rearm
 
 log = logging.getLogger("sipguard.enforce")
 

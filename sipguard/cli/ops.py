@@ -1,6 +1,6 @@
 """CLI verbs for operators' tooling: `sipguard import` (blocklists) and `sipguard report` (HTML).
 
-Registered on the main typer app by sipguard/cli.py; holds no logic of its own.
+Registered on the typer app of sipguard/cli/app.py; holds no logic of its own.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import _duration_option, app, ctx, out
-from .config import format_duration
-from .errors import SipguardError
+from .app import _duration_option, app, ctx, out
+from ..config import format_duration
+from ..errors import SipguardError
 
 
 @app.command("import")
@@ -28,8 +28,8 @@ def import_(
     """Ban a blocklist's entries (reason blocklist:NAME); entries gone from the list are unbanned."""
     import re
 
-    from .blocklists import apply_blocklist, load_blocklist
-    from .cli import _kernel_enforcer
+    from ..blocklists import apply_blocklist, load_blocklist
+    from .app import _kernel_enforcer
 
     if fmt not in ("auto", "text", "json"):
         raise SipguardError(f"--format: expected auto, text or json, not {fmt!r}")
@@ -68,7 +68,7 @@ def report(
     top: Annotated[int, typer.Option("--top", help="rows in the top-sources tables")] = 20,
 ) -> None:
     """Write a self-contained HTML report: attacks over time per filter, top sources and networks, bans."""
-    from .report import build_report, render_html
+    from ..report import build_report, render_html
 
     store = ctx.store()
     data = build_report(store, since=time.time() - days * 86400, top=top)

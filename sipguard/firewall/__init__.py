@@ -32,8 +32,8 @@ from pathlib import Path
 from string import Template
 from typing import Callable, Iterator
 
-from .config import SHIPPED_RULES, Config
-from .errors import SipguardError
+from ..config import SHIPPED_RULES, Config
+from ..errors import SipguardError
 
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 OUR_CHAINS = ("CHECK_TCP", "ICMP", "PRIVATE", "PSD", "SERVICES")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # watchdog is imported when a follower starts: `scan` and fri
     from watchdog.events import FileSystemEvent
     from watchdog.observers import Observer
 
-from .model import Line
+from ..model import Line
 
 __all__ = ["FileFollower", "LineBatch", "SourcePosition", "read_chunks", "read_file", "STAT_KEYS"]
 

@@ -1,7 +1,7 @@
-"""`sipguard firewall ...`: the baseline firewall (sipguard/firewall.py, rules/baseline-v*.rules).
+"""`sipguard firewall ...`: the baseline firewall (sipguard/firewall/, rules/baseline-v*.rules).
 
-Registered in cli.py with `app.add_typer(firewall_app, name="firewall")`; the global options
-(--config, --state-dir) live in cli.ctx, imported lazily (cli imports this module).
+Registered by sipguard/cli/__init__.py with `app.add_typer(firewall_app, name="firewall")`; the global
+options (--config, --state-dir) live in sipguard/cli/app.py's `ctx`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ firewall_app = typer.Typer(
 
 
 def _ctx():
-    from . import cli
+    from .app import ctx
 
-    return cli.ctx
+    return ctx
 
 
 def _state_dir() -> Path:
-    from .config import resolve_state_dir
+    from ..config import resolve_state_dir
 
     c = _ctx()
     return resolve_state_dir(c.cfg, c.state_dir)
@@ -51,7 +51,7 @@ def apply_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the rendered rules, change nothing")] = False,
 ) -> None:
     """Apply the baseline firewall atomically (prints the changes; a second apply changes nothing)."""
-    from . import firewall
+    from .. import firewall
 
     c = _ctx()
     cfg = c.cfg
@@ -66,7 +66,7 @@ def apply_cmd(
 @firewall_app.command("show")
 def show_cmd() -> None:
     """Installed rules vs what the config asks for: 'in sync' (exit 0) or a diff (exit 1)."""
-    from . import firewall
+    from .. import firewall
 
     in_sync, text = firewall.show(_ctx().cfg)
     print(text)
@@ -77,7 +77,7 @@ def show_cmd() -> None:
 @firewall_app.command("remove")
 def remove_cmd() -> None:
     """Restore the filter tables saved before the first apply; remove sipguard's chains and sets."""
-    from . import firewall
+    from .. import firewall
 
     firewall.remove(_ctx().cfg, _state_dir(), echo=_echo, warn=_warn)
 
@@ -85,7 +85,7 @@ def remove_cmd() -> None:
 @firewall_app.command("confirm")
 def confirm_cmd() -> None:
     """Keep the rules of an `apply --confirm-timeout` (cancels the automatic revert)."""
-    from . import firewall
+    from .. import firewall
 
     print(firewall.confirm(_state_dir()))
 
@@ -93,7 +93,7 @@ def confirm_cmd() -> None:
 @firewall_app.command("revert-if-unconfirmed", hidden=True)
 def revert_cmd(token: Annotated[str, typer.Argument()]) -> None:
     """Internal: the detached process `apply --confirm-timeout` starts."""
-    from . import firewall
+    from .. import firewall
 
     c = _ctx()
     state = c.state_dir or _state_dir()

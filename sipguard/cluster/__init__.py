@@ -46,14 +46,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .addresses import parse_target
-from .model import Ban, Decision, Event, EventKind
+from ..addresses import parse_target
+from ..model import Ban, Decision, Event, EventKind
 
 if TYPE_CHECKING:
-    from .config import ClusterConfig
-    from .daemon import Daemon
-    from .policy import Policy
-    from .store import Store
+    from ..config import ClusterConfig
+    from ..daemon import Daemon
+    from ..policy import Policy
+    from ..store import Store
 
 log = logging.getLogger("sipguard.cluster")
 
@@ -616,7 +616,7 @@ class ClusterBridge:
             payloads = [p for r in results for p in r[0]]
         except self._errors as exc:
             self._down(str(exc) or type(exc).__name__)
-            from .daemon import ban_from_decision
+            from ..daemon import ban_from_decision
 
             pol.local.stats.events -= len(events)  # observe() counts them again
             for ev in events:

@@ -463,4 +463,4 @@ def _hyperscan_db(literals: tuple[bytes, ...]) -> object | None:
 
 def shipped_dir() -> Path:
     """The filters shipped with the source tree (`<repo>/filters`)."""
-    return Path(__file__).resolve().parent.parent / "filters"
+    return Path(__file__).resolve().parent.parent.parent / "filters"

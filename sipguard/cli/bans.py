@@ -1,0 +1,167 @@
+"""`sipguard list`, `ban` and `unban`: the operator's view of the bans and manual changes to them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..addresses import AllowList
+from ..config import format_duration
+from ..errors import SipguardError
+from .app import Table, _duration_option, _iso, _kernel_enforcer, app, ctx, out
+
+@app.command("list")
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of bans")] = False,
+    kernel: Annotated[bool, typer.Option("--kernel", help="also show what the kernel's sets hold")] = False,
+) -> None:
+    """Bans in force (with --kernel: beside the kernel's own entries and their timeouts)."""
+    store = ctx.store()
+    now = time.time()
+    bans = store.active_bans(now)
+    held: dict[str, float | None] = {}
+    if kernel:
+        enforcer = _kernel_enforcer()
+        if enforcer is None:
+            raise SipguardError('--kernel: [enforce] backend = "dryrun" enforces nothing')
+        try:
+            held = {e.ip: e.timeout for e in enforcer.entries()}
+        finally:
+            enforcer.close()
+    in_db = {b.ip for b in bans}
+    if as_json:
+        rows = []
+        for b in bans:
+            row = {"ip": b.ip, "reason": b.reason, "created": _iso(b.created), "expires": _iso(b.expires),
+                   "manual": b.manual, "score": b.score, "offence": b.offence}
+            if kernel:
+                row["kernel"] = {"timeout": held[b.ip]} if b.ip in held else None
+            rows.append(row)
+        for ip in sorted(held.keys() - in_db):
+            rows.append({"ip": ip, "reason": None, "created": None, "expires": None, "manual": None,
+                         "score": None, "offence": None, "kernel": {"timeout": held[ip]}, "kernel_only": True})
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"{len(bans)} bans in force" + (f", {len(held)} kernel entries" if kernel else ""))
+    cols = ["ip", "reason", "created", "expires", "left", "offence", "by"] + (["kernel"] if kernel else [])
+    for col in cols:
+        table.add_column(col)
+
+    def k(ip: str) -> str:
+        if ip not in held:
+            return "MISSING"
+        return "permanent" if held[ip] is None else format_duration(held[ip])
+
+    for b in bans:
+        table.add_row(b.ip, b.reason, _iso(b.created) or "", _iso(b.expires) or "never",
+                      format_duration(b.remaining(now)), str(b.offence), "manual" if b.manual else "auto",
+                      *([k(b.ip)] if kernel else []))
+    for ip in sorted(held.keys() - in_db):
+        table.add_row(ip, "(kernel only)", "", "", "", "", "", k(ip))
+    out.print(table)
+
+
+def _read_targets(path: Path, allow: AllowList, force: bool) -> list[str]:
+    """One address or CIDR per line, '#' comments and blank lines allowed; errors name file:line."""
+    from ..addresses import parse_target
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SipguardError(f"{path}: cannot read: {exc}") from None
+    targets = []
+    for no, raw in enumerate(text.splitlines(), 1):
+        item = raw.split("#", 1)[0].strip()
+        if not item:
+            continue
+        try:
+            ip = parse_target(item)
+        except ValueError as exc:
+            raise SipguardError(f"{path}:{no}: {exc}") from None
+        if ip in allow and not force:
+            raise SipguardError(f"{path}:{no}: {ip} is allow-listed; use --force to ban it anyway")
+        targets.append(ip)
+    return targets
+
+
+@app.command()
+def ban(
+    target: Annotated[Optional[str], typer.Argument(help="IP address or CIDR")] = None,
+    for_: Annotated[Optional[str], typer.Option("--for", help="30s, 10m, 2h, 7d or 'permanent'")] = None,
+    reason: Annotated[str, typer.Option("--reason", help="why (shown in list)")] = "manual",
+    force: Annotated[bool, typer.Option("--force", help="ban even an allow-listed address")] = False,
+    from_file: Annotated[Optional[Path], typer.Option("--from-file", help="one address/CIDR per line, # comments")] = None,
+) -> None:
+    """Ban an address or network by hand (or every one in a file, in one batch)."""
+    from ..addresses import parse_target
+
+    if bool(target) == bool(from_file):
+        raise SipguardError("give either an address or --from-file FILE")
+    dur = _duration_option(for_)
+    if dur == "policy":
+        dur = ctx.cfg.policy.bantime
+    allow = ctx.allow()
+    if from_file is not None:
+        targets = _read_targets(from_file, allow, force)  # all validated before anything changes
+        store = ctx.store()
+        enforcer = _kernel_enforcer()
+        t0 = time.perf_counter()
+        try:
+            from ..actions import manual_ban_many
+
+            bans = manual_ban_many(store, targets, dur, reason, enforcer)  # type: ignore[arg-type]
+        finally:
+            if enforcer is not None:
+                enforcer.close()
+        out.print(f"banned {len(bans)} addresses from {from_file} for "
+                  f"{format_duration(None if dur is None else float(dur))} in {time.perf_counter() - t0:.2f}s")
+        return
+    try:
+        parse_target(target or "")  # a bad address fails before any kernel state is looked at
+    except ValueError as exc:
+        raise SipguardError(str(exc)) from None
+    store = ctx.store()
+    enforcer = _kernel_enforcer()
+    try:
+        from ..actions import manual_ban
+
+        b = manual_ban(store, target or "", dur, reason, allow, enforcer=enforcer, force=force)  # type: ignore[arg-type]
+    finally:
+        if enforcer is not None:
+            enforcer.close()
+    out.print(f"banned {b.ip} for {format_duration(b.remaining(time.time()))} ({b.reason})")
+
+
+@app.command()
+def unban(
+    target: Annotated[Optional[str], typer.Argument(help="IP address or CIDR")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="lift every ban")] = False,
+) -> None:
+    """Lift a ban (or all of them)."""
+    if all_ == bool(target):
+        raise SipguardError("give either an address or --all")
+    store = ctx.store()
+    enforcer = _kernel_enforcer()
+    try:
+        if all_:
+            from ..actions import unban_all
+
+            bans = unban_all(store, enforcer)
+            out.print(f"unbanned {len(bans)} addresses")
+            return
+        from ..actions import manual_unban
+
+        b = manual_unban(store, target or "", enforcer)
+    finally:
+        if enforcer is not None:
+            enforcer.close()
+    if b is None:
+        out.print(f"{target} was not banned (its past events no longer count)")
+    else:
+        out.print(f"unbanned {b.ip}")
+
+

@@ -1,0 +1,84 @@
+"""`sipguard run`, `status` and `check-config`: the daemon in the foreground and what it reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import format_duration
+from .app import _iso, app, ctx, out
+
+# -- run ---------------------------------------------------------------------------------------
+@app.command()
+def run(
+    log: Annotated[Optional[list[str]], typer.Option("--log", "-l", help="log file to follow (repeatable)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="decide and record, never touch the kernel")] = False,
+    from_start: Annotated[bool, typer.Option("--from-start", help="first start: read existing lines too")] = False,
+    max_seconds: Annotated[Optional[float], typer.Option(hidden=True)] = None,
+) -> None:
+    """Run the daemon in the foreground (systemd runs this)."""
+    from ..daemon import Daemon
+    from ..enforce import make_enforcer
+
+    cfg = ctx.cfg
+    from ..filters import FilterSet
+
+    filters = FilterSet.load(cfg.filters.directories, enabled=cfg.filters.enabled, disabled=cfg.filters.disabled)
+    store = ctx.store()
+    enforcer = make_enforcer("dryrun" if dry_run else cfg.enforce)
+    daemon = Daemon(cfg, store, enforcer, logs=log or None, from_start=from_start or None, filters=filters)
+    daemon.install_signal_handlers()
+    stats = daemon.run(max_seconds=max_seconds)
+    logging.getLogger("sipguard").info("stopped: %d lines, %d events, %d bans", stats.lines, stats.events, stats.bans)
+
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """What the daemon is doing: heartbeat, counters, bans."""
+    store = ctx.store()
+    raw = store.get_meta("status")
+    st = json.loads(raw) if raw else {}
+    now = time.time()
+    alive = bool(st) and st.get("running") and now - st.get("heartbeat", 0) < 10
+    info = {"daemon": "running" if alive else "not running", "bans": len(store.active_bans(now)),
+            "database": store.path, **store.stats(), "last_status": st}
+    if ctx.cfg.cluster is not None:  # fleet mode: the nodes Redis has seen and whether this one is in sync
+        from ..cluster import cluster_status
+
+        info["cluster"] = cluster_status(ctx.cfg.cluster, store, now)
+    if as_json:
+        print(json.dumps(info))
+        return
+    out.print(f"daemon: {info['daemon']}" + (f" (pid {st.get('pid')}, enforcer {st.get('enforcer')})" if alive else ""))
+    if st:
+        out.print(f"last heartbeat: {_iso(st.get('heartbeat'))}; following: {', '.join(st.get('logs', []))}")
+        for part in ("daemon", "sources", "formats", "filters", "policy"):
+            vals = st.get(part) or {}
+            if vals:
+                out.print(f"{part}: " + ", ".join(f"{k}={v}" for k, v in vals.items() if k != "started"))
+    out.print(f"bans in force: {info['bans']}; events stored: {info['events']}; database: {store.path}")
+    if "cluster" in info:
+        from ..cluster import cluster_lines
+
+        for line in cluster_lines(info["cluster"]):
+            out.print(line, markup=False)
+
+
+@app.command("check-config")
+def check_config() -> None:
+    """Validate the config and every filter; print a summary."""
+    from ..filters import FilterSet
+
+    cfg = ctx.cfg
+    fs = FilterSet.load(cfg.filters.directories, enabled=cfg.filters.enabled, disabled=cfg.filters.disabled)
+    out.print(f"config: {cfg.path or 'defaults (no file)'}: OK")
+    out.print(f"filters: {', '.join(fs.names)}")
+    for name, j in cfg.policy.jails.items():
+        out.print(f"jail {name}: {'+'.join(k.value for k in j.kinds)} >= {j.threshold:g} in "
+                  f"{format_duration(j.findtime)}" + (", reset on success" if j.reset_on_success else ""))
+
