@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sipguard.actions import manual_ban  # noqa: E402
 from sipguard.addresses import AllowList  # noqa: E402
 from sipguard.config import Config  # noqa: E402
-from sipguard.daemon import Daemon  # noqa: E402
+from sipguard.wiring import build_daemon  # noqa: E402
 from sipguard.enforce.dryrun import DryRunEnforcer  # noqa: E402
 from sipguard.model import Event, EventKind  # noqa: E402
 from sipguard.store import Store  # noqa: E402
@@ -80,7 +80,7 @@ class Node:
         self.enforcer = DryRunEnforcer()
         self.store = Store.open_state_dir(self.dir / "state")
         self.cli = Store.open_state_dir(self.dir / "state")
-        self.daemon = Daemon(node_cfg(port, name, interval), self.store, self.enforcer, logs=[str(self.log)])
+        self.daemon = build_daemon(node_cfg(port, name, interval), self.store, self.enforcer, logs=[str(self.log)])
         self.thread = threading.Thread(target=self.daemon.run, daemon=True)
         self.thread.start()
         while self.daemon.follower is None:
@@ -149,7 +149,7 @@ def bench_scoring(port: int, tmp: Path, seconds: float, threads: int, batch: int
         (d / "k.log").touch()
         cfg = node_cfg(port, f"score{threads}-{k}", 0.25)
         store = Store.open_state_dir(d / "state")
-        dm = Daemon(cfg, store, DryRunEnforcer(), logs=[str(d / "k.log")])
+        dm = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(d / "k.log")])
         dm.setup()
         daemons.append(dm)
     counts = [0] * threads

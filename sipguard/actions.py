@@ -1,7 +1,9 @@
-"""Operator actions shared by the CLI and the daemon: manual ban and unban.
+"""The operator's manual changes, as the CLI makes them: ban, ban a list, unban, unban everything.
 
-They validate against the allow-list, write the store, apply the enforcer when one is given,
-and leave a control request so a running daemon mirrors the change within a second.
+Each validates its targets (and the allow-list), then changes the bans through a ban book of its own
+(sipguard/bans.py: the kernel first, then the store) in strict mode, so a command changes both or
+neither, and leaves a control request in the same transaction, so a running daemon mirrors the change
+into its own policy and enforcer stack within a second.
 """
 
 from __future__ import annotations
@@ -9,10 +11,15 @@ from __future__ import annotations
 import time
 
 from .addresses import AllowList, parse_target
-from .enforce import Enforcer
+from .bans import MANUAL, BanBook
+from .enforce.base import Enforcer
 from .errors import SipguardError
 from .model import Ban
 from .store import Store
+
+
+def _book(store: Store, enforcer: Enforcer | None) -> BanBook:
+    return BanBook(store, enforcer, strict=True)
 
 
 def manual_ban(
@@ -35,11 +42,12 @@ def manual_ban(
         raise SipguardError(f"{ip} is allow-listed (loopback, this host or [allowlist]); use --force to ban it anyway")
     ban = Ban(ip=ip, reason=reason, created=now, expires=None if duration is None else now + duration,
               score=0.0, offence=1, manual=True)
-    with store.transaction():  # a kernel error rolls the store back: both or neither
-        store.put_ban(ban, now)
+    book = _book(store, enforcer)
+    [ban] = book.ban([ban], now, MANUAL)
+    with store.transaction():
+        book.write(now)
         store.request("ban", ip)
-        if enforcer is not None:
-            enforcer.ban(ban, now)
+    book.written()
     return ban
 
 
@@ -53,19 +61,19 @@ def manual_ban_many(
 ) -> list[Ban]:
     """Ban many canonical targets (already parsed and allow-list checked) in one batch.
 
-    The kernel gets one batch, the store one transaction; a kernel error rolls the store back.
-    A running daemon re-syncs once instead of mirroring every ban.
+    The kernel gets one batch, the store one transaction; a running daemon re-syncs once instead of
+    mirroring every ban.
     """
     now = time.time() if now is None else now
     expires = None if duration is None else now + duration
     bans = [Ban(ip=ip, reason=reason, created=now, expires=expires, score=0.0, offence=1, manual=True)
             for ip in dict.fromkeys(targets)]
+    book = _book(store, enforcer)
+    bans = book.ban(bans, now, MANUAL, batch=True)
     with store.transaction():
-        for ban in bans:
-            store.put_ban(ban, now)
+        book.write(now)
         store.request("sync")
-        if enforcer is not None:
-            enforcer.ban_many(bans, now)
+    book.written()
     return bans
 
 
@@ -76,23 +84,24 @@ def manual_unban(store: Store, target: str, enforcer: Enforcer | None = None, no
         ip = parse_target(target)
     except ValueError as exc:
         raise SipguardError(str(exc)) from None
+    ban = store.get_ban(ip)
+    book = _book(store, enforcer)
+    book.unban([ip], now, MANUAL)
     with store.transaction():
-        ban = store.remove_ban(ip, now)
-        store.mark_cleared(ip, now)
+        book.write(now)
         store.request("unban", ip)
-    if enforcer is not None:
-        enforcer.unban(ip)
+    book.written()
     return ban
 
 
 def unban_all(store: Store, enforcer: Enforcer | None = None, now: float | None = None) -> list[Ban]:
+    """Lift every ban (one kernel batch, one store transaction)."""
     now = time.time() if now is None else now
+    bans = store.active_bans(now=0)
+    book = _book(store, enforcer)
+    book.unban([b.ip for b in bans], now, MANUAL)  # several: one kernel batch (nothing stays)
     with store.transaction():
-        bans = store.active_bans(now=0)
-        for ban in bans:
-            store.remove_ban(ban.ip, now)
-            store.mark_cleared(ban.ip, now)
+        book.write(now)
         store.request("unban_all")
-    if enforcer is not None:  # one batch, not one kernel call per ban
-        enforcer.sync(store.active_bans(now), now)
+    book.written()
     return bans

@@ -1,8 +1,11 @@
-"""`sipguard run`: wires sources → formats → filters → policy → store/enforcer in one loop.
+"""`sipguard run`: the loop, and only the loop: poll → pipeline → scorer → ban book → commit → hooks.
 
-Holds no detection logic of its own. Each read batch is processed, enforced, then committed
-together with the source positions in one transaction, so a crash re-reads at most one batch
-and never counts a line twice.
+The composition root (sipguard/wiring.py) builds every part from the validated config and hands them
+over as one `Parts`; the daemon creates nothing and decides nothing itself. Each read batch is parsed
+and matched (sparse: only lines holding a trigger literal), scored, its bans applied through the ban
+book (kernel first), then committed together with the source positions in one transaction, so a crash
+re-reads at most one batch and never counts a line twice. Between batches: CLI requests, hooks (fleet,
+blocklists), expiries, the resync, pruning and the status heartbeat.
 """
 
 from __future__ import annotations
@@ -13,34 +16,20 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Protocol
 
-from .addresses import AllowList
+from .bans import POLICY, BanBook, ban_from_decision
 from .config import Config
-from .enforce import Enforcer
 from .filters import FilterSet, trigger_starts
 from .formats import RecordParser
-from .model import Ban, Decision, Event, Line
+from .model import Ban, Event, Line
 from .policy import Policy
-from .sources import FileFollower, LineBatch, SourcePosition
+from .sources import FileFollower, LineBatch
 from .store import Store
 
 log = logging.getLogger("sipguard.daemon")
-
-READ_BUDGET = 2 << 20
-"""Bytes read per batch: bounds the memory one batch takes (every line of a flood can be an
-event) while keeping commits rare (a batch is ~10,000 lines)."""
-
-
-def kamailio_pid_alive(pid: int, names: frozenset[str] = frozenset({"kamailio"})) -> bool:
-    """True when PID is a running process named like Kamailio (guards stderr-format logs)."""
-    try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return False
-    return comm in names
 
 
 @dataclass
@@ -55,11 +44,89 @@ class DaemonStats:
     errors: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """What one batch did, for the hooks: lines per source, events, the bans it decided."""
+
+    lines_by_source: dict[str, int]
+    events: list[Event]
+    bans: list[Ban]
+    read_time: float
+    skipped: dict[str, int]
+
+
+class Hook(Protocol):
+    """A part that rides along the loop (metrics, blocklists, the fleet): it sees each batch, and may
+    change bans between batches, through the ban book only."""
+
+    def on_batch(self, report: BatchReport) -> None: ...
+
+    def tick(self, now: float, book: BanBook) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Follower(Protocol):
+    """The sources as the loop sees them (sipguard/sources): one batch interface for every mix."""
+
+    stats: object
+
+    def start(self) -> None: ...
+
+    def poll_batch(self, timeout: float) -> LineBatch: ...
+
+    def positions(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class Scorer(Protocol):
+    """The policy as the loop sees it: the local `Policy`, or the fleet's, which scores a batch at once."""
+
+    @property
+    def banned(self) -> set[str]: ...
+
+    def observe(self, ev: Event): ...  # -> Decision | None
+
+    def restore(self, events) -> None: ...
+
+    def expire(self, now: float) -> int: ...
+
+    def note_ban(self, ip: str) -> None: ...
+
+    def release(self, ip: str) -> None: ...
+
+
+@dataclass
+class Parts:
+    """Everything the loop drives, built once by the composition root."""
+
+    cfg: Config
+    store: Store
+    follower: Follower
+    parsers: dict[str, RecordParser]
+    filters: FilterSet
+    scorer: Scorer
+    policy: Policy  # the local policy (the scorer, or the one the fleet's scorer falls back on)
+    book: BanBook
+    enforcer_name: str
+    logs: list[str]
+    hooks: Sequence[Hook] = ()
+    fleet: object | None = None  # the fleet bridge when [cluster] is set (also among the hooks)
+    batch_scorer: Callable[[float], list[tuple[str, list[Ban]]]] | None = None  # the fleet's batch score
+    save_extra: Callable[[], None] | None = None  # inside each batch transaction (journal cursors)
+    on_setup: Callable[[], None] | None = None  # after the book is restored, before following starts
+    warnings: list[str] = field(default_factory=list)  # said once at start
+
+
 def _counters(stats: object) -> dict:
     """Any stage's counters (a Counter, a dict or a dataclass with as_dict) as a plain dict."""
     as_dict = getattr(stats, "as_dict", None)
     return dict(as_dict()) if callable(as_dict) else dict(stats)  # type: ignore[call-overload]
 
+
+_PARSER_SKIPS = ("garbage", "forged", "invalid_utf8", "truncated", "other_program")
+_SOURCE_SKIPS = ("too_long", "errors")
 
 _FREE = object()  # not following a trigger line's record
 
@@ -109,51 +176,20 @@ def _sparse_lines(src: str, off: int, data: bytes, lits: tuple[bytes, ...], pars
             tok = cur if any(map(ln.__contains__, lits)) else _FREE
 
 
-def ban_from_decision(d: Decision, now: float) -> Ban:
-    return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
-               score=d.score, offence=d.offence, manual=False)
-
-
 class Daemon:
-    """One running sipguard: build with a validated Config, then `run()` until `stop()`."""
+    """One running sipguard: `run()` until `stop()`. Built by `sipguard.wiring.build_daemon`."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        store: Store,
-        enforcer: Enforcer,
-        logs: list[str] | None = None,
-        from_start: bool | None = None,
-        filters: FilterSet | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.store = store
-        self.enforcer = enforcer
-        self.logs = list(logs or cfg.sources.logs)
-        self.from_start = cfg.sources.from_start if from_start is None else from_start
-        self.filters = filters or FilterSet.load(
-            cfg.filters.directories, enabled=cfg.filters.enabled, disabled=cfg.filters.disabled
-        )
-        self._literals = self.filters.search_literals  # None: every line is parsed
-        self.allow = AllowList(cfg.allowlist.cidrs, include_host=cfg.allowlist.include_host_addresses)
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+        self.cfg = parts.cfg
         self.stats = DaemonStats()
+        self.ready = threading.Event()  # set once the sources are followed (their ends pinned)
         self._stop = threading.Event()
-        self._programs = frozenset(cfg.sources.programs)
-        pid_alive = (lambda pid: kamailio_pid_alive(pid, self._programs)) if cfg.sources.verify_pid else None
-        self.parsers = {
-            path: RecordParser(cfg.sources.format, pid_alive=pid_alive, programs=self._programs)
-            for path in self.logs
-        }
-        self.policy: Policy | None = None
-        self.follower: FileFollower | None = None
+        self._literals = parts.filters.search_literals  # None: every line is parsed
         self._last_control = 0
         self._last_prune = 0.0
         self._last_status = 0.0
         self._last_resync = 0.0
-        self.cluster = None  # fleet mode ([cluster]): sipguard/cluster.py's ClusterBridge
-        from .integrations import Integrations  # metrics, htable, blocklists, journal: no-ops unless configured
-
-        self.integrations = Integrations.attach(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -164,117 +200,128 @@ class Daemon:
         signal.signal(signal.SIGINT, self.stop)
 
     def setup(self) -> None:
-        """Restore state: offences, windows, bans in force (into the enforcer), positions."""
+        """Restore state (expiries, the scorer's windows, the bans in force into the kernel), then
+        start following."""
+        p = self.parts
         now = time.time()
-        pc = self.cfg.policy
-        self.policy = Policy(pc, self.allow, self.store.offence_history(now - pc.offence_memory))
-        self._expire(now)
-        self.policy.restore(self.store.recent_events(now - self.policy.max_findtime))
-        if self.cfg.cluster is not None:  # scores in Redis, shares bans (wraps self.policy)
-            from .cluster import attach
-
-            self.cluster = attach(self)
-        active = self.store.active_bans(now)
-        for ban in active:
-            self.policy.note_ban(ban.ip)
-        report = self.enforcer.sync(active, now)
+        p.book.expire(now)
+        p.book.commit(now)
+        p.scorer.restore(p.store.recent_events(now - p.policy.max_findtime))
+        if p.on_setup is not None:
+            p.on_setup()
+        self._last_control = p.store.last_request_id()
+        report = p.book.restore(now)
         self._last_resync = now
-        log.info("restored %d bans (enforcer %s: +%d -%d, %d repaired)", len(active), self.enforcer.name,
+        log.info("restored %d bans (enforcer %s: +%d -%d, %d repaired)", len(p.book.held(now)), p.enforcer_name,
                  report.added, report.removed, report.repaired)
-        saved = self.store.positions()
-        positions = {p: SourcePosition(p, s.dev, s.inode, s.offset) for p, s in saved.items() if p in self.logs}
-        follower = FileFollower(self.logs, positions=positions, from_start=self.from_start,
-                                max_line=self.cfg.sources.max_line,
-                                read_budget=max(READ_BUDGET, self.cfg.sources.max_line + 1))
-        follower.start()
-        follower = self.integrations.wrap_follower(follower)
-        self.follower = follower  # set only once started: "following" means the end is pinned
-        self._last_control = self.store.last_request_id()
-        if self.cfg.sources.format == "stderr":  # auto-detected stderr sources warn when first seen
-            log.warning("following Kamailio stderr (-E) output: it has no timestamps and copies CR/LF from "
-                        "SIP messages into the log; records are checked against live Kamailio PIDs, but "
-                        "syslog (log_stderror=no) is the safe choice")
-        log.info("following %s with %d filters (%s)", ", ".join(self.logs), len(self.filters.names),
-                 ", ".join(self.filters.names))
+        p.follower.start()
+        self.ready.set()  # "following" means the end is pinned
+        for w in p.warnings:
+            log.warning("%s", w)
+        log.info("following %s with %d filters (%s)", ", ".join(p.logs) or "the journal", len(p.filters.names),
+                 ", ".join(p.filters.names))
 
     def run(self, max_seconds: float | None = None) -> DaemonStats:
+        p = self.parts
         self.setup()
-        assert self.follower is not None
-        deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        interval = self.cfg.daemon.control_interval
-        # a plain FileFollower hands out its read buffers (LineBatch): most lines are never parsed
-        # (a wrapper, e.g. the journal's MultiFollower, keeps its own poll)
-        poll = self.follower.poll_batch if isinstance(self.follower, FileFollower) else self.follower.poll
         try:
+            deadline = None if max_seconds is None else time.monotonic() + max_seconds
+            interval = self.cfg.daemon.control_interval
             while not self._stop.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 try:
-                    self.step(poll(interval))
+                    self.step(p.follower.poll_batch(interval))
                 except Exception:  # noqa: BLE001 - the daemon never dies on one bad batch
                     self.stats.errors += 1
                     log.exception("error while processing a batch; continuing")
                     time.sleep(min(interval, 1.0))
         finally:
             self.write_status(time.time(), running=False)
-            self.follower.close()
-            self.integrations.close()
-            if self.cluster is not None:
-                self.cluster.close()
+            p.follower.close()
+            for hook in p.hooks:
+                try:
+                    hook.close()
+                except Exception:  # noqa: BLE001
+                    log.exception("closing %s failed", type(hook).__name__)
         return self.stats
 
     # -- one batch ---------------------------------------------------------------------------
     def step(self, lines: list | LineBatch) -> list[Ban]:
         """Process a batch of lines, apply new bans, commit, then housekeeping."""
-        assert self.policy is not None and self.follower is not None
+        p = self.parts
         now = time.time()
+        events, records = self._parse(lines, now)
+        self.stats.lines += len(lines)
+        self.stats.records += records
+        self.stats.events += len(events)
+        decided: list[Ban] = []
+        observe = p.scorer.observe
+        for ev in events:
+            decision = observe(ev)
+            if decision is not None:
+                decided.append(ban_from_decision(decision, now))
+        batches: list[tuple[str, list[Ban]]] = [(POLICY, decided)]
+        if p.batch_scorer is not None:  # the fleet: one Redis call scores the batch cluster-wide
+            batches += p.batch_scorer(now)
+        new_bans: list[Ban] = []
+        for cause, bans in batches:
+            for ban in p.book.ban(bans, now, cause):
+                new_bans.append(ban)
+                log.warning("banned %s for %s (%s, score %.1f, offence %d)", ban.ip,
+                            "ever" if ban.expires is None else f"{ban.expires - now:.0f}s", ban.reason,
+                            ban.score, ban.offence)
+        if lines or events or p.book.pending:
+            try:
+                with p.store.transaction():
+                    if events:
+                        p.store.add_events(events)
+                    p.book.write(now)
+                    p.store.save_positions(p.follower.positions().values())
+                    if p.save_extra is not None:
+                        p.save_extra()
+            except BaseException:
+                p.book.failed()
+                raise
+            p.book.written()
+        if p.hooks:
+            report = BatchReport(self._lines_by_source(lines), events, new_bans, now, self.skipped())
+            for hook in p.hooks:
+                hook.on_batch(report)
+        self.stats.bans += len(new_bans)
+        self.housekeeping(now)
+        return new_bans
+
+    def _parse(self, lines: list | LineBatch, now: float) -> tuple[list[Event], int]:
+        p = self.parts
         events: list[Event] = []
-        match = self.filters.match
-        touched = set()
+        match = p.filters.match
+        touched: set[str] = set()
         records = 0
         for line in self._to_parse(lines, touched):
-            for rec in self.parsers[line.source].feed(line):
+            for rec in p.parsers[line.source].feed(line):
                 records += 1
                 ev = match(rec, now)
                 if ev is not None:
                     events.append(ev)
         for path in touched:
-            for rec in self.parsers[path].flush():
+            for rec in p.parsers[path].flush():
                 records += 1
                 ev = match(rec, now)
                 if ev is not None:
                     events.append(ev)
-        self.stats.lines += len(lines)
-        self.stats.records += records
-        self.stats.events += len(events)
-        new_bans: list[Ban] = []
-        for ev in events:
-            decision = self.policy.observe(ev)
-            if decision is not None:
-                new_bans.append(ban_from_decision(decision, now))
-        if self.cluster is not None:  # one Redis call scores the batch cluster-wide
-            new_bans = self.cluster.on_batch(new_bans, now)
-        for ban in new_bans:  # the kernel first: that is what stops the attack
-            try:
-                self.enforcer.ban(ban, now)
-            except Exception:  # noqa: BLE001 - kept in the store; the next sync retries
-                self.stats.errors += 1
-                log.exception("enforcer failed to ban %s", ban.ip)
-            log.warning("banned %s for %s (%s, score %.1f, offence %d)", ban.ip,
-                        "ever" if ban.expires is None else f"{ban.expires - now:.0f}s", ban.reason,
-                        ban.score, ban.offence)
-        if lines or events:
-            with self.store.transaction():
-                if events:
-                    self.store.add_events(events)
-                for ban in new_bans:
-                    self.store.put_ban(ban, now)
-                self.store.save_positions(self.follower.positions().values())
-                self.integrations.in_transaction(now)
-        self.integrations.on_batch(lines, events, new_bans, now)
-        self.stats.bans += len(new_bans)
-        self.housekeeping(now)
-        return new_bans
+        return events, records
+
+    @staticmethod
+    def _lines_by_source(lines: list | LineBatch) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if isinstance(lines, LineBatch):
+            for src, _off, data in lines.segments:
+                out[src] = out.get(src, 0) + data.count(b"\n") + (data[-1:] not in (b"\n", b""))
+        else:
+            for line in lines:
+                out[line.source] = out.get(line.source, 0) + 1
+        return out
 
     def _to_parse(self, lines: list | LineBatch, touched: set) -> Iterator[Line]:
         """The lines of a batch that must be parsed, in order; notes their sources in `touched`.
@@ -287,7 +334,7 @@ class Daemon:
         line. Other sources (stderr, whose headers need every line; formats not known yet) and
         plain lists of lines get every line parsed.
         """
-        parsers = self.parsers
+        parsers = self.parts.parsers
         lits = self._literals
         if lits is None or not isinstance(lines, LineBatch):
             for line in lines:
@@ -322,92 +369,72 @@ class Daemon:
             else:  # stderr: every line (continuations, rank/PID checks)
                 yield from LineBatch([(src, off, data)])
 
+    # -- between batches ---------------------------------------------------------------------
     def housekeeping(self, now: float) -> None:
-        self._apply_control(now)
-        if self.cluster is not None:
-            self.cluster.housekeeping(now)
-        self.integrations.tick(now)
-        self._expire(now)
+        p = self.parts
+        book = p.book
+        for req in p.store.requests_after(self._last_control):
+            self._last_control = req.id
+            book.apply_request(req, now)
+        for hook in p.hooks:
+            hook.tick(now, book)
+        book.expire(now)
         if now - self._last_resync >= self.cfg.enforce.resync_interval:
             # repairs flushed sets / deleted hook rules and re-arms bans longer than the kernel's
             # timeout cap (ipset: ~24.8 days), so they never lapse while the daemon runs
             self._last_resync = now
-            try:
-                report = self.enforcer.sync(self.store.active_bans(now), now)
-                if report.added or report.removed or report.repaired:
-                    log.warning("enforcer resync: +%d -%d, %d repaired", report.added, report.removed,
-                                report.repaired)
-            except Exception:  # noqa: BLE001 - retried at the next interval
-                self.stats.errors += 1
-                log.exception("enforcer resync failed")
+            report = book.resync(now)
+            if report.added or report.removed or report.repaired:
+                log.warning("enforcer resync: +%d -%d, %d repaired", report.added, report.removed, report.repaired)
+        try:
+            book.commit(now)
+        except Exception:  # noqa: BLE001 - kept queued: the next transaction that commits writes it
+            self.stats.errors += 1
+            log.exception("could not store ban changes; retrying with the next batch")
+        self.stats.unbans = book.stats.unbans
+        self.stats.expired = book.stats.expired
         if now - self._last_prune >= self.cfg.daemon.prune_interval:
             self._last_prune = now
             sc = self.cfg.store
-            self.store.prune(now, max(sc.event_retention, self.policy.max_findtime if self.policy else 0),
-                             sc.max_events, sc.history_retention)
-            if self.policy:
-                self.policy.expire(now)
+            p.store.prune(now, max(sc.event_retention, p.policy.max_findtime), sc.max_events, sc.history_retention)
+            p.scorer.expire(now)
         if now - self._last_status >= 2.0:
             self.write_status(now)
 
-    def _apply_control(self, now: float) -> None:
-        """Mirror what the CLI did (ban/unban) into the policy and this process's enforcer."""
-        for req in self.store.requests_after(self._last_control):
-            self._last_control = req.id
-            if req.action == "ban" and req.target:
-                ban = self.store.get_ban(req.target)
-                if ban is not None:
-                    self.policy.note_ban(ban.ip)
-                    self.enforcer.ban(ban, now)
-            elif req.action == "unban" and req.target:
-                self.policy.release(req.target)
-                self.enforcer.unban(req.target)
-                self.stats.unbans += 1
-            elif req.action in ("unban_all", "sync"):
-                active = self.store.active_bans(now)
-                keep = {b.ip for b in active}
-                for ip in list(self.policy.banned - keep):
-                    self.policy.release(ip)
-                for ip in keep:
-                    self.policy.note_ban(ip)
-                self.enforcer.sync(active, now)
+    # -- what it reports ---------------------------------------------------------------------
+    def parse_counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for parser in self.parts.parsers.values():
+            for k, v in _counters(parser.stats).items():
+                if isinstance(v, int):
+                    out[k] = out.get(k, 0) + v
+        return out
 
-    def _expire(self, now: float) -> None:
-        expired = self.store.expired_bans(now)
-        if not expired:
-            return
-        with self.store.transaction():
-            for ban in expired:
-                self.store.remove_ban(ban.ip, now, action="expire")
-        for ban in expired:
-            if self.policy is not None:
-                self.policy.release(ban.ip)
-            try:
-                self.enforcer.unban(ban.ip)
-            except Exception:  # noqa: BLE001
-                self.stats.errors += 1
-                log.exception("enforcer failed to unban %s", ban.ip)
-            log.info("ban on %s expired", ban.ip)
-        self.stats.expired += len(expired)
+    def skipped(self) -> dict[str, int]:
+        """Lines skipped or rejected so far, by reason (parsers, sources, filters)."""
+        parse = self.parse_counters()
+        out = {k: parse.get(k, 0) for k in _PARSER_SKIPS}
+        src = _counters(self.parts.follower.stats)
+        for k in _SOURCE_SKIPS:
+            out[k] = int(src.get(k, 0) or 0)
+        out["invalid_ip"] = int(_counters(self.parts.filters.stats).get("invalid_ip", 0) or 0)
+        return out
 
     def write_status(self, now: float, running: bool = True) -> None:
         """A heartbeat for `sipguard status`: counters of every stage, as JSON in the store."""
+        p = self.parts
         self._last_status = now
-        parse: dict[str, int] = {}
-        for p in self.parsers.values():
-            for k, v in _counters(p.stats).items():
-                if isinstance(v, int):
-                    parse[k] = parse.get(k, 0) + v
         status = {
             "pid": os.getpid(),
             "running": running,
             "heartbeat": now,
-            "logs": self.logs,
-            "enforcer": self.enforcer.name,
+            "logs": p.logs,
+            "enforcer": p.enforcer_name,
             "daemon": asdict(self.stats),
-            "sources": _counters(self.follower.stats) if self.follower else {},
-            "formats": parse,
-            "filters": _counters(self.filters.stats),
-            "policy": asdict(self.policy.stats) if self.policy else {},
+            "sources": _counters(p.follower.stats),
+            "formats": self.parse_counters(),
+            "filters": _counters(p.filters.stats),
+            "policy": asdict(p.policy.stats),
+            "bans": asdict(p.book.stats),
         }
-        self.store.set_meta("status", json.dumps(status))
+        p.store.set_meta("status", json.dumps(status))

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .model import Line, Record
+from .sources import FileFollower, LineBatch
 
 log = logging.getLogger("sipguard.journal")
 
@@ -251,11 +252,11 @@ def _cursor_of(line: bytes) -> str | None:
 
 
 class MultiFollower:
-    """The daemon's file follower plus the journal, behind the follower's own interface."""
+    """The daemon's file follower plus the journal, behind the follower's batch interface."""
 
     SLICE = 0.05
 
-    def __init__(self, files: Any, journal: JournalFollower) -> None:
+    def __init__(self, files: FileFollower, journal: JournalFollower) -> None:
         self.files = files
         self.journal = journal
 
@@ -266,15 +267,28 @@ class MultiFollower:
             out[f"journal_{k}"] = v
         return out
 
-    def poll(self, timeout: float) -> list[Line]:
+    def start(self) -> None:
+        self.files.start()
+        self.journal.start()
+        log.info("following the journal: %s", ", ".join(self.journal.sources))
+
+    def poll_batch(self, timeout: float) -> LineBatch:
+        """The files' read buffers as they are (their lines stay unparsed unless they hold a trigger
+        literal), then the journal's entries, one segment per journal source."""
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             if self.journal.pending():
-                return self.files.poll(0) + self.journal.drain()
+                return self._with_journal(self.files.poll_batch(0))
             left = deadline - time.monotonic()
-            out = self.files.poll(min(self.SLICE, max(0.0, left)))
-            if out or left <= self.SLICE:
-                return out + self.journal.drain()
+            batch = self.files.poll_batch(min(self.SLICE, max(0.0, left)))
+            if len(batch) or left <= self.SLICE:
+                return self._with_journal(batch)
+
+    def _with_journal(self, batch: LineBatch) -> LineBatch:
+        lines = self.journal.drain()
+        if not lines:
+            return batch
+        return LineBatch([*batch.segments, (self.journal.key, 0, b"\n".join(ln.data for ln in lines) + b"\n")])
 
     def positions(self) -> dict:
         return self.files.positions()
@@ -282,6 +296,3 @@ class MultiFollower:
     def close(self) -> None:
         self.files.close()
         self.journal.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.files, name)

@@ -7,7 +7,7 @@ a tuple is built at half the cost of a frozen dataclass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import NamedTuple
 
@@ -86,6 +86,11 @@ class Ban:
     score: float = 0.0
     offence: int = 1
     manual: bool = False
+    refused: str | None = None  # why the enforcer cannot hold it (e.g. an ipset and a /0); None: enforced
+
+    def with_refusal(self, why: str | None) -> Ban:
+        """The same ban, marked refused by the enforcer (None: enforceable)."""
+        return replace(self, refused=why)
 
     def remaining(self, now: float) -> float | None:
         """Seconds left (>= 0), None when permanent."""

@@ -102,6 +102,12 @@ class Store:
         if "meta" not in db.table_names():
             db["meta"].create({"key": str, "value": str}, pk="key")
             db["meta"].insert({"key": "schema", "value": str(SCHEMA_VERSION)})
+        if "refused" not in db["bans"].columns_dict:  # a database from before refusals: same rows, new column
+            db["bans"].add_column("refused", str)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -148,9 +154,9 @@ class Store:
     def put_ban(self, ban: Ban, now: float | None = None) -> None:
         now = time.time() if now is None else now
         self.conn.execute(
-            "INSERT OR REPLACE INTO bans (ip, reason, score, created, expires, offence, manual) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (ban.ip, ban.reason, ban.score, ban.created, ban.expires, ban.offence, int(ban.manual)),
+            "INSERT OR REPLACE INTO bans (ip, reason, score, created, expires, offence, manual, refused) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (ban.ip, ban.reason, ban.score, ban.created, ban.expires, ban.offence, int(ban.manual), ban.refused),
         )
         self._log("ban", ban, now)
 
@@ -172,14 +178,14 @@ class Store:
 
     def get_ban(self, ip: str) -> Ban | None:
         row = self.conn.execute(
-            "SELECT ip, reason, created, expires, score, offence, manual FROM bans WHERE ip = ?", (ip,)
+            "SELECT ip, reason, created, expires, score, offence, manual, refused FROM bans WHERE ip = ?", (ip,)
         ).fetchone()
         return _ban(row) if row else None
 
     def active_bans(self, now: float | None = None) -> list[Ban]:
         now = time.time() if now is None else now
         rows = self.conn.execute(
-            "SELECT ip, reason, created, expires, score, offence, manual FROM bans "
+            "SELECT ip, reason, created, expires, score, offence, manual, refused FROM bans "
             "WHERE expires IS NULL OR expires > ? ORDER BY created, ip",
             (now,),
         )
@@ -187,7 +193,7 @@ class Store:
 
     def expired_bans(self, now: float) -> list[Ban]:
         rows = self.conn.execute(
-            "SELECT ip, reason, created, expires, score, offence, manual FROM bans "
+            "SELECT ip, reason, created, expires, score, offence, manual, refused FROM bans "
             "WHERE expires IS NOT NULL AND expires <= ?",
             (now,),
         )
@@ -267,11 +273,12 @@ class Store:
         return {
             "events": q("SELECT count(*) FROM events").fetchone()[0],
             "bans": q("SELECT count(*) FROM bans").fetchone()[0],
+            "refused": q("SELECT count(*) FROM bans WHERE refused IS NOT NULL").fetchone()[0],
             "history": q("SELECT count(*) FROM ban_log").fetchone()[0],
         }
 
 
 def _ban(row: tuple) -> Ban:
-    ip, reason, created, expires, score, offence, manual = row
+    ip, reason, created, expires, score, offence, manual, refused = row
     return Ban(ip=ip, reason=reason, created=created, expires=expires, score=score or 0.0,
-               offence=offence or 1, manual=bool(manual))
+               offence=offence or 1, manual=bool(manual), refused=refused)

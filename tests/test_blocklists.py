@@ -9,12 +9,19 @@ import threading
 import pytest
 
 from sipguard.addresses import AllowList
-from sipguard.blocklists import BlocklistError, apply_blocklist, listed_bans, parse_blocklist
+from sipguard.extras.blocklists import BlocklistError, apply_blocklist, listed_bans, parse_blocklist
 from sipguard.config import Config
-from sipguard.daemon import Daemon
+from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.store import Store
 from waiting import wait_for
+
+
+def blocklist_hook(d):
+    """The daemon's BlocklistHook (the composition root adds it when the config asks for it)."""
+    from sipguard.extras.blocklists import BlocklistHook
+
+    return next(h for h in d.parts.hooks if isinstance(h, BlocklistHook))
 
 SIPGUARD = [sys.executable, "-m", "sipguard"]
 
@@ -141,20 +148,20 @@ def test_daemon_refreshes_from_url(tmp_path):
         (tmp_path / "k.log").touch()
         store = Store.open_state_dir(tmp_path / "st")
         enf = DryRunEnforcer()
-        d = Daemon(cfg, store, enf, logs=[str(tmp_path / "k.log")])
+        d = build_daemon(cfg, store, enf, logs=[str(tmp_path / "k.log")])
         th = threading.Thread(target=d.run, daemon=True)
         th.start()
         try:
             ents = lambda: {e.ip for e in enf.entries()}  # noqa: E731
             wait_for(lambda: ents() == {"198.51.100.20", "198.51.100.21"}, timeout=8.0)
-            assert d.policy is not None and "198.51.100.20" in d.policy.banned
+            assert "198.51.100.20" in d.parts.policy.banned
             srv.body = b'{"ipaddress": ["198.51.100.21", "not-an-address"]}'  # malformed: nothing changes
             hits = srv.hits
-            wait_for(lambda: srv.hits > hits and "apiban" in d.integrations.refresher.errors, timeout=8.0)
+            wait_for(lambda: srv.hits > hits and "apiban" in blocklist_hook(d).refresher.errors, timeout=8.0)
             assert ents() == {"198.51.100.20", "198.51.100.21"}
-            assert "api/banned:1: entry 1" in d.integrations.refresher.errors["apiban"]
+            assert "api/banned:1: entry 1" in blocklist_hook(d).refresher.errors["apiban"]
             srv.body = b'{"ipaddress": ["198.51.100.21", "198.51.100.22"]}'
-            d.integrations.refresher.due["apiban"] = 0  # don't wait for the retry delay
+            blocklist_hook(d).refresher.due["apiban"] = 0  # don't wait for the retry delay
             wait_for(lambda: ents() == {"198.51.100.21", "198.51.100.22"}, timeout=8.0)
             assert set(listed_bans(store, "apiban")) == {"198.51.100.21", "198.51.100.22"}
         finally:

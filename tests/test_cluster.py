@@ -24,7 +24,7 @@ import pytest
 from sipguard.actions import manual_ban, manual_unban
 from sipguard.addresses import AllowList
 from sipguard.config import Config
-from sipguard.daemon import Daemon
+from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.store import Store
 from waiting import wait_for
@@ -136,10 +136,10 @@ class Node:
 
     def start(self) -> Node:
         self.store = Store.open_state_dir(self.dir / "state")
-        self.daemon = Daemon(self.cfg, self.store, self.enforcer, logs=[str(self.log)])
+        self.daemon = build_daemon(self.cfg, self.store, self.enforcer, logs=[str(self.log)])
         self.thread = threading.Thread(target=self.daemon.run, daemon=True)
         self.thread.start()
-        wait_for(lambda: self.daemon.follower is not None)
+        wait_for(lambda: self.daemon.ready.is_set())
         return self
 
     def stop(self) -> None:
@@ -377,7 +377,7 @@ def test_no_cluster_section_means_standalone(tmp_path):
     store = Store.open_state_dir(tmp_path / "state")
     log = tmp_path / "k.log"
     log.touch()
-    d = Daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
+    d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
     d.setup()
     try:
         assert d.cluster is None and type(d.policy).__name__ == "Policy"

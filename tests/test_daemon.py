@@ -9,7 +9,7 @@ from pathlib import Path
 from sipguard.actions import manual_ban, manual_unban
 from sipguard.addresses import AllowList
 from sipguard.config import Config
-from sipguard.daemon import Daemon
+from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.store import Store
 from waiting import wait_for
@@ -43,12 +43,12 @@ class Running:
                                                  "daemon": {"control_interval": 0.05}})
         self.enforcer = DryRunEnforcer()
         self.store = Store.open_state_dir(tmp / "state")
-        self.daemon = Daemon(self.cfg, self.store, self.enforcer, logs=[str(self.log)])
+        self.daemon = build_daemon(self.cfg, self.store, self.enforcer, logs=[str(self.log)])
         self.thread = threading.Thread(target=self.daemon.run, daemon=True)
 
     def __enter__(self):
         self.thread.start()
-        wait_for(lambda: self.daemon.follower is not None and self.daemon.policy is not None)
+        wait_for(lambda: self.daemon.ready.is_set())
         return self
 
     def __exit__(self, *exc):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sipguard.addresses import AllowList
 from sipguard.config import Config
 from sipguard.daemon import Daemon
+from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.model import Event
 from sipguard.sources import LineBatch
@@ -38,7 +39,7 @@ PIECES = [
 
 def make_daemon() -> Daemon:
     cfg = Config.model_validate({"allowlist": {"include_host_addresses": False}})
-    return Daemon(cfg, Store(":memory:"), DryRunEnforcer(), logs=[SRC, OTHER])
+    return build_daemon(cfg, Store(":memory:"), DryRunEnforcer(), logs=[SRC, OTHER])
 
 
 def events_of(d: Daemon, batches) -> list[Event]:
@@ -47,13 +48,13 @@ def events_of(d: Daemon, batches) -> list[Event]:
     for batch in batches:
         touched: set[str] = set()
         for line in d._to_parse(batch, touched):
-            for rec in d.parsers[line.source].feed(line):
-                ev = d.filters.match(rec, 0.0)
+            for rec in d.parts.parsers[line.source].feed(line):
+                ev = d.parts.filters.match(rec, 0.0)
                 if ev is not None:
                     out.append(ev)
         for path in touched:
-            for rec in d.parsers[path].flush():
-                ev = d.filters.match(rec, 0.0)
+            for rec in d.parts.parsers[path].flush():
+                ev = d.parts.filters.match(rec, 0.0)
                 if ev is not None:
                     out.append(ev)
     return out

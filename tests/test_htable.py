@@ -14,9 +14,10 @@ import pytest
 
 from sipguard.actions import manual_unban
 from sipguard.config import Config
-from sipguard.daemon import Daemon
+from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
-from sipguard.htable import Fanout, JsonRpc, dump_keys
+from sipguard.enforce.stack import EnforcerStack as Fanout
+from sipguard.extras.htable import JsonRpc, dump_keys
 from sipguard.model import Ban
 from sipguard.store import Store
 from waiting import wait_for
@@ -82,11 +83,11 @@ def test_bans_mirrored_into_real_kamailio(kamailio, tmp_path):
                                  "daemon": {"control_interval": 0.05},
                                  "htable": {"enabled": True, "rpc": rpc_url}})
     kernel = DryRunEnforcer()
-    d = Daemon(cfg, store, kernel, logs=[str(log)])
+    d = build_daemon(cfg, store, kernel, logs=[str(log)])
     th = threading.Thread(target=d.run, daemon=True)
     th.start()
     try:
-        wait_for(lambda: d.follower is not None, timeout=8.0)
+        wait_for(lambda: d.ready.is_set(), timeout=8.0)
         # the full resync at start: store's ban in, stale sipguard entry out, pike's entry kept
         assert table() == {"198.51.100.5": 2, "198.51.100.77": 1}
         with SipClient(server=lab.proxy_ip, netns=client.name, local_ip=CLIENT, timeout=1.0) as sip:

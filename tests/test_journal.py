@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sipguard.config import Config
-from sipguard.daemon import Daemon
+from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.journal import JournalParser, message_text
 from sipguard.model import Line
@@ -140,10 +140,10 @@ def test_follows_real_journal_and_resumes_at_cursor(tmp_path):
         def start():
             store = Store.open_state_dir(tmp_path / "st")
             enf = DryRunEnforcer()
-            d = Daemon(cfg, store, enf, logs=[])
+            d = build_daemon(cfg, store, enf, logs=[])
             th = threading.Thread(target=d.run, daemon=True)
             th.start()
-            wait_for(lambda: d.follower is not None, timeout=10.0)
+            wait_for(lambda: d.ready.is_set(), timeout=10.0)
             return d, th, store, enf
 
         def stop(d, th, store):

@@ -8,12 +8,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sipguard.actions import manual_unban
 from sipguard.config import Config
-from sipguard.daemon import Daemon
+from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
-from sipguard.metrics import family, reason_label, write_time
+from sipguard.extras.metrics import family, reason_label, write_time
 from sipguard.model import Ban
 from sipguard.store import Store
 from waiting import wait_for
+
+
+def metrics_hook(d):
+    """The daemon's MetricsHook (the composition root adds it when the config asks for it)."""
+    from sipguard.extras.metrics import MetricsHook
+
+    return next(h for h in d.parts.hooks if isinstance(h, MetricsHook))
 
 
 def iso_line(text: str, pid: int = 4242) -> str:
@@ -56,12 +63,12 @@ def test_metrics_move_with_traffic(tmp_path):
                                  "sources": {"format": "auto"},
                                  "metrics": {"listen": "127.0.0.1:0"}})
     store = Store.open_state_dir(tmp_path / "state")
-    d = Daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
-    addr = d.integrations.metrics.address
+    d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
+    addr = metrics_hook(d).metrics.address
     th = threading.Thread(target=d.run, daemon=True)
     th.start()
     try:
-        wait_for(lambda: d.follower is not None)
+        wait_for(lambda: d.ready.is_set())
         m0 = scrape(addr)
         assert val(m0, "sipguard_lines_read_total", source=str(log)) == 0
         with log.open("a") as f:
@@ -109,14 +116,14 @@ def test_enforcer_errors_counted(tmp_path):
     cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
                                  "daemon": {"control_interval": 0.05}, "metrics": {"listen": "127.0.0.1:0"}})
     store = Store.open_state_dir(tmp_path / "state")
-    d = Daemon(cfg, store, _Broken(), logs=[str(log)])
+    d = build_daemon(cfg, store, _Broken(), logs=[str(log)])
     th = threading.Thread(target=d.run, daemon=True)
     th.start()
     try:
-        wait_for(lambda: d.follower is not None)
+        wait_for(lambda: d.ready.is_set())
         with log.open("a") as f:
             f.write(iso_line("WARNING: <script>: Blocked scanner UA 'sipvicious' from 198.18.7.2:5060"))
-        addr = d.integrations.metrics.address
+        addr = metrics_hook(d).metrics.address
         wait_for(lambda: val(scrape(addr), "sipguard_enforcer_errors_total", enforcer="dryrun", op="ban") == 1)
     finally:
         d.stop()

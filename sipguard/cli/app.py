@@ -32,18 +32,18 @@ app = typer.Typer(
 
 
 class _LazyConsole:
-    """A rich Console made on first use: `scan --json` and friends never pay for importing rich."""
+    """A rich Console made on first print: `scan --json` and friends never pay for importing rich."""
 
     def __init__(self, **kw: object) -> None:
         self._kw = kw
         self._console = None
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def print(self, *objects: object, **kw: object) -> None:
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._kw)
-        return getattr(self._console, name)
+        self._console.print(*objects, **kw)
 
 
 def Table(*args, **kw):  # noqa: ANN201, N802 - rich's Table, imported on first use

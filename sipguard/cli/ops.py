@@ -1,6 +1,7 @@
 """CLI verbs for operators' tooling: `sipguard import` (blocklists) and `sipguard report` (HTML).
 
-Registered on the typer app of sipguard/cli/app.py; holds no logic of its own.
+Registered on the typer app of sipguard/cli/app.py; they parse and check arguments (list names, ban
+times) and call sipguard/extras/blocklists.py and sipguard/report.py, which do the work.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def import_(
     """Ban a blocklist's entries (reason blocklist:NAME); entries gone from the list are unbanned."""
     import re
 
-    from ..blocklists import apply_blocklist, load_blocklist
+    from ..extras.blocklists import apply_blocklist, load_blocklist
     from .app import _kernel_enforcer
 
     if fmt not in ("auto", "text", "json"):

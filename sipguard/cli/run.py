@@ -21,16 +21,14 @@ def run(
     max_seconds: Annotated[Optional[float], typer.Option(hidden=True)] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
-    from ..daemon import Daemon
     from ..enforce import make_enforcer
+    from ..wiring import build_daemon, load_filters
 
     cfg = ctx.cfg
-    from ..filters import FilterSet
-
-    filters = FilterSet.load(cfg.filters.directories, enabled=cfg.filters.enabled, disabled=cfg.filters.disabled)
+    filters = load_filters(cfg)  # a bad filter fails before anything is opened
     store = ctx.store()
     enforcer = make_enforcer("dryrun" if dry_run else cfg.enforce)
-    daemon = Daemon(cfg, store, enforcer, logs=log or None, from_start=from_start or None, filters=filters)
+    daemon = build_daemon(cfg, store, enforcer, logs=log or None, from_start=from_start or None, filters=filters)
     daemon.install_signal_handlers()
     stats = daemon.run(max_seconds=max_seconds)
     logging.getLogger("sipguard").info("stopped: %d lines, %d events, %d bans", stats.lines, stats.events, stats.bans)

@@ -34,6 +34,10 @@ class SyncReport:
 class Enforcer(Protocol):
     name: str
 
+    def refuses(self, ip: str) -> str | None:
+        """Why this backend cannot hold `ip` at all (e.g. an ipset and a /0), or None."""
+        ...
+
     def ban(self, ban: Ban, now: float) -> None: ...
 
     def ban_many(self, bans: list[Ban], now: float) -> None: ...

@@ -20,6 +20,9 @@ class DryRunEnforcer:
     def __init__(self) -> None:
         self._entries: dict[str, float | None] = {}  # ip -> absolute expiry (None: permanent)
 
+    def refuses(self, ip: str) -> str | None:
+        return None
+
     def ban(self, ban: Ban, now: float) -> None:
         self._entries[ban.ip] = ban.expires
         log.info("dry-run: would ban %s (%s) for %s", ban.ip, ban.reason,

@@ -78,6 +78,12 @@ class IpsetEnforcer:
                                                                  self.cfg.hook_forward))
         return self._hook
 
+    def refuses(self, ip: str) -> str | None:
+        """A /0 cannot be an ipset entry (hash:net takes prefixes 1 to 32 / 128)."""
+        if ip.endswith("/0"):
+            return "an ipset cannot hold a /0 network"
+        return None
+
     def _set_of(self, ip: str) -> tuple[str, int, bool]:
         version, is_net = classify(ip)
         if is_net and ipaddress.ip_network(ip).prefixlen == 0:

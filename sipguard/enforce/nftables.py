@@ -238,6 +238,9 @@ class NftablesEnforcer:
         return pre, script
 
     # -- Enforcer ------------------------------------------------------------------------------
+    def refuses(self, ip: str) -> str | None:
+        return None  # interval sets hold every prefix, /0 included
+
     def ban(self, ban: Ban, now: float) -> None:
         self.ban_many([ban], now)
 

@@ -9,8 +9,8 @@ A list is parsed whole before anything changes: one malformed entry rejects it w
 the file or URL and the line (`BlocklistError`), and the bans stay as they were. Entries are banned
 with reason `blocklist:NAME`; an entry that drops off the list is unbanned at the next refresh or
 import of that list. Allow-listed entries are skipped and counted, never banned; an address that
-already has a ban (a jail's or a manual one) keeps it. New bans go to the enforcer in one
-`ban_many` and to the store in one transaction; a kernel error rolls the store back.
+already has a ban (a jail's or a manual one) keeps it. The changes go through the ban book: new bans to
+the kernel in one batch, then to the store in one transaction.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .addresses import AllowList, parse_target
-from .errors import SipguardError
-from .model import Ban
-from .store import Store
+from ..addresses import AllowList, parse_target
+from ..bans import BLOCKLIST, BanBook
+from ..errors import SipguardError
+from ..model import Ban
+from ..store import Store
 
 if TYPE_CHECKING:
-    from .config import BlocklistConfig
-    from .enforce import Enforcer
+    from ..config import BlocklistConfig
+    from ..enforce.base import Enforcer
 
 log = logging.getLogger("sipguard.blocklists")
 
@@ -146,8 +146,13 @@ def apply_blocklist(
     now: float | None = None,
     bantime: float | None = None,
     notify_daemon: bool = True,
+    book: BanBook | None = None,
 ) -> ApplyResult:
-    """Make the list's bans equal to `entries` (minus the allow-list): add new, lift delisted."""
+    """Make the list's bans equal to `entries` (minus the allow-list): add new, lift delisted.
+
+    The changes go through `book` (the daemon's) or, without one, a strict ban book of their own over
+    `enforcer` (the CLI: a kernel error changes nothing); `notify_daemon` leaves a control request.
+    """
     now = time.time() if now is None else now
     res = ApplyResult(name=name, listed=len(entries))
     current = listed_bans(store, name)
@@ -168,18 +173,18 @@ def apply_blocklist(
         else:
             new.append(Ban(ip=ip, reason=reason, created=now, expires=expires, score=0.0, offence=1, manual=True))
     gone = [ip for ip in current if ip not in want]
-    with store.transaction():
-        for ban in new:
-            store.put_ban(ban, now)
-        for ip in gone:
-            store.remove_ban(ip, now, action="delist")
-        if notify_daemon and (new or gone):
-            store.request("sync")
-        if enforcer is not None:
-            if new:
-                enforcer.ban_many(new, now)
-            for ip in gone:
-                enforcer.unban(ip)
+    book = book or BanBook(store, enforcer, strict=True)
+    book.ban(new, now, BLOCKLIST, batch=True)
+    book.unban(gone, now, BLOCKLIST, action="delist", clear=False)
+    try:
+        with store.transaction():
+            book.write(now)
+            if notify_daemon and (new or gone):
+                store.request("sync")
+    except BaseException:
+        book.failed()
+        raise
+    book.written()
     res.added, res.removed = len(new), len(gone)
     res.added_ips = [b.ip for b in new]
     res.removed_ips = gone
@@ -187,23 +192,23 @@ def apply_blocklist(
 
 
 class BlocklistRefresher:
-    """The daemon's scheduler: fetches each configured list every `refresh` on a worker thread,
-    and applies what it fetched on the daemon's own thread (`tick`), so store and enforcer stay
+    """The daemon's scheduler: fetches each configured list every `refresh` on a worker thread and
+    hands what it fetched to the daemon's own thread (`tick`), so store and enforcer stay
     single-threaded. A failed fetch or a malformed list changes nothing and is retried sooner."""
 
     RETRY = 300.0
 
-    def __init__(self, lists: list[BlocklistConfig], on_result: Callable[[BlocklistConfig, list[str] | None, str | None],
-                                                                          None]) -> None:
+    def __init__(self, lists: list[BlocklistConfig]) -> None:
         self.lists = lists
-        self.on_result = on_result
         self.due = {b.name: 0.0 for b in lists}
         self._busy: set[str] = set()
         self._done: list[tuple[BlocklistConfig, list[str] | None, str | None]] = []
         self._lock = threading.Lock()
         self.errors: dict[str, str] = {}
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> list[tuple[BlocklistConfig, list[str] | None, str | None]]:
+        """Start the fetches that are due; returns the fetches finished since the last tick."""
+        finished: list[tuple[BlocklistConfig, list[str] | None, str | None]] = []
         with self._lock:
             done, self._done = self._done, []
         for cfg, entries, error in done:
@@ -213,13 +218,14 @@ class BlocklistRefresher:
                 self.due[cfg.name] = now + min(cfg.refresh, self.RETRY)
             else:
                 self.errors.pop(cfg.name, None)
-            self.on_result(cfg, entries, error)
+            finished.append((cfg, entries, error))
         for cfg in self.lists:
             if cfg.name in self._busy or now < self.due[cfg.name]:
                 continue
             self._busy.add(cfg.name)
             self.due[cfg.name] = now + cfg.refresh
             threading.Thread(target=self._fetch, args=(cfg,), name=f"blocklist-{cfg.name}", daemon=True).start()
+        return finished
 
     def _fetch(self, cfg: BlocklistConfig) -> None:
         try:
@@ -231,3 +237,31 @@ class BlocklistRefresher:
             entries, error = None, f"{cfg.url}: {exc}"
         with self._lock:
             self._done.append((cfg, entries, error))
+
+
+class BlocklistHook:
+    """The daemon's hook for `[[blocklists]]`: each finished fetch becomes ban changes in the ban book."""
+
+    def __init__(self, lists: list[BlocklistConfig], store: Store, allow: AllowList, metrics: Any = None) -> None:
+        self.refresher = BlocklistRefresher(lists)
+        self.store = store
+        self.allow = allow
+        self.metrics = metrics  # extras.metrics.Metrics, for the skipped counter
+
+    def on_batch(self, report: Any) -> None:
+        pass
+
+    def tick(self, now: float, book: BanBook) -> None:
+        for bl, entries, error in self.refresher.tick(now):
+            if error is not None or entries is None:
+                log.error("blocklist %s not refreshed (bans unchanged): %s", bl.name, error)
+                continue
+            res = apply_blocklist(self.store, bl.name, entries, self.allow, now=now, bantime=bl.bantime,
+                                  notify_daemon=False, book=book)
+            if self.metrics is not None and res.skipped_allowlisted:
+                self.metrics.blocklist_skipped.labels(bl.name).inc(len(res.skipped_allowlisted))
+            log.warning("blocklist %s: %d listed, +%d -%d, %d allow-listed skipped", bl.name, res.listed, res.added,
+                        res.removed, len(res.skipped_allowlisted))
+
+    def close(self) -> None:
+        pass

@@ -2,8 +2,8 @@
 
 Off unless `[metrics] listen = "HOST:PORT"`. The daemon hands each processed batch to
 `observe_batch`; every enforcer call goes through `MeteredEnforcer` (bans, unbans, errors, and
-the set of bans in force by family and reason); skipped/garbage line counters are read from the
-daemon's stages at scrape time. Each `Metrics` has its own registry, so several daemons in one
+the set of bans in force by family and reason); skipped/garbage line counters come with each
+batch (`MetricsHook`). Each `Metrics` has its own registry, so several daemons in one
 process (tests) never share figures.
 
 Ban latency is "log line written → enforcer returned": the line's own timestamp when the format
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .addresses import family_label as family
-from .model import Ban
+from ..addresses import family_label as family
+from ..model import Ban
 
 if TYPE_CHECKING:
-    from .enforce import EnforcedEntry, Enforcer, SyncReport
-    from .model import Event, Line
+    from ..enforce.base import EnforcedEntry, Enforcer, SyncReport
+    from ..model import Event
 
 log = logging.getLogger("sipguard.metrics")
 
@@ -35,9 +35,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 # how far a record's own timestamp may lie from the read time and still count as "when it was written"
 _PLAUSIBLE = 3600.0
 
-# parser / follower counters exported as sipguard_lines_skipped_total{reason}
-_PARSER_SKIPS = ("garbage", "forged", "invalid_utf8", "truncated", "other_program")
-_SOURCE_SKIPS = ("too_long", "errors")
 
 
 def reason_label(ban: Ban) -> str:
@@ -75,21 +72,18 @@ class Metrics:
                                  registry=r)
         self._lock = threading.Lock()
         self._active: dict[str, tuple[str, str, float | None]] = {}  # ip -> (family, reason, expires)
-        self._skip_source: Callable[[], dict[str, int]] | None = None
+        self._skipped: dict[str, int] = {}
         r.register(_Collector(self))
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
 
     # -- the daemon's hooks ------------------------------------------------------------------
-    def observe_batch(self, lines: Iterable[Line], events: Iterable[Event], bans: Iterable[Ban],
+    def observe_batch(self, lines_by_source: dict[str, int], events: Iterable[Event], bans: Iterable[Ban],
                       read_time: float, done: float | None = None) -> None:
         """One processed batch: lines per source, matches per filter, events per kind, ban latency."""
         done = time.time() if done is None else done
-        per_source: dict[str, int] = {}
-        for line in lines:
-            per_source[line.source] = per_source.get(line.source, 0) + 1
-        for src, n in per_source.items():
+        for src, n in lines_by_source.items():
             self.lines.labels(src).inc(n)
         first: dict[str, float] = {}
         per_filter: dict[str, int] = {}
@@ -107,9 +101,14 @@ class Metrics:
             written = read_time if t is None else write_time(t, read_time)
             self.latency.observe(max(0.0, done - written))
 
-    def skipped_from(self, fn: Callable[[], dict[str, int]]) -> None:
-        """A function returning the skipped-line counters by reason (read at scrape time)."""
-        self._skip_source = fn
+    def set_skipped(self, counters: dict[str, int]) -> None:
+        """The daemon's skipped-line counters by reason, as of its last batch."""
+        with self._lock:
+            self._skipped = dict(counters)
+
+    def skipped(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._skipped)
 
     # -- bans in force (kept by MeteredEnforcer) ---------------------------------------------
     def _add(self, bans: Iterable[Ban]) -> None:
@@ -174,18 +173,8 @@ class _Collector:
             g.add_metric([fam, reason], n)
         yield g
         c = CounterMetricFamily("sipguard_lines_skipped", "Lines skipped or rejected, by reason", labels=["reason"])
-        fn = self.m._skip_source
-        if fn is not None:
-            for _ in range(3):  # the daemon thread may be adding a key right now
-                try:
-                    vals = fn()
-                    break
-                except RuntimeError:
-                    continue
-            else:
-                vals = {}
-            for reason, n in sorted(vals.items()):
-                c.add_metric([reason], n)
+        for reason, n in sorted(self.m.skipped().items()):
+            c.add_metric([reason], n)
         yield c
 
 
@@ -203,6 +192,9 @@ class MeteredEnforcer:
         except Exception:
             self.metrics.enforcer_errors.labels(self.name, op).inc()
             raise
+
+    def refuses(self, ip: str) -> str | None:
+        return self.inner.refuses(ip)
 
     def ban(self, ban: Ban, now: float) -> None:
         self._call("ban", self.inner.ban, ban, now)
@@ -236,35 +228,19 @@ class MeteredEnforcer:
     def close(self) -> None:
         self.inner.close()
 
-    def __getattr__(self, name: str) -> Any:  # backend extras (e.g. a kernel enforcer's own helpers)
-        return getattr(self.inner, name)
 
+class MetricsHook:
+    """The daemon's hook for `[metrics]`: each batch's figures into the registry."""
 
-def skipped_counters(daemon: Any) -> dict[str, int]:
-    """Skipped-line counters of a running daemon's parsers and follower, by reason."""
-    out: dict[str, int] = {}
-    for p in list(daemon.parsers.values()):
-        st = p.stats
-        for k in _PARSER_SKIPS:
-            v = getattr(st, k, None)
-            if v is None:
-                try:
-                    v = st[k]
-                except (KeyError, TypeError, IndexError):
-                    v = 0
-            out[k] = out.get(k, 0) + int(v or 0)
-    follower = getattr(daemon, "follower", None)
-    if follower is not None:
-        fst = follower.stats
-        for k in _SOURCE_SKIPS:
-            try:
-                out[k] = out.get(k, 0) + int(fst.get(k, 0) if hasattr(fst, "get") else fst[k])
-            except (KeyError, TypeError):
-                pass
-    es = getattr(daemon.filters, "stats", None)
-    if es is not None:
-        try:
-            out["invalid_ip"] = int(es.get("invalid_ip", 0) if hasattr(es, "get") else es["invalid_ip"])
-        except (KeyError, TypeError):
-            pass
-    return out
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def on_batch(self, report: Any) -> None:  # daemon.BatchReport
+        self.metrics.observe_batch(report.lines_by_source, report.events, report.bans, report.read_time)
+        self.metrics.set_skipped(report.skipped)
+
+    def tick(self, now: float, book: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        self.metrics.close()

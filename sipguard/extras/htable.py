@@ -31,13 +31,13 @@ import time
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
-from .enforce import EnforcedEntry, SyncReport
-from .errors import SipguardError
-from .model import Ban
+from ..enforce.base import EnforcedEntry, SyncReport
+from ..errors import SipguardError
+from ..model import Ban
 
 if TYPE_CHECKING:
-    from .config import HtableConfig
-    from .enforce import Enforcer
+    from ..config import HtableConfig
+    from ..enforce.base import Enforcer
 
 log = logging.getLogger("sipguard.htable")
 
@@ -182,6 +182,9 @@ class HtableEnforcer:
         self.rpc.call("htable.setxi", self.table, ban.ip, self.cfg.value, max(1, math.ceil(left)))
         return True
 
+    def refuses(self, ip: str) -> str | None:
+        return None  # a network is skipped (exact-key lookups), never refused: the kernel holds it
+
     def ban(self, ban: Ban, now: float) -> None:
         self._set(ban, now)
 
@@ -220,49 +223,3 @@ class HtableEnforcer:
 
     def close(self) -> None:
         pass
-
-
-class Fanout:
-    """The kernel enforcer first (it stops the attack), then mirrors (htable). A mirror's failure is
-    logged and counted, never raised: the ban stands in the kernel and the next resync repairs it."""
-
-    def __init__(self, primary: Enforcer, mirrors: list[Any]) -> None:
-        self.primary = primary
-        self.mirrors = list(mirrors)
-        self.name = primary.name
-        self.mirror_errors = 0
-
-    def _mirror(self, op: str, *args: Any) -> None:
-        for m in self.mirrors:
-            try:
-                getattr(m, op)(*args)
-            except Exception as exc:  # noqa: BLE001
-                self.mirror_errors += 1
-                log.error("%s %s failed: %s", m.name, op, exc)
-
-    def ban(self, ban: Ban, now: float) -> None:
-        self.primary.ban(ban, now)
-        self._mirror("ban", ban, now)
-
-    def ban_many(self, bans: list[Ban], now: float) -> None:
-        self.primary.ban_many(bans, now)
-        self._mirror("ban_many", bans, now)
-
-    def unban(self, ip: str) -> None:
-        self.primary.unban(ip)
-        self._mirror("unban", ip)
-
-    def sync(self, bans: list[Ban], now: float) -> SyncReport:
-        report = self.primary.sync(bans, now)
-        self._mirror("sync", bans, now)
-        return report
-
-    def entries(self) -> list[EnforcedEntry]:
-        return self.primary.entries()
-
-    def close(self) -> None:
-        self.primary.close()
-        self._mirror("close")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.primary, name)

@@ -1,0 +1,374 @@
+"""The ban book: the only code that changes a ban.
+
+Every change of a ban goes through a `BanBook` — an automatic decision, a CLI request, an expiry, a
+fleet entry, a blocklist refresh, the reconcile at start — and changes the three places a ban lives,
+always in this order:
+
+1. **the kernel** (the enforcer stack: kernel sets, then the htable mirror and metrics): that is what
+   stops the attack, so it comes first;
+2. **the scorer's banned set** (`note_ban` / `release`), so the source's further events are not scored
+   again while it is banned, and its old events do not re-ban it after an unban;
+3. **the store**, in the caller's transaction: each change is queued and `write()` puts the queue into
+   the open transaction (the daemon's batch transaction, with the batch's events and positions);
+   `written()` drops what a committed transaction holds. A transaction that fails (disk full, a lock)
+   leaves the queue as it was: the rows are written by the next transaction that commits, never lost.
+
+A crash between 1 and 3 never loses a ban: at start `restore` adopts every entry found in sipguard's own
+kernel sets without a store record, with its remaining kernel timeout, before making the kernel equal to
+the store. An unban or expiry interrupted the same way leaves the ban in the store, which `restore`
+puts back into the kernel: store and kernel always agree after a restart.
+
+A backend may **refuse** an entry it cannot hold (an ipset cannot hold a `/0`): the ban is stored marked
+refused (with the reason), `list`, `status` and metrics show it, and it never stops the daemon. A kernel
+error is logged and counted; the ban stays in the store and the next resync retries it.
+
+Listeners (the fleet's publisher) hear every change inside the same transaction, after the store rows.
+The book never decides who is banned: the policy, the operator, the fleet and the blocklists do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .enforce.base import Enforcer, SyncReport
+from .model import Ban, Decision
+
+if TYPE_CHECKING:
+    from .store import ControlRequest, Store
+
+log = logging.getLogger("sipguard.bans")
+
+ADOPTED_REASON = "adopted"
+"""Reason of a ban found in sipguard's kernel sets without a store record (a crash between kernel and store)."""
+
+
+class BannedSet(Protocol):
+    """What the book needs of the scorer: the set of sources whose events are not scored."""
+
+    @property
+    def banned(self) -> set[str]: ...
+
+    def note_ban(self, ip: str) -> None: ...
+
+    def release(self, ip: str) -> None: ...
+
+
+class BanListener(Protocol):
+    """Hears every change the book makes, inside the transaction that stores it (the fleet publishes)."""
+
+    def on_bans(self, bans: Sequence[Ban], cause: str, now: float) -> None: ...
+
+    def on_unbans(self, ips: Sequence[str], at: float, cause: str, now: float) -> None: ...
+
+
+# causes: who asked for a change (listeners publish what was not heard from the fleet itself)
+POLICY = "policy"  # the local policy decided it
+FLEET_SCORE = "fleet-score"  # the fleet's score script decided it (already in the shared set)
+FLEET = "fleet"  # another node published it
+MANUAL = "manual"  # the CLI (ban, unban, ban --from-file, unban --all)
+BLOCKLIST = "blocklist"
+EXPIRY = "expiry"
+RESTORE = "restore"
+
+
+@dataclass(slots=True)
+class BookStats:
+    bans: int = 0
+    unbans: int = 0
+    expired: int = 0
+    refused: int = 0
+    adopted: int = 0
+    kernel_errors: int = 0
+    pending: int = 0  # store changes waiting for a transaction that commits
+
+
+@dataclass(frozen=True, slots=True)
+class _Put:
+    ban: Ban
+
+
+@dataclass(frozen=True, slots=True)
+class _Remove:
+    ip: str
+    action: str  # unban | expire | delist
+    cleared_at: float | None  # events of `ip` up to this time no longer count (unban); None: keep them
+
+
+class BanBook:
+    """Bans, unbans and expiries in one order (see the module docstring). Single-threaded: the daemon's
+    loop (or one CLI command) owns it."""
+
+    def __init__(self, store: Store, enforcer: Enforcer | None, scorer: BannedSet | None = None,
+                 listeners: Iterable[BanListener] = (), *, strict: bool = False) -> None:
+        """`strict` (the CLI): a kernel error is raised and nothing is queued for the store, so a
+        command either changes both or neither. The daemon is not strict: it never stops on one ban."""
+        self.strict = strict
+        self.store = store
+        self.enforcer = enforcer
+        self.scorer = scorer
+        self.listeners = tuple(listeners)
+        self.stats = BookStats()
+        self._pending: list[_Put | _Remove] = []
+        self._heard: list[tuple[str, Sequence[Ban] | Sequence[str], str, float]] = []
+        self._refused: dict[str, str | None] = {}
+        self._marks = (0, 0)  # what the last `write` put into the open transaction
+
+    # -- changes -----------------------------------------------------------------------------
+    def ban(self, bans: Sequence[Ban], now: float, cause: str = POLICY, *, store: bool = True,
+            batch: bool = False) -> list[Ban]:
+        """Ban each of `bans`: kernel (one batch when several, or with `batch`), scorer, then queued for
+        the store.
+
+        `store=False` for a ban the store already holds (a CLI request the daemon mirrors): kernel and
+        scorer only. Returns the bans as queued (a refused one carries its reason in `refused`).
+        """
+        if not bans:
+            return []
+        out = self._to_kernel(list(bans), now, batch)
+        if self.scorer is not None:
+            for ban in out:
+                self.scorer.note_ban(ban.ip)
+        if store:
+            self._pending.extend(_Put(b) for b in out)
+        self._heard.append(("ban", out, cause, now))
+        self.stats.bans += len(out)
+        for ban in out:
+            if ban.refused:
+                log.warning("%s refused %s (%s): kept in the store, shown as refused", self._name(), ban.ip,
+                            ban.refused)
+        return out
+
+    def unban(self, ips: Iterable[str], now: float, cause: str = MANUAL, *, at: float | None = None,
+              action: str = "unban", store: bool = True, clear: bool = True) -> list[str]:
+        """Lift the bans of `ips`: kernel, scorer, then queued for the store (with `clear`, the events
+        before `at` (default now) stop counting, so an unbanned source is not re-banned on them)."""
+        ips = list(dict.fromkeys(ips))
+        if not ips:
+            return []
+        at = now if at is None else at
+        if len(ips) > 1 and self.enforcer is not None:  # one kernel batch: what stays banned
+            lifted = set(ips)
+            self._kernel_sync([b for b in self.held(now) if b.ip not in lifted], now)
+        elif self.enforcer is not None:
+            self._kernel_unban(ips[0])
+        for ip in ips:
+            if self.scorer is not None:
+                self.scorer.release(ip)
+            if store:
+                self._pending.append(_Remove(ip, action, at if clear else None))
+        self._heard.append(("unban", ips, cause, at))
+        if action == "expire":
+            self.stats.expired += len(ips)
+        else:
+            self.stats.unbans += len(ips)
+        return ips
+
+    def expire(self, now: float) -> list[Ban]:
+        """End every ban whose time is over (kernel entries expire by themselves; this tidies up)."""
+        expired = [b for b in self.store.expired_bans(now) if not self._removing(b.ip)]
+        if expired:
+            self.unban([b.ip for b in expired], now, EXPIRY, action="expire", clear=False)
+            for b in expired:
+                log.info("ban on %s expired", b.ip)
+        return expired
+
+    def apply_request(self, req: ControlRequest, now: float) -> None:
+        """Mirror what a CLI command did (it changed the store and its own kernel view already)."""
+        if req.action == "ban" and req.target:
+            ban = self.store.get_ban(req.target)
+            if ban is not None:
+                self.ban([ban], now, MANUAL, store=False)
+        elif req.action == "unban" and req.target:
+            self.unban([req.target], now, MANUAL, at=req.time, store=False)
+        elif req.action in ("unban_all", "sync"):
+            active = self.store.active_bans(now)
+            keep = {b.ip for b in active}
+            gone = [ip for ip in self._banned_in_scorer() if ip not in keep]
+            if req.action == "unban_all":
+                self._heard.append(("unban_all", [], MANUAL, req.time))
+            for ip in gone:
+                if self.scorer is not None:
+                    self.scorer.release(ip)
+            for ban in active:
+                if self.scorer is not None:
+                    self.scorer.note_ban(ban.ip)
+            if req.action == "sync":
+                self._heard.append(("ban", active, MANUAL, now))
+            self.resync(now)
+
+    # -- store -------------------------------------------------------------------------------
+    def write(self, now: float) -> int:
+        """Put every queued change into the caller's open transaction; returns how many (for `written`)."""
+        store = self.store
+        n = len(self._pending)
+        for op in self._pending:
+            if isinstance(op, _Put):
+                store.put_ban(op.ban, now)
+            else:
+                store.remove_ban(op.ip, now, action=op.action)
+                if op.cleared_at is not None:
+                    store.mark_cleared(op.ip, op.cleared_at)
+        heard = len(self._heard)
+        for kind, items, cause, t in self._heard:
+            for li in self.listeners:
+                if kind == "ban":
+                    li.on_bans(items, cause, now)  # type: ignore[arg-type]
+                elif kind == "unban":
+                    li.on_unbans(items, t, cause, now)  # type: ignore[arg-type]
+                else:
+                    li.on_unbans(["*"], t, cause, now)
+        self._marks = (n, heard)
+        return n
+
+    def written(self) -> None:
+        """The transaction `write` filled has committed: forget what it held."""
+        n, heard = self._marks
+        del self._pending[:n]
+        del self._heard[:heard]
+        self._marks = (0, 0)
+        self.stats.pending = len(self._pending)
+
+    def failed(self) -> None:
+        """The transaction `write` filled rolled back: keep everything queued for the next one."""
+        self._marks = (0, 0)
+        self.stats.pending = len(self._pending)
+
+    def commit(self, now: float) -> None:
+        """One transaction of its own for what is queued (the CLI, start-up, housekeeping)."""
+        if not self._pending and not self._heard:
+            return
+        try:
+            with self.store.transaction():
+                self.write(now)
+        except BaseException:
+            self.failed()
+            raise
+        self.written()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def held(self, now: float) -> list[Ban]:
+        """The bans in force as the book knows them: the store's, with queued changes applied."""
+        bans = {b.ip: b for b in self.store.active_bans(now)}
+        for op in self._pending:
+            if isinstance(op, _Put):
+                if op.ban.expires is None or op.ban.expires > now:
+                    bans[op.ban.ip] = op.ban
+            else:
+                bans.pop(op.ip, None)
+        return sorted(bans.values(), key=lambda b: (b.created, b.ip))
+
+    # -- kernel ------------------------------------------------------------------------------
+    def restore(self, now: float) -> SyncReport:
+        """At start: adopt kernel entries the store lacks (a crash between kernel and store), then make
+        the kernel hold exactly the bans in force and tell the scorer which sources are banned."""
+        adopted: list[Ban] = []
+        if self.enforcer is not None:
+            try:
+                in_kernel = self.enforcer.entries()
+            except Exception:  # noqa: BLE001 - nothing installed yet, no permission: nothing to adopt
+                log.debug("no kernel entries to adopt", exc_info=True)
+                in_kernel = []
+            known = {b.ip for b in self.held(now)}
+            for e in in_kernel:
+                if e.ip in known:
+                    continue
+                expires = None if e.timeout is None else now + e.timeout
+                adopted.append(Ban(ip=e.ip, reason=ADOPTED_REASON, created=now, expires=expires))
+        if adopted:
+            self._pending.extend(_Put(b) for b in adopted)
+            self.stats.adopted += len(adopted)
+            log.warning("adopted %d kernel entries the store did not hold (a stop between kernel and store)",
+                        len(adopted))
+        active = self.held(now)
+        if self.scorer is not None:
+            for ban in active:
+                self.scorer.note_ban(ban.ip)
+        report = self.resync(now, active)
+        self.commit(now)
+        return report
+
+    def resync(self, now: float, active: list[Ban] | None = None) -> SyncReport:
+        """Make the kernel hold exactly the bans in force (repairs flushes, re-arms long bans)."""
+        if self.enforcer is None:
+            return SyncReport()
+        return self._kernel_sync(self.held(now) if active is None else active, now)
+
+    def _to_kernel(self, bans: list[Ban], now: float, batch: bool) -> list[Ban]:
+        out: list[Ban] = []
+        ok: list[Ban] = []
+        for ban in bans:
+            why = self._refusal(ban.ip)
+            if why is not None:
+                ban = ban.with_refusal(why)
+                self.stats.refused += 1
+            elif ban.refused:
+                ban = ban.with_refusal(None)
+            if ban.refused is None:
+                ok.append(ban)
+            out.append(ban)
+        if ok and self.enforcer is not None:
+            try:
+                if len(ok) == 1 and not batch:
+                    self.enforcer.ban(ok[0], now)
+                else:
+                    self.enforcer.ban_many(ok, now)
+            except Exception:  # noqa: BLE001 - kept in the store; the next resync retries
+                self.stats.kernel_errors += 1
+                if self.strict:
+                    raise
+                log.exception("%s failed to ban %s", self._name(),
+                              ok[0].ip if len(ok) == 1 else f"{len(ok)} addresses")
+        return out
+
+    def _kernel_unban(self, ip: str) -> None:
+        assert self.enforcer is not None
+        try:
+            self.enforcer.unban(ip)
+        except Exception:  # noqa: BLE001 - the next resync removes it
+            self.stats.kernel_errors += 1
+            if self.strict:
+                raise
+            log.exception("%s failed to unban %s", self._name(), ip)
+
+    def _kernel_sync(self, bans: list[Ban], now: float) -> SyncReport:
+        assert self.enforcer is not None
+        try:
+            return self.enforcer.sync([b for b in bans if self._refusal(b.ip) is None], now)
+        except Exception:  # noqa: BLE001 - retried at the next resync
+            self.stats.kernel_errors += 1
+            if self.strict:
+                raise
+            log.exception("%s: resync failed", self._name())
+            return SyncReport()
+
+    def _refusal(self, ip: str) -> str | None:
+        if self.enforcer is None:
+            return None
+        why = self._refused.get(ip)
+        if why is None and ip not in self._refused:
+            why = self.enforcer.refuses(ip)
+            if len(self._refused) > 4096:
+                self._refused.clear()
+            self._refused[ip] = why  # type: ignore[assignment]
+        return why
+
+    def _removing(self, ip: str) -> bool:
+        return any(isinstance(op, _Remove) and op.ip == ip for op in self._pending)
+
+    def _banned_in_scorer(self) -> list[str]:
+        return [] if self.scorer is None else list(self.scorer.banned)
+
+    def _name(self) -> str:
+        return "enforcer" if self.enforcer is None else f"enforcer {self.enforcer.name}"
+
+
+def ban_from_decision(d: Decision, now: float) -> Ban:
+    """The ban a policy decision asks for, starting `now`."""
+    return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
+               score=d.score, offence=d.offence, manual=False)

@@ -1,0 +1,59 @@
+"""The enforcer stack: the kernel enforcer first (it stops the attack), then its mirrors (Kamailio's
+htable), composed by the composition root into one `Enforcer`.
+
+A mirror's failure is logged and counted, never raised: the ban stands in the kernel and the next
+resync repairs the mirror. What the stack can hold, and what it holds, is the kernel's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from ..model import Ban
+from .base import EnforcedEntry, Enforcer, SyncReport
+
+log = logging.getLogger("sipguard.enforce")
+
+
+class EnforcerStack:
+    def __init__(self, primary: Enforcer, mirrors: Sequence[Enforcer]) -> None:
+        self.primary = primary
+        self.mirrors = tuple(mirrors)
+        self.name = primary.name
+        self.mirror_errors = 0
+
+    def _each_mirror(self, op: str, call) -> None:  # call: Callable[[Enforcer], object]
+        for m in self.mirrors:
+            try:
+                call(m)
+            except Exception as exc:  # noqa: BLE001
+                self.mirror_errors += 1
+                log.error("%s %s failed: %s", m.name, op, exc)
+
+    def refuses(self, ip: str) -> str | None:
+        return self.primary.refuses(ip)
+
+    def ban(self, ban: Ban, now: float) -> None:
+        self.primary.ban(ban, now)
+        self._each_mirror("ban", lambda m: m.ban(ban, now))
+
+    def ban_many(self, bans: list[Ban], now: float) -> None:
+        self.primary.ban_many(bans, now)
+        self._each_mirror("ban_many", lambda m: m.ban_many(bans, now))
+
+    def unban(self, ip: str) -> None:
+        self.primary.unban(ip)
+        self._each_mirror("unban", lambda m: m.unban(ip))
+
+    def sync(self, bans: list[Ban], now: float) -> SyncReport:
+        report = self.primary.sync(bans, now)
+        self._each_mirror("sync", lambda m: m.sync(bans, now))
+        return report
+
+    def entries(self) -> list[EnforcedEntry]:
+        return self.primary.entries()
+
+    def close(self) -> None:
+        self.primary.close()
+        self._each_mirror("close", lambda m: m.close())
