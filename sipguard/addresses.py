@@ -182,3 +182,27 @@ def network_of(ip: str) -> str:
         return str(ipaddress.ip_network(f"{a}/{24 if a.version == 4 else 64}", strict=False))
     except ValueError:
         return ip
+
+
+# -- the address values other stages need (kernel encodings, interval sets, config checks) ----------
+def network(text: str) -> IPNetwork:
+    """The network a CIDR (or a single address, as /32 or /128) names; ValueError when invalid."""
+    return ipaddress.ip_network(text, strict=False)
+
+
+def address_from_packed(raw: bytes) -> tuple[str, int]:
+    """(canonical text, maximum prefix length) of a packed IPv4 or IPv6 address (4 or 16 bytes)."""
+    a = ipaddress.ip_address(raw)
+    return str(a), a.max_prefixlen
+
+
+def range_target(lo: str, hi: str) -> str:
+    """An address range as one CIDR when it is exactly one network, else `lo-hi`."""
+    nets = list(ipaddress.summarize_address_range(ipaddress.ip_address(lo), ipaddress.ip_address(hi)))
+    return str(nets[0]) if len(nets) == 1 else f"{lo}-{hi}"
+
+
+def address_text(text: str) -> str:
+    """The canonical text of an address; ValueError when invalid."""
+    return str(ipaddress.ip_address(text))
+

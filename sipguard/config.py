@@ -6,7 +6,6 @@ reason, before any other stage starts; nothing here touches the kernel or the da
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -15,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from .addresses import network
 from .errors import ConfigError
 from .model import EventKind
 
@@ -74,7 +74,7 @@ def _cidr(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a CIDR string like 203.0.113.0/24")
     try:
-        return str(ipaddress.ip_network(value.strip(), strict=False))
+        return str(network(value.strip()))
     except ValueError as exc:
         raise ValueError(f"invalid CIDR {value!r}: {exc}") from None
 

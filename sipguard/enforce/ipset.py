@@ -15,12 +15,11 @@ are ipset's bulk messages (ipsetnl). The sets and the hook are created on first 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import socket
 
 from ..errors import SipguardError
-from ..addresses import classify
+from ..addresses import classify, network
 from ..model import Ban
 from .base import IPSET_MAX_TIMEOUT, EnforcedEntry, SyncReport, kernel_timeout, needs_rearm
 from .hook import IptablesHook, plans
@@ -86,7 +85,7 @@ class IpsetEnforcer:
 
     def _set_of(self, ip: str) -> tuple[str, int, bool]:
         version, is_net = classify(ip)
-        if is_net and ipaddress.ip_network(ip).prefixlen == 0:
+        if is_net and network(ip).prefixlen == 0:
             raise SipguardError(f"{ip}: ipset cannot hold a /0 network")
         return self.sets[version, is_net], version, is_net
 

@@ -12,12 +12,13 @@ Everything acts on the network namespace of the calling process.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from ..addresses import address_from_packed, network
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
@@ -104,7 +105,7 @@ def _setname(name: str) -> bytes:
 def encode_entry(ip: str, timeout: int | None, lineno: int = 0) -> tuple[int, bytes]:
     """(family, DATA attribute) for an address or CIDR with an optional timeout (0 = permanent)."""
     if "/" in ip:
-        net = ipaddress.ip_network(ip, strict=False)
+        net = network(ip)
         v6, packed, cidr = net.version == 6, net.network_address.packed, net.prefixlen
     else:  # a canonical address: inet_pton is C speed (bulk loads encode 100,000 of these)
         v6 = ":" in ip
@@ -237,17 +238,15 @@ class IpsetNetlink:
                     for dk, dv in _attrs(data):
                         if dk == D_IP:
                             for ak, av in _attrs(dv):
-                                addr = ipaddress.ip_address(av)
+                                addr = address_from_packed(av)
                         elif dk == D_CIDR:
                             cidr = dv[0]
                         elif dk == D_TIMEOUT:
                             timeout = struct.unpack(">I", dv)[0]
                     if addr is None:
                         continue
-                    if cidr is not None and cidr != addr.max_prefixlen:
-                        key = f"{addr}/{cidr}"
-                    else:
-                        key = str(addr)
+                    text, max_prefixlen = addr
+                    key = f"{text}/{cidr}" if cidr is not None and cidr != max_prefixlen else text
                     out[key] = timeout
         return out
 

@@ -21,13 +21,12 @@ ban ends, `sync` (the daemon runs one each resync_interval) brings inner ones st
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import shutil
 import subprocess
 
-from ..addresses import classify
+from ..addresses import IPNetwork, address_text, classify, network, range_target
 from ..errors import SipguardError
 from ..model import Ban
 from .base import EnforcedEntry, SyncReport, kernel_timeout, needs_rearm
@@ -203,12 +202,12 @@ class NftablesEnforcer:
         kernel ends up holding exactly the outer wanted networks; otherwise kernel networks inside
         a wanted one are deleted and wanted ones inside a kept kernel network are left out.
         """
-        outer: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for c in sorted(want, key=lambda c: ipaddress.ip_network(c).prefixlen):
-            n = ipaddress.ip_network(c)
+        outer: list[IPNetwork] = []
+        for c in sorted(want, key=lambda c: network(c).prefixlen):
+            n = network(c)
             if not any(n.subnet_of(o) for o in outer):  # type: ignore[arg-type]
                 outer.append(n)
-        knets = {c: ipaddress.ip_network(c) for c in kernel}
+        knets = {c: network(c) for c in kernel}
         if authoritative:
             base: list = []
         else:
@@ -334,14 +333,13 @@ class NftablesEnforcer:
 
 def _elem_key(el: object) -> str | None:
     if isinstance(el, str):
-        return str(ipaddress.ip_address(el))
+        return address_text(el)
     if isinstance(el, dict) and "prefix" in el:
         p = el["prefix"]
-        return str(ipaddress.ip_network(f"{p['addr']}/{p['len']}", strict=False))
+        return str(network(f"{p['addr']}/{p['len']}"))
     if isinstance(el, dict) and "range" in el:
         lo, hi = el["range"]
-        nets = list(ipaddress.summarize_address_range(ipaddress.ip_address(lo), ipaddress.ip_address(hi)))
-        return str(nets[0]) if len(nets) == 1 else f"{lo}-{hi}"
+        return range_target(lo, hi)
     return None
 
 
