@@ -37,7 +37,7 @@ def list_(
         rows = []
         for b in bans:
             row = {"ip": b.ip, "reason": b.reason, "created": _iso(b.created), "expires": _iso(b.expires),
-                   "manual": b.manual, "score": b.score, "offence": b.offence}
+                   "manual": b.manual, "score": b.score, "offence": b.offence, "refused": b.refused}
             if kernel:
                 row["kernel"] = {"timeout": held[b.ip]} if b.ip in held else None
             rows.append(row)
@@ -47,7 +47,9 @@ def list_(
         print(json.dumps(rows))
         return
     table = Table(title=f"{len(bans)} bans in force" + (f", {len(held)} kernel entries" if kernel else ""))
-    cols = ["ip", "reason", "created", "expires", "left", "offence", "by"] + (["kernel"] if kernel else [])
+    refused = any(b.refused for b in bans)
+    cols = ["ip", "reason", "created", "expires", "left", "offence", "by"] + (["kernel"] if kernel else []) \
+        + (["refused by the enforcer"] if refused else [])
     for col in cols:
         table.add_column(col)
 
@@ -59,9 +61,9 @@ def list_(
     for b in bans:
         table.add_row(b.ip, b.reason, _iso(b.created) or "", _iso(b.expires) or "never",
                       format_duration(b.remaining(now)), str(b.offence), "manual" if b.manual else "auto",
-                      *([k(b.ip)] if kernel else []))
+                      *([k(b.ip)] if kernel else []), *([b.refused or ""] if refused else []))
     for ip in sorted(held.keys() - in_db):
-        table.add_row(ip, "(kernel only)", "", "", "", "", "", k(ip))
+        table.add_row(ip, "(kernel only)", "", "", "", "", "", k(ip), *([""] if refused else []))
     out.print(table)
 
 

@@ -55,11 +55,12 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     out.print(f"daemon: {info['daemon']}" + (f" (pid {st.get('pid')}, enforcer {st.get('enforcer')})" if alive else ""))
     if st:
         out.print(f"last heartbeat: {_iso(st.get('heartbeat'))}; following: {', '.join(st.get('logs', []))}")
-        for part in ("daemon", "sources", "formats", "filters", "policy"):
+        for part in ("daemon", "sources", "formats", "filters", "policy", "bans"):
             vals = st.get(part) or {}
             if vals:
                 out.print(f"{part}: " + ", ".join(f"{k}={v}" for k, v in vals.items() if k != "started"))
-    out.print(f"bans in force: {info['bans']}; events stored: {info['events']}; database: {store.path}")
+    out.print(f"bans in force: {info['bans']}" + (f" ({info['refused']} refused by the enforcer)" if info["refused"] else "")
+              + f"; events stored: {info['events']}; database: {store.path}")
     if "cluster" in info:
         from ..cluster import cluster_lines
 
