@@ -235,7 +235,7 @@ def parse_corpus(path: Path | str, *, own: str | None = None, label: str | None 
     path = Path(path)
     label = str(path) if label is None else label
     try:
-        text = path.read_text("utf-8")
+        text = path.read_bytes().decode("utf-8")  # not read_text: a CR inside a line stays in it
     except UnicodeDecodeError as exc:
         raise CorpusError(f"{label}: not UTF-8: {exc}") from None
     return parse_corpus_text(text, label, path.stem if own is None else own)
