@@ -56,9 +56,8 @@ def test_filter(
 ) -> None:
     """Like fail2ban-regex: per filter, lines matched and missed, samples, ignored lines, time.
 
-    With --corpus FILE (like sshguard's `sshg-parser -t`): every case of the corpus against the
-    configured filters; one line per failing case, per-regex coverage, a summary; exit status 1
-    when a case fails."""
+    With --corpus FILE: check a filter corpus like sshguard's sshg-parser -t; exit status 1 if a case fails.
+    """
     if log is None and corpus is None:
         raise SipguardError("test-filter needs a LOG file or --corpus FILE")
     if log is not None and corpus is not None:

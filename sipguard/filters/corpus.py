@@ -8,8 +8,9 @@ per-case results and per-regex coverage: which cases each `regex` and `ignore` e
 as `FilterSet.explain(detail=True)` reports it. `sipguard test-filter --corpus` and
 `tests/test_corpus.py` both run corpora through here.
 
-Never writes anywhere (no store, no policy, no kernel) and never prints: the caller formats the
-results, escaping the attacker text they hold. Imports only `sipguard.filters`, `sipguard.formats`
+Never writes anywhere (no store, no policy, no kernel; only the FilterSet's own match counters
+count the corpus's records) and never prints: the caller formats the results, escaping the
+attacker text they hold. Imports only `sipguard.filters`, `sipguard.formats`
 and `sipguard.model`; the `sipguard.filters` package never imports this module.
 """
 
@@ -309,9 +310,9 @@ def run_case(case: Case, filters: FilterSet, *, programs: Iterable[str] = ("kama
         return CaseResult(case, records, events, got, tuple(problems)), []
     expected_filter = case.filter if case.op in "+=" else None
     for d in details:
-        for v in d.values():
-            if v.result == "ignored" and v.ignore is not None and v.filter != expected_filter:
-                hits.append((v.filter, "ignore", v.ignore))
+        for w in d.values():
+            if w.result == "ignored" and w.ignore is not None and w.filter != expected_filter:
+                hits.append((w.filter, "ignore", w.ignore))
     return CaseResult(case, records, events, got, ()), hits
 
 
