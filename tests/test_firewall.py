@@ -219,6 +219,54 @@ def test_parse_and_strip_sipguard():
                                               ":OUTPUT ACCEPT [0:0]\nCOMMIT\n")
 
 
+# -- no root: one iptables flavour for the firewall and the enforcer's hook --------------------
+def _fake_iptables(bindir: Path, says: str) -> None:
+    """Stand-ins for every iptables binary of both flavours; plain `iptables -V` answers `says`."""
+    bindir.mkdir(exist_ok=True)
+    for flavour in ("", "-nft", "-legacy"):
+        for base in ("iptables", "ip6tables"):
+            for tail in ("", "-save", "-restore"):
+                exe = bindir / f"{base}{flavour}{tail}"
+                exe.write_text(f"#!/bin/sh\necho '{says}'\n")
+                exe.chmod(0o755)
+
+
+def test_netfilter_gives_the_firewall_and_the_enforcer_hook_one_answer(tmp_path, monkeypatch):
+    from sipguard import netfilter
+    from sipguard.enforce.ipset import IpsetEnforcer
+    from sipguard.errors import SipguardError
+
+    def both(toml: str) -> tuple[str, str]:
+        cfg = cfg_of(toml)
+        return netfilter.firewall_tools(cfg).flavour, IpsetEnforcer(cfg.enforce).hook.flavour  # touches nothing
+
+    _fake_iptables(tmp_path / "bin", "iptables v1.8.9 (nf_tables)")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert both("") == ("nft", "nft")  # `iptables -V` decides for both
+    cfg = Config()
+    hook = IpsetEnforcer(cfg.enforce).hook
+    assert hook.tools == netfilter.firewall_tools(cfg)  # the same binaries, iptables-nft-save & co
+    assert (hook.tools.save(4), hook.tools.restore(6)) == ("iptables-nft-save", "ip6tables-nft-restore")
+    # the override reaches both
+    assert both('[enforce]\niptables = "legacy"\n') == ("legacy", "legacy")
+    assert netfilter.firewall_tools(cfg_of('[enforce]\niptables = "legacy"\n')).save(6) == "ip6tables-legacy-save"
+    # [firewall] iptables is the firewall's own: the hook keeps [enforce]'s
+    assert both('[firewall]\niptables = "nft"\n[enforce]\niptables = "legacy"\n') == ("nft", "legacy")
+    assert both('[firewall]\niptables = "legacy"\n') == ("legacy", "nft")
+    # both ask the same detection: whatever it says, both say
+    monkeypatch.setattr(netfilter, "detect_flavour", lambda: "legacy")
+    assert both("") == ("legacy", "legacy")
+    monkeypatch.undo()
+    _fake_iptables(tmp_path / "bin", "iptables v1.8.9 (legacy)")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert both("") == ("legacy", "legacy")
+    # no iptables at all: one clear error from either side
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for ask in (lambda: netfilter.firewall_tools(Config()), lambda: IpsetEnforcer(Config().enforce).hook):
+        with pytest.raises(SipguardError, match="no iptables found"):
+            ask()
+
+
 # -- root: namespaces --------------------------------------------------------------------------
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
