@@ -1,12 +1,13 @@
-"""The fleet bridge: everything a daemon does with Redis, on the daemon's thread.
+"""The fleet bridge: everything the daemon's thread does with Redis.
 
 `ClusterBridge` publishes this node's bans and unbans (through the store's outbox, so a restart
 loses nothing), applies what the stream reader delivers (other nodes' bans and unbans, snapshots)
 to this node's store, policy and enforcer, has the batch scored in Redis, keeps a heartbeat and
 garbage-collects the shared hashes. `attach(daemon)` wires it into today's `Daemon.setup`.
 
-It speaks SQL only through the store's named methods and changes the policy only through the
-`Scorer` methods; it never decides a ban itself (Redis's score script or the local Policy does).
+It reaches SQLite only through the store's named methods and the policy only through methods
+(the `Scorer` interface, and ClusterPolicy's take / score_args / scored / decide_locally); it
+never decides a ban itself (Redis's score script or the local Policy does).
 The design (scoring, sharing, failure, the Redis layout) is in README.md next to this file.
 """
 
