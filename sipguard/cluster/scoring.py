@@ -130,9 +130,10 @@ class ClusterPolicy:
         """Redis scored `events` and decided bans on `banned`: keep the local windows warm (for when
         Redis goes away) and count and note those bans."""
         self.local.restore(events)
+        st = self._own
         for ip in banned:
             self.local.note_ban(ip)
-            self._own.decisions += 1
+            st.decisions += 1
 
     def decide_locally(self, events: list[Event]) -> list[Decision]:
         """Redis failed while scoring `events` (already counted by `observe`): the local Policy
