@@ -170,11 +170,17 @@ class Policy:
                 if old is None:
                     win = [t, w]
                 elif type(old) is not list:
-                    win = [old, 1.0, t, w]
+                    win = [old, 1.0, t, w] if t >= old else [t, w, old, 1.0]
                 else:
                     win = old
-                    win.append(t)
-                    win.append(w)
+                    if win and t < win[-2]:  # a late event (a lagging source): keep the list in time order
+                        k = len(win) - 2
+                        while k > 0 and win[k - 2] > t:
+                            k -= 2
+                        win[k:k] = (t, w)
+                    else:
+                        win.append(t)
+                        win.append(w)
                 score = _prune_and_sum(win, since)
             wins[ip] = win
             if len(wins) > self.max_tracked:

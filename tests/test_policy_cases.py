@@ -65,14 +65,6 @@ T0 = 1_700_000_000.0
 NO_ALLOW = AllowList([], include_host=False)
 FIELDS = ("event", "time", "ip", "reason", "score", "duration", "offence")
 
-# Where the local Policy is known to disagree with the expected semantics (and the script agrees
-# with it): a strict xfail, so the day the Policy is fixed the run passes, which fails the suite
-# until the entry goes.
-LOCAL_KNOWN_WRONG = {
-    "late_event": "Policy keeps a window's list in arrival order and prunes only from its head, so an "
-                  "event that arrives late stays in the window after it is older than findtime",
-}
-
 REDIS = shutil.which("redis-server")
 
 
@@ -236,12 +228,7 @@ def test_there_are_enough_cases():
     assert len(CASES) >= 12, CASES
 
 
-def _local_params() -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(reason=LOCAL_KNOWN_WRONG[n], raises=AssertionError, strict=True))
-            if n in LOCAL_KNOWN_WRONG else n for n in CASES]
-
-
-@pytest.mark.parametrize("name", _local_params())
+@pytest.mark.parametrize("name", CASES)
 def test_local_policy(name):
     cfg, batches, expected = load_case(name)
     assert comparable(LocalRun(cfg).feed(batches)) == comparable(expected)
