@@ -53,6 +53,21 @@ def parse_target(text: str) -> str:
     return ip
 
 
+def networks_holding(ip: str, cidrs: Iterable[str]) -> list[str]:
+    """The CIDRs among `cidrs` (in their order) that contain the address `ip` (canonical text)."""
+    addr = ipaddress.ip_address(ip)
+    return [c for c in cidrs if addr in ipaddress.ip_network(c, strict=False)]
+
+
+def is_global(ip: str) -> bool:
+    """True for a globally routable address: not private, loopback, link-local, documentation, ...;
+    False for anything that does not parse."""
+    try:
+        return ipaddress.ip_address(ip).is_global
+    except ValueError:
+        return False
+
+
 def _proc_host_addresses() -> set[str] | None:
     """The kernel's own list of local addresses of this network namespace, from /proc (stdlib only,
     no netlink library to import): IPv4 `/32 host LOCAL` entries of fib_trie, IPv6 if_inet6."""

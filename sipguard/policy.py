@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import islice
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .addresses import AllowList
 from .config import JailConfig, PolicyConfig
@@ -29,6 +30,51 @@ class PolicyStats:
     resets: int = 0
     tracked: int = 0
     evicted: int = 0
+
+
+class Scorer(Protocol):
+    """What the daemon, the integrations and the fleet call on a policy: the local `Policy`
+    satisfies it, and so does the fleet's `ClusterPolicy` (sipguard/cluster/scoring.py), which
+    scores in Redis. Type callers against this, not against either class.
+    """
+
+    def observe(self, ev: Event) -> Decision | None:
+        """Count and score one event; a Decision when it completes a ban."""
+        ...
+
+    def note_ban(self, ip: str) -> None:
+        """A ban on `ip` is in force (from any origin): its events are not scored until `release`."""
+        ...
+
+    def release(self, ip: str) -> None:
+        """The ban on `ip` ended: forget its windows so old events don't re-ban."""
+        ...
+
+    def restore(self, events: Iterable[Event]) -> None:
+        """Replay events into the windows (no decisions)."""
+        ...
+
+    def expire(self, now: float) -> int:
+        """Drop windows that fell out of their findtime; how many went."""
+        ...
+
+    def score(self, ip: str, now: float) -> dict[str, float]:
+        """Current score per jail for one source."""
+        ...
+
+    @property
+    def banned(self) -> set[str]:
+        """Sources with a ban in force (read only: change it with note_ban / release)."""
+        ...
+
+    @property
+    def stats(self) -> PolicyStats: ...
+
+    @property
+    def max_findtime(self) -> float: ...
+
+    @property
+    def windows(self) -> dict[tuple[str, str], list[float]]: ...
 
 
 @dataclass(slots=True)
@@ -91,9 +137,14 @@ class Policy:
         self._clear(ip, self.jails)
 
     # -- the decision ------------------------------------------------------------------------
-    def observe(self, ev: Event) -> Decision | None:
-        """Score one event; a Decision when a jail's threshold is reached."""
-        self.stats.events += 1
+    def observe(self, ev: Event, count: bool = True) -> Decision | None:
+        """Score one event; a Decision when a jail's threshold is reached.
+
+        `count=False`: the event was already counted in `stats.events` by whoever admitted it
+        (the fleet's scorer, deciding here what Redis could not score), so it is only decided.
+        """
+        if count:
+            self.stats.events += 1
         if ev.ip in self.allow:
             self.stats.allowlisted += 1
             return None
@@ -119,11 +170,17 @@ class Policy:
                 if old is None:
                     win = [t, w]
                 elif type(old) is not list:
-                    win = [old, 1.0, t, w]
+                    win = [old, 1.0, t, w] if t >= old else [t, w, old, 1.0]
                 else:
                     win = old
-                    win.append(t)
-                    win.append(w)
+                    if win and t < win[-2]:  # a late event (a lagging source): keep the list in time order
+                        k = len(win) - 2
+                        while k > 0 and win[k - 2] > t:
+                            k -= 2
+                        win[k:k] = (t, w)
+                    else:
+                        win.append(t)
+                        win.append(w)
                 score = _prune_and_sum(win, since)
             wins[ip] = win
             if len(wins) > self.max_tracked:

@@ -5,6 +5,9 @@ bans over time per reason, and totals. The page carries its data as JSON and dra
 with a few lines of inline JavaScript: no network access, no external file, opens anywhere.
 When the charts are drawn the script sets `data-rendered="true"` on <body> (tests look for it).
 Events are kept only [store] event_retention (1 day by default); ban history history_retention.
+
+It reads the history only through the store's named report queries (it never runs SQL itself)
+and changes nothing: its only output is the page.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _bucket(span: float) -> int:
     return 7 * 86400
 
 
-def _reason_group(reason: str | None, manual: int) -> str:
+def _reason_group(reason: str | None, manual: bool) -> str:
     reason = reason or "?"
     if reason.startswith("blocklist:"):
         return reason
@@ -43,31 +46,24 @@ def build_report(store: Store, since: float | None = None, now: float | None = N
     """Everything the page shows, as plain JSON-able data."""
     now = time.time() if now is None else now
     since = now - 7 * 86400 if since is None else since
-    q = store.conn.execute
-    first = q("SELECT min(time) FROM (SELECT min(time) AS time FROM events WHERE time >= ? "
-              "UNION ALL SELECT min(time) FROM ban_log WHERE time >= ?)", (since, since)).fetchone()[0]
+    first = store.first_activity(since)
     start = max(since, first if first is not None else now - 3600)
     step = _bucket(max(now - start, 60))
     b0 = int(start // step)
     nb = int(now // step) - b0 + 1
 
     filters: dict[str, list[int]] = {}
-    for b, flt, n in q("SELECT CAST(time / ? AS INTEGER) AS b, filter, count(*) FROM events "
-                       "WHERE time >= ? GROUP BY b, filter", (step, start)):
+    for b, flt, n in store.event_counts(step, start):
         i = b - b0
         if 0 <= i < nb:
             filters.setdefault(flt, [0] * nb)[i] += n
 
-    sources = []
-    for ip, n, flts, t0, t1 in q("SELECT ip, count(*) AS n, group_concat(DISTINCT filter), min(time), max(time) "
-                                 "FROM events WHERE time >= ? GROUP BY ip ORDER BY n DESC, ip LIMIT ?", (start, top)):
-        sources.append({"ip": ip, "events": n, "filters": sorted((flts or "").split(",")), "first": t0, "last": t1})
-    bans_per_ip = dict(q("SELECT ip, count(*) FROM ban_log WHERE action = 'ban' AND time >= ? GROUP BY ip", (start,)))
-    for s in sources:
-        s["bans"] = bans_per_ip.get(s["ip"], 0)
+    bans_per_ip = store.bans_per_source(start)
+    sources = [{"ip": s.ip, "events": s.events, "filters": s.filters, "first": s.first, "last": s.last,
+                "bans": bans_per_ip.get(s.ip, 0)} for s in store.top_sources(start, top)]
 
     nets: dict[str, dict[str, Any]] = {}
-    for ip, n in q("SELECT ip, count(*) FROM events WHERE time >= ? GROUP BY ip", (start,)):
+    for ip, n in store.events_per_source(start).items():
         key = network_of(ip)
         e = nets.setdefault(key, {"network": key, "events": 0, "sources": 0})
         e["events"] += n
@@ -76,7 +72,7 @@ def build_report(store: Store, since: float | None = None, now: float | None = N
 
     bans_time: dict[str, list[int]] = {}
     actions: dict[str, int] = {}
-    for t, action, reason, manual in q("SELECT time, action, reason, manual FROM ban_log WHERE time >= ?", (start,)):
+    for t, action, reason, manual in store.ban_log_since(start):
         actions[action] = actions.get(action, 0) + 1
         if action != "ban":
             continue
@@ -85,7 +81,7 @@ def build_report(store: Store, since: float | None = None, now: float | None = N
             bans_time.setdefault(_reason_group(reason, manual), [0] * nb)[i] += 1
     active: dict[str, int] = {}
     for b in store.active_bans(now):
-        g = _reason_group(b.reason, int(b.manual))
+        g = _reason_group(b.reason, b.manual)
         active[g] = active.get(g, 0) + 1
 
     total_events = sum(sum(v) for v in filters.values())

@@ -1,8 +1,10 @@
-"""The SQLite memory of every stage: events, bans, ban history, source positions, CLI requests.
+"""The SQLite memory of every stage: events, bans, ban history, source positions, CLI requests,
+the fleet's outbox and held ban ids, and the queries behind `sipguard report`.
 
-The only module that writes SQLite (sqlite-utils over one WAL database). It decides nothing:
-it keeps what the policy decided and what the sources read, in one transaction per batch so a
-restart neither loses nor double-counts a line.
+The only module that runs SQL (sqlite-utils over one WAL database): every table is created here
+and every statement is one of its named methods, so no other module touches the connection. It
+decides nothing: it keeps what the policy decided and what the sources read, in one transaction
+per batch so a restart neither loses nor double-counts a line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import sqlite_utils
 
@@ -42,6 +45,44 @@ class ControlRequest:
     action: str
     target: str | None
     payload: dict
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One thing the fleet must still publish to Redis (cluster_outbox), in `seq` order."""
+
+    seq: int
+    op: str  # ban | unban | unban_all
+    ip: str
+    id: str
+    payload: str  # the ban json, or the unban time
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBan:
+    """The fleet id of the ban this node holds for an address (cluster_bans)."""
+
+    id: str
+    created: float
+
+
+class SourceActivity(NamedTuple):
+    """A source's events in a report period: how many, which filters, first and last time."""
+
+    ip: str
+    events: int
+    filters: list[str]
+    first: float
+    last: float
+
+
+class BanLogEntry(NamedTuple):
+    """One row of the ban history as the report counts it."""
+
+    time: float
+    action: str
+    reason: str | None
+    manual: bool
 
 
 class Store:
@@ -99,6 +140,11 @@ class Store:
             )
         if "cleared" not in db.table_names():
             db["cleared"].create({"ip": str, "time": float}, pk="ip")
+        # fleet mode ([cluster]): what to publish, and the fleet id of the ban held per address
+        self.conn.execute("CREATE TABLE IF NOT EXISTS cluster_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                          "op TEXT NOT NULL, ip TEXT NOT NULL, id TEXT NOT NULL, payload TEXT NOT NULL, time REAL)")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS cluster_bans (ip TEXT PRIMARY KEY, id TEXT NOT NULL, "
+                          "origin TEXT, created REAL)")
         if "meta" not in db.table_names():
             db["meta"].create({"key": str, "value": str}, pk="key")
             db["meta"].insert({"key": "schema", "value": str(SCHEMA_VERSION)})
@@ -245,6 +291,84 @@ class Store:
 
     def last_request_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM control").fetchone()[0]
+
+    # -- cluster: the fleet's outbox (what to publish) and the ban ids held here ------------
+    def outbox_add(self, op: str, ip: str, ban_id: str, payload: str, now: float | None = None) -> None:
+        """Queue one ban/unban for Redis; it stays until `outbox_delete_upto` (so a restart loses nothing)."""
+        self.conn.execute("INSERT INTO cluster_outbox (op, ip, id, payload, time) VALUES (?, ?, ?, ?, ?)",
+                          (op, ip, ban_id, payload, time.time() if now is None else now))
+
+    def outbox_next(self, limit: int) -> list[OutboxEntry]:
+        """The oldest `limit` queued entries, oldest first."""
+        rows = self.conn.execute(
+            "SELECT seq, op, ip, id, payload FROM cluster_outbox ORDER BY seq LIMIT ?", (limit,))
+        return [OutboxEntry(*r) for r in rows]
+
+    def outbox_delete_upto(self, seq: int) -> None:
+        """Forget the entries up to and including `seq` (they were published)."""
+        self.conn.execute("DELETE FROM cluster_outbox WHERE seq <= ?", (seq,))
+
+    def outbox_size(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM cluster_outbox").fetchone()[0]
+
+    def outbox_ips(self) -> set[str]:
+        """Addresses with something still queued to publish."""
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT ip FROM cluster_outbox")}
+
+    def hold(self, ip: str, ban_id: str, origin: str, created: float) -> None:
+        """Remember which fleet ban (id, origin node, created) this node holds for `ip`."""
+        self.conn.execute("INSERT OR REPLACE INTO cluster_bans (ip, id, origin, created) VALUES (?, ?, ?, ?)",
+                          (ip, ban_id, origin, created))
+
+    def held(self, ip: str) -> HeldBan | None:
+        row = self.conn.execute("SELECT id, created FROM cluster_bans WHERE ip = ?", (ip,)).fetchone()
+        return HeldBan(row[0], row[1]) if row else None
+
+    def release_held(self, ip: str) -> None:
+        self.conn.execute("DELETE FROM cluster_bans WHERE ip = ?", (ip,))
+
+    def release_all_held(self) -> None:
+        self.conn.execute("DELETE FROM cluster_bans")
+
+    def held_origins(self) -> dict[str, str]:
+        """ip → the node that made the fleet ban held for it."""
+        return dict(self.conn.execute("SELECT ip, origin FROM cluster_bans"))
+
+    def gc_held(self) -> int:
+        """Drop held ids whose ban is gone from `bans` (expired or removed); how many went."""
+        return self.conn.execute("DELETE FROM cluster_bans WHERE ip NOT IN (SELECT ip FROM bans)").rowcount
+
+    # -- report: the figures of `sipguard report` -------------------------------------------
+    def first_activity(self, since: float) -> float | None:
+        """The time of the first event or ban-history row at or after `since` (None: nothing)."""
+        return self.conn.execute(
+            "SELECT min(time) FROM (SELECT min(time) AS time FROM events WHERE time >= ? "
+            "UNION ALL SELECT min(time) FROM ban_log WHERE time >= ?)", (since, since)).fetchone()[0]
+
+    def event_counts(self, step: float, since: float) -> list[tuple[int, str, int]]:
+        """Events since `since` per (time bucket of `step` seconds: int(time / step), filter): count."""
+        return self.conn.execute(
+            "SELECT CAST(time / ? AS INTEGER) AS b, filter, count(*) FROM events "
+            "WHERE time >= ? GROUP BY b, filter", (step, since)).fetchall()
+
+    def top_sources(self, since: float, limit: int) -> list[SourceActivity]:
+        """The `limit` sources with the most events since `since` (most first, then by address)."""
+        rows = self.conn.execute(
+            "SELECT ip, count(*) AS n, group_concat(DISTINCT filter), min(time), max(time) "
+            "FROM events WHERE time >= ? GROUP BY ip ORDER BY n DESC, ip LIMIT ?", (since, limit))
+        return [SourceActivity(ip, n, sorted((flts or "").split(",")), t0, t1) for ip, n, flts, t0, t1 in rows]
+
+    def events_per_source(self, since: float) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT ip, count(*) FROM events WHERE time >= ? GROUP BY ip", (since,)))
+
+    def bans_per_source(self, since: float) -> dict[str, int]:
+        """How many times each source was banned (ban history action 'ban') since `since`."""
+        return dict(self.conn.execute(
+            "SELECT ip, count(*) FROM ban_log WHERE action = 'ban' AND time >= ? GROUP BY ip", (since,)))
+
+    def ban_log_since(self, since: float) -> list[BanLogEntry]:
+        rows = self.conn.execute("SELECT time, action, reason, manual FROM ban_log WHERE time >= ?", (since,))
+        return [BanLogEntry(t, a, r, bool(m)) for t, a, r, m in rows]
 
     # -- pruning --------------------------------------------------------------------------
     def prune(self, now: float, event_retention: float, max_events: int, history_retention: float) -> int:

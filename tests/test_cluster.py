@@ -26,6 +26,7 @@ from sipguard.addresses import AllowList
 from sipguard.config import Config
 from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
+from sipguard.model import Event, EventKind
 from sipguard.store import Store
 from waiting import wait_for
 
@@ -242,6 +243,56 @@ def test_two_failures_over_two_nodes_do_not_ban_and_success_resets(fleet):
     assert none_enforce(fleet, ip)
     b.write(auth_failed(ip), auth_failed(ip))
     wait_for(lambda: all_enforce(fleet, ip))
+
+
+def test_scorer_interface_is_explicit():
+    """ClusterPolicy offers the Scorer interface itself (no __getattr__ proxy), like Policy."""
+    import inspect
+
+    from sipguard.cluster import ClusterPolicy
+    from sipguard.policy import Policy, Scorer
+
+    assert "__getattr__" not in vars(ClusterPolicy)
+    members = [n for n in vars(Scorer) if not n.startswith("_")]
+    assert {"observe", "note_ban", "release", "restore", "expire", "score", "banned", "stats", "max_findtime",
+            "windows"} <= set(members)
+    pol = Policy(Config().policy, ALLOW)
+    for name in members:
+        want = vars(Scorer)[name]
+        assert hasattr(pol, name), name
+        assert name in vars(ClusterPolicy), name  # its own, not inherited or proxied
+        if callable(want):
+            params = list(inspect.signature(want).parameters)
+            assert list(inspect.signature(getattr(ClusterPolicy, name)).parameters) == params, name
+            assert list(inspect.signature(getattr(Policy, name)).parameters)[:len(params)] == params, name
+
+
+def test_redis_failing_mid_batch_decides_locally_counting_each_event_once(tmp_path, redis_server):
+    node = Node(tmp_path, redis_server.url, "edge1")
+    store = Store.open_state_dir(node.dir / "state")
+    d = Daemon(node.cfg, store, node.enforcer, logs=[str(node.log)])
+    d.setup()
+    try:
+        bridge = d.cluster
+        assert bridge.scoring and d.policy is bridge.policy
+        now = time.time()
+        for ip in ("198.18.17.1", "198.18.17.2"):
+            for k in range(3):  # buffered for Redis: nothing decided here
+                assert d.policy.observe(Event(now + k, ip, "auth-failure", EventKind.AUTH_FAILURE, 1.0)) is None
+            if ip == "198.18.17.2":
+                redis_server.stop()  # the second batch's score call fails
+            bans = bridge.on_batch([], now + 3)
+            assert [(b.ip, b.score, b.reason) for b in bans] == [(ip, 3.0, "auth:auth-failure")]
+        assert not bridge.scoring
+        assert bridge.stats.scored == 3 and bridge.stats.cluster_bans == 1 and bridge.stats.local_bans == 1
+        assert bridge.outbox_size() == 1  # the local ban waits for Redis
+        st = d.policy.stats
+        assert (st.events, st.decisions) == (6, 2)  # each event and each ban counted once
+        assert {"198.18.17.1", "198.18.17.2"} <= d.policy.banned
+    finally:
+        d.follower.close()
+        d.cluster.close()
+        store.close()
 
 
 # -- ban sharing --------------------------------------------------------------------------------

@@ -1,68 +1,31 @@
 """Golden corpus: every line of tests/corpus/*.txt through RecordParser + the shipped FilterSet.
 
-Also runs whatever real Kamailio captures exist in tests/data/real/ against their README table.
+The grammar's reader and runner are the product's (sipguard/filters/corpus.py, also behind
+`sipguard test-filter --corpus`); this file checks the shipped corpora with it, checks the runner
+itself on small corpora of its own, and runs whatever real Kamailio captures exist in
+tests/data/real/ against their README table.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from sipguard.filters import FilterSet, shipped_dir
+from sipguard.filters.corpus import (
+    CLOCK, Case, CorpusError, CorpusReport, match_lines, parse_corpus, parse_corpus_text, parse_time, run_corpus,
+)
 from sipguard.formats import RecordParser
 from sipguard.model import Event, Line
 
 CORPUS = Path(__file__).parent / "corpus"
 REAL = Path(__file__).parent / "data" / "real"
 INJECTED = "198.18.0.99"  # the address attackers inject in every corpus and capture
-NOW = time.mktime((2026, 12, 1, 12, 0, 0, 0, 0, -1))
-
-
-@dataclass
-class Entry:
-    file: str
-    lineno: int
-    op: str  # + = - ~
-    filter: str | None
-    ip: str | None
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def id(self) -> str:
-        return f"{self.file}:{self.lineno}"
-
+NOW = CLOCK  # 2026-12-01 12:00:00 local: the year of traditional syslog stamps is pinned by it
 
 _STDERR = re.compile(r"(?: \d|\d\d+)\(")
-_ENTRY = re.compile(r"([+=~-])(?: (\S+))?(?: (\S+))? \| (.*)", re.S)
-
-
-def parse_corpus(path: Path) -> list[Entry]:
-    entries: list[Entry] = []
-    own = path.stem
-    for n, raw in enumerate(path.read_text("utf-8").split("\n"), 1):
-        if not raw.strip() or raw.startswith("#"):
-            continue
-        if raw.startswith("| "):
-            assert entries, f"{path.name}:{n}: continuation without an entry"
-            entries[-1].lines.append(raw[2:])
-            continue
-        m = _ENTRY.fullmatch(raw)
-        assert m, f"{path.name}:{n}: not a corpus entry: {raw!r}"
-        op, a, b, line = m.groups()
-        if op == "+":
-            assert a and not b, f"{path.name}:{n}: '+ IP | line'"
-            entries.append(Entry(path.name, n, op, own, a, [line]))
-        elif op == "=":
-            assert a and b, f"{path.name}:{n}: '= FILTER IP | line'"
-            entries.append(Entry(path.name, n, op, a, b, [line]))
-        else:
-            assert not a, f"{path.name}:{n}: '{op} | line'"
-            entries.append(Entry(path.name, n, op, own, None, [line]))
-    return entries
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +34,16 @@ def filters() -> FilterSet:
 
 
 def run(lines: list[str], fs: FilterSet, source: str = "corpus") -> list[Event]:
-    parser = RecordParser(now=lambda: NOW)
-    records = parser.feed_all(Line(source, s.encode("utf-8"), i) for i, s in enumerate(lines))
-    return [e for r in records if (e := fs.match(r, NOW)) is not None]
+    pairs, _ = match_lines(lines, fs, source=source, clock=NOW)
+    return [e for _, e in pairs if e is not None]
 
 
-ENTRIES = [e for p in sorted(CORPUS.glob("*.txt")) for e in parse_corpus(p)]
+ENTRIES = [e for p in sorted(CORPUS.glob("*.txt")) for e in parse_corpus(p, label=p.name)]
+
+
+@pytest.fixture(scope="module")
+def report(filters: FilterSet) -> CorpusReport:
+    return run_corpus(ENTRIES, filters, cover=filters.names, require_time=True, clock=NOW)
 
 
 def test_every_shipped_filter_has_a_corpus(filters: FilterSet) -> None:
@@ -88,12 +55,20 @@ def test_every_shipped_filter_has_a_corpus(filters: FilterSet) -> None:
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e.id for e in ENTRIES])
-def test_corpus_entry(entry: Entry, filters: FilterSet) -> None:
-    events = run(entry.lines, filters)
+def test_corpus_entry(entry: Case, filters: FilterSet, report: CorpusReport) -> None:
+    pairs, _ = match_lines(entry.lines, filters, clock=NOW)
+    events = [e for _, e in pairs if e is not None]
     got = [(e.filter, e.ip) for e in events]
     assert all(ip != INJECTED for _, ip in got), f"injected address produced: {got}"
     if entry.op in "+=":
         assert got == [(entry.filter, entry.ip)]
+        (record,) = [r for r, e in pairs if e is not None]
+        if record.time is None:
+            assert entry.time is None, f"{entry.id}: @{entry.time_text}, but the record has no time"
+        else:  # every line whose format has a timestamp says it, and the parser reads it so
+            assert entry.time is not None, f"{entry.id}: the record has a time; write it as @TIME"
+            assert abs(record.time - entry.time) <= 1e-6, (record.time, entry.time_text)
+            assert events[0].time == record.time
     elif entry.op == "-":
         assert got == []
     else:  # ~: this file's filter alone says it does not match
@@ -102,6 +77,21 @@ def test_corpus_entry(entry: Entry, filters: FilterSet) -> None:
         for r in records:
             verdicts = {v.filter: v for v in filters.explain(r.text)}
             assert verdicts[entry.filter].result != "matched", verdicts[entry.filter]
+    result = report.result(entry.id)  # the product's runner agrees
+    assert result.passed, (result.case.expected, result.got, result.problems)
+
+
+def test_every_regex_is_hit_by_a_corpus_line(filters: FilterSet, report: CorpusReport) -> None:
+    """fail2ban's sample rule: each `regex` entry decides at least one `+` line of its filter's own
+    corpus, each `ignore` entry rejects at least one line of it."""
+    rows = {(c.filter, c.what, c.index): c for c in report.coverage}
+    for f in filters.filters:
+        own = f"{f.name}.txt"
+        for what, rxs in (("regex", f.regexes), ("ignore", f.ignores)):
+            for i, _ in enumerate(rxs):
+                c = rows[(f.name, what, i)]
+                hits = [k for k in c.cases if k.file == own and (k.op == "+" or what == "ignore")]
+                assert hits, f"{f.name}: {what}[{i}] {c.pattern!r} is hit by no {'+ ' if what == 'regex' else ''}line of {own}"
 
 
 def test_corpus_as_one_stream(filters: FilterSet) -> None:
@@ -118,6 +108,105 @@ def test_stderr_entries_as_one_stream(filters: FilterSet) -> None:
     events = run([s for e in picked for s in e.lines], filters)
     want = {(e.filter, e.ip) for e in picked if e.op in "+="}
     assert events and {(e.filter, e.ip) for e in events} <= want
+
+
+# -- the runner itself (sipguard/filters/corpus.py) on small corpora ------------------------------------
+
+BOOM = """name = "boom"
+kind = "auth_failure"
+prefilter = ["boom"]
+regex = ['<script>: boom from (?P<ip><ADDR>):<PORT>$', '<script>: kaboom at (?P<ip><ADDR>)$']
+ignore = ['from 198\\.18\\.7\\.']
+"""
+HEAD = "2026-11-30T02:08:09.376964+00:00 sip1 kamailio[1]: ERROR: <script>: "
+
+
+@pytest.fixture
+def boom(tmp_path: Path) -> FilterSet:
+    (tmp_path / "boom.toml").write_text(BOOM)
+    return FilterSet.load([tmp_path])
+
+
+def test_runner_coverage_names_the_regex_no_line_hits(boom: FilterSet) -> None:
+    cases = parse_corpus_text(
+        f"+ 198.18.0.5 @2026-11-30T02:08:09.376964+00:00 | {HEAD}boom from 198.18.0.5:5060\n"
+        f"- | {HEAD}boom from 198.18.7.1:5060\n", "boom.txt", "boom")
+    rep = run_corpus(cases, boom)
+    assert rep.passed and [r.case.id for r in rep.results] == ["boom.txt:1", "boom.txt:2"]
+    cov = {(c.what, c.index): [k.id for k in c.cases] for c in rep.coverage}
+    assert cov == {("regex", 0): ["boom.txt:1"], ("regex", 1): [], ("ignore", 0): ["boom.txt:2"]}
+    (missing,) = rep.uncovered
+    assert (missing.filter, missing.index, missing.pattern) == ("boom", 1, "<script>: kaboom at (?P<ip><ADDR>)$")
+    # a line for the second regex covers it
+    more = cases + parse_corpus_text(f"+ 198.18.0.6 | {HEAD}kaboom at 198.18.0.6", "b2.txt", "boom")
+    rep = run_corpus(more, boom)
+    assert rep.passed and not rep.uncovered
+    assert [k.id for c in rep.coverage if c.index == 1 and c.what == "regex" for k in c.cases] == ["b2.txt:1"]
+
+
+def test_runner_reports_wrong_expectations_by_file_and_line(boom: FilterSet) -> None:
+    text = (f"# header\n\n+ 198.18.0.5 | {HEAD}boom from 198.18.0.5:5060\n"
+            f"+ 198.18.0.9 | {HEAD}boom from 198.18.0.5:5060\n"           # wrong address
+            f"- | {HEAD}boom from 198.18.0.5:5060\n"                      # not "no event"
+            f"~ | {HEAD}boom from 198.18.0.5:5060\n"                      # the own filter matches
+            f"+ 198.18.0.5 @2026-11-30T02:08:10Z | {HEAD}boom from 198.18.0.5:5060\n")  # time off by 1 s
+    rep = run_corpus(parse_corpus_text(text, "my.txt", "boom"), boom)
+    assert not rep.passed
+    bad = {r.case.id: r for r in rep.failures}
+    assert set(bad) == {"my.txt:4", "my.txt:5", "my.txt:6", "my.txt:7"}
+    assert bad["my.txt:4"].case.expected == "boom 198.18.0.9"
+    assert bad["my.txt:4"].got == "boom 198.18.0.5 at 2026-11-30T02:08:09.376964+00:00"
+    assert bad["my.txt:5"].case.expected == "no event"
+    assert bad["my.txt:6"].problems == ("boom matched",)
+    assert bad["my.txt:7"].problems == ("wrong time",)
+    # a failing case covers nothing, and without @TIME the strict mode names the time to write
+    strict = run_corpus(parse_corpus_text(f"+ 198.18.0.5 | {HEAD}boom from 198.18.0.5:5060\n", "s.txt", "boom"),
+                        boom, require_time=True)
+    (r,) = strict.failures
+    assert r.problems == ("no @TIME for a record with a time (@2026-11-30T02:08:09.376964+00:00)",)
+    assert not any(c.cases for c in strict.coverage)
+    assert rep.as_json()["failed"] == 4 and rep.as_json()["failures"][0]["where"] == "my.txt:4"
+
+
+def test_runner_times_traditional_in_local_time_with_the_pinned_year(boom: FilterSet) -> None:
+    line = "sip1 kamailio[1]: ERROR: <script>: boom from 198.18.0.5:5060"
+    cases = parse_corpus_text(f"+ 198.18.0.5 @2026-11-30T01:55:12 | Nov 30 01:55:12 {line}\n"
+                              f"+ 198.18.0.5 @2025-12-31T23:59:59 | Dec 31 23:59:59 {line}\n"
+                              f"+ 198.18.0.5 @2026-12-31T23:59:59 | Dec 31 23:59:59 {line}\n", "t.txt", "boom")
+    rep = run_corpus(cases, boom)
+    assert [r.case.id for r in rep.failures] == ["t.txt:3"]
+    assert rep.failures[0].got == "boom 198.18.0.5 at 2025-12-31T23:59:59"
+    assert parse_time("2026-11-30T03:08:09+01:00") == parse_time("2026-11-30T02:08:09Z") \
+        == parse_time("2026-11-29T21:08:09-0500")
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("+ | x", "f.txt:1", "'+ IP [@TIME] | LINE'"),
+    ("= boom | x", "f.txt:1", "'= FILTER IP [@TIME] | LINE'"),
+    ("\n- 1.2.3.4 | x", "f.txt:2", "'- | LINE'"),
+    ("- @2026-11-30T01:55:12 | x", "f.txt:1", "only '+' and '='"),
+    ("+ 1.2.3.4 @yesterday | x", "f.txt:1", "bad time 'yesterday'"),
+    ("+ 1.2.3.4 @2026-13-30T01:55:12 | x", "f.txt:1", "bad time"),
+    ("| x", "f.txt:1", "continuation line without an entry"),
+    ("# ok\n+1.2.3.4 | x", "f.txt:2", "not a corpus entry"),
+])
+def test_grammar_errors_name_file_and_line(text: str, where: str, words: str) -> None:
+    with pytest.raises(CorpusError) as exc:
+        parse_corpus_text(text, "f.txt", "boom")
+    assert str(exc.value).startswith(where + ":") and words in str(exc.value), str(exc.value)
+
+
+def test_grammar_keeps_continuations_and_pipes_in_lines() -> None:
+    (c,) = parse_corpus_text("= boom 198.18.0.5 @2026-11-30T02:08:09Z | a | b\n# note\n| c\n|  d", "f.txt", None)
+    assert (c.op, c.filter, c.ip, c.time_text, c.lines) == ("=", "boom", "198.18.0.5", "2026-11-30T02:08:09Z",
+                                                           ("a | b", "c", " d"))
+    with pytest.raises(CorpusError, match="f.txt:1: '~' entries need the corpus's own filter"):
+        parse_corpus_text("~ | x", "f.txt", None)
+
+
+def test_runner_refuses_a_filter_it_does_not_have(boom: FilterSet) -> None:
+    with pytest.raises(CorpusError, match="x.txt:1: no active filter named 'nope'"):
+        run_corpus(parse_corpus_text("+ 198.18.0.5 | x", "x.txt", "nope"), boom)
 
 
 # -- real captures ---------------------------------------------------------------------------------

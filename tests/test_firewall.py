@@ -22,6 +22,7 @@ import pytest
 
 from sipguard import firewall as fw
 from sipguard.config import Config, ConfigError, load_config
+from sipguard.firewall import hostenv
 from tests.lab.netns import Netns
 
 ROOT = os.geteuid() == 0
@@ -155,8 +156,8 @@ def test_config_values_are_validated(tmp_path):
 def test_resolve_env_spoof_auto_and_default_interface(monkeypatch):
     # plain data for the decision (never configured anywhere): 9.9.9.9 stands for a public address
     addrs = {"lo": ["127.0.0.1", "::1"], "eth0": ["10.0.0.5", "fe80::1"], "wan0": ["9.9.9.9", "2001:db8::7"]}
-    monkeypatch.setattr(fw, "interface_addresses", lambda: addrs)
-    monkeypatch.setattr(fw, "default_route_interface", lambda: "eth0")
+    monkeypatch.setattr(hostenv, "interface_addresses", lambda: addrs)  # where resolve_env looks them up
+    monkeypatch.setattr(hostenv, "default_route_interface", lambda: "eth0")
     env = fw.resolve_env(Config(), None)
     # behind NAT (10.x on the default-route interface): no spoof filter, it would cut the host off
     assert env.public_interface == "eth0" and env.spoof == {4: False, 6: False}
@@ -164,7 +165,7 @@ def test_resolve_env_spoof_auto_and_default_interface(monkeypatch):
     assert env.spoof == {4: True, 6: False}  # 9.9.9.9 is public; 2001:db8:: is documentation
     env = fw.resolve_env(cfg_of('[firewall]\npublic_interface = "any"\nspoof_filter = "on"\n'), None)
     assert env.public_interface is None and env.spoof == {4: False, 6: False} and env.notes
-    monkeypatch.setattr(fw, "default_route_interface", lambda: None)
+    monkeypatch.setattr(hostenv, "default_route_interface", lambda: None)
     env = fw.resolve_env(Config(), None)
     assert env.public_interface is None and "no default route" in env.notes[0]
 
@@ -216,6 +217,54 @@ def test_parse_and_strip_sipguard():
     assert fw.parse_save(s.dump()) == s
     assert fw.parse_save("") == fw.parse_save("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n"
                                               ":OUTPUT ACCEPT [0:0]\nCOMMIT\n")
+
+
+# -- no root: one iptables flavour for the firewall and the enforcer's hook --------------------
+def _fake_iptables(bindir: Path, says: str) -> None:
+    """Stand-ins for every iptables binary of both flavours; plain `iptables -V` answers `says`."""
+    bindir.mkdir(exist_ok=True)
+    for flavour in ("", "-nft", "-legacy"):
+        for base in ("iptables", "ip6tables"):
+            for tail in ("", "-save", "-restore"):
+                exe = bindir / f"{base}{flavour}{tail}"
+                exe.write_text(f"#!/bin/sh\necho '{says}'\n")
+                exe.chmod(0o755)
+
+
+def test_netfilter_gives_the_firewall_and_the_enforcer_hook_one_answer(tmp_path, monkeypatch):
+    from sipguard import netfilter
+    from sipguard.enforce.ipset import IpsetEnforcer
+    from sipguard.errors import SipguardError
+
+    def both(toml: str) -> tuple[str, str]:
+        cfg = cfg_of(toml)
+        return netfilter.firewall_tools(cfg).flavour, IpsetEnforcer(cfg.enforce).hook.flavour  # touches nothing
+
+    _fake_iptables(tmp_path / "bin", "iptables v1.8.9 (nf_tables)")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert both("") == ("nft", "nft")  # `iptables -V` decides for both
+    cfg = Config()
+    hook = IpsetEnforcer(cfg.enforce).hook
+    assert hook.tools == netfilter.firewall_tools(cfg)  # the same binaries, iptables-nft-save & co
+    assert (hook.tools.save(4), hook.tools.restore(6)) == ("iptables-nft-save", "ip6tables-nft-restore")
+    # the override reaches both
+    assert both('[enforce]\niptables = "legacy"\n') == ("legacy", "legacy")
+    assert netfilter.firewall_tools(cfg_of('[enforce]\niptables = "legacy"\n')).save(6) == "ip6tables-legacy-save"
+    # [firewall] iptables is the firewall's own: the hook keeps [enforce]'s
+    assert both('[firewall]\niptables = "nft"\n[enforce]\niptables = "legacy"\n') == ("nft", "legacy")
+    assert both('[firewall]\niptables = "legacy"\n') == ("legacy", "nft")
+    # both ask the same detection: whatever it says, both say
+    monkeypatch.setattr(netfilter, "detect_flavour", lambda: "legacy")
+    assert both("") == ("legacy", "legacy")
+    monkeypatch.undo()
+    _fake_iptables(tmp_path / "bin", "iptables v1.8.9 (legacy)")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert both("") == ("legacy", "legacy")
+    # no iptables at all: one clear error from either side
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for ask in (lambda: netfilter.firewall_tools(Config()), lambda: IpsetEnforcer(Config().enforce).hook):
+        with pytest.raises(SipguardError, match="no iptables found"):
+            ask()
 
 
 # -- root: namespaces --------------------------------------------------------------------------
@@ -343,6 +392,8 @@ def test_remove_restores_previous_rules_and_leaves_no_sipguard(netns, run_in):
     assert any("--dports 124" in ln for ln in lines)
     r = run_in(ns, GOLDEN_TOML, "firewall", "remove")
     assert r.returncode == 0, r.stderr
+    # the enforcer's removal (sipguard.enforce.remove_all), with today's messages
+    assert "ipset sipguard-v4: destroyed" in r.stdout and "nft table inet sipguard: deleted" in r.stdout, r.stdout
     assert [table(ns, 4), table(ns, 6)] == before
     assert "SIPGUARD" not in save(ns, 4) + save(ns, 6)
     sets = subprocess.run(["ip", "netns", "exec", ns, "ipset", "list", "-n"], capture_output=True, text=True,
@@ -359,14 +410,16 @@ from pathlib import Path
 from sipguard import firewall as fw
 from sipguard.config import Config
 from sipguard.errors import SipguardError
+from sipguard.firewall import lifecycle  # plan() looks render and canonical up here
 cfg = Config.model_validate({"firewall": json.loads(sys.argv[1])})
-real_render = fw.render
+real_render = lifecycle.render
 def bad_render(cfg, fam, env, template=None):
     text = real_render(cfg, fam, env, template)
     return text.replace("-j ICMP\n", "-j NO_SUCH_CHAIN\n", 1) if fam == int(sys.argv[3]) else text
-fw.render = bad_render
+assert hasattr(lifecycle, "render") and hasattr(lifecycle, "canonical")
+lifecycle.render = bad_render
 if sys.argv[4] == "bypass":  # no scratch-namespace check: the real restore must fail and roll back
-    fw.canonical = lambda tools, fam, text, **kw: fw.parse_save(text)
+    lifecycle.canonical = lambda tools, fam, text, **kw: fw.parse_save(text)
 try:
     fw.apply(cfg, Path(sys.argv[2]))
 except SipguardError as exc:

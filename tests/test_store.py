@@ -73,3 +73,69 @@ def test_positions_and_control(tmp_path):
 def test_wal_mode(tmp_path):
     s = Store.open_state_dir(tmp_path)
     assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_cluster_tables_have_their_columns(tmp_path):
+    s = Store.open_state_dir(tmp_path)
+    cols = {t: [r[1] for r in s.conn.execute(f"PRAGMA table_info({t})")] for t in ("cluster_outbox", "cluster_bans")}
+    assert cols == {"cluster_outbox": ["seq", "op", "ip", "id", "payload", "time"],
+                    "cluster_bans": ["ip", "id", "origin", "created"]}
+
+
+def test_cluster_outbox_in_order_and_survives_reopen(tmp_path):
+    s = Store.open_state_dir(tmp_path)
+    s.outbox_add("ban", "198.18.2.10", "n1:a", '{"ip":"198.18.2.10"}', now=1.0)
+    s.outbox_add("unban", "198.18.2.11", "n1:b", "2.0", now=2.0)
+    s.outbox_add("unban_all", "*", "n1:c", "3.0", now=3.0)
+    s.close()
+    s = Store.open_state_dir(tmp_path)
+    assert s.outbox_size() == 3 and s.outbox_ips() == {"198.18.2.10", "198.18.2.11", "*"}
+    first = s.outbox_next(2)
+    assert [(e.op, e.ip, e.id, e.payload) for e in first] == [("ban", "198.18.2.10", "n1:a", '{"ip":"198.18.2.10"}'),
+                                                              ("unban", "198.18.2.11", "n1:b", "2.0")]
+    assert first[0].seq < first[1].seq
+    s.outbox_delete_upto(first[-1].seq)
+    assert [e.id for e in s.outbox_next(10)] == ["n1:c"] and s.outbox_size() == 1
+    s.outbox_delete_upto(s.outbox_next(10)[-1].seq)
+    assert s.outbox_size() == 0 and s.outbox_next(10) == [] and s.outbox_ips() == set()
+
+
+def test_cluster_held_ban_ids(tmp_path):
+    s = Store.open_state_dir(tmp_path)
+    assert s.held("198.18.2.20") is None
+    s.hold("198.18.2.20", "n1:a", "n1", 100.0)
+    s.hold("198.18.2.21", "n2:b", "n2", 200.0)
+    s.hold("198.18.2.20", "n3:c", "n3", 300.0)  # a newer ban replaces the one held
+    assert (s.held("198.18.2.20").id, s.held("198.18.2.20").created) == ("n3:c", 300.0)
+    assert s.held_origins() == {"198.18.2.20": "n3", "198.18.2.21": "n2"}
+    s.release_held("198.18.2.21")
+    assert s.held("198.18.2.21") is None and s.held_origins() == {"198.18.2.20": "n3"}
+    s.put_ban(Ban("198.18.2.22", "manual", 400.0, None, manual=True), now=400.0)
+    s.hold("198.18.2.22", "n1:d", "n1", 400.0)
+    assert s.gc_held() == 1  # 198.18.2.20 has no ban in `bans`; 198.18.2.22 has
+    assert s.held_origins() == {"198.18.2.22": "n1"}
+    s.release_all_held()
+    assert s.held_origins() == {}
+
+
+def test_report_queries(tmp_path):
+    s = Store.open_state_dir(tmp_path)
+    assert s.first_activity(0) is None
+    s.add_events([Event(1000.0, "198.18.2.30", "auth-failure", EventKind.AUTH_FAILURE, 1.0),
+                  Event(1070.0, "198.18.2.30", "scanner-ua", EventKind.SCANNER, 1.0),
+                  Event(1130.0, "198.18.2.31", "auth-failure", EventKind.AUTH_FAILURE, 1.0),
+                  Event(500.0, "198.18.2.32", "auth-failure", EventKind.AUTH_FAILURE, 1.0)])
+    s.put_ban(Ban("198.18.2.30", "scanner:scanner-ua", 1070.0, 4670.0), now=1070.0)
+    s.remove_ban("198.18.2.30", now=1200.0)
+    s.put_ban(Ban("198.18.2.30", "manual", 1300.0, None, manual=True), now=1300.0)
+    assert s.first_activity(900.0) == 1000.0 and s.first_activity(1100.0) == 1130.0
+    assert sorted(s.event_counts(60, 900.0)) == [(16, "auth-failure", 1), (17, "scanner-ua", 1),
+                                                 (18, "auth-failure", 1)]
+    top = s.top_sources(900.0, 10)
+    assert [(t.ip, t.events, t.filters, t.first, t.last) for t in top] == [
+        ("198.18.2.30", 2, ["auth-failure", "scanner-ua"], 1000.0, 1070.0), ("198.18.2.31", 1, ["auth-failure"], 1130.0, 1130.0)]
+    assert [t.ip for t in s.top_sources(900.0, 1)] == ["198.18.2.30"]
+    assert s.events_per_source(900.0) == {"198.18.2.30": 2, "198.18.2.31": 1}
+    assert s.bans_per_source(0) == {"198.18.2.30": 2}
+    assert [(e.time, e.action, e.reason, e.manual) for e in s.ban_log_since(1100.0)] == [
+        (1200.0, "unban", "scanner:scanner-ua", False), (1300.0, "ban", "manual", True)]

@@ -1,5 +1,8 @@
 """`sipguard firewall ...`: the baseline firewall (sipguard/firewall/, rules/baseline-v*.rules).
 
+`remove` undoes both sides: the firewall's tables (sipguard.firewall.remove), then the enforcer's sets and
+hook (sipguard.enforce.remove_all); the firewall package itself never deletes the enforcer's sets.
+
 Registered by sipguard/cli/__init__.py with `app.add_typer(firewall_app, name="firewall")`; the global
 options (--config, --state-dir) live in sipguard/cli/app.py's `ctx`.
 """
@@ -78,8 +81,12 @@ def show_cmd() -> None:
 def remove_cmd() -> None:
     """Restore the filter tables saved before the first apply; remove sipguard's chains and sets."""
     from .. import firewall
+    from ..enforce import remove_all
 
-    firewall.remove(_ctx().cfg, _state_dir(), echo=_echo, warn=_warn)
+    cfg = _ctx().cfg
+    firewall.remove(cfg, _state_dir(), echo=_echo, warn=_warn)  # the tables: the firewall's part
+    for msg in remove_all(cfg.enforce):  # the sets and the ban hook: the enforcer's part
+        _echo(msg)
 
 
 @firewall_app.command("confirm")

@@ -2,7 +2,8 @@
 
 `base` holds the protocol and shared types; each backend is a module of its own (`ipset` with its
 `hook` and `ipsetnl` helpers, `nftables`, `dryrun`) and imports only `base`. This package's face
-re-exports `base` and chooses a backend (`make_enforcer`), importing the chosen one only.
+re-exports `base` and chooses a backend (`make_enforcer`), importing the chosen one only; `remove_all`
+(uninstall: `sipguard firewall remove`) imports both kernel backends, since either may be installed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,25 @@ def make_enforcer(cfg: EnforceConfig | str | None = None, state_dir: str | None 
     raise SipguardError(f"unknown enforcer backend {backend!r}")
 
 
+def remove_all(cfg: EnforceConfig | None = None) -> list[str]:
+    """Uninstall every kernel backend's sets and hook, whichever is installed: the ipset backend (its
+    iptables hook, then its sets), then the nftables one (its table). Absent ones are skipped; a failure is
+    one line in the result, never an exception. One line per thing removed or that could not be.
+    """
+    from ..config import EnforceConfig
+    from .ipset import IpsetEnforcer
+    from .nftables import NftablesEnforcer
+
+    cfg = cfg or EnforceConfig()
+    msgs: list[str] = []
+    for backend in (IpsetEnforcer(cfg), NftablesEnforcer(cfg)):
+        try:
+            msgs += backend.remove()
+        finally:
+            backend.close()
+    return msgs
+
+
 def detect_backend() -> str:
     """ipset when root with ip_set and some iptables; else nftables when nft exists; else an error."""
     import os
@@ -67,4 +87,4 @@ def detect_backend() -> str:
 
 
 __all__ = ["IPSET_MAX_TIMEOUT", "SYNC_TOLERANCE", "EnforcedEntry", "Enforcer", "SyncReport", "detect_backend",
-           "kernel_timeout", "make_enforcer", "needs_rearm"]
+           "kernel_timeout", "make_enforcer", "needs_rearm", "remove_all"]

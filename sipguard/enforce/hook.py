@@ -8,18 +8,19 @@ The rules are defined once, as data (`RuleSpec`), and rendered two ways:
 
 `IptablesHook.ensure()` compares what the kernel holds with what the specs say and rewrites only
 when they differ, so calling it often is cheap and it repairs a deleted rule or jump.
-Everything acts on the network namespace of the calling process.
+Which flavour (nf_tables or legacy) and which binaries come from sipguard/netfilter.py, the same answer
+the baseline firewall gets. Everything acts on the network namespace of the calling process.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 
 from ..errors import SipguardError
+from ..netfilter import Tools, choose_flavour, legacy_tables, tools_for
 
 log = logging.getLogger("sipguard.enforce")
 
@@ -126,7 +127,7 @@ def problems(plan: FamilyPlan, seen: Observed) -> list[str]:
     return out
 
 
-# -- flavour detection -------------------------------------------------------------------------
+# -- running iptables --------------------------------------------------------------------------
 def _run(argv: list[str], stdin: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
@@ -136,44 +137,22 @@ def _run(argv: list[str], stdin: str | None = None, timeout: float = 30) -> subp
         raise SipguardError(f"{argv[0]} did not finish in {timeout:.0f}s") from None
 
 
-def detect_flavour() -> str:
-    """'nft' or 'legacy': what `iptables -V` says, unless only the legacy tables hold rules."""
-    exe = shutil.which("iptables")
-    if exe is None:
-        if shutil.which("iptables-nft-restore"):
-            return "nft"
-        return "legacy"
-    p = _run([exe, "-V"])
-    text = p.stdout + p.stderr
-    if "legacy" in text:
-        return "legacy"
-    if "nf_tables" in text:
-        # iptables-nft warns when legacy tables exist; if they hold this host's rules, use legacy
-        save = _run([_nft_tool("save", 4), "-t", "filter"])
-        has_nft_rules = any(ln.startswith("-A ") for ln in save.stdout.splitlines())
-        if not has_nft_rules and "legacy tables present" in save.stderr:
-            return "legacy"
-        return "nft"
-    return "legacy"
-
-
-def _nft_tool(kind: str, version: int) -> str:
-    base = "iptables" if version == 4 else "ip6tables"
-    for name in (f"{base}-nft-{kind}", f"{base}-{kind}"):
-        if shutil.which(name):
-            return name
-    return f"{base}-nft-{kind}"
-
-
 # -- the hook ----------------------------------------------------------------------------------
 class IptablesHook:
+    """The hook chain and its jumps, in the flavour [enforce] iptables names ("auto": sipguard.netfilter's
+    detection, the same the baseline firewall uses)."""
+
     def __init__(self, flavour: str, plans_: list[FamilyPlan]) -> None:
-        if flavour == "auto":
-            flavour = detect_flavour()
-        if flavour not in ("nft", "legacy"):
-            raise SipguardError(f"unknown iptables flavour {flavour!r}")
-        self.flavour = flavour
+        self.flavour = choose_flavour(flavour)
         self.plans = plans_
+        self._tools: Tools | None = None
+
+    @property
+    def tools(self) -> Tools:
+        """The nf_tables variant's iptables-save / -restore (the legacy path goes through libiptc instead)."""
+        if self._tools is None:
+            self._tools = tools_for("nft")
+        return self._tools
 
     def ensure(self) -> int:
         """Make every family's chain and jumps right; returns the number of repairs made."""
@@ -196,12 +175,21 @@ class IptablesHook:
         else:
             self._apply_iptc(plan, seen)
 
-    def remove(self) -> None:
-        """Take the hook out (jumps, then the chain); the sets stay. For uninstall and tests."""
+    def remove(self) -> list[str]:
+        """Take the hook out (jumps, then the chain); the sets stay. For uninstall and tests.
+
+        A family without the chain or a jump to it is left untouched (on legacy, a family whose filter
+        table does not exist is not even opened: libiptc would create it). One line per family changed.
+        """
+        done = []
         for plan in self.plans:
+            if self.flavour == "legacy" and "filter" not in legacy_tables(plan.version):
+                continue
             seen = self.observe(plan)
+            jump = plan.jump.restore_args()
+            if not seen.chain_exists and not any(jump in keys for keys in seen.builtin.values()):
+                continue
             if self.flavour == "nft":
-                jump = plan.jump.restore_args()
                 lines = ["*filter"]
                 for hook, keys in seen.builtin.items():
                     lines += [f"-D {hook} {jump}"] * keys.count(jump)
@@ -211,12 +199,15 @@ class IptablesHook:
                 self._restore(plan.version, "\n".join(lines) + "\n")
             else:
                 self._apply_iptc(plan, seen, remove=True)
+            done.append(f"iptables hook {plan.chain} (IPv{plan.version}, {self.flavour}): removed")
+        return done
 
     # -- nf_tables variant: iptables-save / iptables-restore --noflush ------------------------
     def _observe_nft(self, plan: FamilyPlan) -> Observed:
-        p = _run([_nft_tool("save", plan.version), "-t", "filter"])
+        tool = self.tools.save(plan.version)
+        p = _run([tool, "-t", "filter"])
         if p.returncode != 0:
-            raise SipguardError(f"{_nft_tool('save', plan.version)}: {(p.stderr or p.stdout).strip()}")
+            raise SipguardError(f"{tool}: {(p.stderr or p.stdout).strip()}")
         seen = Observed(False, [], {"INPUT": [], "FORWARD": []})
         for ln in p.stdout.splitlines():
             if ln.startswith(f":{plan.chain} "):
@@ -243,7 +234,7 @@ class IptablesHook:
         self._restore(plan.version, "\n".join(lines) + "\n")
 
     def _restore(self, version: int, text: str) -> None:
-        tool = _nft_tool("restore", version)
+        tool = self.tools.restore(version)
         p = _run([tool, "--noflush"], stdin=text)
         if p.returncode != 0:
             raise SipguardError(f"{tool} failed (nothing changed): {(p.stderr or p.stdout).strip()}")

@@ -21,6 +21,7 @@ import socket
 from ..errors import SipguardError
 from ..addresses import classify, network
 from ..model import Ban
+from ..netfilter import has_iptables
 from .base import IPSET_MAX_TIMEOUT, EnforcedEntry, SyncReport, kernel_timeout, needs_rearm
 from .hook import IptablesHook, plans
 from .ipsetnl import IpsetNetlink, IpsetNetlinkError
@@ -265,14 +266,29 @@ class IpsetEnforcer:
             self._nl.close()
             self._nl = None
 
-    def remove(self) -> None:
-        """Take the hook out and destroy the sets (uninstall; not used by the daemon)."""
-        self.hook.remove()
-        for name in self.sets.values():
+    def remove(self) -> list[str]:
+        """Uninstall (not used by the daemon): take the hook out, then destroy the sets that exist.
+
+        What is absent is skipped without a word (no iptables, no ip_set in the kernel, a set that is not
+        there); a failure is reported, not raised. One line per thing removed or that could not be.
+        """
+        msgs: list[str] = []
+        if has_iptables():
+            try:
+                msgs += self.hook.remove()
+            except SipguardError as exc:
+                msgs.append(f"iptables hook {self.cfg.chain}: cannot remove: {exc}")
+        try:
+            present = [name for name in self.sets.values() if self.nl.header(name) is not None]
+        except (SipguardError, OSError):  # no ip_set here (or no permission to ask): no sets of ours to see
+            return msgs
+        for name in present:
             try:
                 self.ipset.destroy(name)
-            except Exception:  # noqa: BLE001
-                pass
+                msgs.append(f"ipset {name}: destroyed")
+            except Exception as exc:  # noqa: BLE001 - pyroute2 raises its own types
+                msgs.append(f"ipset {name}: cannot destroy: {_reason(exc)}")
+        return msgs
 
 
 def _reason(exc: Exception) -> str:

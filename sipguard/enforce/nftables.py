@@ -322,13 +322,23 @@ class NftablesEnforcer:
     def close(self) -> None:
         pass
 
-    def remove(self) -> None:
-        """Delete the whole table (uninstall; not used by the daemon)."""
+    def remove(self) -> list[str]:
+        """Uninstall (not used by the daemon): delete the whole table when it exists.
+
+        No nft, or a table that is not there (or cannot be listed), is skipped without a word; a failed
+        delete is reported, not raised. One line when something was deleted or could not be.
+        """
+        if shutil.which("nft") is None:
+            return []
+        try:
+            self._nft(["list", "table", "inet", self.table], what="nft list")
+        except SipguardError:
+            return []
         try:
             self._apply([f"delete table {self.t}"], "nft: delete table")
         except SipguardError as exc:
-            if "No such file or directory" not in str(exc):
-                raise
+            return [f"nft table {self.t}: cannot delete: {exc}"]
+        return [f"nft table {self.t}: deleted"]
 
 
 def _elem_key(el: object) -> str | None:

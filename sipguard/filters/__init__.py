@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, overload
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
@@ -99,6 +99,25 @@ class Verdict(NamedTuple):
     filter: str
     ip: str | None
     result: str
+
+
+class VerdictDetail(NamedTuple):
+    """A Verdict with the regexes that decided it (`explain(..., detail=True)`), for the corpus runner.
+
+    `regex` is the index in the filter's `regex` list of the regex whose capture gave `ip` (matched,
+    ignored, invalid_ip: the last one tried), else None; `ignore` the index in its `ignore` list of the
+    first ignore regex that rejected the text (result ignored), else None.
+    """
+
+    filter: str
+    ip: str | None
+    result: str
+    regex: int | None = None
+    ignore: int | None = None
+
+    @property
+    def verdict(self) -> Verdict:
+        return Verdict(self.filter, self.ip, self.result)
 
 
 def expand_macros(pattern: str) -> str:
@@ -307,36 +326,48 @@ class FilterSet:
             stats["multiline" if multiline else "skipped"] += 1
         return None
 
-    def explain(self, text: str | Record, include_inactive: bool = False) -> list[Verdict]:
-        """Per filter, what it makes of `text`: the data behind `sipguard test-filter`."""
+    @overload
+    def explain(self, text: str | Record, include_inactive: bool = False,
+                *, detail: Literal[False] = False) -> list[Verdict]: ...
+    @overload
+    def explain(self, text: str | Record, include_inactive: bool = False,
+                *, detail: Literal[True]) -> list[VerdictDetail]: ...
+
+    def explain(self, text: str | Record, include_inactive: bool = False,
+                *, detail: bool = False) -> list[Verdict] | list[VerdictDetail]:
+        """Per filter, what it makes of `text`: the data behind `sipguard test-filter`.
+
+        Same decisions as `match` (which it never slows: it is a separate walk). With `detail`,
+        VerdictDetails that also name the regex and ignore indexes that decided (the corpus runner's
+        per-regex coverage)."""
         if isinstance(text, Record):
             text = text.text
         pool = self.available if include_inactive else self.filters
         pool = tuple(sorted(pool, key=lambda f: (_KIND_ORDER[f.kind], f.name)))
         multiline = "\n" in text
-        out: list[Verdict] = []
+        out: list[VerdictDetail] = []
         for f in pool:
             if f.prefilter and not any(lit in text for lit in f.prefilter):
-                out.append(Verdict(f.name, None, "prefilter"))
+                out.append(VerdictDetail(f.name, None, "prefilter"))
                 continue
             if multiline and not f.multiline:
-                out.append(Verdict(f.name, None, "multiline"))
+                out.append(VerdictDetail(f.name, None, "multiline"))
                 continue
-            verdict = Verdict(f.name, None, "missed")
-            for rx in f.regexes:
+            verdict = VerdictDetail(f.name, None, "missed")
+            for i, rx in enumerate(f.regexes):
                 m = rx.search(text)
                 if m is None:
                     continue
                 raw = m.group("ip")
                 ip = normalize_ip(raw) if raw else None
                 if ip is None:
-                    verdict = Verdict(f.name, raw, "invalid_ip")
+                    verdict = VerdictDetail(f.name, raw, "invalid_ip", i)
                     continue
-                ignored = any(ig.search(text) for ig in f.ignores)
-                verdict = Verdict(f.name, ip, "ignored" if ignored else "matched")
+                ignored = next((j for j, ig in enumerate(f.ignores) if ig.search(text)), None)
+                verdict = VerdictDetail(f.name, ip, "matched" if ignored is None else "ignored", i, ignored)
                 break
             out.append(verdict)
-        return out
+        return out if detail else [v.verdict for v in out]
 
 
 def search_literals(literals: Iterable[str]) -> tuple[bytes, ...]:

@@ -1,0 +1,513 @@
+"""The fleet bridge: everything the daemon's thread does with Redis.
+
+`ClusterBridge` publishes this node's bans and unbans (through the store's outbox, so a restart
+loses nothing), applies what the stream reader delivers (other nodes' bans and unbans, snapshots)
+to this node's store, policy and enforcer, has the batch scored in Redis, keeps a heartbeat and
+garbage-collects the shared hashes. `attach(daemon)` wires it into today's `Daemon.setup`.
+
+It reaches SQLite only through the store's named methods and the policy only through methods
+(the `Scorer` interface, and ClusterPolicy's take / score_args / scored / decide_locally); it
+never decides a ban itself (Redis's score script or the local Policy does).
+The design (scoring, sharing, failure, the Redis layout) is in README.md next to this file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ..model import Ban, Decision
+from .connection import connect, redacted, redis_errors
+from .reader import StreamReader
+from .scoring import ClusterPolicy
+from .scripts import HDEL_IF_LUA, PUBLISH_LUA, SCORE_LUA
+from .status import STATUS_META
+from .wire import ban_payload, canonical_ip, checked_number, parse_ban
+
+if TYPE_CHECKING:
+    from ..addresses import AllowList
+    from ..config import ClusterConfig, Config
+    from ..enforce import Enforcer
+    from ..policy import Policy
+    from ..store import Store
+
+log = logging.getLogger("sipguard.cluster")
+
+CONTROL_META = "cluster_control"  # last CLI control request this node has published
+EPOCH_META = "cluster_epoch"  # the Redis epoch this node last synced with
+SNAPSHOT_MARGIN = 2.0  # seconds: bans created this close to a snapshot are never dropped by it
+UNBAN_MEMORY = 86400.0  # how long Redis remembers an unban (so a stale ban published later loses)
+FLUSH_BATCH = 500
+SCORE_CHUNK = 2000  # events per score script call
+
+
+class Host(Protocol):
+    """What the bridge uses of the daemon it serves (today's `sipguard.daemon.Daemon`)."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def allow(self) -> AllowList: ...
+
+    @property
+    def enforcer(self) -> Enforcer: ...
+
+    @property
+    def policy(self) -> Policy | None:
+        """The local Policy when the bridge is built (`attach` then makes the bridge's
+        ClusterPolicy the daemon's scorer)."""
+        ...
+
+
+def _ban_of(d: Decision, now: float) -> Ban:
+    """A local decision as the ban it makes at batch time `now`: the rule of the daemon's
+    `ban_from_decision` (not imported from there: the daemon imports this package)."""
+    return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
+               score=d.score, offence=d.offence, manual=False)
+
+
+@dataclass
+class ClusterStats:
+    scored: int = 0  # events scored in Redis
+    cluster_bans: int = 0  # bans decided by the cluster score on this node
+    local_bans: int = 0  # bans decided locally (Redis away) and queued
+    published: int = 0  # outbox entries accepted by Redis
+    stale: int = 0  # outbox entries Redis refused as older than what it holds
+    applied_bans: int = 0  # bans from other nodes applied here
+    applied_unbans: int = 0
+    duplicates: int = 0  # entries this node already held (idempotent skip)
+    superseded: int = 0  # entries older than what this node holds
+    malformed: int = 0  # stream entries that could not be parsed (skipped)
+    allowlisted: int = 0  # automatic bans from other nodes of addresses allow-listed here
+    snapshots: int = 0
+    dropped_by_snapshot: int = 0
+    reseeds: int = 0
+    outages: int = 0
+    errors: int = 0
+
+
+class ClusterBridge:
+    """Everything Redis for one daemon; every method runs on the daemon's thread except the reader.
+
+    When the daemon's policy is set up (a local `Policy`), the bridge wraps it in its own
+    `ClusterPolicy` (`self.policy`), which the daemon must then use as its scorer (`attach`).
+    """
+
+    def __init__(self, cfg: ClusterConfig, daemon: Host) -> None:
+        self.cfg = cfg
+        self.daemon = daemon
+        self.store: Store = daemon.store
+        self.node = cfg.node_name
+        self.prefix = cfg.key_prefix
+        self.stats = ClusterStats()
+        self.client = connect(cfg)
+        self._score = self.client.register_script(SCORE_LUA)
+        self._publish = self.client.register_script(PUBLISH_LUA)
+        self._hdel_if = self.client.register_script(HDEL_IF_LUA)
+        self.queue: queue.Queue = queue.Queue()
+        self.reader = StreamReader(cfg, self.queue)
+        self.redis_ok = False  # main connection answers (scoring, publishing)
+        self.synced = False  # the reader's latest snapshot is applied
+        self._warned = False
+        self._retry_at = 0.0
+        self._last_heartbeat = 0.0
+        self._last_gc = time.time()
+        self._errors = redis_errors()
+        self._jail_csv = ",".join(j for j in daemon.cfg.policy.jails)
+        local = daemon.policy
+        self.policy: ClusterPolicy | None = (
+            ClusterPolicy(local, cfg, lambda: self.scoring) if local is not None else None)
+        last = self.store.get_meta(CONTROL_META)
+        self._control = int(last) if last is not None else self.store.last_request_id()
+        self.store.set_meta(CONTROL_META, str(self._control))
+
+    def outbox_size(self) -> int:
+        return self.store.outbox_size()
+
+    def _held_created(self, ip: str) -> float | None:
+        held = self.store.held(ip)
+        return None if held is None else held.created
+
+    def _new_id(self) -> str:
+        return f"{self.node}:{uuid.uuid4().hex[:16]}"
+
+    def publish_ban(self, ban: Ban, ban_id: str | None = None) -> str:
+        """Queue a ban this node made (or holds) for the cluster; it becomes the ban's id here."""
+        ban_id = ban_id or self._new_id()
+        self.store.hold(ban.ip, ban_id, self.node, ban.created)
+        self.store.outbox_add("ban", ban.ip, ban_id, ban_payload(ban, ban_id, self.node))
+        return ban_id
+
+    def publish_unban(self, ip: str, at: float, op: str = "unban") -> None:
+        if op == "unban":
+            self.store.release_held(ip)
+        self.store.outbox_add(op, ip, self._new_id(), repr(float(at)))
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def scoring(self) -> bool:
+        """Score in Redis (else locally): the main connection works and the snapshot is applied."""
+        return self.redis_ok and self.synced
+
+    def start(self) -> None:
+        self.reader.start()
+        # wait briefly for the first snapshot so a node that starts with Redis up scores cluster-wide
+        deadline = time.monotonic() + max(1.0, 2 * self.cfg.socket_timeout)
+        while time.monotonic() < deadline and self.queue.empty():
+            time.sleep(0.01)
+        self.housekeeping(time.time())
+        if not self.synced:
+            self._down("no answer at start")
+
+    def close(self) -> None:
+        self.reader.stop()
+        self.reader.join(timeout=self.reader.block_ms / 1000 + self.cfg.socket_timeout + 2)
+        try:
+            if self.redis_ok:
+                self.client.delete(self.prefix + "node:" + self.node)
+        except self._errors:
+            pass
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _down(self, why: str) -> None:
+        self.redis_ok = False
+        self._retry_at = time.monotonic() + self.cfg.retry_interval
+        if not self._warned:
+            self._warned = True
+            self.stats.outages += 1
+            log.warning("cluster: Redis at %s unreachable (%s): detecting and banning on this node alone, "
+                        "queuing bans to publish until it is back", redacted(self.cfg.redis_url), why)
+
+    def _up(self) -> None:
+        self.redis_ok = True
+        if self._warned:
+            self._warned = False
+            log.warning("cluster: Redis at %s is back; publishing %d queued entries",
+                        redacted(self.cfg.redis_url), self.outbox_size())
+
+    # -- the daemon's batch -----------------------------------------------------------------
+    def on_batch(self, new_bans: list[Ban], now: float) -> list[Ban]:
+        """Score the buffered events in Redis; returns the batch's bans (local ones queued)."""
+        pol = self.policy
+        assert pol is not None
+        out: list[Ban] = []
+        for ban in new_bans:  # decided by the local policy: Redis was away
+            self.publish_ban(ban)
+            self.stats.local_bans += 1
+            out.append(ban)
+        events = pol.take()
+        if not events:
+            return out
+        try:
+            if len(events) <= SCORE_CHUNK:
+                results = [self._score(args=pol.score_args(events, round(now, 3)))]
+            else:  # short scripts, so Redis never blocks the other nodes long; still one round trip
+                with self.client.pipeline(transaction=False) as pipe:
+                    for k in range(0, len(events), SCORE_CHUNK):
+                        self._score(args=pol.score_args(events[k:k + SCORE_CHUNK], round(now, 3)), client=pipe)
+                    results = pipe.execute()
+            payloads = [p for r in results for p in r[0]]
+        except self._errors as exc:
+            self._down(str(exc) or type(exc).__name__)
+            for d in pol.decide_locally(events):  # counted once: observe() already counted them
+                ban = _ban_of(d, now)
+                self.publish_ban(ban)
+                self.stats.local_bans += 1
+                out.append(ban)
+            return out
+        self.stats.scored += len(events)
+        bans = []
+        for payload in payloads:
+            try:
+                ban, ban_id, origin = parse_ban(payload)
+            except (ValueError, TypeError) as exc:
+                self.stats.errors += 1
+                log.error("cluster: bad ban from the score script: %s", exc)
+                continue
+            bans.append(ban)
+            self.store.hold(ban.ip, ban_id, origin, ban.created)
+        pol.scored(events, [b.ip for b in bans])  # keeps the local windows warm for when Redis goes away
+        self.stats.cluster_bans += len(bans)
+        out.extend(bans)
+        return out
+
+    # -- housekeeping -----------------------------------------------------------------------
+    def housekeeping(self, now: float) -> None:
+        self._publish_control()
+        self._drain()
+        if not self.redis_ok and time.monotonic() >= self._retry_at and self.reader.connected:
+            try:
+                self.client.ping()
+                self._up()
+            except self._errors as exc:
+                self._down(str(exc) or type(exc).__name__)
+        if self.redis_ok:
+            self._flush()
+        if now - self._last_heartbeat >= self.cfg.heartbeat_interval:
+            self._heartbeat(now)
+        if now - self._last_gc >= max(self.daemon.cfg.daemon.prune_interval, 10.0):
+            self._last_gc = now
+            self._gc(now)
+
+    def _publish_control(self) -> None:
+        """What the CLI did (ban, unban, unban --all, ban --from-file) goes to the cluster."""
+        reqs = self.store.requests_after(self._control)
+        if not reqs:
+            return
+        with self.store.transaction():
+            for req in reqs:
+                self._control = req.id
+                if req.action == "ban" and req.target:
+                    ban = self.store.get_ban(req.target)
+                    if ban is not None and self._held_created(req.target) != ban.created:
+                        self.publish_ban(ban)
+                elif req.action == "unban" and req.target:
+                    self.publish_unban(req.target, req.time)
+                elif req.action == "unban_all":
+                    self.store.release_all_held()
+                    self.publish_unban("*", req.time, op="unban_all")
+                elif req.action == "sync":  # a batch ban (--from-file): publish what the cluster lacks
+                    for ban in self.store.active_bans(time.time()):
+                        if self._held_created(ban.ip) != ban.created:
+                            self.publish_ban(ban)
+            self.store.set_meta(CONTROL_META, str(self._control))
+
+    def _flush(self) -> None:
+        while True:
+            entries = self.store.outbox_next(FLUSH_BATCH)
+            if not entries:
+                return
+            pcfg = self.daemon.cfg.policy
+            try:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for e in entries:
+                        self._publish(args=[self.prefix, self.cfg.stream_maxlen, e.op, e.ip, e.id, self.node,
+                                            e.payload, pcfg.offence_memory, UNBAN_MEMORY, self._jail_csv],
+                                      client=pipe)
+                    results = pipe.execute()
+            except self._errors as exc:
+                self._down(str(exc) or type(exc).__name__)
+                return
+            self.stats.published += sum(1 for r in results if r == 1)
+            self.stats.stale += sum(1 for r in results if r != 1)
+            self.store.outbox_delete_upto(entries[-1].seq)
+
+    def _drain(self) -> None:
+        """Apply what the reader delivered, in order, in one transaction."""
+        items = []
+        try:
+            while True:
+                items.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        if not items:
+            return
+        now = time.time()
+        with self.store.transaction():
+            for item in items:
+                kind = item[0]
+                if kind == "snapshot":
+                    self._apply_snapshot(item[1], item[2], item[3], now)
+                elif kind == "entries":
+                    for entry_id, fields in item[1]:
+                        self._apply_entry(entry_id, fields, now)
+                elif kind == "down":
+                    self.synced = False
+                    self._down(item[1])
+
+    def _apply_snapshot(self, epoch: str | None, bans: dict[str, str], taken: float, now: float) -> None:
+        self.stats.snapshots += 1
+        known = self.store.get_meta(EPOCH_META)
+        cluster: dict[str, tuple[Ban, str, str]] = {}
+        for ip, payload in bans.items():
+            try:
+                cluster[ip] = parse_ban(payload)
+            except (ValueError, TypeError):
+                self.stats.malformed += 1
+        for ban, ban_id, origin in cluster.values():
+            self._apply_ban(ban, ban_id, origin, now)
+        pending = self.store.outbox_ips()
+        if known != epoch:
+            # a first join, or Redis lost its data: what this node holds goes (back) to the cluster
+            self.stats.reseeds += 1
+            republished = 0
+            for ban in self.store.active_bans(now):
+                if ban.ip in cluster or ban.ip in pending:
+                    continue
+                held = self.store.held(ban.ip)
+                self.publish_ban(ban, held.id if held and held.created == ban.created else None)
+                republished += 1
+            if known is not None:
+                log.warning("cluster: Redis lost its state (new epoch); re-publishing %d bans held here", republished)
+        else:
+            # same Redis: a ban it no longer has was lifted while this node was away
+            origins = self.store.held_origins()
+            for ban in self.store.active_bans(now):
+                if ban.ip in cluster or ban.ip in pending or ban.ip not in origins:
+                    continue  # (not in origins: never shared, made before fleet mode: keep)
+                if origins[ban.ip] == self.node and ban.created >= taken - SNAPSHOT_MARGIN:
+                    continue  # decided here while the snapshot was read: its stream entry follows
+                self._remove(ban.ip, now, now)
+                self.stats.dropped_by_snapshot += 1
+        self.store.set_meta(EPOCH_META, epoch or "")
+        self.synced = True
+        if not self.redis_ok:
+            try:
+                self.client.ping()
+                self._up()
+            except self._errors as exc:
+                self._down(str(exc) or type(exc).__name__)
+
+    def _apply_entry(self, entry_id: str, fields: dict, now: float) -> None:
+        try:
+            op = fields.get("op")
+            if op == "ban":
+                ban, ban_id, origin = parse_ban(fields["ban"])
+                if ban.ip != canonical_ip(fields.get("ip")):
+                    raise ValueError("ip mismatch")
+                self._apply_ban(ban, ban_id, origin, now)
+            elif op in ("unban", "unban_all"):
+                at = checked_number(float(fields["at"]), "at")
+                if op == "unban":
+                    self._apply_unban(canonical_ip(fields.get("ip")), at, now)
+                else:
+                    for ban in self.store.active_bans(0):
+                        self._apply_unban(ban.ip, at, now)
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            self.stats.malformed += 1
+            if self.stats.malformed <= 10 or self.stats.malformed % 1000 == 0:
+                log.warning("cluster: skipped malformed stream entry %s (%s; %d so far)", entry_id, exc,
+                            self.stats.malformed)
+
+    def _apply_ban(self, ban: Ban, ban_id: str, origin: str, now: float) -> None:
+        if ban.expires is not None and ban.expires <= now:
+            return
+        if not ban.manual and ban.ip in self.daemon.allow:  # this node's allow-list (loopback, own host)
+            self.stats.allowlisted += 1
+            return
+        held = self.store.held(ban.ip)
+        local = self.store.get_ban(ban.ip)
+        if local is not None and held is not None and held.id == ban_id:
+            self.stats.duplicates += 1
+            return
+        if local is not None and (local.created, held.id if held else "") > (ban.created, ban_id):
+            self.stats.superseded += 1
+            return
+        self.store.put_ban(ban, now)
+        self.store.hold(ban.ip, ban_id, origin, ban.created)
+        if self.policy is not None:
+            self.policy.note_ban(ban.ip)
+        try:
+            self.daemon.enforcer.ban(ban, now)
+        except Exception:  # noqa: BLE001 - kept in the store; the enforcer's next sync retries
+            self.stats.errors += 1
+            log.exception("enforcer failed to ban %s (from %s)", ban.ip, origin)
+        self.stats.applied_bans += 1
+        log.info("cluster: %s banned %s until %s (%s)", origin, ban.ip,
+                 "forever" if ban.expires is None else time.strftime("%H:%M:%S", time.localtime(ban.expires)),
+                 ban.reason)
+
+    def _apply_unban(self, ip: str, at: float, now: float) -> None:
+        local = self.store.get_ban(ip)
+        if local is not None and local.created > at:
+            self.stats.superseded += 1
+            return
+        if local is None:
+            if self.policy is not None:
+                self.policy.release(ip)
+            return
+        self._remove(ip, at, now)
+        self.stats.applied_unbans += 1
+        log.info("cluster: unbanned %s", ip)
+
+    def _remove(self, ip: str, at: float, now: float) -> None:
+        self.store.remove_ban(ip, now)
+        self.store.mark_cleared(ip, at)
+        self.store.release_held(ip)
+        if self.policy is not None:
+            self.policy.release(ip)
+        try:
+            self.daemon.enforcer.unban(ip)
+        except Exception:  # noqa: BLE001
+            self.stats.errors += 1
+            log.exception("enforcer failed to unban %s", ip)
+
+    # -- heartbeat, status, gc --------------------------------------------------------------
+    def in_sync(self) -> bool:
+        return self.redis_ok and self.synced and self.reader.connected and self.queue.empty() \
+            and self.outbox_size() == 0
+
+    def view(self, now: float) -> dict:
+        return {"node": self.node, "redis": redacted(self.cfg.redis_url), "connected": self.redis_ok,
+                "in_sync": self.in_sync(), "outbox": self.outbox_size(), "heartbeat": now, "pid": os.getpid(),
+                "stats": asdict(self.stats)}
+
+    def _heartbeat(self, now: float) -> None:
+        self._last_heartbeat = now
+        view = self.view(now)
+        self.store.set_meta(STATUS_META, json.dumps(view))
+        if not self.redis_ok:
+            return
+        try:
+            ttl = max(1, math.ceil(self.cfg.node_timeout))
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self.prefix + "node:" + self.node, json.dumps(view), ex=ttl)
+                pipe.zadd(self.prefix + "nodes", {self.node: now})
+                pipe.zremrangebyscore(self.prefix + "nodes", "-inf", now - 7 * 86400)
+                pipe.execute()
+        except self._errors as exc:
+            self._down(str(exc) or type(exc).__name__)
+
+    def _gc(self, now: float) -> None:
+        """Expired bans and old unbans leave the shared hashes (compare-and-delete, so no race)."""
+        if not self.redis_ok:
+            return
+        try:
+            P = self.prefix
+            for ip, payload in self.client.hscan_iter(P + "bans", count=1000):
+                try:
+                    exp = json.loads(payload).get("expires")
+                except (ValueError, AttributeError):
+                    exp = 0
+                if exp is not None and not (isinstance(exp, (int, float)) and exp > now):
+                    self._hdel_if(keys=[P + "bans"], args=[ip, payload])
+            for ip, at in self.client.hscan_iter(P + "unbans", count=1000):
+                try:
+                    old = float(at) < now - UNBAN_MEMORY
+                except ValueError:
+                    old = True
+                if old:
+                    self._hdel_if(keys=[P + "unbans"], args=[ip, at])
+        except self._errors as exc:
+            self._down(str(exc) or type(exc).__name__)
+        self.store.gc_held()
+
+
+def attach(daemon: Host) -> ClusterBridge:
+    """Fleet mode for a daemon whose policy is set up: builds the bridge, makes its ClusterPolicy
+    the daemon's scorer, and starts the reader.
+
+    Setting `daemon.policy` here is the one place the fleet changes another object's attribute;
+    it stays only until a composition root builds the scorer before the daemon.
+    """
+    assert daemon.cfg.cluster is not None and daemon.policy is not None
+    bridge = ClusterBridge(daemon.cfg.cluster, daemon)
+    daemon.policy = bridge.policy  # type: ignore[misc]  # (read-only in Host: see the docstring)
+    bridge.start()
+    return bridge

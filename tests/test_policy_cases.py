@@ -1,0 +1,259 @@
+"""One scoring semantics: every case in tests/policy_cases/ runs through the local Policy and through
+the fleet's Redis score script, and both must give exactly the decisions the case expects.
+
+A case is a directory (in the spirit of CrowdSec's pkg/leakybucket/testdata/<scenario>/):
+
+* `policy.toml`: the policy config, the same keys as the `[policy]` section of sipguard.toml
+  (validated as that section, so an unknown key fails the case);
+* `events.jsonl`: the events in, one per line: `time` (seconds from the case's start), `ip`,
+  `filter`, `kind`, `weight`, and optionally `batch` (a label: consecutive events with the same
+  label are read in one batch);
+* `decisions.jsonl`: the decisions out, in order: `event` (0-based index of the event that decided
+  it, among the lines of events.jsonl), `time` (that event's time), `ip`, `reason`, `score`,
+  `duration` (seconds, null = permanent) and `offence`;
+* `README.md`: what the case shows, in a few lines.
+
+Times. The Redis script scores a whole batch at one batch time `now` (a ban's `created`, the
+instant at which "is this source banned" is asked), while window and offence arithmetic use each
+event's own time, as the local Policy does. To make the two comparable the harness gives both the
+same batches: an event without a `batch` label is a batch of its own, and a batch's `now` is the
+time of its last event (as in the daemon, where `now` is read after the lines were logged). The
+decision's duration is its ban's `expires - created`, with `created = now` on both sides (the
+daemon's rule, `ban_from_decision`). A ban is in force while `now < expires`: before each batch
+the harness releases (`Policy.release`, as the daemon's expiry does) every ban with
+`expires <= now`; Redis's script checks the same itself. Case times are offsets from T0, a real
+epoch time, so the script's number formatting is exercised at realistic magnitudes.
+
+Runs, each against the case's expectations:
+
+* `local`: `Policy.observe` per event;
+* `fleet`: the node's real path: `ClusterPolicy.observe` (buffers), `take`, the real `SCORE_LUA`
+  called with `ClusterPolicy.score_args`, `ClusterPolicy.scored` with the bans (so the local
+  `banned` set follows, as `ClusterBridge.on_batch` does);
+* `script`: `SCORE_LUA` alone on every scored event (no local filtering), so the script's own
+  "already banned" check (the shared ban hash, with its expiry) decides.
+
+Scores are compared to 1e-9 (the script returns bans as JSON, whose numbers carry 14 significant
+digits: 0.1 + 0.1 + 0.1 comes back as 0.3), durations to 1e-6 s; everything else exactly.
+
+The redis-server is this test's own: a unix socket in a temp dir (no TCP port), no persistence,
+stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sipguard.addresses import AllowList
+from sipguard.cluster import SCORE_LUA, ClusterPolicy, parse_ban
+from sipguard.config import ClusterConfig, Config, PolicyConfig
+from sipguard.model import Ban, Event, EventKind
+from sipguard.policy import Policy
+
+CASES_DIR = Path(__file__).parent / "policy_cases"
+CASES = sorted(p.name for p in CASES_DIR.iterdir() if p.is_dir())
+T0 = 1_700_000_000.0
+NO_ALLOW = AllowList([], include_host=False)
+FIELDS = ("event", "time", "ip", "reason", "score", "duration", "offence")
+
+REDIS = shutil.which("redis-server")
+
+
+# -- the case files -----------------------------------------------------------------------------
+def load_case(name: str) -> tuple[PolicyConfig, list[list[tuple[int, Event]]], list[dict]]:
+    d = CASES_DIR / name
+    with (d / "policy.toml").open("rb") as f:
+        cfg = Config.model_validate({"policy": tomllib.load(f)}).policy
+    batches: list[list[tuple[int, Event]]] = []
+    label = None
+    for i, line in enumerate(l for l in (d / "events.jsonl").read_text().splitlines() if l.strip()):
+        e = json.loads(line)
+        assert set(e) <= {"time", "ip", "filter", "kind", "weight", "batch"}, e
+        ev = Event(T0 + e["time"], e["ip"], e["filter"], EventKind(e["kind"]), float(e["weight"]))
+        if "batch" in e and e["batch"] == label:
+            batches[-1].append((i, ev))
+        else:
+            batches.append([(i, ev)])
+        label = e.get("batch")
+    expected = [json.loads(line) for line in (d / "decisions.jsonl").read_text().splitlines() if line.strip()]
+    for x in expected:
+        assert set(x) == set(FIELDS), x
+    assert (d / "README.md").is_file(), f"{name}: say what the case shows"
+    return cfg, batches, expected
+
+
+def decision(i: int, ev: Event, ban: Ban) -> dict:
+    return {"event": i, "time": ev.time - T0, "ip": ban.ip, "reason": ban.reason, "score": ban.score,
+            "duration": None if ban.expires is None else ban.expires - ban.created, "offence": ban.offence}
+
+
+def comparable(ds: list[dict]) -> list[tuple]:
+    return [(d["event"], d["time"], d["ip"], d["reason"], round(d["score"], 9),
+             None if d["duration"] is None else round(d["duration"], 6), d["offence"]) for d in ds]
+
+
+# -- the runs -----------------------------------------------------------------------------------
+class Run:
+    """Feeds a case's batches; subclasses score one batch and say how a ban ends."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        self.cfg = cfg
+        self.in_force: dict[str, float | None] = {}
+
+    def feed(self, batches: list[list[tuple[int, Event]]]) -> list[dict]:
+        out: list[dict] = []
+        for batch in batches:
+            now = batch[-1][1].time
+            for ip, expires in list(self.in_force.items()):
+                if expires is not None and expires <= now:
+                    del self.in_force[ip]
+                    self.release(ip)
+            for i, ev, ban in self.batch(batch, now):
+                assert ban.created == now and not ban.manual
+                self.in_force[ban.ip] = ban.expires
+                out.append(decision(i, ev, ban))
+        return out
+
+    def release(self, ip: str) -> None:
+        raise NotImplementedError
+
+    def batch(self, batch: list[tuple[int, Event]], now: float) -> list[tuple[int, Event, Ban]]:
+        raise NotImplementedError
+
+
+class LocalRun(Run):
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__(cfg)
+        self.policy = Policy(cfg, NO_ALLOW)
+
+    def release(self, ip: str) -> None:
+        self.policy.release(ip)
+
+    def batch(self, batch, now):
+        out = []
+        for i, ev in batch:
+            d = self.policy.observe(ev)
+            if d is not None:
+                assert d.time == ev.time
+                expires = None if d.duration is None else now + d.duration
+                out.append((i, ev, Ban(d.ip, d.reason, now, expires, d.score, d.offence)))
+        return out
+
+
+class ScriptRun(Run):
+    """SCORE_LUA through ClusterPolicy.score_args; `fleet` adds the node's own path around it."""
+
+    def __init__(self, cfg: PolicyConfig, client, prefix: str, fleet: bool) -> None:
+        super().__init__(cfg)
+        self.fleet = fleet
+        ccfg = ClusterConfig(redis_url="unix:///unused.sock", node_name="case", key_prefix=prefix)
+        self.cp = ClusterPolicy(Policy(cfg, NO_ALLOW), ccfg, scoring=lambda: True)
+        self.script = client.register_script(SCORE_LUA)
+        self.scored_kinds = {EventKind.SUCCESS} | {k for j in cfg.jails.values() for k in j.kinds}
+
+    def release(self, ip: str) -> None:
+        if self.fleet:  # what the daemon's expiry does; the script itself needs nothing
+            self.cp.release(ip)
+
+    def batch(self, batch, now):
+        index = {id(ev): i for i, ev in batch}
+        if self.fleet:
+            for _, ev in batch:
+                assert self.cp.observe(ev) is None  # the fleet decides nothing locally
+            events = self.cp.take()
+        else:
+            events = [ev for _, ev in batch if ev.kind in self.scored_kinds]
+        if not events:
+            return []
+        args = self.cp.score_args(events, round(now, 3))
+        first = 9 + 5 * len(self.cfg.jails)  # ARGV layout: see sipguard/cluster/lua/score.lua
+        assert len(args) == first + 6 * len(events)
+        by_uid = {args[first + 6 * k + 5]: ev for k, ev in enumerate(events)}
+        payloads, _resets, _skipped = self.script(args=args)
+        out = []
+        for payload in payloads:
+            ban, ban_id, origin = parse_ban(payload)
+            assert origin == "case" and ban_id.startswith("case:")
+            ev = by_uid[ban_id.split(":", 1)[1]]
+            out.append((index[id(ev)], ev, ban))
+        if self.fleet:
+            self.cp.scored(events, [b.ip for _, _, b in out])
+        return out
+
+
+# -- redis --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def redis_client(tmp_path_factory):
+    if REDIS is None:
+        if os.geteuid() == 0:  # CI runs as root after `make setup` installed it: never skip there
+            pytest.fail("redis-server is not installed (the Makefile's APT_PACKAGES install it)", pytrace=False)
+        pytest.skip("redis-server is not installed")
+    import redis
+
+    d = tmp_path_factory.mktemp("redis")
+    sock = d / "redis.sock"
+    proc = subprocess.Popen(
+        [REDIS, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700", "--dir", str(d),
+         "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(unix_socket_path=str(sock), decode_responses=True, socket_timeout=5)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.RedisError, OSError):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        yield client
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait(10)
+
+
+# -- the tests ----------------------------------------------------------------------------------
+def test_there_are_enough_cases():
+    assert len(CASES) >= 12, CASES
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_local_policy(name):
+    cfg, batches, expected = load_case(name)
+    assert comparable(LocalRun(cfg).feed(batches)) == comparable(expected)
+
+
+@pytest.mark.parametrize("mode", ["fleet", "script"])
+@pytest.mark.parametrize("name", CASES)
+def test_redis_score_script(name, mode, redis_client):
+    cfg, batches, expected = load_case(name)
+    prefix = f"case:{name}:{mode}:"
+    try:
+        got = ScriptRun(cfg, redis_client, prefix, fleet=mode == "fleet").feed(batches)
+    finally:
+        keys = list(redis_client.scan_iter(prefix + "*"))
+        if keys:
+            redis_client.delete(*keys)
+    assert comparable(got) == comparable(expected)
+
+
+def test_comparison_tells_a_difference_apart():
+    """The harness is not blind: a changed score, duration or event index is a difference."""
+    base = {"event": 2, "time": 599.0, "ip": "198.18.20.1", "reason": "auth:auth-failure", "score": 3.0,
+            "duration": 3600.0, "offence": 1}
+    assert comparable([base]) == comparable([dict(base, score=3.0 + 1e-12)])
+    for change in ({"score": 3.001}, {"duration": 3601.0}, {"duration": None}, {"event": 3}, {"offence": 2},
+                   {"reason": "auth-slow:auth-failure"}):
+        assert comparable([base]) != comparable([dict(base, **change)]), change
+    assert math.isclose(0.1 + 0.1 + 0.1, 0.3) and 0.1 + 0.1 + 0.1 != 0.3  # why scores are rounded
