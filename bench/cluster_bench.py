@@ -83,7 +83,7 @@ class Node:
         self.daemon = build_daemon(node_cfg(port, name, interval), self.store, self.enforcer, logs=[str(self.log)])
         self.thread = threading.Thread(target=self.daemon.run, daemon=True)
         self.thread.start()
-        while self.daemon.follower is None:
+        while not self.daemon.ready.is_set():
             time.sleep(0.01)
 
     def has(self, ip: str) -> bool:
@@ -164,10 +164,10 @@ def bench_scoring(port: int, tmp: Path, seconds: float, threads: int, batch: int
                 i = n + j
                 # every 20th from a few repeat offenders (they get banned), the rest a spray of new sources
                 ip = f"{20 + k}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" if i % 20 else f"10.200.{k}.{i % 50}"
-                dm.policy.observe(Event(now, ip, "auth-failed", EventKind.AUTH_FAILURE, 1.0))
-            dm.cluster.on_batch([], now)
+                dm.parts.scorer.observe(Event(now, ip, "auth-failed", EventKind.AUTH_FAILURE, 1.0))
+            dm.parts.fleet.score_batch(now)
             n += batch
-        counts[k] = dm.cluster.stats.scored
+        counts[k] = dm.parts.fleet.stats.scored
 
     t0 = time.perf_counter()
     ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
@@ -177,10 +177,10 @@ def bench_scoring(port: int, tmp: Path, seconds: float, threads: int, batch: int
         t.join()
     took = time.perf_counter() - t0
     for dm in daemons:
-        assert dm.cluster.redis_ok, "Redis went away during the scoring bench"
-        dm.cluster.close()
-        dm.follower.close()
-        dm.store.close()
+        assert dm.parts.fleet.redis_ok, "Redis went away during the scoring bench"
+        dm.parts.fleet.close()
+        dm.parts.follower.close()
+        dm.parts.store.close()
     return sum(counts) / took
 
 

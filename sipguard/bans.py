@@ -115,6 +115,7 @@ class BanBook:
         self._heard: list[tuple[str, Sequence[Ban] | Sequence[str], str, float]] = []
         self._refused: dict[str, str | None] = {}
         self._marks = (0, 0)  # what the last `write` put into the open transaction
+        self._overlay: dict[str, Ban | None] = {}  # the queued state of each address changed, not yet stored
 
     # -- changes -----------------------------------------------------------------------------
     def ban(self, bans: Sequence[Ban], now: float, cause: str = POLICY, *, store: bool = True,
@@ -133,6 +134,8 @@ class BanBook:
                 self.scorer.note_ban(ban.ip)
         if store:
             self._pending.extend(_Put(b) for b in out)
+            for b in out:
+                self._overlay[b.ip] = b
         self._heard.append(("ban", out, cause, now))
         self.stats.bans += len(out)
         for ban in out:
@@ -159,6 +162,7 @@ class BanBook:
                 self.scorer.release(ip)
             if store:
                 self._pending.append(_Remove(ip, action, at if clear else None))
+                self._overlay[ip] = None
         self._heard.append(("unban", ips, cause, at))
         if action == "expire":
             self.stats.expired += len(ips)
@@ -229,6 +233,8 @@ class BanBook:
         del self._pending[:n]
         del self._heard[:heard]
         self._marks = (0, 0)
+        if not self._pending:
+            self._overlay.clear()
         self.stats.pending = len(self._pending)
 
     def failed(self) -> None:
@@ -252,6 +258,12 @@ class BanBook:
     def pending(self) -> int:
         return len(self._pending)
 
+    def current(self, ip: str) -> Ban | None:
+        """The ban on `ip` as the book knows it (queued changes included), or None."""
+        if ip in self._overlay:
+            return self._overlay[ip]
+        return self.store.get_ban(ip)
+
     def held(self, now: float) -> list[Ban]:
         """The bans in force as the book knows them: the store's, with queued changes applied."""
         bans = {b.ip: b for b in self.store.active_bans(now)}
@@ -267,7 +279,7 @@ class BanBook:
     def restore(self, now: float) -> SyncReport:
         """At start: adopt kernel entries the store lacks (a crash between kernel and store), then make
         the kernel hold exactly the bans in force and tell the scorer which sources are banned."""
-        adopted: list[Ban] = []
+        adopted: list[Ban] = []  # (kernel entries found here are adopted: cause RESTORE)
         if self.enforcer is not None:
             try:
                 in_kernel = self.enforcer.entries()
@@ -282,6 +294,9 @@ class BanBook:
                 adopted.append(Ban(ip=e.ip, reason=ADOPTED_REASON, created=now, expires=expires))
         if adopted:
             self._pending.extend(_Put(b) for b in adopted)
+            for b in adopted:
+                self._overlay[b.ip] = b
+            self._heard.append(("ban", adopted, RESTORE, now))
             self.stats.adopted += len(adopted)
             log.warning("adopted %d kernel entries the store did not hold (a stop between kernel and store)",
                         len(adopted))

@@ -25,11 +25,14 @@ from .config import Config
 from .filters import FilterSet, trigger_starts
 from .formats import RecordParser
 from .model import Ban, Event, Line
-from .policy import Policy
+from .policy import Policy, Scorer
 from .sources import FileFollower, LineBatch
 from .store import Store
 
 log = logging.getLogger("sipguard.daemon")
+
+CONTROL_CURSOR = "control_cursor"
+"""Store meta key: the last CLI control request this daemon mirrored (kept across restarts)."""
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Hook(Protocol):
     """A part that rides along the loop (metrics, blocklists, the fleet): it sees each batch, and may
     change bans between batches, through the ban book only."""
 
+    def start(self, book: BanBook) -> None: ...
+
     def on_batch(self, report: BatchReport) -> None: ...
 
     def tick(self, now: float, book: BanBook) -> None: ...
@@ -80,23 +85,6 @@ class Follower(Protocol):
     def close(self) -> None: ...
 
 
-class Scorer(Protocol):
-    """The policy as the loop sees it: the local `Policy`, or the fleet's, which scores a batch at once."""
-
-    @property
-    def banned(self) -> set[str]: ...
-
-    def observe(self, ev: Event): ...  # -> Decision | None
-
-    def restore(self, events) -> None: ...
-
-    def expire(self, now: float) -> int: ...
-
-    def note_ban(self, ip: str) -> None: ...
-
-    def release(self, ip: str) -> None: ...
-
-
 @dataclass
 class Parts:
     """Everything the loop drives, built once by the composition root."""
@@ -112,10 +100,9 @@ class Parts:
     enforcer_name: str
     logs: list[str]
     hooks: Sequence[Hook] = ()
-    fleet: object | None = None  # the fleet bridge when [cluster] is set (also among the hooks)
+    fleet: Hook | None = None  # the fleet bridge when [cluster] is set (also among the hooks)
     batch_scorer: Callable[[float], list[tuple[str, list[Ban]]]] | None = None  # the fleet's batch score
     save_extra: Callable[[], None] | None = None  # inside each batch transaction (journal cursors)
-    on_setup: Callable[[], None] | None = None  # after the book is restored, before following starts
     warnings: list[str] = field(default_factory=list)  # said once at start
 
 
@@ -207,9 +194,11 @@ class Daemon:
         p.book.expire(now)
         p.book.commit(now)
         p.scorer.restore(p.store.recent_events(now - p.policy.max_findtime))
-        if p.on_setup is not None:
-            p.on_setup()
-        self._last_control = p.store.last_request_id()
+        saved = p.store.get_meta(CONTROL_CURSOR) or p.store.get_meta("cluster_control")  # (older fleet nodes)
+        # CLI requests made while the daemon was down are mirrored too (the fleet publishes them)
+        self._last_control = int(saved) if saved is not None else p.store.last_request_id()
+        for hook in p.hooks:
+            hook.start(p.book)
         report = p.book.restore(now)
         self._last_resync = now
         log.info("restored %d bans (enforcer %s: +%d -%d, %d repaired)", len(p.book.held(now)), p.enforcer_name,
@@ -373,9 +362,22 @@ class Daemon:
     def housekeeping(self, now: float) -> None:
         p = self.parts
         book = p.book
-        for req in p.store.requests_after(self._last_control):
+        control = self._last_control
+        for req in p.store.requests_after(control):
             self._last_control = req.id
             book.apply_request(req, now)
+        if self._last_control != control:
+            try:
+                with p.store.transaction():  # what the requests changed, and that they were mirrored
+                    book.write(now)
+                    p.store.set_meta(CONTROL_CURSOR, str(self._last_control))
+            except Exception:  # noqa: BLE001 - mirrored again after a restart; the kernel has them now
+                book.failed()
+                self._last_control = control
+                self.stats.errors += 1
+                log.exception("could not store the CLI requests' changes; retrying")
+            else:
+                book.written()
         for hook in p.hooks:
             hook.tick(now, book)
         book.expire(now)

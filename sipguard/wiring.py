@@ -19,7 +19,7 @@ from .daemon import Daemon, Follower, Hook, Parts
 from .enforce.base import Enforcer
 from .filters import FilterSet
 from .formats import RecordParser
-from .policy import Policy
+from .policy import Policy, Scorer
 from .sources import FileFollower, SourcePosition
 from .store import Store
 
@@ -82,8 +82,17 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
 
     pc = cfg.policy
     policy = Policy(pc, allow, store.offence_history(now - pc.offence_memory))
+    scorer: Scorer = policy
     listeners: list[BanListener] = []
-    book = BanBook(store, enforcer, policy, listeners)
+    fleet = None
+    if cfg.cluster is not None:  # scores in Redis and shares bans; redis is imported only here
+        from .cluster import ClusterBridge
+
+        fleet = ClusterBridge(cfg.cluster, pc, store, allow, policy, cfg.daemon.prune_interval)
+        scorer = fleet.policy
+        listeners.append(fleet)
+        hooks.append(fleet)
+    book = BanBook(store, enforcer, scorer, listeners)
 
     if cfg.blocklists:
         from .extras.blocklists import BlocklistHook
@@ -108,7 +117,8 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
         follower = MultiFollower(follower, journal)
         save_extra = journal.save_cursors
 
-    parts = Parts(cfg=cfg, store=store, follower=follower, parsers=parsers, filters=filters, scorer=policy,
-                  policy=policy, book=book, enforcer_name=kernel.name, logs=logs, hooks=hooks,
-                  save_extra=save_extra, warnings=warnings)
+    parts = Parts(cfg=cfg, store=store, follower=follower, parsers=parsers, filters=filters, scorer=scorer,
+                  policy=policy, book=book, enforcer_name=kernel.name, logs=logs, hooks=hooks, fleet=fleet,
+                  batch_scorer=None if fleet is None else fleet.score_batch, save_extra=save_extra,
+                  warnings=warnings)
     return Daemon(parts)

@@ -154,7 +154,7 @@ class Node:
 
     @property
     def bridge(self):
-        return self.daemon.cluster
+        return self.daemon.parts.fleet
 
     def write(self, *lines: str) -> None:
         with self.log.open("a") as f:
@@ -270,28 +270,28 @@ def test_scorer_interface_is_explicit():
 def test_redis_failing_mid_batch_decides_locally_counting_each_event_once(tmp_path, redis_server):
     node = Node(tmp_path, redis_server.url, "edge1")
     store = Store.open_state_dir(node.dir / "state")
-    d = Daemon(node.cfg, store, node.enforcer, logs=[str(node.log)])
+    d = build_daemon(node.cfg, store, node.enforcer, logs=[str(node.log)])
     d.setup()
     try:
-        bridge = d.cluster
-        assert bridge.scoring and d.policy is bridge.policy
+        bridge = d.parts.fleet
+        assert bridge.scoring and d.parts.scorer is bridge.policy
         now = time.time()
         for ip in ("198.18.17.1", "198.18.17.2"):
             for k in range(3):  # buffered for Redis: nothing decided here
-                assert d.policy.observe(Event(now + k, ip, "auth-failure", EventKind.AUTH_FAILURE, 1.0)) is None
+                assert d.parts.scorer.observe(Event(now + k, ip, "auth-failure", EventKind.AUTH_FAILURE, 1.0)) is None
             if ip == "198.18.17.2":
                 redis_server.stop()  # the second batch's score call fails
-            bans = bridge.on_batch([], now + 3)
+            bans = d.step([])  # the batch: scored in Redis (or locally), through the ban book, stored
             assert [(b.ip, b.score, b.reason) for b in bans] == [(ip, 3.0, "auth:auth-failure")]
         assert not bridge.scoring
         assert bridge.stats.scored == 3 and bridge.stats.cluster_bans == 1 and bridge.stats.local_bans == 1
         assert bridge.outbox_size() == 1  # the local ban waits for Redis
-        st = d.policy.stats
+        st = d.parts.scorer.stats
         assert (st.events, st.decisions) == (6, 2)  # each event and each ban counted once
-        assert {"198.18.17.1", "198.18.17.2"} <= d.policy.banned
+        assert {"198.18.17.1", "198.18.17.2"} <= d.parts.scorer.banned
     finally:
-        d.follower.close()
-        d.cluster.close()
+        d.parts.follower.close()
+        bridge.close()
         store.close()
 
 
@@ -431,9 +431,9 @@ def test_no_cluster_section_means_standalone(tmp_path):
     d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
     d.setup()
     try:
-        assert d.cluster is None and type(d.policy).__name__ == "Policy"
+        assert d.parts.fleet is None and type(d.parts.scorer).__name__ == "Policy"
     finally:
-        d.follower.close()
+        d.parts.follower.close()
         store.close()
 
 

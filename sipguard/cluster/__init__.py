@@ -17,8 +17,6 @@ from .bridge import (
     UNBAN_MEMORY,
     ClusterBridge,
     ClusterStats,
-    Host,
-    attach,
 )
 from .connection import connect, redacted, redis_errors
 from .reader import StreamReader
@@ -29,7 +27,7 @@ from .wire import ban_payload, canonical_ip, checked_number, parse_ban
 
 __all__ = [
     "CONTROL_META", "EPOCH_META", "FLUSH_BATCH", "HDEL_IF_LUA", "PUBLISH_LUA", "SCORE_CHUNK", "SCORE_LUA",
-    "SNAPSHOT_MARGIN", "STATUS_META", "UNBAN_MEMORY", "ClusterBridge", "ClusterPolicy", "ClusterStats", "Host",
-    "StreamReader", "attach", "ban_payload", "canonical_ip", "checked_number", "cluster_lines", "cluster_status",
+    "SNAPSHOT_MARGIN", "STATUS_META", "UNBAN_MEMORY", "ClusterBridge", "ClusterPolicy", "ClusterStats",
+    "StreamReader", "ban_payload", "canonical_ip", "checked_number", "cluster_lines", "cluster_status",
     "connect", "parse_ban", "redacted", "redis_errors",
 ]

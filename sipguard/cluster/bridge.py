@@ -1,13 +1,20 @@
 """The fleet bridge: everything the daemon's thread does with Redis.
 
-`ClusterBridge` publishes this node's bans and unbans (through the store's outbox, so a restart
-loses nothing), applies what the stream reader delivers (other nodes' bans and unbans, snapshots)
-to this node's store, policy and enforcer, has the batch scored in Redis, keeps a heartbeat and
-garbage-collects the shared hashes. `attach(daemon)` wires it into today's `Daemon.setup`.
+`ClusterBridge` is three things to the daemon, each a small interface the composition root wires:
 
-It reaches SQLite only through the store's named methods and the policy only through methods
-(the `Scorer` interface, and ClusterPolicy's take / score_args / scored / decide_locally); it
-never decides a ban itself (Redis's score script or the local Policy does).
+* its batch scorer (`score_batch`): the events its `ClusterPolicy` buffered are scored in Redis in
+  one call; the bans the script decided come back for the ban book (the local Policy decides when
+  Redis is away);
+* a ban listener (`on_bans` / `on_unbans`, called by the ban book inside the transaction that stores
+  a change): this node's own bans and unbans go to the store's outbox (so a restart loses nothing)
+  and the fleet ban ids it holds are kept;
+* a hook (`tick`): it hands what the stream reader delivered (other nodes' bans and unbans,
+  snapshots) to the ban book, publishes the outbox, keeps a heartbeat and garbage-collects the
+  shared hashes.
+
+It reaches SQLite only through the store's named methods, the policy only through methods (the
+`Scorer` interface, and ClusterPolicy's take / score_args / scored / decide_locally), and bans only
+through the ban book; it never decides a ban itself (Redis's score script or the local Policy does).
 The design (scoring, sharing, failure, the Redis layout) is in README.md next to this file.
 """
 
@@ -21,9 +28,10 @@ import queue
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from ..model import Ban, Decision
+from ..bans import BLOCKLIST, EXPIRY, FLEET, FLEET_SCORE, POLICY, BanBook, ban_from_decision
+from ..model import Ban
 from .connection import connect, redacted, redis_errors
 from .reader import StreamReader
 from .scoring import ClusterPolicy
@@ -33,48 +41,18 @@ from .wire import ban_payload, canonical_ip, checked_number, parse_ban
 
 if TYPE_CHECKING:
     from ..addresses import AllowList
-    from ..config import ClusterConfig, Config
-    from ..enforce import Enforcer
+    from ..config import ClusterConfig, PolicyConfig
     from ..policy import Policy
     from ..store import Store
 
 log = logging.getLogger("sipguard.cluster")
 
-CONTROL_META = "cluster_control"  # last CLI control request this node has published
+CONTROL_META = "cluster_control"  # (older versions) last CLI control request the fleet published
 EPOCH_META = "cluster_epoch"  # the Redis epoch this node last synced with
 SNAPSHOT_MARGIN = 2.0  # seconds: bans created this close to a snapshot are never dropped by it
 UNBAN_MEMORY = 86400.0  # how long Redis remembers an unban (so a stale ban published later loses)
 FLUSH_BATCH = 500
 SCORE_CHUNK = 2000  # events per score script call
-
-
-class Host(Protocol):
-    """What the bridge uses of the daemon it serves (today's `sipguard.daemon.Daemon`)."""
-
-    @property
-    def cfg(self) -> Config: ...
-
-    @property
-    def store(self) -> Store: ...
-
-    @property
-    def allow(self) -> AllowList: ...
-
-    @property
-    def enforcer(self) -> Enforcer: ...
-
-    @property
-    def policy(self) -> Policy | None:
-        """The local Policy when the bridge is built (`attach` then makes the bridge's
-        ClusterPolicy the daemon's scorer)."""
-        ...
-
-
-def _ban_of(d: Decision, now: float) -> Ban:
-    """A local decision as the ban it makes at batch time `now`: the rule of the daemon's
-    `ban_from_decision` (not imported from there: the daemon imports this package)."""
-    return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
-               score=d.score, offence=d.offence, manual=False)
 
 
 @dataclass
@@ -100,14 +78,17 @@ class ClusterStats:
 class ClusterBridge:
     """Everything Redis for one daemon; every method runs on the daemon's thread except the reader.
 
-    When the daemon's policy is set up (a local `Policy`), the bridge wraps it in its own
-    `ClusterPolicy` (`self.policy`), which the daemon must then use as its scorer (`attach`).
+    It is built around the local `Policy` and offers its own `ClusterPolicy` (`self.policy`), which
+    the composition root makes the daemon's scorer.
     """
 
-    def __init__(self, cfg: ClusterConfig, daemon: Host) -> None:
+    def __init__(self, cfg: ClusterConfig, policy_cfg: PolicyConfig, store: Store, allow: AllowList,
+                 local: Policy, gc_interval: float) -> None:
         self.cfg = cfg
-        self.daemon = daemon
-        self.store: Store = daemon.store
+        self.policy_cfg = policy_cfg
+        self.store = store
+        self.allow = allow
+        self.gc_interval = max(gc_interval, 10.0)
         self.node = cfg.node_name
         self.prefix = cfg.key_prefix
         self.stats = ClusterStats()
@@ -124,13 +105,10 @@ class ClusterBridge:
         self._last_heartbeat = 0.0
         self._last_gc = time.time()
         self._errors = redis_errors()
-        self._jail_csv = ",".join(j for j in daemon.cfg.policy.jails)
-        local = daemon.policy
-        self.policy: ClusterPolicy | None = (
-            ClusterPolicy(local, cfg, lambda: self.scoring) if local is not None else None)
-        last = self.store.get_meta(CONTROL_META)
-        self._control = int(last) if last is not None else self.store.last_request_id()
-        self.store.set_meta(CONTROL_META, str(self._control))
+        self._jail_csv = ",".join(j for j in policy_cfg.jails)
+        self.policy = ClusterPolicy(local, cfg, lambda: self.scoring)
+        # fleet ids of the bans handed to the ban book and not yet stored: ip -> (id, origin, created)
+        self._ids: dict[str, tuple[str, str, float]] = {}
 
     def outbox_size(self) -> int:
         return self.store.outbox_size()
@@ -160,13 +138,14 @@ class ClusterBridge:
         """Score in Redis (else locally): the main connection works and the snapshot is applied."""
         return self.redis_ok and self.synced
 
-    def start(self) -> None:
+    def start(self, book: BanBook) -> None:
         self.reader.start()
         # wait briefly for the first snapshot so a node that starts with Redis up scores cluster-wide
         deadline = time.monotonic() + max(1.0, 2 * self.cfg.socket_timeout)
         while time.monotonic() < deadline and self.queue.empty():
             time.sleep(0.01)
-        self.housekeeping(time.time())
+        self.tick(time.time(), book)
+        book.commit(time.time())
         if not self.synced:
             self._down("no answer at start")
 
@@ -200,18 +179,13 @@ class ClusterBridge:
                         redacted(self.cfg.redis_url), self.outbox_size())
 
     # -- the daemon's batch -----------------------------------------------------------------
-    def on_batch(self, new_bans: list[Ban], now: float) -> list[Ban]:
-        """Score the buffered events in Redis; returns the batch's bans (local ones queued)."""
+    def score_batch(self, now: float) -> list[tuple[str, list[Ban]]]:
+        """Score the buffered events in Redis: the bans the script decided (cause FLEET_SCORE), or,
+        when Redis fails now, the local Policy's (cause POLICY), for the ban book."""
         pol = self.policy
-        assert pol is not None
-        out: list[Ban] = []
-        for ban in new_bans:  # decided by the local policy: Redis was away
-            self.publish_ban(ban)
-            self.stats.local_bans += 1
-            out.append(ban)
         events = pol.take()
         if not events:
-            return out
+            return []
         try:
             if len(events) <= SCORE_CHUNK:
                 results = [self._score(args=pol.score_args(events, round(now, 3)))]
@@ -223,12 +197,8 @@ class ClusterBridge:
             payloads = [p for r in results for p in r[0]]
         except self._errors as exc:
             self._down(str(exc) or type(exc).__name__)
-            for d in pol.decide_locally(events):  # counted once: observe() already counted them
-                ban = _ban_of(d, now)
-                self.publish_ban(ban)
-                self.stats.local_bans += 1
-                out.append(ban)
-            return out
+            local = [ban_from_decision(d, now) for d in pol.decide_locally(events)]  # counted once
+            return [(POLICY, local)]
         self.stats.scored += len(events)
         bans = []
         for payload in payloads:
@@ -239,16 +209,50 @@ class ClusterBridge:
                 log.error("cluster: bad ban from the score script: %s", exc)
                 continue
             bans.append(ban)
-            self.store.hold(ban.ip, ban_id, origin, ban.created)
+            self._ids[ban.ip] = (ban_id, origin, ban.created)
         pol.scored(events, [b.ip for b in bans])  # keeps the local windows warm for when Redis goes away
         self.stats.cluster_bans += len(bans)
-        out.extend(bans)
-        return out
+        return [(FLEET_SCORE, bans)]
+
+    # -- the ban book's listener (inside the transaction that stores each change) -------------
+    def on_bans(self, bans: list[Ban], cause: str, now: float) -> None:
+        if cause in (FLEET, FLEET_SCORE):  # already in the fleet's set: remember its id here
+            for ban in bans:
+                ident = self._ids.get(ban.ip)
+                if ident is not None:
+                    self.store.hold(ban.ip, ident[0], ident[1], ident[2])
+            return
+        if cause == BLOCKLIST:  # every node refreshes its own lists
+            return
+        for ban in bans:  # decided here (policy with Redis away, CLI, adopted): publish what it lacks
+            if self._held_created(ban.ip) != ban.created:
+                self.publish_ban(ban)
+                if cause == POLICY:
+                    self.stats.local_bans += 1
+
+    def on_unbans(self, ips: list[str], at: float, cause: str, now: float) -> None:
+        if cause == FLEET:
+            for ip in ips:
+                self.store.release_held(ip)
+            return
+        if cause in (EXPIRY, BLOCKLIST):  # an expiry happens on every node at once; lists are per node
+            return
+        if ips == ["*"]:
+            self.store.release_all_held()
+            self.publish_unban("*", at, op="unban_all")
+            return
+        for ip in ips:
+            self.publish_unban(ip, at)
 
     # -- housekeeping -----------------------------------------------------------------------
-    def housekeeping(self, now: float) -> None:
-        self._publish_control()
-        self._drain()
+    def on_batch(self, report: object) -> None:
+        pass  # an automatic ban is published by `on_bans`, in the transaction that stores it
+
+    def tick(self, now: float, book: BanBook) -> None:
+        """Between batches: the reader's deliveries to the ban book, the outbox to Redis, heartbeat, gc."""
+        if book.pending == 0:
+            self._ids.clear()  # every handed-over ban is stored with its id
+        self._drain(book)
         if not self.redis_ok and time.monotonic() >= self._retry_at and self.reader.connected:
             try:
                 self.client.ping()
@@ -259,39 +263,16 @@ class ClusterBridge:
             self._flush()
         if now - self._last_heartbeat >= self.cfg.heartbeat_interval:
             self._heartbeat(now)
-        if now - self._last_gc >= max(self.daemon.cfg.daemon.prune_interval, 10.0):
+        if now - self._last_gc >= self.gc_interval:
             self._last_gc = now
             self._gc(now)
-
-    def _publish_control(self) -> None:
-        """What the CLI did (ban, unban, unban --all, ban --from-file) goes to the cluster."""
-        reqs = self.store.requests_after(self._control)
-        if not reqs:
-            return
-        with self.store.transaction():
-            for req in reqs:
-                self._control = req.id
-                if req.action == "ban" and req.target:
-                    ban = self.store.get_ban(req.target)
-                    if ban is not None and self._held_created(req.target) != ban.created:
-                        self.publish_ban(ban)
-                elif req.action == "unban" and req.target:
-                    self.publish_unban(req.target, req.time)
-                elif req.action == "unban_all":
-                    self.store.release_all_held()
-                    self.publish_unban("*", req.time, op="unban_all")
-                elif req.action == "sync":  # a batch ban (--from-file): publish what the cluster lacks
-                    for ban in self.store.active_bans(time.time()):
-                        if self._held_created(ban.ip) != ban.created:
-                            self.publish_ban(ban)
-            self.store.set_meta(CONTROL_META, str(self._control))
 
     def _flush(self) -> None:
         while True:
             entries = self.store.outbox_next(FLUSH_BATCH)
             if not entries:
                 return
-            pcfg = self.daemon.cfg.policy
+            pcfg = self.policy_cfg
             try:
                 with self.client.pipeline(transaction=False) as pipe:
                     for e in entries:
@@ -306,8 +287,8 @@ class ClusterBridge:
             self.stats.stale += sum(1 for r in results if r != 1)
             self.store.outbox_delete_upto(entries[-1].seq)
 
-    def _drain(self) -> None:
-        """Apply what the reader delivered, in order, in one transaction."""
+    def _drain(self, book: BanBook) -> None:
+        """Hand what the reader delivered, in order, to the ban book; stored in one transaction."""
         items = []
         try:
             while True:
@@ -317,19 +298,34 @@ class ClusterBridge:
         if not items:
             return
         now = time.time()
-        with self.store.transaction():
-            for item in items:
-                kind = item[0]
-                if kind == "snapshot":
-                    self._apply_snapshot(item[1], item[2], item[3], now)
-                elif kind == "entries":
-                    for entry_id, fields in item[1]:
-                        self._apply_entry(entry_id, fields, now)
-                elif kind == "down":
-                    self.synced = False
-                    self._down(item[1])
+        try:
+            with self.store.transaction():
+                for item in items:
+                    kind = item[0]
+                    if kind == "snapshot":
+                        self._apply_snapshot(book, item[1], item[2], item[3], now)
+                    elif kind == "entries":
+                        for entry_id, fields in item[1]:
+                            self._apply_entry(book, entry_id, fields, now)
+                    elif kind == "down":
+                        self.synced = False
+                        self._down(item[1])
+                book.write(now)
+        except BaseException:
+            book.failed()
+            raise
+        book.written()
 
-    def _apply_snapshot(self, epoch: str | None, bans: dict[str, str], taken: float, now: float) -> None:
+    def _held(self, ip: str) -> tuple[str, float] | None:
+        """(fleet id, created) of the ban this node holds on `ip`, handed-over ones included."""
+        ident = self._ids.get(ip)
+        if ident is not None:
+            return ident[0], ident[2]
+        held = self.store.held(ip)
+        return None if held is None else (held.id, held.created)
+
+    def _apply_snapshot(self, book: BanBook, epoch: str | None, bans: dict[str, str], taken: float,
+                        now: float) -> None:
         self.stats.snapshots += 1
         known = self.store.get_meta(EPOCH_META)
         cluster: dict[str, tuple[Ban, str, str]] = {}
@@ -339,29 +335,29 @@ class ClusterBridge:
             except (ValueError, TypeError):
                 self.stats.malformed += 1
         for ban, ban_id, origin in cluster.values():
-            self._apply_ban(ban, ban_id, origin, now)
+            self._apply_ban(book, ban, ban_id, origin, now)
         pending = self.store.outbox_ips()
         if known != epoch:
             # a first join, or Redis lost its data: what this node holds goes (back) to the cluster
             self.stats.reseeds += 1
             republished = 0
-            for ban in self.store.active_bans(now):
+            for ban in book.held(now):
                 if ban.ip in cluster or ban.ip in pending:
                     continue
-                held = self.store.held(ban.ip)
-                self.publish_ban(ban, held.id if held and held.created == ban.created else None)
+                held = self._held(ban.ip)
+                self.publish_ban(ban, held[0] if held and held[1] == ban.created else None)
                 republished += 1
             if known is not None:
                 log.warning("cluster: Redis lost its state (new epoch); re-publishing %d bans held here", republished)
         else:
             # same Redis: a ban it no longer has was lifted while this node was away
             origins = self.store.held_origins()
-            for ban in self.store.active_bans(now):
+            for ban in book.held(now):
                 if ban.ip in cluster or ban.ip in pending or ban.ip not in origins:
                     continue  # (not in origins: never shared, made before fleet mode: keep)
                 if origins[ban.ip] == self.node and ban.created >= taken - SNAPSHOT_MARGIN:
                     continue  # decided here while the snapshot was read: its stream entry follows
-                self._remove(ban.ip, now, now)
+                book.unban([ban.ip], now, FLEET, at=now)
                 self.stats.dropped_by_snapshot += 1
         self.store.set_meta(EPOCH_META, epoch or "")
         self.synced = True
@@ -372,21 +368,21 @@ class ClusterBridge:
             except self._errors as exc:
                 self._down(str(exc) or type(exc).__name__)
 
-    def _apply_entry(self, entry_id: str, fields: dict, now: float) -> None:
+    def _apply_entry(self, book: BanBook, entry_id: str, fields: dict, now: float) -> None:
         try:
             op = fields.get("op")
             if op == "ban":
                 ban, ban_id, origin = parse_ban(fields["ban"])
                 if ban.ip != canonical_ip(fields.get("ip")):
                     raise ValueError("ip mismatch")
-                self._apply_ban(ban, ban_id, origin, now)
+                self._apply_ban(book, ban, ban_id, origin, now)
             elif op in ("unban", "unban_all"):
                 at = checked_number(float(fields["at"]), "at")
                 if op == "unban":
-                    self._apply_unban(canonical_ip(fields.get("ip")), at, now)
+                    self._apply_unban(book, canonical_ip(fields.get("ip")), at, now)
                 else:
-                    for ban in self.store.active_bans(0):
-                        self._apply_unban(ban.ip, at, now)
+                    for ban in book.held(now):
+                        self._apply_unban(book, ban.ip, at, now)
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -395,58 +391,39 @@ class ClusterBridge:
                 log.warning("cluster: skipped malformed stream entry %s (%s; %d so far)", entry_id, exc,
                             self.stats.malformed)
 
-    def _apply_ban(self, ban: Ban, ban_id: str, origin: str, now: float) -> None:
+    def _apply_ban(self, book: BanBook, ban: Ban, ban_id: str, origin: str, now: float) -> None:
         if ban.expires is not None and ban.expires <= now:
             return
-        if not ban.manual and ban.ip in self.daemon.allow:  # this node's allow-list (loopback, own host)
+        if not ban.manual and ban.ip in self.allow:  # this node's allow-list (loopback, own host)
             self.stats.allowlisted += 1
             return
-        held = self.store.held(ban.ip)
-        local = self.store.get_ban(ban.ip)
-        if local is not None and held is not None and held.id == ban_id:
+        held = self._held(ban.ip)
+        local = book.current(ban.ip)
+        if local is not None and held is not None and held[0] == ban_id:
             self.stats.duplicates += 1
             return
-        if local is not None and (local.created, held.id if held else "") > (ban.created, ban_id):
+        if local is not None and (local.created, held[0] if held else "") > (ban.created, ban_id):
             self.stats.superseded += 1
             return
-        self.store.put_ban(ban, now)
-        self.store.hold(ban.ip, ban_id, origin, ban.created)
-        if self.policy is not None:
-            self.policy.note_ban(ban.ip)
-        try:
-            self.daemon.enforcer.ban(ban, now)
-        except Exception:  # noqa: BLE001 - kept in the store; the enforcer's next sync retries
-            self.stats.errors += 1
-            log.exception("enforcer failed to ban %s (from %s)", ban.ip, origin)
+        self._ids[ban.ip] = (ban_id, origin, ban.created)
+        book.ban([ban], now, FLEET)
         self.stats.applied_bans += 1
         log.info("cluster: %s banned %s until %s (%s)", origin, ban.ip,
                  "forever" if ban.expires is None else time.strftime("%H:%M:%S", time.localtime(ban.expires)),
                  ban.reason)
 
-    def _apply_unban(self, ip: str, at: float, now: float) -> None:
-        local = self.store.get_ban(ip)
+    def _apply_unban(self, book: BanBook, ip: str, at: float, now: float) -> None:
+        local = book.current(ip)
         if local is not None and local.created > at:
             self.stats.superseded += 1
             return
-        if local is None:
-            if self.policy is not None:
-                self.policy.release(ip)
+        if local is None:  # nothing held here: only its old events stop counting
+            book.unban([ip], now, FLEET, at=at, store=False)
             return
-        self._remove(ip, at, now)
+        self._ids.pop(ip, None)
+        book.unban([ip], now, FLEET, at=at)
         self.stats.applied_unbans += 1
         log.info("cluster: unbanned %s", ip)
-
-    def _remove(self, ip: str, at: float, now: float) -> None:
-        self.store.remove_ban(ip, now)
-        self.store.mark_cleared(ip, at)
-        self.store.release_held(ip)
-        if self.policy is not None:
-            self.policy.release(ip)
-        try:
-            self.daemon.enforcer.unban(ip)
-        except Exception:  # noqa: BLE001
-            self.stats.errors += 1
-            log.exception("enforcer failed to unban %s", ip)
 
     # -- heartbeat, status, gc --------------------------------------------------------------
     def in_sync(self) -> bool:
@@ -497,17 +474,3 @@ class ClusterBridge:
         except self._errors as exc:
             self._down(str(exc) or type(exc).__name__)
         self.store.gc_held()
-
-
-def attach(daemon: Host) -> ClusterBridge:
-    """Fleet mode for a daemon whose policy is set up: builds the bridge, makes its ClusterPolicy
-    the daemon's scorer, and starts the reader.
-
-    Setting `daemon.policy` here is the one place the fleet changes another object's attribute;
-    it stays only until a composition root builds the scorer before the daemon.
-    """
-    assert daemon.cfg.cluster is not None and daemon.policy is not None
-    bridge = ClusterBridge(daemon.cfg.cluster, daemon)
-    daemon.policy = bridge.policy  # type: ignore[misc]  # (read-only in Host: see the docstring)
-    bridge.start()
-    return bridge

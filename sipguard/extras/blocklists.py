@@ -248,6 +248,9 @@ class BlocklistHook:
         self.allow = allow
         self.metrics = metrics  # extras.metrics.Metrics, for the skipped counter
 
+    def start(self, book: Any) -> None:
+        pass
+
     def on_batch(self, report: Any) -> None:
         pass
 

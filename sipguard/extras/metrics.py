@@ -235,6 +235,9 @@ class MetricsHook:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
+    def start(self, book: Any) -> None:
+        pass
+
     def on_batch(self, report: Any) -> None:  # daemon.BatchReport
         self.metrics.observe_batch(report.lines_by_source, report.events, report.bans, report.read_time)
         self.metrics.set_skipped(report.skipped)
