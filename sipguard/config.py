@@ -271,13 +271,13 @@ class FirewallConfig(Section):
 
 
 class MetricsConfig(Section):
-    """The Prometheus endpoint (sipguard/metrics.py): off unless `listen` is set."""
+    """The Prometheus endpoint (sipguard/extras/metrics.py): off unless `listen` is set."""
 
     listen: str = Field("", pattern=r"^(|\[?[0-9A-Fa-f:.]+\]?:\d{1,5}|[A-Za-z0-9.-]+:\d{1,5})$")  # "127.0.0.1:9108"
 
 
 class HtableConfig(Section):
-    """Mirror bans into Kamailio's `ipban` htable over JSON-RPC (sipguard/htable.py), beside the kernel."""
+    """Mirror bans into Kamailio's `ipban` htable over JSON-RPC (sipguard/extras/htable.py), beside the kernel."""
 
     enabled: bool = False
     rpc: str = "unix:/run/kamailio/kamailio_rpc.sock"  # unix:DGRAM-SOCKET | fifo:PATH | http://HOST:PORT/RPC
@@ -287,7 +287,7 @@ class HtableConfig(Section):
 
 
 class BlocklistConfig(Section):
-    """A blocklist fetched from `url` every `refresh` (sipguard/blocklists.py); bans say blocklist:NAME."""
+    """A blocklist fetched from `url` every `refresh` (sipguard/extras/blocklists.py); bans say blocklist:NAME."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")
     url: str
@@ -315,7 +315,7 @@ def _hostname() -> str:
 
 
 class ClusterConfig(Section):
-    """Fleet mode (sipguard/cluster.py): scores and bans shared by every node through one Redis."""
+    """Fleet mode (sipguard/cluster/): scores and bans shared by every node through one Redis."""
 
     redis_url: Annotated[str, BeforeValidator(_redis_url)]  # redis://[:pw@]host:6379/0, rediss://, unix://,
     #                          redis+sentinel://[:pw@]s1:26379,s2:26379/MASTER[/db]

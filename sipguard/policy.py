@@ -33,7 +33,7 @@ class PolicyStats:
 
 
 class Scorer(Protocol):
-    """What the daemon, the integrations and the fleet call on a policy: the local `Policy`
+    """What the daemon, the ban book and the fleet call on a policy: the local `Policy`
     satisfies it, and so does the fleet's `ClusterPolicy` (sipguard/cluster/scoring.py), which
     scores in Redis. Type callers against this, not against either class.
     """

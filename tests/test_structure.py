@@ -193,3 +193,14 @@ UNTRUE = ["holds no detection logic", "holds no logic of its own", "shared by th
 def test_no_docstring_says_what_is_no_longer_true():
     bad = [(p.relative_to(PKG), s) for _, p, t in _trees() for s in UNTRUE if s in (ast.get_docstring(t) or "")]
     assert not bad, bad
+
+
+def test_only_the_ban_book_changes_the_banned_set():
+    """`note_ban` / `release` are called by the ban book; besides it only by the policy on itself (a
+    decision marks its source at once), the fleet's policy on the local one it wraps, and scan's
+    offline replay (which simulates bans in log time and changes none)."""
+    allowed = {"sipguard.bans", "sipguard.policy", "sipguard.cluster.scoring", "sipguard.scan"}
+    callers = {name for name, _, tree in _trees() for n in ast.walk(tree)
+               if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("note_ban", "release")
+               and not (isinstance(n.func.value, ast.Name) and n.func.value.id == "lock")}
+    assert callers <= allowed, callers - allowed
