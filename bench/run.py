@@ -1,7 +1,8 @@
 """Run every benchmark side by side with fail2ban and write bench/RESULTS.md, bench/latency.png and
 bench/results.json (`make bench`).
 
-    python -m bench.run [--quick] [--out DIR] [--only throughput,daemon,latency,scale]
+    python -m bench.run [--quick] [--out DIR] [--only throughput,daemon,latency,scale,scan5m,journal_mix]
+                        [--journalctl auto|real|stub]
 
 --quick uses tiny sizes (what tests/test_bench_smoke.py runs); the default sizes are the ones the
 targets are stated for. Parts needing root and network namespaces are skipped without them;
@@ -19,20 +20,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import latency, scale, throughput
+from . import bigscan, catchup, latency, scale, throughput
 from .common import BENCH, can_netns, have_fail2ban, host_firewall, log, machine
 from .common import median as median_of
 
 FULL = {"scan_lines": 500_000, "scan_runs": 5, "daemon_rate": 500_000, "daemon_seconds": 8.0,
         "daemon_source": 200_000, "lat_n": 1000, "lat_rate": 10.0, "load_n": 100_000,
-        "spray_n": 1_000_000, "spray_max_events": 100_000, "f2b_ipt_n": 1000}
+        "spray_n": 1_000_000, "spray_max_events": 100_000, "f2b_ipt_n": 1000,
+        "bigscan_lines": 5_000_000, "bigscan_runs": 5, "catchup_lines": 5_000_000, "catchup_runs": 3}
 QUICK = {"scan_lines": 3000, "scan_runs": 1, "daemon_rate": 20_000, "daemon_seconds": 1.0,
          "daemon_source": 3000, "lat_n": 10, "lat_rate": 10.0, "load_n": 300,
-         "spray_n": 3000, "spray_max_events": 1000, "f2b_ipt_n": 10}
-PARTS = ("throughput", "daemon", "latency", "scale")
+         "spray_n": 3000, "spray_max_events": 1000, "f2b_ipt_n": 10,
+         "bigscan_lines": 30_000, "bigscan_runs": 1, "catchup_lines": 30_000, "catchup_runs": 1}
+PARTS = ("throughput", "daemon", "latency", "scale", "scan5m", "journal_mix")
 TARGETS = {
     "scan_ratio": 25.0, "daemon_lines_per_s": 500_000, "p99_ms": 20.0, "latency_ratio": 20.0,
     "load_s": 2.0, "restore_s": 5.0, "rss_mb": 150.0,
+    "grep_ratio": 3.0, "grep_ratio_max": 4.0,  # big scan: sipguard's time / grep's (goal, never worse)
+    "journal_mix_ratio": 1.10,  # catch-up with an idle journal source / alone: equal, within noise
 }
 
 
@@ -42,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(BENCH))
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--only", default=",".join(PARTS))
+    ap.add_argument("--journalctl", choices=("auto", "real", "stub"), default="auto",
+                    help="journal_mix: the real journalctl when it is idle here (auto), or the idle stand-in")
     a = ap.parse_args(argv)
     sizes = QUICK if a.quick else FULL
     parts = [p.strip() for p in a.only.split(",") if p.strip()]
@@ -79,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 res["skipped"].append("ban load/restore (needs root, ip, ipset)")
             res["spray"] = scale.spray(work / "spray", sizes["spray_n"], sizes["spray_max_events"])
+        if "scan5m" in parts:
+            res["scan5m"] = bigscan.scan_vs_grep(work, sizes["bigscan_lines"], sizes["bigscan_runs"])
+            if "fail2ban_seconds" not in res["scan5m"]:
+                res["skipped"].append("fail2ban-regex beside the big scan (fail2ban not installed)")
+        if "journal_mix" in parts:
+            res["journal_mix"] = catchup.journal_mix(work, sizes["catchup_lines"], sizes["catchup_runs"],
+                                                     a.journalctl)
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -135,6 +149,26 @@ def render(r: dict) -> str:
                          if s.get("sipguard_seconds_budget") else ""))
         rows.append(("lines matched (same filter semantics)", _f(s["sipguard_matched"]),
                      _f(s.get("fail2ban_matched")), "", "equal: " + _ok(s.get("same_lines_matched"))))
+    b = r.get("scan5m")
+    if b:
+        scaled = ""
+        if b.get("fail2ban_seconds_scaled") is not None:
+            scaled = (f"{_f(b['fail2ban_lines_per_s'])} ({b['fail2ban_lines']:,}-line log, "
+                      f"×{b['lines'] / b['fail2ban_lines']:g} = {b['fail2ban_seconds_scaled']:.1f} s)")
+        rows.append((f"scan of a {b['lines']:,}-line log ({b['bytes'] / 1e6:,.0f} MB), whole process "
+                     f"(median of {b['runs']}, lines/s)", _f(b["sipguard_lines_per_s"]), scaled,
+                     _f(b.get("fail2ban_ratio"), "{:.1f}x"), "for reference"))
+        g = b["grep_ratio"]
+        rows.append((f"the same beside the floor, `cat LOG \\| grep -cF` with the {len(b['literals'])} search literals "
+                     "(s; ratio = sipguard's time / grep's)",
+                     _f(median_of(b["sipguard_seconds"]), "{:.2f}"),
+                     "grep " + _f(median_of(b["grep_seconds"]), "{:.2f}"),
+                     _f(g, "{:.2f}x"),
+                     f"≤ {TARGETS['grep_ratio']:.0f}x: {_ok(g <= TARGETS['grep_ratio'])}; "
+                     f"never > {TARGETS['grep_ratio_max']:.0f}x: {_ok(g <= TARGETS['grep_ratio_max'])}"))
+        rows.append(("lines holding a search literal: sipguard's reader (scan's events) / grep -c",
+                     f"{_f(b['sipguard_literal_lines'])} ({_f(b['sipguard_matched'])})", "grep " + _f(b["grep_lines"]),
+                     "", "equal: " + _ok(b["same_literal_lines"])))
     d = r.get("daemon")
     if d:
         th, un = d["throttled"], d["unthrottled"]
@@ -145,6 +179,22 @@ def render(r: dict) -> str:
                      f"{_f(th['lag_lines_mid'])} / {_f(th['lag_lines_end'])}", "", "",
                      f"caught up {th['catch_up_seconds'] * 1000:.0f} ms after the writer stopped"))
         rows.append(("daemon ceiling, writer unthrottled (lines/s)", _f(un["processed_lines_per_s"]), "", "", ""))
+    j = r.get("journal_mix")
+    if j:
+        rows.append((f"daemon catch-up over a {j['lines']:,}-line log (`run --dry-run --from-start`), the file alone "
+                     f"(median of {j['runs']}, s)",
+                     f"{j['alone_seconds']:.2f} ({_f(j['alone_lines_per_s'])} lines/s)", "", "", ""))
+        rows.append((f"the same with an idle journal source beside the file (`[sources] journal`, {j['journalctl']} "
+                     "journalctl; s, ratio = with / alone)",
+                     f"{j['journal_seconds']:.2f} ({_f(j['journal_lines_per_s'])} lines/s)", "",
+                     _f(j["ratio"], "{:.2f}x"),
+                     f"equal (≤ {TARGETS['journal_mix_ratio']:.2f}x): {_ok(j['ratio'] <= TARGETS['journal_mix_ratio'])}"))
+        rows.append(("daemon CPU time in those runs: alone / with the journal source (s)",
+                     f"{_f(j['alone_cpu_seconds'], '{:.1f}')} / {_f(j['journal_cpu_seconds'], '{:.1f}')}", "", "",
+                     "same events: " + _ok(j["same_events"])))
+        rows.append(("the journal source's child processes: most at once / left after the daemon stopped",
+                     f"{j['children_max']} / {j['children_left']}", "", "",
+                     "bounded, none left: " + _ok(j["children_max"] <= 2 and j["children_left"] == 0)))
     lat = r.get("latency")
     if lat:
         sg = lat["sipguard"]
@@ -239,6 +289,25 @@ METHOD = """## How each figure is measured
 - **Daemon**: `sipguard run --dry-run` follows a file a writer appends to at a fixed rate (a 200,000-line
   generated log replayed); lines/s = lines written / time until the daemon's committed position reached the
   end; the lag is read from the committed position at mid-run and when the writer stops.
+- **Big scan**: `bench/genlog.py`'s log at 5,000,000 lines (as the 500,000-line one: same generator, same
+  seed), `python -m sipguard scan --json LOG` beside the floor, GNU grep counting the lines that hold any of
+  sipguard's search literals (`FilterSet.search_literals` of the benchmark's config, the set its reader
+  searches) through a pipe: `cat LOG | LC_ALL=C grep -cF -e L1 -e L2 ...` (counting, since grep stops at the
+  first match when only asked whether there is one; a pipe, so it can neither mmap nor skip; the C locale
+  compares bytes, as sipguard does). fail2ban-regex (fast filter) is not run on the big file (minutes): its
+  time on the 500,000-line log times ten is its figure at that size. One untimed round first (page cache,
+  bytecode), then the three alternated; ratios are medians of the per-round ratios. "Lines holding a search
+  literal" compares grep's count with sipguard's own (its reader's pieces searched with `trigger_lines`, as
+  `scan` does before parsing); scan's events (in brackets) are fewer when a line holds a literal but no
+  filter's regex matches it.
+- **Daemon catch-up beside a journal source**: `sipguard run --dry-run --from-start` on the same big log
+  (the daemon row's `[store]`/`[daemon]` settings, a fresh state directory each run), alone and with
+  `[sources] journal = ["kamailio.service"]` beside the file, alternated; seconds from starting the process
+  until its committed position reaches the end of the file. The journal is idle: the real `journalctl`
+  when it has nothing for the unit here and just follows (no journal files), else a stand-in script in the
+  work directory (`[sources] journalctl`) that prints nothing and waits for SIGTERM. The daemon's child
+  processes are counted while it runs; it is stopped by its PID (SIGTERM: it ends its journal follower),
+  and any child still alive afterwards would be ended by its PID and counted as left.
 - **Ban latency**: each daemon in its own network namespace with its kernel enforcer (sipguard: ipset;
   fail2ban 1.0.2: `iptables-ipset` action, `maxretry = 1`); one new address per line (a pike block) written
   at a fixed rate; the time from the write to the address being in the set, tested over netlink every

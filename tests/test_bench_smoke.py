@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import genlog, run  # noqa: E402
+from bench import catchup, genlog, run  # noqa: E402
 from bench.common import have_fail2ban  # noqa: E402
 
 
@@ -52,3 +55,70 @@ def test_every_benchmark_runs_tiny(tmp_path):
     else:
         assert any("fail2ban" in s for s in res["skipped"])
     assert (out / "RESULTS.md").read_text().startswith("# sipguard vs fail2ban")
+    _check_new_rows(res, (out / "RESULTS.md").read_text())
+
+
+def _check_new_rows(res: dict, md: str) -> None:
+    """The big scan and the journal-mix catch-up rows: their result keys, their counts, their rows."""
+    b = res["scan5m"]
+    assert b["lines"] == res["sizes"]["bigscan_lines"] and b["runs"] == res["sizes"]["bigscan_runs"]
+    assert len(b["sipguard_seconds"]) == len(b["grep_seconds"]) == b["runs"]
+    assert b["sipguard_lines_per_s"] > 0 and b["grep_lines_per_s"] > 0 and b["grep_ratio"] > 0
+    assert b["literals"] and all(isinstance(x, str) for x in b["literals"])
+    assert b["grep_lines"] > 0 and b["same_literal_lines"], "grep and sipguard must count the same lines"
+    assert b["grep_lines"] == b["sipguard_literal_lines"]
+    assert 0 < b["sipguard_matched"] <= b["sipguard_literal_lines"]
+    if have_fail2ban():
+        assert b["fail2ban_lines"] == b["lines"] // 10 and len(b["fail2ban_seconds"]) == b["runs"]
+        assert b["fail2ban_seconds_scaled"] > 0 and b["fail2ban_ratio"] > 0 and b["fail2ban_lines_per_s"] > 0
+    else:
+        assert "fail2ban_seconds" not in b and any("big scan" in s for s in res["skipped"])
+    j = res["journal_mix"]
+    assert j["lines"] == res["sizes"]["catchup_lines"] and j["journalctl"] in ("real", "stub")
+    assert len(j["alone"]) == len(j["journal"]) == j["runs"] == res["sizes"]["catchup_runs"]
+    for r in j["alone"] + j["journal"]:
+        assert r["seconds"] > 0 and r["lines"] == j["lines"] and r["events"] > 0
+        assert r["children_left"] == 0
+    assert all(r["children_max"] == 0 for r in j["alone"]), "a file alone starts no child process"
+    assert all(1 <= r["children_max"] <= 2 for r in j["journal"]), "the journal source: one follower"
+    assert j["same_events"] and j["children_left"] == 0
+    assert j["alone_seconds"] > 0 and j["journal_seconds"] > 0 and j["ratio"] > 0
+    assert j["alone_lines_per_s"] > 0 and j["journal_lines_per_s"] > 0
+    assert "grep -cF" in md and "daemon catch-up over a" in md and "idle journal source" in md
+
+
+def test_new_rows_run_tiny_without_root(tmp_path):
+    """The big scan and the journal-mix catch-up need no namespaces: they run everywhere."""
+    out = tmp_path / "out"
+    rc = run.main(["--quick", "--only", "scan5m,journal_mix", "--out", str(out), "--work", str(tmp_path / "work")])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    _check_new_rows(res, (out / "RESULTS.md").read_text())
+
+
+def test_journal_mix_with_the_stub(tmp_path):
+    """The stand-in journalctl (what journal_mix uses where the real one is missing or not idle)."""
+    res = catchup.journal_mix(tmp_path, 2000, 1, journalctl="stub")
+    assert res["journalctl"] == "stub" and res["journalctl_path"] == str(tmp_path / "journalctl-idle")
+    assert res["same_events"] and res["children_left"] == 0
+    assert [r["children_max"] for r in res["journal"]] == [1]
+
+
+def test_journal_stub_is_idle(tmp_path):
+    stub = str(catchup.write_stub(tmp_path))
+    q = subprocess.run([stub, "--output=json", "--lines=1", "--unit", "kamailio.service"], capture_output=True,
+                       timeout=5)
+    assert q.returncode == 0 and q.stdout == b""
+    p = subprocess.Popen([stub, "--follow", "--output=json", "--all", "--unit", "kamailio.service"],
+                         stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        assert p.poll() is None, "--follow must wait"
+        os.kill(p.pid, signal.SIGTERM)
+        out, _ = p.communicate(timeout=5)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    assert out == b"" and p.returncode == -signal.SIGTERM
+    assert catchup.journal_is_idle(stub, wait=0.3)
