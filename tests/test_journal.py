@@ -160,6 +160,7 @@ def test_follows_real_journal_and_resumes_at_cursor(tmp_path):
             j.syslog("NOTICE: <script>: REGISTER success for user 7 from 198.18.9.5:5060", ident="other-daemon")
             j.syslog(_auth("198.18.9.1"))
             wait_for(lambda: {e.ip for e in enf.entries()} == {"198.18.9.1"}, timeout=10.0)
+            wait_for(lambda: store.count_events() == 3, timeout=5.0)  # the kernel comes first, the store next
             assert store.count_events() == 3
         finally:
             stop(d, th, store)
