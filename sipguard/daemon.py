@@ -14,17 +14,17 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from collections.abc import Iterator
 from pathlib import Path
 
 from .addresses import AllowList
 from .config import Config
 from .enforce import Enforcer
-from .filters import FilterSet, trigger_starts
+from .filters import FilterSet
 from .formats import RecordParser
-from .model import Ban, Decision, Event, Line
+from .model import Ban, Decision, Line
+from .pipeline import Pipeline
 from .policy import Policy
-from .sources import FileFollower, LineBatch, SourcePosition
+from .sources import FileFollower, Follower, LineBatch, SourcePosition
 from .store import Store
 
 log = logging.getLogger("sipguard.daemon")
@@ -61,54 +61,6 @@ def _counters(stats: object) -> dict:
     return dict(as_dict()) if callable(as_dict) else dict(stats)  # type: ignore[call-overload]
 
 
-_FREE = object()  # not following a trigger line's record
-
-
-def _sparse_lines(src: str, off: int, data: bytes, lits: tuple[bytes, ...], parser: RecordParser,
-                  follow: dict) -> Iterator[Line]:
-    """The lines of one segment (whole lines of `src` starting at file offset `off`) that must be
-    parsed, as Line objects made only for them: each line holding a literal, then the lines after
-    it for as long as its record is pending (a header line ends it; a continuation would make it
-    multi-line, hence refused; the header may hold a literal and be followed in turn). `follow`
-    carries "still following" into the source's next segment of the same batch.
-
-    The caller feeds each line before asking for the next one: `parser.pending` tells what it did.
-    """
-    size = len(data)
-    find = data.find
-    starts = trigger_starts(data, lits)
-    nstarts = len(starts)
-    k = 0
-    pos = 0
-    tok = follow.pop(src, _FREE)
-    while True:
-        if tok is _FREE:
-            while k < nstarts and starts[k] < pos:
-                k += 1
-            if k == nstarts:
-                return
-            pos = starts[k]
-            k += 1
-            trig = True
-        elif pos >= size:
-            follow[src] = tok
-            return
-        else:
-            trig = False
-        e = find(b"\n", pos)
-        nxt = size if e < 0 else e + 1
-        ln = data[pos:size if e < 0 else e]
-        if ln[-1:] == b"\r":
-            ln = ln[:-1]
-        yield Line(src, ln, off + nxt)
-        pos = nxt
-        cur = parser.pending(src)
-        if trig:
-            tok = cur
-        elif cur is not tok:  # this line began a new record: follow it too if it holds a literal
-            tok = cur if any(map(ln.__contains__, lits)) else _FREE
-
-
 def ban_from_decision(d: Decision, now: float) -> Ban:
     return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
                score=d.score, offence=d.offence, manual=False)
@@ -134,7 +86,6 @@ class Daemon:
         self.filters = filters or FilterSet.load(
             cfg.filters.directories, enabled=cfg.filters.enabled, disabled=cfg.filters.disabled
         )
-        self._literals = self.filters.search_literals  # None: every line is parsed
         self.allow = AllowList(cfg.allowlist.cidrs, include_host=cfg.allowlist.include_host_addresses)
         self.stats = DaemonStats()
         self._stop = threading.Event()
@@ -144,8 +95,9 @@ class Daemon:
             path: RecordParser(cfg.sources.format, pid_alive=pid_alive, programs=self._programs)
             for path in self.logs
         }
+        self.pipeline = Pipeline(self.parsers, self.filters)  # sparse over literal hits (pipeline.py)
         self.policy: Policy | None = None
-        self.follower: FileFollower | None = None
+        self.follower: Follower | None = None
         self._last_control = 0
         self._last_prune = 0.0
         self._last_status = 0.0
@@ -202,9 +154,7 @@ class Daemon:
         assert self.follower is not None
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         interval = self.cfg.daemon.control_interval
-        # a plain FileFollower hands out its read buffers (LineBatch): most lines are never parsed
-        # (a wrapper, e.g. the journal's MultiFollower, keeps its own poll)
-        poll = self.follower.poll_batch if isinstance(self.follower, FileFollower) else self.follower.poll
+        poll = self.follower.poll_batch  # whole read buffers (LineBatch): most lines are never parsed
         try:
             while not self._stop.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
@@ -224,28 +174,14 @@ class Daemon:
         return self.stats
 
     # -- one batch ---------------------------------------------------------------------------
-    def step(self, lines: list | LineBatch) -> list[Ban]:
+    def step(self, lines: list[Line] | LineBatch) -> list[Ban]:
         """Process a batch of lines, apply new bans, commit, then housekeeping."""
         assert self.policy is not None and self.follower is not None
         now = time.time()
-        events: list[Event] = []
-        match = self.filters.match
-        touched = set()
-        records = 0
-        for line in self._to_parse(lines, touched):
-            for rec in self.parsers[line.source].feed(line):
-                records += 1
-                ev = match(rec, now)
-                if ev is not None:
-                    events.append(ev)
-        for path in touched:
-            for rec in self.parsers[path].flush():
-                records += 1
-                ev = match(rec, now)
-                if ev is not None:
-                    events.append(ev)
+        parsed = self.pipeline.batch(lines, now)  # flushed: a batch's records end with it
+        events = parsed.events
         self.stats.lines += len(lines)
-        self.stats.records += records
+        self.stats.records += parsed.records
         self.stats.events += len(events)
         new_bans: list[Ban] = []
         for ev in events:
@@ -275,52 +211,6 @@ class Daemon:
         self.stats.bans += len(new_bans)
         self.housekeeping(now)
         return new_bans
-
-    def _to_parse(self, lines: list | LineBatch, touched: set) -> Iterator[Line]:
-        """The lines of a batch that must be parsed, in order; notes their sources in `touched`.
-
-        For a syslog-family source (one record per line; continuation lines exist only in the
-        journal's indented form) with filters that all have prefilter literals and refuse
-        multi-line records, a record can only yield an event when its one line holds a literal.
-        So only those lines and the lines that end their records are parsed (`_sparse_lines`),
-        found by a C-speed search over the read buffers: the events are those of parsing every
-        line. Other sources (stderr, whose headers need every line; formats not known yet) and
-        plain lists of lines get every line parsed.
-        """
-        parsers = self.parsers
-        lits = self._literals
-        if lits is None or not isinstance(lines, LineBatch):
-            for line in lines:
-                if line.source in parsers:
-                    touched.add(line.source)
-                    yield line
-            return
-        follow: dict = {}
-        for src, off, data in lines.segments:
-            parser = parsers.get(src)
-            if parser is None:
-                continue
-            touched.add(src)
-            if type(parser) is not RecordParser:
-                yield from LineBatch([(src, off, data)])
-                continue
-            if parser.family(src) is None:  # a source's first lines: one by one until a header
-                follow.pop(src, None)
-                pos, size = 0, len(data)
-                while pos < size and parser.family(src) is None:
-                    e = data.find(b"\n", pos)
-                    nxt = size if e < 0 else e + 1
-                    ln = data[pos:size if e < 0 else e]
-                    yield Line(src, ln[:-1] if ln[-1:] == b"\r" else ln, off + nxt)
-                    pos = nxt
-                follow[src] = parser.pending(src)  # the last line's record may go on: follow it
-                if pos >= size:
-                    continue
-                off, data = off + pos, data[pos:]
-            if parser.family(src) == "syslog":
-                yield from _sparse_lines(src, off, data, lits, parser, follow)
-            else:  # stderr: every line (continuations, rank/PID checks)
-                yield from LineBatch([(src, off, data)])
 
     def housekeeping(self, now: float) -> None:
         self._apply_control(now)

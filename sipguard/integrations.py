@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sipguard.integrations")
 
+JOURNAL_CURSOR = "journal_cursor:"
+"""Store meta key prefix of a journal source's saved cursor (`journal_cursor:<source>`)."""
+
 
 class Integrations:
     def __init__(self, daemon: Daemon) -> None:
@@ -33,6 +36,7 @@ class Integrations:
         self.metrics = None
         self.htable = None
         self.journal = None  # the JournalFollower, when configured
+        self._cursors: dict[str, str] = {}  # journal cursors as saved in the store
         self.refresher = None
 
     @classmethod
@@ -62,9 +66,13 @@ class Integrations:
         cfg = self.daemon.cfg.sources
         if not (cfg.journal or cfg.journal_identifiers):
             return follower
-        from .journal import JournalFollower, JournalParser, MultiFollower
+        from .formats import JournalParser
+        from .sources import JournalFollower, MultiFollower, source_key
 
-        self.journal = JournalFollower(cfg.journal, cfg.journal_identifiers, store=self.daemon.store,
+        key = source_key(cfg.journal, cfg.journal_identifiers)
+        saved = self.daemon.store.get_meta(JOURNAL_CURSOR + key)
+        self._cursors = {key: saved} if saved else {}
+        self.journal = JournalFollower(cfg.journal, cfg.journal_identifiers, cursors=dict(self._cursors),
                                        journalctl=cfg.journalctl, from_start=self.daemon.from_start)
         for key in self.journal.sources:
             self.daemon.parsers[key] = JournalParser(programs=None)
@@ -77,8 +85,11 @@ class Integrations:
             self.metrics.observe_batch(lines, events, bans, read_time, time.time())
 
     def in_transaction(self, now: float) -> None:
-        if self.journal is not None:
-            self.journal.save_cursors()
+        if self.journal is not None:  # the cursor of the last entry handed out, with the batch's events
+            for key, cursor in self.journal.cursors().items():
+                if self._cursors.get(key) != cursor:
+                    self.daemon.store.set_meta(JOURNAL_CURSOR + key, cursor)
+                    self._cursors[key] = cursor
 
     def tick(self, now: float) -> None:
         if self.refresher is not None:

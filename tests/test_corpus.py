@@ -15,6 +15,7 @@ import pytest
 from sipguard.filters import FilterSet, shipped_dir
 from sipguard.formats import RecordParser
 from sipguard.model import Event, Line
+from sipguard.pipeline import Pipeline
 
 CORPUS = Path(__file__).parent / "corpus"
 REAL = Path(__file__).parent / "data" / "real"
@@ -72,7 +73,7 @@ def filters() -> FilterSet:
 
 def run(lines: list[str], fs: FilterSet, source: str = "corpus") -> list[Event]:
     parser = RecordParser(now=lambda: NOW)
-    records = parser.feed_all(Line(source, s.encode("utf-8"), i) for i, s in enumerate(lines))
+    records = Pipeline(parser).records(Line(source, s.encode("utf-8"), i) for i, s in enumerate(lines))
     return [e for r in records if (e := fs.match(r, NOW)) is not None]
 
 
@@ -98,7 +99,7 @@ def test_corpus_entry(entry: Entry, filters: FilterSet) -> None:
         assert got == []
     else:  # ~: this file's filter alone says it does not match
         parser = RecordParser(now=lambda: NOW)
-        records = parser.feed_all(Line("corpus", s.encode()) for s in entry.lines)
+        records = Pipeline(parser).records(Line("corpus", s.encode()) for s in entry.lines)
         for r in records:
             verdicts = {v.filter: v for v in filters.explain(r.text)}
             assert verdicts[entry.filter].result != "matched", verdicts[entry.filter]
@@ -149,7 +150,7 @@ KNOWN_MISSES = {"stderr.log": {("scanner-ua", "198.18.0.31")}}
 def test_real_capture(path: Path, filters: FilterSet) -> None:
     lines = path.read_bytes().split(b"\n")
     parser = RecordParser(now=lambda: NOW)
-    records = parser.feed_all(Line(path.name, b, i) for i, b in enumerate(lines) if b)
+    records = Pipeline(parser).records(Line(path.name, b, i) for i, b in enumerate(lines) if b)
     events = [e for r in records if (e := filters.match(r, NOW)) is not None]
     got = {(e.filter, e.ip) for e in events}
     assert all(ip != INJECTED for _, ip in got), got

@@ -17,7 +17,7 @@ import pytest
 from sipguard.config import Config
 from sipguard.daemon import Daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
-from sipguard.journal import JournalParser, message_text
+from sipguard.formats import JournalParser, message_text
 from sipguard.model import Line
 from sipguard.store import Store
 from waiting import wait_for
@@ -160,6 +160,7 @@ def test_follows_real_journal_and_resumes_at_cursor(tmp_path):
             j.syslog("NOTICE: <script>: REGISTER success for user 7 from 198.18.9.5:5060", ident="other-daemon")
             j.syslog(_auth("198.18.9.1"))
             wait_for(lambda: {e.ip for e in enf.entries()} == {"198.18.9.1"}, timeout=10.0)
+            wait_for(lambda: store.count_events() >= 3)  # the kernel ban comes first, the batch's commit next
             assert store.count_events() == 3
         finally:
             stop(d, th, store)

@@ -132,7 +132,7 @@ def test_two_process_split_equals_one_pass(tmp_path, monkeypatch):
     allow = AllowList([], include_host=False)
     one = scan_files([str(log)], cfg(), allow=allow, fast=True)
     monkeypatch.setattr(scan_mod, "PARALLEL_MIN", 1)
-    assert scan_mod._split_point(str(log)) is not None
+    assert scan_mod._split_point(str(log), "auto", frozenset({"kamailio"})) is not None
     two = scan_files([str(log)], cfg(), allow=allow, fast=True)
     slow = scan_files([str(log)], cfg(), allow=allow, fast=False)
     assert two.lines == one.lines == slow.lines
@@ -156,9 +156,9 @@ def test_split_in_many_pieces_and_a_child_that_dies(tmp_path, monkeypatch):
     many = scan_files([str(log)], cfg(), allow=allow, fast=True)
     assert many.as_json() == one.as_json() and many.lines == 8000
 
-    def dying_child(wfd, path, literals, filters, fmt, programs, now, start):
+    def dying_child(wfd, path, filters, fmt, programs, now, start):
         with os.fdopen(wfd, "wb") as w:  # two real pieces, then a cut-off frame, then death
-            for i, (n, evs) in enumerate(scan_mod._fast_chunks(path, literals, filters, fmt, programs, now, start)):
+            for i, (n, evs) in enumerate(scan_mod._pieces(path, filters, fmt, programs, now, True, start)):
                 msg = pickle.dumps((n, [(e.time, e.ip, e.filter, e.kind.value, e.weight) for e in evs]))
                 w.write(scan_mod._FRAME.pack(len(msg)) + (msg if i < 2 else msg[:5]))
                 if i == 2:
@@ -190,17 +190,17 @@ def test_a_failing_parent_ends_its_child(tmp_path, monkeypatch):
             children.append(pid)
         return pid
 
-    real_chunks = scan_mod._fast_chunks
+    real_chunks = scan_mod._pieces
 
-    def chunks(path, literals, filters, fmt, programs, now, start=0, end=None):
+    def chunks(path, filters, fmt, programs, now, sparse, start=0, end=None):
         if os.getpid() == parent:
             raise OSError("disk on fire")
         time.sleep(60)  # a child with a long way to go: the parent must not wait for it
-        return real_chunks(path, literals, filters, fmt, programs, now, start, end)
+        return real_chunks(path, filters, fmt, programs, now, sparse, start, end)
 
     parent = os.getpid()
     monkeypatch.setattr(scan_mod.os, "fork", fork)
-    monkeypatch.setattr(scan_mod, "_fast_chunks", chunks)
+    monkeypatch.setattr(scan_mod, "_pieces", chunks)
     t = time.monotonic()
     with pytest.raises(OSError, match="disk on fire"):
         scan_files([str(log)], cfg(), allow=AllowList([], include_host=False), fast=True)
