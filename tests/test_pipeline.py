@@ -534,3 +534,58 @@ def test_file_beside_journal_keeps_the_sparse_path(tmp_path):
         d.follower.close()
         d.integrations.close()
         store.close()
+
+
+_T = b"Nov 30 01:55:12 sip1 kamailio[1]: NOTICE: <script>: auth failed for user 1 from 198.18.5.1:5060 method REGISTER"
+_T2 = b"Nov 30 01:55:13 sip1 kamailio[1]: WARNING: <script>: Blocked scanner UA 'sipvicious' from 198.18.5.2:5060"
+_H = b"Nov 30 01:55:12 sip1 kamailio[1]: INFO: <script>: INVITE relayed"
+_G = b"garbage without header auth failed for user 2 from 198.18.5.3:5060 method REGISTER"
+_C = b"    continued text"
+_S = b" 1(23875) NOTICE: <script>: auth failed for user 3 from 198.18.5.4:5060 method REGISTER"
+_S0 = b" 1(23875) INFO: <script>: hello"
+_R = b"12(23876) NOTICE: <script>: auth failed for user 7 from 198.18.5.8:5060 method REGISTER"  # rank 12: no space
+_R0 = b"12(23876) INFO: <script>: hello"
+
+_L = b"    auth failed for user 4 from 198.18.5.5:5060 method REGISTER"  # a continuation holding a literal
+_J = json.dumps({"MESSAGE": "NOTICE: <script>: unknown user 5 from 198.18.5.6:5060 method OPTIONS"}).encode()
+
+HARD_CASES = {  # (source, lines of one segment), in order; a source's first segment finds its family
+    # a skipped header ends the hot record; the line jumped to is garbage: the record must end there,
+    # before another source's event (order) and before a continuation in the next segment (content)
+    "ended-by-skipped-header, then another source": [("a", [_H]), ("a", [_T, _H, _G]), ("b", [_T2, _T2])],
+    "ended-by-skipped-header, then a continuation": [("a", [_H]), ("a", [_T, _H, _G]), ("a", [_C]), ("b", [_T2])],
+    "same, continuation in the segment": [("a", [_H]), ("a", [_T, _H, _G, _C]), ("b", [_T2])],
+    "same, hot record carried into the segment": [("a", [_H, _T]), ("a", [_H, _G]), ("a", [_C])],
+    # the last literal line's record ends in its segment, before the next source's events
+    "last record ends in its segment": [("a", [_H]), ("a", [_T, _H]), ("b", [_H]), ("b", [_T2, _T2])],
+    "last record ends, continuation next": [("a", [_H]), ("a", [_T, _H]), ("a", [_C]), ("b", [_T2])],
+    "continuation in the next segment": [("a", [_T]), ("a", [_C]), ("b", [_T2])],
+    "continuation first in the next segment": [("a", [_H]), ("a", [_T]), ("a", [_C, _T2])],
+    "continuation after garbage": [("a", [_T, _G, _C]), ("b", [_T2])],
+    "a continuation with a literal after a skipped header": [("a", [_H]), ("a", [_T, _H, _L]), ("b", [_T2])],
+    "each record against its own candidates": [("a", [_H]), ("a", [_T, _T2, _T, _H])],
+    "stderr: forged headers continue a record": [("s", [_S0]), ("s", [_S, _H, _S0]), ("s", [_S, _G]),
+                                                 ("s", [_S0, _S, _S0])],
+    "stderr: a record goes on over lines without literal": [("s", [_R0]), ("s", [_R, _H, _R, _R0])],
+    "family found late": [("a", [_G, _C, b"", _S, _H]), ("a", [_T, _S0, _S, _S0])],
+    "a syslog header first: stderr lines are text": [("a", [_H, _S, _H]), ("a", [_S, _T, _H])],
+    "journal: escapes, byte arrays, UTF-16": [("j", [_J, b'{"MESSAGE": "NOTICE: <script>: auth \\u0066ailed for user 6 from 198.18.5.7:5060 method REGISTER"}',
+                                                     b'{"MESSAGE" :[' + ",".join(str(c) for c in _T[34:]).encode() + b"]}",
+                                                     ("\ufeff" + json.dumps({"MESSAGE": _T2[34:].decode()})).encode("utf-16-le")])],
+}
+
+
+def _hard_parsers() -> dict:
+    return {"a": RecordParser(now=lambda: NOW), "b": RecordParser(now=lambda: NOW),
+            "s": RecordParser("stderr", now=lambda: NOW), "j": JournalParser()}
+
+
+def test_hard_cases_read_sparse_as_every_line():
+    for name, segs in HARD_CASES.items():
+        batch = LineBatch([(src, 0, b"\n".join(lines) + b"\n") for src, lines in segs])
+        for flush_each in (True, False):
+            want = every_line_reference(_hard_parsers(), [batch], flush_each)
+            pipe = Pipeline(_hard_parsers(), SHIPPED)
+            got = pipe.batch(batch, NOW, flush=flush_each).events + pipe.flush(NOW).events
+            assert got == want, name
+            assert want, name
