@@ -10,14 +10,17 @@ Sparse reading. When every active filter has prefilter literals and refuses mult
 event. Then only the lines of a LineBatch that can matter are parsed, and the events are exactly
 those of parsing every line:
 
-- syslog-family sources (RecordParser): the lines holding a literal (found by one search pass,
-  `trigger_lines`); while such a line's record is pending ("hot"), every line that could end or
-  continue it (in the syslog family only lines starting with a space continue a record: the same
-  pass marks them); a source's first lines one by one until its family is known. A hot record
-  never waits for a later segment because a line was skipped, so the events come in the order of
-  parsing every line. A record that began on one literal line is tried only against its candidate
-  filters (`FilterSet.candidates`); one that began on a line without literal cannot match and is
-  not tried.
+- syslog-family sources (RecordParser): the lines holding a literal, found by one search pass
+  (`trigger_lines`) that also marks the lines starting with a space, in the syslog family the only
+  lines that continue a record. While the record of a literal line is pending ("hot"), the lines
+  after it are parsed until it ends, unless the next marked line holds a literal and does not start
+  with a space: nothing in between can continue the record, so reading jumps there (and when that
+  line did not start a record, the lines jumped over are parsed after all: one of them may have
+  ended the hot record). A source's first lines are parsed one by one until its family is known. So
+  a hot record gets exactly its lines and ends where it would, and the events come in the order of
+  parsing every line. A record that began on a literal line is tried only against that line's
+  candidate filters (`FilterSet.candidates`); one that began on a line without literal cannot
+  match and is not tried.
 - Kamailio stderr sources: every line (continuations and the rank/PID checks need them).
 - journal JSON sources (JournalParser, one entry per line): the lines holding a literal, and every
   line whose MESSAGE could hide one from a byte search: a line holding a backslash (a JSON escape
@@ -59,7 +62,7 @@ class BatchResult:
 
 
 class _Everywhere(Mapping[str, Parser]):
-    """One parser for every source (scan, test-filter, the corpus tests)."""
+    """One parser for every source (scan, test-filter, the corpus tests): a mapping for lookups only."""
 
     def __init__(self, parser: Parser) -> None:
         self.parser = parser
