@@ -30,7 +30,8 @@ from .sources import MAX_LINE, LineBatch, read_chunks, read_file
 SNIFF_LINES = 200
 SNIFF_CHUNK = 1 << 16
 PARALLEL_MIN = 16 << 20
-"""A plain file at least this big is scanned by two processes (the parent and a forked child)."""
+"""A plain syslog-family file at least this big is scanned by two processes (the parent and a forked
+child), when read sparsely."""
 PIECE = 8 << 20
 """Bytes read and searched at a time; the child sends its events back piece by piece."""
 
@@ -171,19 +172,21 @@ def _split_point(path: str, fmt: str, programs: frozenset[str]) -> int | None:
             window = f.read(2 << 20)
     except OSError:
         return None
-    return _record_start(window, cut, fmt, programs)
+    return _record_start(window, cut, fmt, programs, eof=cut + len(window) >= size)
 
 
-def _record_start(window: bytes, base: int, fmt: str, programs: frozenset[str]) -> int | None:
-    """File offset of the first line of `window` (read at offset `base`, past a line's start) that
-    starts a record in a syslog-family source, or None. A line longer than MAX_LINE is never it: the
-    reader skips such lines, so they end no record."""
+def _record_start(window: bytes, base: int, fmt: str, programs: frozenset[str], eof: bool = True) -> int | None:
+    """File offset of the first whole line of `window` (read at offset `base`, past a line's start;
+    `eof`: it reaches the end of the file) that starts a record in a syslog-family source, or None.
+    A line longer than MAX_LINE is never it: the reader skips such lines, so they end no record."""
     probe = RecordParser(fmt, programs=programs)
     pos = window.find(b"\n") + 1
     i = 0
     while 0 < pos < len(window):
         e = window.find(b"\n", pos)
-        end = len(window) if e < 0 else e  # the file's last line (no newline), or one cut by the window
+        if e < 0 and not eof:
+            return None  # a line cut by the window: its length is not known
+        end = len(window) if e < 0 else e  # the file's last line may have no newline
         line = window[pos:end]
         if len(line) <= MAX_LINE:
             probe.parse_alone(line[:-1] if line[-1:] == b"\r" else line, str(i))  # each line on its own

@@ -249,7 +249,7 @@ def test_byte_ranges_and_pieces_give_the_events_of_parsing_every_line(tmp_path):
         want = [ev for rec in [r for ln in data.split(b"\n")[:-1] for r in parser.feed(Line(str(path), ln))]
                 + parser.flush() if (ev := fs.match(rec, 0.0)) is not None]
         cut = int(len(data) * share)
-        split = scan_mod._record_start(data[cut:cut + 4096], cut, "auto", progs) if cut else 0
+        split = scan_mod._record_start(data[cut:cut + 4096], cut, "auto", progs, eof=cut + 4096 >= len(data)) if cut else 0
         old_piece = scan_mod.PIECE
         scan_mod.PIECE = piece
         try:
