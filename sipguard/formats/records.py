@@ -229,8 +229,9 @@ class RecordParser:
         return None if st is None else st.family
 
     def pending(self, source: str) -> object:
-        """An opaque token for the record `source` has pending: it changes exactly when a header
-        line ends that record and starts another (continuation and garbage lines keep it)."""
+        """An opaque token for the record `source` has pending: it changes when a header line ends
+        that record and starts another (continuation and garbage lines keep it), except between two
+        records of other programs in a row, which both yield nothing."""
         st = self._states.get(source)
         return None if st is None else st.pending
 
