@@ -1,10 +1,10 @@
 """`sipguard run`: the loop, and only the loop: poll → pipeline → scorer → ban book → commit → hooks.
 
 The composition root (sipguard/wiring.py) builds every part from the validated config and hands them
-over as one `Parts`; the daemon creates nothing and decides nothing itself. Each read batch is parsed
-and matched (sparse: only lines holding a trigger literal), scored, its bans applied through the ban
-book (kernel first), then committed together with the source positions in one transaction, so a crash
-re-reads at most one batch and never counts a line twice. Between batches: CLI requests, hooks (fleet,
+over as one `Parts`; the daemon creates nothing and decides nothing itself. Each read batch goes
+through the pipeline (sipguard/pipeline.py: only lines holding a trigger literal are parsed), is
+scored, its bans applied through the ban book (kernel first), then committed together with the source
+positions in one transaction, so a crash re-reads at most one batch and never counts a line twice. Between batches: CLI requests, hooks (fleet,
 blocklists), expiries, the resync, pruning and the status heartbeat.
 """
 
@@ -16,17 +16,18 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from .bans import POLICY, BanBook, ban_from_decision
 from .config import Config
-from .filters import FilterSet, trigger_starts
-from .formats import RecordParser
-from .model import Ban, Event, Line
+from .filters import FilterSet
+from .formats import Parser
+from .model import Ban, Event
+from .pipeline import Pipeline
 from .policy import Policy, Scorer
-from .sources import FileFollower, LineBatch
+from .sources import Follower, LineBatch
 from .store import Store
 
 log = logging.getLogger("sipguard.daemon")
@@ -71,20 +72,6 @@ class Hook(Protocol):
     def close(self) -> None: ...
 
 
-class Follower(Protocol):
-    """The sources as the loop sees them (sipguard/sources): one batch interface for every mix."""
-
-    stats: object
-
-    def start(self) -> None: ...
-
-    def poll_batch(self, timeout: float) -> LineBatch: ...
-
-    def positions(self) -> dict: ...
-
-    def close(self) -> None: ...
-
-
 @dataclass
 class Parts:
     """Everything the loop drives, built once by the composition root."""
@@ -92,7 +79,8 @@ class Parts:
     cfg: Config
     store: Store
     follower: Follower
-    parsers: dict[str, RecordParser]
+    parsers: Mapping[str, Parser]  # per source (the pipeline's; their counters go to `status`)
+    pipeline: Pipeline
     filters: FilterSet
     scorer: Scorer
     policy: Policy  # the local policy (the scorer, or the one the fleet's scorer falls back on)
@@ -115,54 +103,6 @@ def _counters(stats: object) -> dict:
 _PARSER_SKIPS = ("garbage", "forged", "invalid_utf8", "truncated", "other_program")
 _SOURCE_SKIPS = ("too_long", "errors")
 
-_FREE = object()  # not following a trigger line's record
-
-
-def _sparse_lines(src: str, off: int, data: bytes, lits: tuple[bytes, ...], parser: RecordParser,
-                  follow: dict) -> Iterator[Line]:
-    """The lines of one segment (whole lines of `src` starting at file offset `off`) that must be
-    parsed, as Line objects made only for them: each line holding a literal, then the lines after
-    it for as long as its record is pending (a header line ends it; a continuation would make it
-    multi-line, hence refused; the header may hold a literal and be followed in turn). `follow`
-    carries "still following" into the source's next segment of the same batch.
-
-    The caller feeds each line before asking for the next one: `parser.pending` tells what it did.
-    """
-    size = len(data)
-    find = data.find
-    starts = trigger_starts(data, lits)
-    nstarts = len(starts)
-    k = 0
-    pos = 0
-    tok = follow.pop(src, _FREE)
-    while True:
-        if tok is _FREE:
-            while k < nstarts and starts[k] < pos:
-                k += 1
-            if k == nstarts:
-                return
-            pos = starts[k]
-            k += 1
-            trig = True
-        elif pos >= size:
-            follow[src] = tok
-            return
-        else:
-            trig = False
-        e = find(b"\n", pos)
-        nxt = size if e < 0 else e + 1
-        ln = data[pos:size if e < 0 else e]
-        if ln[-1:] == b"\r":
-            ln = ln[:-1]
-        yield Line(src, ln, off + nxt)
-        pos = nxt
-        cur = parser.pending(src)
-        if trig:
-            tok = cur
-        elif cur is not tok:  # this line began a new record: follow it too if it holds a literal
-            tok = cur if any(map(ln.__contains__, lits)) else _FREE
-
-
 class Daemon:
     """One running sipguard: `run()` until `stop()`. Built by `sipguard.wiring.build_daemon`."""
 
@@ -172,7 +112,6 @@ class Daemon:
         self.stats = DaemonStats()
         self.ready = threading.Event()  # set once the sources are followed (their ends pinned)
         self._stop = threading.Event()
-        self._literals = parts.filters.search_literals  # None: every line is parsed
         self._last_control = 0
         self._last_prune = 0.0
         self._last_status = 0.0
@@ -240,9 +179,10 @@ class Daemon:
         """Process a batch of lines, apply new bans, commit, then housekeeping."""
         p = self.parts
         now = time.time()
-        events, records = self._parse(lines, now)
-        self.stats.lines += len(lines)
-        self.stats.records += records
+        parsed = p.pipeline.batch(lines, now)  # flushed: a batch's records end with it
+        events = parsed.events
+        self.stats.lines += parsed.lines
+        self.stats.records += parsed.records
         self.stats.events += len(events)
         decided: list[Ban] = []
         observe = p.scorer.observe
@@ -281,26 +221,6 @@ class Daemon:
         self.housekeeping(now)
         return new_bans
 
-    def _parse(self, lines: list | LineBatch, now: float) -> tuple[list[Event], int]:
-        p = self.parts
-        events: list[Event] = []
-        match = p.filters.match
-        touched: set[str] = set()
-        records = 0
-        for line in self._to_parse(lines, touched):
-            for rec in p.parsers[line.source].feed(line):
-                records += 1
-                ev = match(rec, now)
-                if ev is not None:
-                    events.append(ev)
-        for path in touched:
-            for rec in p.parsers[path].flush():
-                records += 1
-                ev = match(rec, now)
-                if ev is not None:
-                    events.append(ev)
-        return events, records
-
     @staticmethod
     def _lines_by_source(lines: list | LineBatch) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -311,52 +231,6 @@ class Daemon:
             for line in lines:
                 out[line.source] = out.get(line.source, 0) + 1
         return out
-
-    def _to_parse(self, lines: list | LineBatch, touched: set) -> Iterator[Line]:
-        """The lines of a batch that must be parsed, in order; notes their sources in `touched`.
-
-        For a syslog-family source (one record per line; continuation lines exist only in the
-        journal's indented form) with filters that all have prefilter literals and refuse
-        multi-line records, a record can only yield an event when its one line holds a literal.
-        So only those lines and the lines that end their records are parsed (`_sparse_lines`),
-        found by a C-speed search over the read buffers: the events are those of parsing every
-        line. Other sources (stderr, whose headers need every line; formats not known yet) and
-        plain lists of lines get every line parsed.
-        """
-        parsers = self.parts.parsers
-        lits = self._literals
-        if lits is None or not isinstance(lines, LineBatch):
-            for line in lines:
-                if line.source in parsers:
-                    touched.add(line.source)
-                    yield line
-            return
-        follow: dict = {}
-        for src, off, data in lines.segments:
-            parser = parsers.get(src)
-            if parser is None:
-                continue
-            touched.add(src)
-            if type(parser) is not RecordParser:
-                yield from LineBatch([(src, off, data)])
-                continue
-            if parser.family(src) is None:  # a source's first lines: one by one until a header
-                follow.pop(src, None)
-                pos, size = 0, len(data)
-                while pos < size and parser.family(src) is None:
-                    e = data.find(b"\n", pos)
-                    nxt = size if e < 0 else e + 1
-                    ln = data[pos:size if e < 0 else e]
-                    yield Line(src, ln[:-1] if ln[-1:] == b"\r" else ln, off + nxt)
-                    pos = nxt
-                follow[src] = parser.pending(src)  # the last line's record may go on: follow it
-                if pos >= size:
-                    continue
-                off, data = off + pos, data[pos:]
-            if parser.family(src) == "syslog":
-                yield from _sparse_lines(src, off, data, lits, parser, follow)
-            else:  # stderr: every line (continuations, rank/PID checks)
-                yield from LineBatch([(src, off, data)])
 
     # -- between batches ---------------------------------------------------------------------
     def housekeeping(self, now: float) -> None:

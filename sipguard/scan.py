@@ -20,16 +20,18 @@ from dataclasses import dataclass, field
 
 from .addresses import AllowList
 from .config import Config
-from .filters import FilterSet, trigger_lines
+from .filters import FilterSet
 from .formats import RecordParser
 from .model import Event, EventKind
+from .pipeline import Pipeline
 from .policy import Policy
-from .sources import read_chunks, read_file
+from .sources import MAX_LINE, LineBatch, read_chunks, read_file
 
 SNIFF_LINES = 200
 SNIFF_CHUNK = 1 << 16
 PARALLEL_MIN = 16 << 20
-"""A plain file at least this big is scanned by two processes (the parent and a forked child)."""
+"""A plain syslog-family file at least this big is scanned by two processes (the parent and a forked
+child), when read sparsely."""
 PIECE = 8 << 20
 """Bytes read and searched at a time; the child sends its events back piece by piece."""
 
@@ -117,51 +119,31 @@ class BanReplay:
         return out
 
 
-def _looks_like_stderr(path: str, fmt: str, programs: frozenset[str]) -> bool:
-    """Kamailio -E output needs every line (continuations, PID checks): no fast path for it."""
-    if fmt == "stderr":
-        return True
-    if fmt != "auto":
-        return False
-    seen: list[str] = []
-    parser = RecordParser(fmt, programs=programs, on_stderr=seen.append)
+def _family(path: str, fmt: str, programs: frozenset[str]) -> str | None:
+    """The record family ("syslog" or "stderr") the start of a file sets, from its first lines
+    (None: no header among them)."""
+    parser = RecordParser(fmt, programs=programs, on_stderr=lambda _source: None)
     # small reads: the generator stops after the first few, not after a whole 8 MB chunk
     for i, line in enumerate(read_file(path, chunk_size=SNIFF_CHUNK)):
         parser.feed(line)
-        if seen or i >= SNIFF_LINES:
-            break
-    return bool(seen)
+        family = parser.family(line.source)
+        if family is not None or i >= SNIFF_LINES:
+            return family
+    return None
 
 
-def _fast_chunks(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: str,
-                 programs: frozenset[str], now: float, start: int = 0, end: int | None = None
-                 ) -> Iterator[tuple[int, list[Event]]]:
-    """(lines, events) of each big piece of one byte range, in order.
-
-    Only the lines holding a trigger literal are parsed, each as a record of its own (what parsing
-    every line gives: the next line starts a new record or is skipped), and tried only against
-    the filters its literals can pass (`FilterSet.candidates`).
-    """
-    parser = RecordParser(fmt, programs=programs)
-    parse, match, candidates = parser.parse_alone, filters.match, filters.candidates
+def _pieces(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float, sparse: bool,
+            start: int = 0, end: int | None = None) -> Iterator[tuple[int, list[Event]]]:
+    """(lines, events) of each big piece of one byte range of `path`, in order, through one
+    pipeline (sparse: only the lines that can matter are parsed); the last item is what the flush
+    at the end of the range gives (0 lines)."""
+    pipe = Pipeline(RecordParser(fmt, programs=programs), filters, sparse=sparse)
+    off = start
     for chunk in read_chunks(path, chunk_size=PIECE, start=start, end=end):
-        lines = chunk.count(b"\n") + (0 if chunk.endswith(b"\n") else 1)
-        events: list[Event] = []
-        add = events.append
-        find = chunk.find
-        starts, masks = trigger_lines(chunk, literals)
-        for i, mask in zip(starts, masks):
-            j = find(b"\n", i)
-            data = chunk[i:] if j < 0 else chunk[i:j]
-            if data[-1:] == b"\r":
-                data = data[:-1]
-            recs = parse(data, path)
-            pool = candidates(mask) if len(recs) == 1 else None  # a pending record: not this line's
-            for rec in recs:
-                ev = match(rec, now, pool)
-                if ev is not None:
-                    add(ev)
-        yield lines, events
+        res = pipe.batch(LineBatch([(path, off, chunk)]), now, flush=False)
+        off += len(chunk)
+        yield res.lines, res.events
+    yield 0, pipe.flush(now).events
 
 
 PARENT_SHARE = 0.48
@@ -169,13 +151,20 @@ PARENT_SHARE = 0.48
 policy, the child's too (piece by piece as they arrive), so both finish at about the same time."""
 
 
-def _split_point(path: str) -> int | None:
-    """Where a plain, big file can be cut in two at a line boundary (None: don't split)."""
+def _split_point(path: str, fmt: str, programs: frozenset[str]) -> int | None:
+    """Where a plain, big syslog-family file can be cut in two (None: don't split).
+
+    The cut is at the first line after PARENT_SHARE of the file that starts a syslog record: the
+    record before it ends there (a record goes on only over lines starting with a space), so each
+    part read on its own gives exactly the records of reading the file whole.
+    """
     if (os.cpu_count() or 1) < 2 or not hasattr(os, "fork"):
         return None
     try:
         size = os.path.getsize(path)
         if size < PARALLEL_MIN or os.path.splitext(path)[1].lower() in (".gz", ".bz2", ".xz", ".lzma"):
+            return None
+        if _family(path, fmt, programs) != "syslog":
             return None
         cut = int(size * PARENT_SHARE)
         with open(path, "rb") as f:
@@ -183,21 +172,42 @@ def _split_point(path: str) -> int | None:
             window = f.read(2 << 20)
     except OSError:
         return None
-    nl = window.find(b"\n")
-    return None if nl < 0 else cut + nl + 1
+    return _record_start(window, cut, fmt, programs, eof=cut + len(window) >= size)
+
+
+def _record_start(window: bytes, base: int, fmt: str, programs: frozenset[str], eof: bool = True) -> int | None:
+    """File offset of the first whole line of `window` (read at offset `base`, past a line's start;
+    `eof`: it reaches the end of the file) that starts a record in a syslog-family source, or None.
+    A line longer than MAX_LINE is never it: the reader skips such lines, so they end no record."""
+    probe = RecordParser(fmt, programs=programs)
+    pos = window.find(b"\n") + 1
+    i = 0
+    while 0 < pos < len(window):
+        e = window.find(b"\n", pos)
+        if e < 0 and not eof:
+            return None  # a line cut by the window: its length is not known
+        end = len(window) if e < 0 else e  # the file's last line may have no newline
+        line = window[pos:end]
+        if len(line) <= MAX_LINE:
+            probe.parse_alone(line[:-1] if line[-1:] == b"\r" else line, str(i))  # each line on its own
+            if probe.family(str(i)) == "syslog":
+                return base + pos
+        pos = e + 1
+        i += 1
+    return None
 
 
 _FRAME = struct.Struct("<Q")  # each child message: its length, then the pickle
 
 
-def _child_scan(wfd: int, path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: str,
-                programs: frozenset[str], now: float, start: int) -> None:
+def _child_scan(wfd: int, path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float,
+                start: int) -> None:
     """In the forked child: scan from `start` to the end, one framed pickle of (lines, event rows)
     per piece as soon as it is done, then a framed None. Never returns."""
     code = 1
     try:
         with os.fdopen(wfd, "wb") as w:
-            for n, evs in _fast_chunks(path, literals, filters, fmt, programs, now, start, None):
+            for n, evs in _pieces(path, filters, fmt, programs, now, True, start, None):
                 msg = pickle.dumps((n, [(e.time, e.ip, e.filter, e.kind.value, e.weight) for e in evs]),
                                    protocol=pickle.HIGHEST_PROTOCOL)
                 w.write(_FRAME.pack(len(msg)) + msg)
@@ -227,14 +237,14 @@ def _read_frames(fd: int, out: queue.SimpleQueue) -> None:
         out.put(None)
 
 
-def _fast_file(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: str,
-               programs: frozenset[str], now: float, replay: BanReplay) -> int:
-    """The fast path over one file, its events fed to `replay` in file order; a big file's second
-    part is scanned by a forked child meanwhile. Returns the number of lines."""
-    split = _split_point(path)
+def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float, sparse: bool,
+               replay: BanReplay) -> int:
+    """One file through the pipeline, its events fed to `replay` in file order; a big file read
+    sparsely has its second part scanned by a forked child meanwhile. Returns the number of lines."""
+    split = _split_point(path, fmt, programs) if sparse else None
     if split is None:
         total = 0
-        for n, events in _fast_chunks(path, literals, filters, fmt, programs, now):
+        for n, events in _pieces(path, filters, fmt, programs, now, sparse):
             total += n
             replay.feed(events)
         return total
@@ -242,7 +252,7 @@ def _fast_file(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: 
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _child_scan(wfd, path, literals, filters, fmt, programs, now, split)
+        _child_scan(wfd, path, filters, fmt, programs, now, split)
     os.close(wfd)
     frames: queue.SimpleQueue = queue.SimpleQueue()
     reader = threading.Thread(target=_read_frames, args=(rfd, frames), name="scan-child-reader", daemon=True)
@@ -253,7 +263,7 @@ def _fast_file(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: 
     kinds = {k.value: k for k in EventKind}
     done = False
     try:
-        for n, events in _fast_chunks(path, literals, filters, fmt, programs, now, 0, split):
+        for n, events in _pieces(path, filters, fmt, programs, now, True, 0, split):
             total += n
             replay.feed(events)
         while (body := frames.get()) is not None:
@@ -276,7 +286,7 @@ def _fast_file(path: str, literals: tuple[bytes, ...], filters: FilterSet, fmt: 
         _, status = os.waitpid(pid, 0)
         reader.join()
     if not complete or status != 0:  # the child failed: same pieces, same order, skip those fed
-        for i, (n, events) in enumerate(_fast_chunks(path, literals, filters, fmt, programs, now, split, None)):
+        for i, (n, events) in enumerate(_pieces(path, filters, fmt, programs, now, True, split, None)):
             if i >= received:
                 total += n
                 replay.feed(events)
@@ -287,9 +297,9 @@ def scan_files(paths: list[str], cfg: Config, filters: FilterSet | None = None,
                allow: AllowList | None = None, fast: bool = True) -> ScanResult:
     """Read every file whole (.gz too) in order and return lines, matches and resulting bans.
 
-    Fast path: when every filter has prefilter literals (and none accepts multi-line records) and
-    the log is syslog-shaped, only the lines holding a literal are parsed; the result is the same
-    as parsing every line.
+    Fast path (`fast`): the pipeline reads sparsely (when every filter has prefilter literals and
+    none accepts multi-line records, only the lines that can matter are parsed); the result is the
+    same as parsing every line (`fast=False`).
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived acyclic tuples: collector passes would find nothing
@@ -311,27 +321,8 @@ def _scan_files(paths: list[str], cfg: Config, filters: FilterSet | None, allow:
     now = time.time()
     programs = frozenset(cfg.sources.programs)
     fmt = cfg.sources.format
-    literals = filters.search_literals if fast else None
-    match = filters.match
     for path in paths:
-        if literals is not None and not _looks_like_stderr(path, fmt, programs):
-            result.lines += _fast_file(path, literals, filters, fmt, programs, now, replay)
-            continue
-        parser = RecordParser(fmt, programs=programs)
-        events: list[Event] = []
-        n = 0
-        for line in read_file(path):
-            n += 1
-            for rec in parser.feed(line):
-                ev = match(rec, now)
-                if ev is not None:
-                    events.append(ev)
-        for rec in parser.flush():
-            ev = match(rec, now)
-            if ev is not None:
-                events.append(ev)
-        replay.feed(events)
-        result.lines += n
+        result.lines += _scan_file(path, filters, fmt, programs, now, fast, replay)
     result.matched = replay.matched
     result.bans = replay.bans()
     result.seconds = time.perf_counter() - t0

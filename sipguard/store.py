@@ -385,6 +385,19 @@ class Store:
             self.conn.execute("DELETE FROM cleared WHERE time < ?", (now - event_retention,))
         return n
 
+    # -- journal cursors ------------------------------------------------------------------------
+    JOURNAL_CURSOR = "journal_cursor:"  # meta key prefix of a journal source's saved cursor
+
+    def journal_cursors(self) -> dict[str, str]:
+        """Every journal source's saved cursor: source key -> cursor of the last entry stored."""
+        rows = self.conn.execute("SELECT key, value FROM meta WHERE key LIKE ?", (self.JOURNAL_CURSOR + "%",))
+        return {k[len(self.JOURNAL_CURSOR):]: v for k, v in rows if v}
+
+    def save_journal_cursors(self, cursors: dict[str, str]) -> None:
+        """Inside the batch's transaction: where each journal source's stored entries end."""
+        self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                              ((self.JOURNAL_CURSOR + k, v) for k, v in cursors.items() if v))
+
     def set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 

@@ -15,12 +15,13 @@ from pathlib import Path
 from .addresses import AllowList
 from .bans import BanBook, BanListener
 from .config import Config
-from .daemon import Daemon, Follower, Hook, Parts
+from .daemon import Daemon, Hook, Parts
 from .enforce.base import Enforcer
 from .filters import FilterSet
 from .formats import RecordParser
+from .pipeline import Pipeline
 from .policy import Policy, Scorer
-from .sources import FileFollower, SourcePosition
+from .sources import FileFollower, Follower, SourcePosition
 from .store import Store
 
 READ_BUDGET = 2 << 20
@@ -108,16 +109,21 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
     save_extra = None
     sc = cfg.sources
     if sc.journal or sc.journal_identifiers:
-        from .journal import JournalFollower, JournalParser, MultiFollower
+        from .formats import JournalParser
+        from .sources import JournalFollower, MultiFollower
 
-        journal = JournalFollower(sc.journal, sc.journal_identifiers, store=store, journalctl=sc.journalctl,
-                                  from_start=from_start)
+        journal = JournalFollower(sc.journal, sc.journal_identifiers, cursors=store.journal_cursors(),
+                                  journalctl=sc.journalctl, from_start=from_start)
         for key in journal.sources:
             parsers[key] = JournalParser(programs=None)
         follower = MultiFollower(follower, journal)
-        save_extra = journal.save_cursors
 
-    parts = Parts(cfg=cfg, store=store, follower=follower, parsers=parsers, filters=filters, scorer=scorer,
+        def save_extra() -> None:  # the journal's cursors, in the batch's transaction
+            store.save_journal_cursors(journal.cursors())
+
+    pipeline = Pipeline(parsers, filters)  # sparse over literal hits, for files and journal alike
+    parts = Parts(cfg=cfg, store=store, follower=follower, parsers=parsers, pipeline=pipeline, filters=filters,
+                  scorer=scorer,
                   policy=policy, book=book, enforcer_name=kernel.name, logs=logs, hooks=hooks, fleet=fleet,
                   batch_scorer=None if fleet is None else fleet.score_batch, save_extra=save_extra,
                   warnings=warnings)

@@ -19,6 +19,7 @@ from sipguard.filters.corpus import (
 )
 from sipguard.formats import RecordParser
 from sipguard.model import Event, Line
+from sipguard.pipeline import Pipeline
 
 CORPUS = Path(__file__).parent / "corpus"
 REAL = Path(__file__).parent / "data" / "real"
@@ -73,7 +74,7 @@ def test_corpus_entry(entry: Case, filters: FilterSet, report: CorpusReport) -> 
         assert got == []
     else:  # ~: this file's filter alone says it does not match
         parser = RecordParser(now=lambda: NOW)
-        records = parser.feed_all(Line("corpus", s.encode()) for s in entry.lines)
+        records = Pipeline(parser).records(Line("corpus", s.encode()) for s in entry.lines)
         for r in records:
             verdicts = {v.filter: v for v in filters.explain(r.text)}
             assert verdicts[entry.filter].result != "matched", verdicts[entry.filter]
@@ -238,7 +239,7 @@ KNOWN_MISSES = {"stderr.log": {("scanner-ua", "198.18.0.31")}}
 def test_real_capture(path: Path, filters: FilterSet) -> None:
     lines = path.read_bytes().split(b"\n")
     parser = RecordParser(now=lambda: NOW)
-    records = parser.feed_all(Line(path.name, b, i) for i, b in enumerate(lines) if b)
+    records = Pipeline(parser).records(Line(path.name, b, i) for i, b in enumerate(lines) if b)
     events = [e for r in records if (e := filters.match(r, NOW)) is not None]
     got = {(e.filter, e.ip) for e in events}
     assert all(ip != INJECTED for _, ip in got), got

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sipguard.formats import MAX_RANKS, MAX_RECORD_CHARS, RecordParser
 from sipguard.model import Line, Record
+from sipguard.pipeline import Pipeline
 
 NOW = time.mktime((2026, 11, 30, 12, 0, 0, 0, 0, -1))
 MSG = "NOTICE: <script>: auth failed for user 1000 from 198.18.0.50:5060 method REGISTER"
@@ -24,7 +25,7 @@ def L(text: str | bytes, source: str = "s") -> Line:
 def parse(*lines: str | bytes, **kw) -> tuple[list[Record], RecordParser]:
     kw.setdefault("now", lambda: NOW)
     p = RecordParser(**kw)
-    return p.feed_all(L(s) for s in lines), p
+    return list(Pipeline(p).records(L(s) for s in lines)), p
 
 
 # -- the formats ------------------------------------------------------------------------------------

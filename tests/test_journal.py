@@ -17,7 +17,7 @@ import pytest
 from sipguard.config import Config
 from sipguard.wiring import build_daemon
 from sipguard.enforce.dryrun import DryRunEnforcer
-from sipguard.journal import JournalParser, message_text
+from sipguard.formats import JournalParser, message_text
 from sipguard.model import Line
 from sipguard.store import Store
 from waiting import wait_for

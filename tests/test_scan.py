@@ -132,7 +132,7 @@ def test_two_process_split_equals_one_pass(tmp_path, monkeypatch):
     allow = AllowList([], include_host=False)
     one = scan_files([str(log)], cfg(), allow=allow, fast=True)
     monkeypatch.setattr(scan_mod, "PARALLEL_MIN", 1)
-    assert scan_mod._split_point(str(log)) is not None
+    assert scan_mod._split_point(str(log), "auto", frozenset({"kamailio"})) is not None
     two = scan_files([str(log)], cfg(), allow=allow, fast=True)
     slow = scan_files([str(log)], cfg(), allow=allow, fast=False)
     assert two.lines == one.lines == slow.lines
@@ -156,9 +156,9 @@ def test_split_in_many_pieces_and_a_child_that_dies(tmp_path, monkeypatch):
     many = scan_files([str(log)], cfg(), allow=allow, fast=True)
     assert many.as_json() == one.as_json() and many.lines == 8000
 
-    def dying_child(wfd, path, literals, filters, fmt, programs, now, start):
+    def dying_child(wfd, path, filters, fmt, programs, now, start):
         with os.fdopen(wfd, "wb") as w:  # two real pieces, then a cut-off frame, then death
-            for i, (n, evs) in enumerate(scan_mod._fast_chunks(path, literals, filters, fmt, programs, now, start)):
+            for i, (n, evs) in enumerate(scan_mod._pieces(path, filters, fmt, programs, now, True, start)):
                 msg = pickle.dumps((n, [(e.time, e.ip, e.filter, e.kind.value, e.weight) for e in evs]))
                 w.write(scan_mod._FRAME.pack(len(msg)) + (msg if i < 2 else msg[:5]))
                 if i == 2:
@@ -190,17 +190,17 @@ def test_a_failing_parent_ends_its_child(tmp_path, monkeypatch):
             children.append(pid)
         return pid
 
-    real_chunks = scan_mod._fast_chunks
+    real_chunks = scan_mod._pieces
 
-    def chunks(path, literals, filters, fmt, programs, now, start=0, end=None):
+    def chunks(path, filters, fmt, programs, now, sparse, start=0, end=None):
         if os.getpid() == parent:
             raise OSError("disk on fire")
         time.sleep(60)  # a child with a long way to go: the parent must not wait for it
-        return real_chunks(path, literals, filters, fmt, programs, now, start, end)
+        return real_chunks(path, filters, fmt, programs, now, sparse, start, end)
 
     parent = os.getpid()
     monkeypatch.setattr(scan_mod.os, "fork", fork)
-    monkeypatch.setattr(scan_mod, "_fast_chunks", chunks)
+    monkeypatch.setattr(scan_mod, "_pieces", chunks)
     t = time.monotonic()
     with pytest.raises(OSError, match="disk on fire"):
         scan_files([str(log)], cfg(), allow=AllowList([], include_host=False), fast=True)
@@ -208,3 +208,60 @@ def test_a_failing_parent_ends_its_child(tmp_path, monkeypatch):
     assert len(children) == 1
     with pytest.raises(ChildProcessError):  # already reaped by scan_files
         os.waitpid(children[0], os.WNOHANG)
+
+
+_SPLIT_PIECES = [
+    "Nov 30 02:00:0{i} edge kamailio[811]: NOTICE: <script>: auth failed for user 1 from 198.18.8.{i}:5060 method REGISTER",
+    "Nov 30 02:00:0{i} edge kamailio[811]: WARNING: <script>: Blocked scanner UA 'sipvicious' from 198.18.8.{i}:5060",
+    "Nov 30 02:00:0{i} edge kamailio[811]: INFO: <script>: INVITE relayed",
+    "Nov 30 02:00:0{i} edge sshd[9]: auth failed for user 1 from 198.18.9.{i}:22 method REGISTER",
+    "2026-11-30T02:00:0{i}+0000 edge kamailio[811]: NOTICE: <script>: unknown user {i} from 198.18.8.{i}:5060 method OPTIONS",
+    "                                   continued {i}",
+    "    auth failed for user {i} from 198.18.8.{i}:5060 method REGISTER",
+    " 1(811) NOTICE: <script>: auth failed for user 1 from 198.18.8.{i}:5060 method REGISTER",
+    "garbage auth failed for user {i} from 198.18.8.{i}:5060 method REGISTER",
+    "",
+]
+
+
+def test_byte_ranges_and_pieces_give_the_events_of_parsing_every_line(tmp_path):
+    """Cut where `_split_point` cuts (a line that starts a record) and read in pieces of any size,
+    the two ranges give exactly the events of parsing the whole file line by line."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    import sipguard.scan as scan_mod
+    from sipguard.filters import FilterSet
+    from sipguard.formats import RecordParser
+    from sipguard.model import Line
+
+    fs = FilterSet.load(cfg().filters.directories)
+    progs = frozenset({"kamailio"})
+    path = tmp_path / "k.log"
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(_SPLIT_PIECES), st.integers(0, 9)), min_size=1, max_size=60),
+           st.floats(0.0, 1.0), st.integers(64, 2048))
+    def check(lines, share, piece):
+        data = "".join(text.format(i=i) + "\n" for text, i in lines).encode()
+        path.write_bytes(data)
+        parser = RecordParser(programs=progs)
+        want = [ev for rec in [r for ln in data.split(b"\n")[:-1] for r in parser.feed(Line(str(path), ln))]
+                + parser.flush() if (ev := fs.match(rec, 0.0)) is not None]
+        cut = int(len(data) * share)
+        split = scan_mod._record_start(data[cut:cut + 4096], cut, "auto", progs, eof=cut + 4096 >= len(data)) if cut else 0
+        old_piece = scan_mod.PIECE
+        scan_mod.PIECE = piece
+        try:
+            whole = [e for _, evs in scan_mod._pieces(str(path), fs, "auto", progs, 0.0, True) for e in evs]
+            assert whole == want
+            if split is None or scan_mod._family(str(path), "auto", progs) != "syslog":
+                return  # `_split_point` cuts only a syslog-family file, where it finds such a line
+            assert split == 0 or data[split - 1:split] == b"\n"
+            parts = [e for a, b in ((0, split), (split, None))
+                     for _, evs in scan_mod._pieces(str(path), fs, "auto", progs, 0.0, True, a, b) for e in evs]
+        finally:
+            scan_mod.PIECE = old_piece
+        assert parts == want
+
+    check()

@@ -171,7 +171,7 @@ def test_stage_folders(folder):
 
 
 def test_the_one_way_modules_exist():
-    for name in ("policy", "bans", "store", "wiring", "daemon", "addresses", "model"):
+    for name in ("policy", "bans", "store", "wiring", "daemon", "pipeline", "addresses", "model"):
         assert f"sipguard.{name}" in MODS, name
     assert (PKG / "enforce" / "base.py").is_file() and (PKG / "cluster" / "README.md").is_file()
 

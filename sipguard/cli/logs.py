@@ -71,6 +71,7 @@ def test_filter(
         raise SipguardError("--json goes with --corpus (a LOG file's report is for reading)")
     from ..filters import FilterSet
     from ..formats import RecordParser
+    from ..pipeline import Pipeline
     from ..sources import read_file
 
     if not log.is_file():
@@ -88,11 +89,10 @@ def test_filter(
     missed: list[str] = []
     t0 = time.perf_counter()
     parser = RecordParser(cfg.sources.format, programs=frozenset(cfg.sources.programs))
-    lines = records = 0
-
-    def handle(rec) -> None:
+    pipe = Pipeline(parser, fs, sparse=False)  # every record, the missed ones too
+    for rec, verdicts in pipe.verdicts(read_file(str(log))):
         hit = False
-        for name, ip, outcome in fs.explain(rec.text):
+        for name, ip, outcome in verdicts:
             if name not in matched:
                 continue
             if outcome == "matched":
@@ -104,15 +104,7 @@ def test_filter(
                 ignored[name] += 1
         if not hit and show_missed and len(missed) < 50:
             missed.append(rec.text[:200])
-
-    for line in read_file(str(log)):
-        lines += 1
-        for rec in parser.feed(line):
-            records += 1
-            handle(rec)
-    for rec in parser.flush():
-        records += 1
-        handle(rec)
+    lines, records = pipe.n_lines, pipe.n_records
     took = time.perf_counter() - t0
     out.print(f"Lines: {lines}, records: {records}, time: {took:.3f}s")
     pstats = dict(parser.stats)

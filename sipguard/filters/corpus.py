@@ -2,16 +2,16 @@
 
 The grammar is `tests/corpus/README.md`'s (one case per `+ = - ~` line, `| ` continuation lines, an
 optional `@TIME` expectation of the record's time). `parse_corpus` turns a file into Cases that
-keep their line numbers; `run_corpus` feeds every case through its own fresh RecordParser and
-`FilterSet.match` (the parser and matcher the daemon, `scan` and `test-filter` use), and returns
+keep their line numbers; `run_corpus` reads every case through the pipeline (sipguard/pipeline.py,
+with its own fresh RecordParser) and `FilterSet.match`, as the daemon, `scan` and `test-filter` do, and returns
 per-case results and per-regex coverage: which cases each `regex` and `ignore` entry decided,
 as `FilterSet.explain(detail=True)` reports it. `sipguard test-filter --corpus` and
 `tests/test_corpus.py` both run corpora through here.
 
 Never writes anywhere (no store, no policy, no kernel; only the FilterSet's own match counters
 count the corpus's records) and never prints: the caller formats the results, escaping the
-attacker text they hold. Imports only `sipguard.filters`, `sipguard.formats`
-and `sipguard.model`; the `sipguard.filters` package never imports this module.
+attacker text they hold. Imports its sibling modules, `sipguard.formats`, `sipguard.model` and
+`sipguard.pipeline`; the `sipguard.filters` package never imports this module.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sipguard.filters import MACROS, FilterSet, VerdictDetail
-from sipguard.formats import RecordParser
-from sipguard.model import Event, Line, Record
+from ..formats import RecordParser
+from ..model import Event, Line, Record
+from ..pipeline import Pipeline
+from .filterset import FilterSet, VerdictDetail
+from .spec import MACROS
 
 CLOCK = time.mktime((2026, 12, 1, 12, 0, 0, 0, 0, -1))
 """The parsers' clock while a corpus runs: 2026-12-01 12:00:00 local time. Traditional syslog has no
@@ -251,7 +253,7 @@ def match_lines(lines: Iterable[str], filters: FilterSet, *, source: str = "corp
     `clock`) with the event `filters.match` makes of it; and the parser, for its counters."""
     # on_stderr: corpora hold stderr lines on purpose; the parser's warning about them is not news
     parser = RecordParser("auto", programs=programs, now=lambda: clock, on_stderr=lambda _source: None)
-    records = parser.feed_all(Line(source, s.encode("utf-8"), i) for i, s in enumerate(lines))
+    records = Pipeline(parser, filters).records(Line(source, s.encode("utf-8"), i) for i, s in enumerate(lines))
     return [(r, filters.match(r, clock)) for r in records], parser
 
 

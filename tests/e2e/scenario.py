@@ -669,20 +669,12 @@ def log_events(logfile: Path) -> list[tuple[float, str, str]]:
     from sipguard.filters import FilterSet
     from sipguard.formats import RecordParser
     from sipguard.config import SHIPPED_FILTERS
-    from sipguard.model import Line
+    from sipguard.pipeline import Pipeline
+    from sipguard.sources import read_file
 
     fs = FilterSet.load([SHIPPED_FILTERS])
-    parser = RecordParser("auto")
     out = []
-    data = logfile.read_bytes()
-    recs = []
-    off = 0
-    for raw in data.split(b"\n"):
-        if raw:
-            recs += parser.feed(Line(str(logfile), raw, off))
-        off += len(raw) + 1
-    recs += parser.flush()
-    for rec in recs:
+    for rec in Pipeline(RecordParser("auto"), fs).records(read_file(str(logfile))):
         ev = fs.match(rec, time.time())
         if ev is not None and rec.time is not None:
             out.append((rec.time, ev.ip, ev.kind.value))

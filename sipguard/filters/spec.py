@@ -1,0 +1,156 @@
+"""Filter specs: one `filters/*.toml` file as written (FilterSpec), validated, and compiled once
+(CompiledFilter).
+
+Never loads a file that is not a valid filter: unknown keys, wrong types, a bad regex or a regex
+without the named group `ip` are ConfigErrors naming the file, the key or line, and the reason.
+Never matches a record (FilterSet does).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+
+from ..config import read_toml
+from ..errors import ConfigError
+from ..model import EventKind
+
+# Macros expanded in `regex` and `ignore` before compiling. <ADDR> is deliberately permissive
+# (normalize_ip decides validity) but can never contain a space, so a shape anchored at the end
+# of the message captures exactly the token Kamailio printed there.
+MACROS = {
+    "<ADDR>": r"(?:\[[0-9A-Fa-f:.]{2,45}(?:%[0-9A-Za-z_.\-]{1,32})?\]"
+              r"|[0-9A-Fa-f:.]{2,45}(?:%[0-9A-Za-z_.\-]{1,32})?)",
+    "<PORT>": r"\d{1,5}",
+}
+
+# Evaluation order: attacks before probes before success, so a record that fits an attack shape
+# can never be read as a success that clears its sender's score.
+_KIND_ORDER = {
+    EventKind.FLOOD: 0, EventKind.MALFORMED: 1, EventKind.SCANNER: 2,
+    EventKind.AUTH_FAILURE: 3, EventKind.PROBE: 4, EventKind.SUCCESS: 5,
+}
+
+StrictStr = Annotated[str, Strict()]
+NonEmptyStr = Annotated[str, Strict(), Field(min_length=1, max_length=4096)]
+
+
+class FilterSpec(BaseModel):
+    """One filter file as written; unknown keys and wrong types are errors, not surprises."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Strict(), Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+    description: StrictStr = ""
+    kind: EventKind
+    weight: Annotated[float, Field(ge=0.0, le=1e6)] = 1.0
+    prefilter: list[NonEmptyStr] = []
+    regex: Annotated[list[NonEmptyStr], Field(min_length=1)]
+    ignore: list[NonEmptyStr] = []
+    enabled: Annotated[bool, Strict()] = True
+    multiline: Annotated[bool, Strict()] = False
+    """False (the default and every shipped filter): a record spanning several physical lines never
+    matches, because its later lines may be SIP text an attacker copied into the log (stderr, journal)."""
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_is_number(cls, v: object) -> object:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError("must be a number")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledFilter:
+    """A FilterSpec with its regexes compiled: what `FilterSet` runs."""
+
+    name: str
+    kind: EventKind
+    weight: float
+    prefilter: tuple[str, ...]
+    regexes: tuple[re.Pattern[str], ...]
+    ignores: tuple[re.Pattern[str], ...]
+    multiline: bool
+    description: str
+    path: str
+    enabled: bool = True  # the file's own `enabled`; FilterSet.load's arguments can override it
+
+
+def expand_macros(pattern: str) -> str:
+    for macro, body in MACROS.items():
+        pattern = pattern.replace(macro, body)
+    return pattern
+
+
+def _key_line(text: str, key: str) -> int | None:
+    """Line number of `key = ...` in a TOML text, to point an operator at it (best effort)."""
+    rx = re.compile(rf"^[ \t]*{re.escape(key)}[ \t]*=", re.M)
+    m = rx.search(text)
+    return text.count("\n", 0, m.start()) + 1 if m else None
+
+
+def _where(text: str, loc: Sequence[object]) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    if not key:
+        return "(top level)"
+    line = _key_line(text, str(loc[0]))
+    return f"{key} (line {line})" if line else key
+
+
+def load_spec(path: Path) -> tuple[FilterSpec, str]:
+    """Parse and validate one filter file; ConfigError names the file, the key or line, the reason."""
+    text, data = read_toml(path)
+    try:
+        spec = FilterSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "missing":
+            reason = "required key is missing"
+        raise ConfigError(str(path), _where(text, err["loc"]), reason) from None
+    return spec, text
+
+
+def compile_spec(spec: FilterSpec, path: str, text: str = "") -> CompiledFilter:
+    """Compile a validated spec; a bad regex or one without a named group `ip` is a ConfigError."""
+
+    def comp(key: str, i: int, pattern: str, need_ip: bool) -> re.Pattern[str]:
+        where = f"{key}[{i}]"
+        line = _key_line(text, key) if text else None
+        if line:
+            where += f" (line {line})"
+        try:
+            rx = re.compile(expand_macros(pattern))
+        except re.error as e:
+            raise ConfigError(path, where, f"invalid regex: {e}") from None
+        if need_ip and "ip" not in rx.groupindex:
+            raise ConfigError(path, where, "regex has no named group 'ip' (?P<ip>...)")
+        return rx
+
+    return CompiledFilter(
+        name=spec.name,
+        kind=spec.kind,
+        weight=float(spec.weight),
+        prefilter=tuple(spec.prefilter),
+        regexes=tuple(comp("regex", i, p, True) for i, p in enumerate(spec.regex)),
+        ignores=tuple(comp("ignore", i, p, False) for i, p in enumerate(spec.ignore)),
+        multiline=spec.multiline,
+        description=spec.description,
+        path=path,
+        enabled=spec.enabled,
+    )
+
+
+def shipped_dir() -> Path:
+    """The filters shipped with the source tree (`<repo>/filters`)."""
+    return Path(__file__).resolve().parent.parent.parent / "filters"

@@ -1,0 +1,95 @@
+"""Journal entries: turn the JSON lines of `journalctl --output=json` into Kamailio Records.
+
+JournalParser builds Records straight from the entry's fields (MESSAGE, __REALTIME_TIMESTAMP with
+microseconds, _PID/SYSLOG_PID, SYSLOG_IDENTIFIER, _HOSTNAME): no timestamp or prefix parsing. MESSAGE
+arrives as an array of bytes when it holds a CR or other control characters; it is decoded like any
+other message.
+
+Kamailio logging to syslog (its default, `log_stderror=no`) reaches the journal one record per
+entry (`_TRANSPORT=syslog`), which an attacker cannot split. Kamailio run with `-E` logs to stderr,
+and the journal then cuts its output at every LF, including LFs copied from SIP messages: such
+stdout entries are accepted only with Kamailio's ` rank(pid) LEVEL:` prefix naming the entry's own
+_PID, and counted as `forged` otherwise (still: prefer syslog).
+
+Never runs journalctl and never raises on input: what is not a JSON object with a MESSAGE is counted
+as garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+from ..model import Line, Record
+
+_STDERR_PREFIX = re.compile(r"^\s*(\d+)\((\d+)\) ")
+
+
+def message_text(value: Any) -> str | None:
+    """MESSAGE as text: a string, or journalctl's array of byte values (CR, binary), or None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        try:
+            return bytes(value).decode("utf-8", errors="replace")
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+class JournalParser:
+    """RecordParser's counterpart for journal JSON entries (same feed/flush/stats shape): one line,
+    at most one record, nothing pending between lines."""
+
+    def __init__(self, programs: frozenset[str] | None = None) -> None:
+        self.programs = programs
+        self.stats: Counter[str] = Counter({"lines": 0, "records": 0, "garbage": 0, "forged": 0,
+                                            "other_program": 0, "binary_message": 0})
+
+    def feed(self, line: Line) -> list[Record]:
+        st = self.stats
+        st["lines"] += 1
+        try:
+            entry = json.loads(line.data)
+        except (ValueError, UnicodeDecodeError):
+            st["garbage"] += 1
+            return []
+        if not isinstance(entry, dict):
+            st["garbage"] += 1
+            return []
+        raw = entry.get("MESSAGE")
+        text = message_text(raw)
+        if text is None:
+            st["garbage"] += 1
+            return []
+        if isinstance(raw, list):
+            st["binary_message"] += 1
+        text = text.rstrip("\r\n")
+        program = entry.get("SYSLOG_IDENTIFIER") or entry.get("_COMM")
+        if self.programs is not None and program not in self.programs:
+            st["other_program"] += 1
+            return []
+        pid = _int(entry.get("_PID")) or _int(entry.get("SYSLOG_PID"))
+        rank = None
+        if entry.get("_TRANSPORT") == "stdout":  # kamailio -E: the stream is cut at every LF
+            m = _STDERR_PREFIX.match(text)
+            if not m or (pid is not None and int(m.group(2)) != pid):
+                st["forged"] += 1
+                return []
+            rank, pid, text = int(m.group(1)), int(m.group(2)), text[m.end():]
+        ts = _int(entry.get("__REALTIME_TIMESTAMP"))
+        st["records"] += 1
+        return [Record(text=text, time=None if ts is None else ts / 1e6, host=entry.get("_HOSTNAME"),
+                       program=program, pid=pid, rank=rank, source=line.source)]
+
+    def flush(self) -> list[Record]:
+        return []
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
