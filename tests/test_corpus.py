@@ -82,6 +82,20 @@ def test_corpus_entry(entry: Case, filters: FilterSet, report: CorpusReport) -> 
     assert result.passed, (result.case.expected, result.got, result.problems)
 
 
+@pytest.mark.parametrize("path", sorted(CORPUS.glob("*.txt")), ids=lambda p: p.name)
+def test_sparse_reading_gives_each_corpus_the_events_of_reading_every_line(path: Path, filters: FilterSet) -> None:
+    """The daemon's and scan's sparse pass (LineBatch: only lines holding a trigger literal are parsed)
+    over each corpus file as one stream gives exactly the events of parsing every line."""
+    from sipguard.sources import LineBatch
+
+    lines = [ln for e in parse_corpus(path, label=path.name) for ln in e.lines]
+    full = run(lines, filters, source=path.name)
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    pipe = Pipeline(RecordParser("auto", now=lambda: NOW, on_stderr=lambda _s: None), filters)
+    sparse = pipe.batch(LineBatch([(path.name, 0, data)]), NOW).events
+    assert sparse == full
+
+
 def test_every_regex_is_hit_by_a_corpus_line(filters: FilterSet, report: CorpusReport) -> None:
     """fail2ban's sample rule: each `regex` entry decides at least one `+` line of its filter's own
     corpus, each `ignore` entry rejects at least one line of it."""
