@@ -5,8 +5,8 @@ entries carry relative timeouts, which a step of the wall clock (NTP or chrony c
 clock, an operator's `date -s`) does not move. `ClockWatch` tells the daemon when the wall clock
 stepped and by how much, by comparing it with CLOCK_MONOTONIC, which is never stepped. On Linux both
 clocks run at the same NTP-disciplined rate, so their difference changes only when the wall clock is
-stepped (or the host slept: like the kernel's timeouts, the monotonic clock does not count a suspend),
-never by drift.
+stepped (or the host was suspended: the monotonic clock does not count the time asleep), never by
+drift.
 
 The daemon keeps a reference (the boot, and wall minus monotonic) in the store's meta, so a start
 after a step that happened while it was down knows of the step too. Only within one boot: after a
