@@ -22,6 +22,11 @@ A backend may **refuse** an entry it cannot hold (an ipset cannot hold a `/0`): 
 refused (with the reason), `list`, `status` and metrics show it, and it never stops the daemon. A kernel
 error is logged and counted; the ban stays in the store and the next resync retries it.
 
+A step of the wall clock (`clock_stepped`, called by the daemon) is the one change that touches the
+store alone, in a transaction of its own: it moves the ends of the bans made before the step by the
+step, so each lasts its real time like its kernel entry, whose relative timeout the step did not move;
+nothing is banned or lifted, so the scorer and the listeners hear nothing.
+
 Listeners (the fleet's publisher) hear every change inside the same transaction, after the store rows.
 The book never decides who is banned: the policy, the operator, the fleet and the blocklists do.
 """
@@ -29,11 +34,12 @@ The book never decides who is banned: the policy, the operator, the fleet and th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
-from .enforce.base import Enforcer, SyncReport
+from .enforce.base import SYNC_TOLERANCE, Enforcer, SyncReport
 from .model import Ban, Decision
 
 if TYPE_CHECKING:
@@ -202,6 +208,62 @@ class BanBook:
             if req.action == "sync":
                 self._heard.append(("ban", active, MANUAL, now))
             self.resync(now)
+
+    def clock_stepped(self, step: float, now: float, *, made_after: tuple[float, float] | None = None,
+                      keep: Collection[str] = (), kernel: bool = False,
+                      also: Callable[[], None] | None = None) -> list[Ban]:
+        """The wall clock jumped `step` seconds (forward when positive) and `now` is in the new clock:
+        every ban made before the jump (not `created` within the span `made_after`, new clock; None:
+        every one) ends `step` later, so it lasts its real time, as its kernel entry (a relative
+        timeout, which the step did not move) does; one over by the old clock and not tidied yet
+        stays over. Store rows and queued bans alike.
+
+        `keep`: addresses whose bans keep their absolute end (the fleet's bans from other nodes after a
+        step back: never ended sooner than the fleet's clock says). `kernel` (at start, after a step
+        while the daemon was down): a ban the kernel holds ends when its entry ends, the moved or the
+        unmoved end, whichever the entry's remaining timeout agrees with (within the sync tolerance);
+        when it agrees with neither (a ban longer than the kernel's cap), the moved end.
+
+        One transaction of its own (`also` runs inside it: the caller's clock reference); nothing goes
+        to the kernel (a resync re-arms what differs) nor to the listeners (nothing was banned or
+        lifted). Returns the moved bans.
+        """
+        left: dict[str, float] = {}
+        if kernel and self.enforcer is not None:
+            try:
+                left = {e.ip: e.timeout for e in self.enforcer.entries() if e.timeout}
+            except Exception:  # noqa: BLE001 - nothing installed yet, no permission: the step decides
+                log.debug("no kernel timeouts to go by", exc_info=True)
+        delta: dict[str, float] = {}
+        ends: dict[str, float] = {}
+        moved: list[Ban] = []
+        for ban in self.held(-math.inf):
+            if ban.expires is None or ban.ip in keep or (
+                    made_after is not None and made_after[0] <= ban.created <= made_after[1]):
+                continue
+            end = ban.expires + step
+            t = left.get(ban.ip)
+            if t is not None:  # where the kernel's entry ends
+                k = now + t
+                best = end if abs(k - end) <= abs(k - ban.expires) else ban.expires
+                if abs(k - best) <= SYNC_TOLERANCE:
+                    end = best
+            if end != ban.expires:
+                delta[ban.ip] = end - ban.expires
+                ends[ban.ip] = end
+                moved.append(replace(ban, expires=end))
+        with self.store.transaction():
+            self.store.set_ban_expiries(ends)
+            if also is not None:
+                also()
+        for i, op in enumerate(self._pending):
+            if isinstance(op, _Put) and op.ban.ip in delta and op.ban.expires is not None:
+                self._pending[i] = _Put(replace(op.ban, expires=op.ban.expires + delta[op.ban.ip]))
+        for ip, d in delta.items():
+            queued = self._overlay.get(ip)
+            if queued is not None and queued.expires is not None:
+                self._overlay[ip] = replace(queued, expires=queued.expires + d)
+        return moved
 
     # -- store -------------------------------------------------------------------------------
     def write(self, now: float) -> int:

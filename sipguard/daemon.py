@@ -4,8 +4,9 @@ The composition root (sipguard/wiring.py) builds every part from the validated c
 over as one `Parts`; the daemon creates nothing and decides nothing itself. Each read batch goes
 through the pipeline (sipguard/pipeline.py: only lines holding a trigger literal are parsed), is
 scored, its bans applied through the ban book (kernel first), then committed together with the source
-positions in one transaction, so a crash re-reads at most one batch and never counts a line twice. Between batches: CLI requests, hooks (fleet,
-blocklists), expiries, the resync, pruning and the status heartbeat.
+positions in one transaction, so a crash re-reads at most one batch and never counts a line twice.
+Between batches: steps of the wall clock (sipguard/clock.py: the bans keep their real time), CLI
+requests, hooks (fleet, blocklists), expiries, the resync, pruning and the status heartbeat.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from .bans import POLICY, BanBook, ban_from_decision
+from .clock import CLOCK_META, ClockRef, ClockWatch, Step, describe
 from .config import Config
 from .filters import FilterSet
 from .formats import Parser
@@ -46,6 +48,7 @@ class DaemonStats:
     unbans: int = 0
     expired: int = 0
     errors: int = 0
+    clock_steps: int = 0  # steps of the wall clock the bans were moved for
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,7 @@ class Parts:
     batch_scorer: Callable[[float], list[tuple[str, list[Ban]]]] | None = None  # the fleet's batch score
     save_extra: Callable[[], None] | None = None  # inside each batch transaction (journal cursors)
     warnings: list[str] = field(default_factory=list)  # said once at start
+    clock: ClockWatch = field(default_factory=ClockWatch)  # tells steps of the wall clock (sipguard/clock.py)
 
 
 def _counters(stats: object) -> dict:
@@ -116,6 +120,7 @@ class Daemon:
         self._last_prune = 0.0
         self._last_status = 0.0
         self._last_resync = 0.0
+        self._clock_retrying = False  # a step's moved bans could not be stored yet
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -129,7 +134,7 @@ class Daemon:
         """Restore state (expiries, the scorer's windows, the bans in force into the kernel), then
         start following."""
         p = self.parts
-        now = time.time()
+        now = self.clock_at_start(time.time())
         p.book.expire(now)
         p.book.commit(now)
         p.scorer.restore(p.store.recent_events(now - p.policy.max_findtime))
@@ -236,6 +241,10 @@ class Daemon:
     def housekeeping(self, now: float) -> None:
         p = self.parts
         book = p.book
+        stepped = self.watch_clock(now)
+        if stepped is None:  # the wall clock stepped and the moved bans are not stored yet: nothing expires
+            return
+        now = stepped
         control = self._last_control
         for req in p.store.requests_after(control):
             self._last_control = req.id
@@ -276,6 +285,76 @@ class Daemon:
             p.scorer.expire(now)
         if now - self._last_status >= 2.0:
             self.write_status(now)
+
+    # -- steps of the wall clock --------------------------------------------------------------
+    def watch_clock(self, now: float) -> float | None:
+        """Each loop, before anything compares a ban's end with `now`: when the wall clock stepped
+        (against the monotonic clock) since the last look, the bans made before the step end that
+        much later in the store (the kernel's relative timeouts did not move), the daemon's own
+        timers move too, one warning says so and a resync re-arms what the kernel holds otherwise.
+
+        Returns the `now` to go on with (read again after a step), or None when the moved bans could
+        not be stored (tried again at the next loop; until then nothing expires on the stepped clock).
+        """
+        p = self.parts
+        step = p.clock.look()
+        if step is None:
+            return now
+        if not self._move_bans(step, p.clock.after(step)):
+            return None
+        p.clock.accept(step)
+        d = step.seconds
+        self._last_prune += d
+        self._last_status += d
+        now = p.clock.now()
+        self._last_resync = now
+        p.book.resync(now)
+        return now
+
+    def clock_at_start(self, now: float) -> float:
+        """At start, before any expiry: a step of the wall clock while the daemon was down (same boot,
+        told by the reference the last run saved) moves the bans as a step seen running does, except
+        that a ban the kernel still holds ends when its kernel entry ends (the kernel counted the real
+        time, and a ban the CLI made after the step is already in the new clock). Saves this run's
+        reference; returns the `now` to start with."""
+        p = self.parts
+        ref = p.clock.ref
+        step = p.clock.since(ClockRef.loads(p.store.get_meta(CLOCK_META)))
+        if step is None:
+            p.store.set_meta(CLOCK_META, ref.dumps())
+            return now
+        self._move_bans(step, ref, kernel=True, strict=True)
+        return p.clock.now()
+
+    def _move_bans(self, step: Step, ref: ClockRef, *, kernel: bool = False, strict: bool = False) -> bool:
+        """Move the bans for `step` through the ban book, with the clock reference `ref` in the same
+        transaction. In fleet mode a step back leaves the bans of other nodes on their absolute end
+        (the fleet's clock): no ban is ended sooner than either clock says."""
+        p = self.parts
+        keep: set[str] = set()
+        if step.seconds < 0 and self.cfg.cluster is not None:
+            node = self.cfg.cluster.node_name
+            keep = {ip for ip, origin in p.store.held_origins().items() if origin != node}
+        try:
+            moved = p.book.clock_stepped(step.seconds, p.clock.now(), made_after=p.clock.made_after(step),
+                                         keep=keep, kernel=kernel,
+                                         also=lambda: p.store.set_meta(CLOCK_META, ref.dumps()))
+        except Exception:
+            if strict:
+                raise
+            self.stats.errors += 1
+            if not self._clock_retrying:  # said once, not at every loop
+                log.exception("the wall clock stepped %s; could not store the bans moved with it, retrying",
+                              describe(step.seconds))
+            self._clock_retrying = True
+            return False
+        self._clock_retrying = False
+        self.stats.clock_steps += 1
+        log.warning("the wall clock stepped %s against the monotonic clock%s: the ends of %d bans moved with it, "
+                    "so each lasts its real time%s", describe(step.seconds),
+                    "" if step.since is not None else " while sipguard was stopped", len(moved),
+                    f"; {len(keep)} bans from other fleet nodes keep their end" if keep else "")
+        return True
 
     # -- what it reports ---------------------------------------------------------------------
     def parse_counters(self) -> dict[str, int]:

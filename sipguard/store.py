@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +263,15 @@ class Store:
         )
         keys = ("time", "action", "ip", "reason", "expires", "offence", "manual")
         return [dict(zip(keys, r)) for r in rows]
+
+    def set_ban_expiries(self, expiries: Mapping[str, float]) -> int:
+        """Move the end of these bans (ip -> new `expires`) and nothing else: the ban book after a step
+        of the wall clock. Not a new ban, so no history row (and no offence); how many rows changed."""
+        if not expiries:
+            return 0
+        cur = self.conn.executemany("UPDATE bans SET expires = ? WHERE ip = ?",
+                                    ((end, ip) for ip, end in expiries.items()))
+        return cur.rowcount
 
     # -- positions ------------------------------------------------------------------------
     def positions(self) -> dict[str, Position]:
