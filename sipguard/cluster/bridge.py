@@ -102,8 +102,8 @@ class ClusterBridge:
         self.synced = False  # the reader's latest snapshot is applied
         self._warned = False
         self._retry_at = 0.0
-        self._last_heartbeat = 0.0
-        self._last_gc = time.time()
+        self._last_heartbeat = -math.inf  # monotonic: a step of the wall clock never stops the heartbeat
+        self._last_gc = time.monotonic()
         self._errors = redis_errors()
         self._jail_csv = ",".join(j for j in policy_cfg.jails)
         self.policy = ClusterPolicy(local, cfg, lambda: self.scoring)
@@ -261,10 +261,11 @@ class ClusterBridge:
                 self._down(str(exc) or type(exc).__name__)
         if self.redis_ok:
             self._flush()
-        if now - self._last_heartbeat >= self.cfg.heartbeat_interval:
+        mono = time.monotonic()
+        if mono - self._last_heartbeat >= self.cfg.heartbeat_interval:
             self._heartbeat(now)
-        if now - self._last_gc >= self.gc_interval:
-            self._last_gc = now
+        if mono - self._last_gc >= self.gc_interval:
+            self._last_gc = mono
             self._gc(now)
 
     def _flush(self) -> None:
@@ -436,7 +437,7 @@ class ClusterBridge:
                 "stats": asdict(self.stats)}
 
     def _heartbeat(self, now: float) -> None:
-        self._last_heartbeat = now
+        self._last_heartbeat = time.monotonic()
         view = self.view(now)
         self.store.set_meta(STATUS_META, json.dumps(view))
         if not self.redis_ok:
