@@ -107,6 +107,7 @@ def _counters(stats: object) -> dict:
 _PARSER_SKIPS = ("garbage", "forged", "invalid_utf8", "truncated", "other_program")
 _SOURCE_SKIPS = ("too_long", "errors")
 
+
 class Daemon:
     """One running sipguard: `run()` until `stop()`. Built by `sipguard.wiring.build_daemon`."""
 
