@@ -38,7 +38,7 @@ def run(
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """What the daemon is doing: heartbeat, counters, bans."""
-    store = ctx.store()
+    store = ctx.store(readonly=True)
     raw = store.get_meta("status")
     st = json.loads(raw) if raw else {}
     now = time.time()
