@@ -67,12 +67,16 @@ def parse_duration(value: Any, allow_permanent: bool = False) -> float | None:
     return seconds
 
 
+_SHOWN_MAX = 100 * MAX_DURATION  # 10,000 years: as far as a calendar goes
+
+
 def format_duration(seconds: float | None) -> str:
     """Short human form of a duration; 'permanent' for None, 'out of range' for a value that is no
-    duration (negative, infinite, not a number: a database written by something else)."""
+    duration (negative, infinite, not a number, beyond any calendar: a database written by
+    something else)."""
     if seconds is None:
         return "permanent"
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or not 0 <= seconds <= _SHOWN_MAX:
         return "out of range"
     seconds = int(round(seconds))
     for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):

@@ -195,8 +195,12 @@ class Store:
             conn = self._open_readonly()
         else:
             if not memory:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-                _create_file(Path(self.path))
+                p = Path(self.path)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                if not os.access(p if p.exists() else p.parent, os.W_OK):
+                    raise StoreError(f"cannot write the state database {p}: it is read-only here (a read-only "
+                                     f"file system or no write permission)")
+                _create_file(p)
             conn = sqlite3.connect(self.path, timeout=busy_budget, isolation_level=None, check_same_thread=False)
         self.conn = conn  # its busy timeout is the budget: autocommit statements wait as long
         if readonly:
@@ -218,6 +222,8 @@ class Store:
         d = Path(state_dir)
         db = d / DB_NAME
         if readonly:
+            if d.is_dir() and not os.access(d, os.R_OK | os.X_OK):
+                raise StoreError(f"cannot read the state directory {d}: Permission denied")
             if not db.exists():
                 raise NoDatabase(f"no database in {d} yet (sipguard run or a first ban creates it)")
             _check_owner(d, db)

@@ -82,10 +82,8 @@ class _Ctx:
             except NoDatabase as missing:
                 try:
                     return Store.open_state_dir(state)
-                except StoreError:
-                    raise
                 except Exception as exc:  # noqa: BLE001 - a read-only or foreign directory
-                    raise StoreError(f"{missing}; it cannot be made here: {exc}") from None
+                    raise StoreError(f"{missing}, and it cannot be made here: {exc}") from None
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - permission, read-only fs, corrupt file
@@ -109,7 +107,7 @@ def _version(value: bool) -> None:
 def main(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", envvar="SIPGUARD_CONFIG",
                                                    help="TOML config (default /etc/sipguard/sipguard.toml)")] = None,
-    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", envvar="SIPGUARD_STATE_DIR",
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", envvar="SIPGUARD_STATE_DIR", readable=False,
                                                       help="state directory (default /var/lib/sipguard)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
