@@ -48,6 +48,9 @@ BUSY_BUDGET = 10.0
 _ATTEMPT_MS = 20  # sqlite's own busy wait per attempt; between attempts a short random pause
 _PAUSE = 0.005
 
+PRUNE_CHUNK = 20_000
+"""Events deleted per prune transaction (a few tens of milliseconds of write lock each)."""
+
 TIME_LIMIT = 1e15
 """Report queries count only rows whose time is a number below this (ages beyond any real clock):
 text, infinite or absurd times from a database written by something else are left out, not fatal."""
@@ -575,18 +578,34 @@ class Store:
 
     # -- pruning --------------------------------------------------------------------------
     def prune(self, now: float, event_retention: float, max_events: int, history_retention: float) -> int:
-        """Keep the database bounded: old events, old history, old control rows go."""
+        """Keep the database bounded: old events, old history, old control rows go.
+
+        Events go PRUNE_CHUNK at a time, each chunk its own short transaction, so a big prune (a spray
+        ageing out) never holds the write lock long enough to keep a CLI command waiting."""
+        n = self._delete_chunks("SELECT id FROM events WHERE time < ? LIMIT ?", (now - event_retention,))
+        over = self.count_events() - max_events
+        while over > 0:
+            with self.transaction():
+                k = self.conn.execute("DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)",
+                                      (min(over, PRUNE_CHUNK),)).rowcount
+            n += k
+            over -= k
+            if k == 0:
+                break
         with self.transaction():
-            n = self.conn.execute("DELETE FROM events WHERE time < ?", (now - event_retention,)).rowcount
-            over = self.count_events() - max_events
-            if over > 0:
-                n += self.conn.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)", (over,)
-                ).rowcount
             self.conn.execute("DELETE FROM ban_log WHERE time < ?", (now - history_retention,))
             self.conn.execute("DELETE FROM control WHERE time < ?", (now - 86400,))
             self.conn.execute("DELETE FROM cleared WHERE time < ?", (now - event_retention,))
         return n
+
+    def _delete_chunks(self, select_ids: str, args: tuple) -> int:
+        n = 0
+        while True:
+            with self.transaction():
+                k = self.conn.execute(f"DELETE FROM events WHERE id IN ({select_ids})", (*args, PRUNE_CHUNK)).rowcount
+            n += k
+            if k < PRUNE_CHUNK:
+                return n
 
     def set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
