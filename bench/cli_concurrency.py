@@ -271,8 +271,8 @@ def rows(r: dict) -> list[tuple[str, str, str, str, str]]:
     return out
 
 
-METHOD = """- **CLI against a busy database**: the real daemon (ipset enforcer, `[daemon] control_interval = 0.05`) in an
-  `sgb-` namespace follows a log an auth-failure writer appends to (a new source per line, so batches carry
+METHOD = """- **CLI against a busy database**: the real daemon (ipset enforcer, `[daemon] control_interval = 0.05`) in
+  an `sgb-` namespace follows a log an auth-failure writer appends to (a new source per line, so batches carry
   events and bans); a probe takes the write lock (`BEGIN IMMEDIATE`, `ROLLBACK`) every 20 ms: its wait is what a
   CLI write waits for the daemon. Then N `sipguard ban ADDRESS --for 1h` processes at once, twice: each process
   started at once (whole process), and interpreters started first (imports done) and released at once by one

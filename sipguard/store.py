@@ -14,8 +14,9 @@ directory. A new state directory is made 0750 and a new database 0640 (its -wal 
 database's mode) whatever the umask; as root, a state directory or database owned by another user is
 refused: its rows would drive a root daemon's bans.
 
-Values read back are never trusted to be sane (a database written by something else): times that are
-not numbers come back as NaN, so every reader can show them instead of crashing.
+Values read back are never trusted to be sane (a database written by something else): a time that is
+no number comes back as NaN, a text that is a BLOB or a number as a str, so every reader can show it
+instead of crashing; the report's queries count only rows whose time is a real one (TIME_LIMIT).
 """
 
 from __future__ import annotations
@@ -640,12 +641,22 @@ def _time(value: object) -> float:
     return math.nan
 
 
+def _text(value: object) -> str | None:
+    """A stored text as a str (a BLOB or a number from another writer too); None stays None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
 def _ban(row: tuple) -> Ban:
     ip, reason, created, expires, score, offence, manual, refused = row
     score = _time(score) if score is not None else 0.0
-    return Ban(ip=ip, reason=reason, created=_time(created), expires=None if expires is None else _time(expires),
-               score=score if math.isfinite(score) else 0.0, offence=offence or 1, manual=bool(manual),
-               refused=refused)
+    return Ban(ip=_text(ip), reason=_text(reason), created=_time(created),  # type: ignore[arg-type]
+               expires=None if expires is None else _time(expires), score=score if math.isfinite(score) else 0.0,
+               offence=offence if isinstance(offence, int) and offence else 1, manual=bool(manual),
+               refused=_text(refused))
 
 
 def database_error(exc: BaseException) -> str | None:

@@ -29,8 +29,8 @@ DAY = 86400.0
 
 
 # -- durations -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value, seconds", [("36525d", 36525 * DAY), ("5217w", 5217 * 604800.0), (MAX_DURATION, MAX_DURATION),
-                                            ("30s", 30.0), (1, 1.0)])
+@pytest.mark.parametrize("value, seconds", [("36525d", 36525 * DAY), ("5217w", 5217 * 604800.0),
+                                            (MAX_DURATION, MAX_DURATION), ("30s", 30.0), (1, 1.0)])
 def test_durations_up_to_100_years_are_taken(value, seconds):
     assert parse_duration(value) == seconds == parse_duration(value, allow_permanent=True)
 
@@ -135,6 +135,7 @@ WEIRD = [  # ip, reason, score, created, expires, offence
     ("198.18.7.7", None, None, "yesterday", None, None),
     ("198.18.7.8", "ok", 3.0, NOW, NOW + 3600, 1),
     ("198.18.7.9", "long ago, negative expires", 1.0, -1e12, -1e12, 1),  # expired: not listed
+    (3323070218, b"blob \xff reason", "x", NOW, NOW + 60, "many"),  # an integer address, a BLOB reason
 ]
 
 
@@ -171,12 +172,13 @@ def _strict_json(text: str):
 def test_store_reads_any_value_as_a_ban(weird, tmp_path):
     s = Store.open_state_dir(tmp_path / "state", readonly=True)
     bans = {b.ip: b for b in s.active_bans(NOW)}
-    assert set(bans) == {f"198.18.7.{i}" for i in range(1, 9)}
+    assert set(bans) == {f"198.18.7.{i}" for i in range(1, 9)} | {"3323070218"}
+    assert bans["3323070218"].reason == "blob \ufffd reason" and bans["3323070218"].offence == 1
     assert bans["198.18.7.1"].expires == 1e300 and bans["198.18.7.2"].expires == math.inf
     assert math.isnan(bans["198.18.7.3"].expires) and bans["198.18.7.4"].expires is None
     assert math.isnan(bans["198.18.7.6"].created) and math.isnan(bans["198.18.7.7"].created)
     assert bans["198.18.7.2"].score == 0.0 and bans["198.18.7.7"].offence == 1
-    assert s.count_active_bans(NOW) == 8 and s.active_bans_summary(NOW).count == 8
+    assert s.count_active_bans(NOW) == 9 and s.active_bans_summary(NOW).count == 9
 
 
 @pytest.mark.parametrize("output", ["plain", "table", "csv"])
@@ -184,7 +186,8 @@ def test_list_shows_every_stored_value(weird, output):
     p = _sg([*weird, "list", "--output", output])
     assert p.returncode == 0, p.stderr
     rows = {ln.split(",")[0] if output == "csv" else ln.split()[0]: ln for ln in p.stdout.splitlines()
-            if ln.startswith("198.18.7.")}
+            if ln.startswith(("198.18.7.", "3323070218"))}
+    assert "blob \ufffd reason" in rows.pop("3323070218")
     assert set(rows) == {f"198.18.7.{i}" for i in range(1, 9)}
     assert "out of range" in rows["198.18.7.1"] and "out of range" in rows["198.18.7.2"]
     assert "unknown" in rows["198.18.7.3"] and "never" in rows["198.18.7.4"]
@@ -196,7 +199,7 @@ def test_list_json_is_valid_json_for_every_stored_value(weird):
     p = _sg([*weird, "list", "--json"])
     assert p.returncode == 0, p.stderr
     got = {b["ip"]: b for b in _strict_json(p.stdout)}
-    assert len(got) == 8
+    assert len(got) == 9 and got["3323070218"]["reason"] == "blob \ufffd reason"
     assert got["198.18.7.1"]["expires"] == "out of range" and got["198.18.7.2"]["expires"] == "out of range"
     assert got["198.18.7.2"]["score"] == 0.0 and got["198.18.7.3"]["expires"] == "unknown"
     assert got["198.18.7.4"]["expires"] is None and got["198.18.7.5"]["created"] == "out of range"
@@ -219,4 +222,4 @@ def test_status_and_report_never_crash_on_stored_values(weird, tmp_path):
 def test_list_in_process_too(weird):
     r = runner.invoke(app, [*weird, "list", "--output", "plain"])
     assert r.exit_code == 0, r.output
-    assert r.output.count("198.18.7.") == 8
+    assert r.output.count("198.18.7.") == 8 and "3323070218" in r.output

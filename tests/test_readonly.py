@@ -35,7 +35,8 @@ from sipguard.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces, other users)")
-LOG_LINE = "Dec  1 10:00:00 edge kamailio[42]: WARNING: <script>: Blocked scanner UA 'friendly-scanner' from 198.18.8.9:5060\n"
+LOG_LINE = ("Dec  1 10:00:00 edge kamailio[42]: WARNING: <script>: Blocked scanner UA 'friendly-scanner' "
+            "from 198.18.8.9:5060\n")
 
 
 @pytest.fixture
@@ -191,7 +192,8 @@ def test_read_verbs_as_a_user_in_the_state_group(world, writer):
 def test_a_user_outside_the_group_gets_one_line(world):
     cfg, state = _config(world), world / "state"
     _fill(state)
-    _one_line_error(_as_nobody(_argv(cfg, state, "list")), f"cannot read the state directory {state}: Permission denied")
+    _one_line_error(_as_nobody(_argv(cfg, state, "list")),
+                    f"cannot read the state directory {state}: Permission denied")
 
 
 # -- list --kernel on a read-only state, inside a network namespace ---------------------------------------

@@ -143,7 +143,8 @@ _ESCAPES = {c: f"\\x{c:02x}" for c in range(32)} | {127: "\\x7f"}
 
 
 def clean(text: object) -> str:
-    """`text` as it may reach a terminal: control characters escaped (ESC as \\x1b, a newline as \\x0a), nothing else changed."""
+    """`text` as it may reach a terminal: control characters escaped (ESC as \\x1b, a newline as
+    \\x0a), nothing else changed."""
     s = "" if text is None else str(text)
     if s.isprintable():
         return s
