@@ -135,7 +135,7 @@ WEIRD = [  # ip, reason, score, created, expires, offence
     ("198.18.7.7", None, None, "yesterday", None, None),
     ("198.18.7.8", "ok", 3.0, NOW, NOW + 3600, 1),
     ("198.18.7.9", "long ago, negative expires", 1.0, -1e12, -1e12, 1),  # expired: not listed
-    (3323070218, b"blob \xff reason", "x", NOW, NOW + 60, "many"),  # an integer address, a BLOB reason
+    (3323070218, b"blob \xff reason", "x", NOW, NOW + 86400, "many"),  # an integer address, a BLOB reason
 ]
 
 
