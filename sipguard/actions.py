@@ -4,6 +4,11 @@ Each validates its targets (and the allow-list), then changes the bans through a
 (sipguard/bans.py: the kernel first, then the store) in strict mode, so a command changes both or
 neither, and leaves a control request in the same transaction, so a running daemon mirrors the change
 into its own policy and enforcer stack within a second.
+
+The store's transaction is short (the kernel call comes before it), and a busy database is waited
+for with bounded retries (sipguard/store.py). When the store write fails all the same (still locked
+after the budget, disk full, read-only), the kernel is put back as the store still has it, through
+the same book, for the addresses this command changed only: then the error is raised.
 """
 
 from __future__ import annotations
@@ -20,6 +25,33 @@ from .store import Store
 
 def _book(store: Store, enforcer: Enforcer | None) -> BanBook:
     return BanBook(store, enforcer, strict=True)
+
+
+def _store(book: BanBook, store: Store, now: float, before: dict[str, Ban | None], *request: str) -> None:
+    """Write what `book` queued and the control request in one transaction; when that fails, undo the
+    kernel side for the addresses in `before` (their bans as the store held them) and re-raise."""
+    try:
+        with store.transaction():
+            book.write(now)
+            store.request(*request)
+    except BaseException:
+        book.failed()
+        _put_back(book, now, before)
+        raise
+    book.written()
+
+
+def _put_back(book: BanBook, now: float, before: dict[str, Ban | None]) -> None:
+    """The kernel as the store still has it, for these addresses only (kernel and nothing else)."""
+    again = [b for b in before.values() if b is not None and (b.expires is None or b.expires > now)]
+    lift = [ip for ip, b in before.items() if b is None]
+    try:
+        if again:
+            book.ban(again, now, MANUAL, store=False, batch=True)
+        for ip in lift:  # one by one: a batch unban would resync the whole kernel to the store
+            book.unban([ip], now, MANUAL, store=False)
+    except Exception:  # noqa: BLE001 - the daemon's resync, or its restore at start, repairs the kernel
+        pass
 
 
 def manual_ban(
@@ -43,11 +75,9 @@ def manual_ban(
     ban = Ban(ip=ip, reason=reason, created=now, expires=None if duration is None else now + duration,
               score=0.0, offence=1, manual=True)
     book = _book(store, enforcer)
+    before = {ip: store.get_ban(ip)}
     [ban] = book.ban([ban], now, MANUAL)
-    with store.transaction():
-        book.write(now)
-        store.request("ban", ip)
-    book.written()
+    _store(book, store, now, before, "ban", ip)
     return ban
 
 
@@ -69,11 +99,10 @@ def manual_ban_many(
     bans = [Ban(ip=ip, reason=reason, created=now, expires=expires, score=0.0, offence=1, manual=True)
             for ip in dict.fromkeys(targets)]
     book = _book(store, enforcer)
+    held = store.bans_of(b.ip for b in bans)
+    before = {b.ip: held.get(b.ip) for b in bans}
     bans = book.ban(bans, now, MANUAL, batch=True)
-    with store.transaction():
-        book.write(now)
-        store.request("sync")
-    book.written()
+    _store(book, store, now, before, "sync")
     return bans
 
 
@@ -87,10 +116,7 @@ def manual_unban(store: Store, target: str, enforcer: Enforcer | None = None, no
     ban = store.get_ban(ip)
     book = _book(store, enforcer)
     book.unban([ip], now, MANUAL)
-    with store.transaction():
-        book.write(now)
-        store.request("unban", ip)
-    book.written()
+    _store(book, store, now, {ip: ban}, "unban", ip)
     return ban
 
 
@@ -100,8 +126,5 @@ def unban_all(store: Store, enforcer: Enforcer | None = None, now: float | None 
     bans = store.active_bans(now=0)
     book = _book(store, enforcer)
     book.unban([b.ip for b in bans], now, MANUAL)  # several: one kernel batch (nothing stays)
-    with store.transaction():
-        book.write(now)
-        store.request("unban_all")
-    book.written()
+    _store(book, store, now, {b.ip: b for b in bans}, "unban_all")
     return bans

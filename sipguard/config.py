@@ -6,6 +6,7 @@ reason, before any other stage starts; nothing here touches the kernel or the da
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -28,13 +29,23 @@ SHIPPED_RULES = SHIPPED_FILTERS.parent / "rules"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 
+MAX_DURATION = 36525 * 86400.0
+"""The longest duration any setting or ban takes: 100 years (36525d). Anything longer is `permanent`
+where that is allowed, an error elsewhere, so every time sipguard computes stays a real date."""
+
 
 def parse_duration(value: Any, allow_permanent: bool = False) -> float | None:
-    """'30s', '10m', '2h', '7d', '1w' or a number of seconds; 'permanent' → None when allowed."""
+    """'30s', '10m', '2h', '7d', '1w' or a number of seconds; 'permanent' → None when allowed.
+
+    A duration is positive, finite and at most MAX_DURATION (100 years); the error says so.
+    """
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 10m, 2h, 7d")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float
+            seconds = math.inf
     elif isinstance(value, str):
         if value.strip().lower() in ("permanent", "forever", "never"):
             if allow_permanent:
@@ -46,15 +57,27 @@ def parse_duration(value: Any, allow_permanent: bool = False) -> float | None:
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
     else:
         raise ValueError("expected a duration like 30s, 10m, 2h, 7d")
+    if math.isnan(seconds):
+        raise ValueError("bad duration: not a number")
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > MAX_DURATION:
+        raise ValueError("too long: at most 100 years (36525d)"
+                         + ("; use 'permanent' for no end" if allow_permanent else ""))
     return seconds
 
 
+_SHOWN_MAX = 100 * MAX_DURATION  # 10,000 years: as far as a calendar goes
+
+
 def format_duration(seconds: float | None) -> str:
-    """Short human form of a duration; 'permanent' for None."""
+    """Short human form of a duration; 'permanent' for None, 'out of range' for a value that is no
+    duration (negative, infinite, not a number, beyond any calendar: a database written by
+    something else)."""
     if seconds is None:
         return "permanent"
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or not 0 <= seconds <= _SHOWN_MAX:
+        return "out of range"
     seconds = int(round(seconds))
     for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:

@@ -1,15 +1,31 @@
 """The SQLite memory of every stage: events, bans, ban history, source positions, CLI requests,
 the fleet's outbox and held ban ids, and the queries behind `sipguard report`.
 
-The only module that runs SQL (sqlite-utils over one WAL database): every table is created here
-and every statement is one of its named methods, so no other module touches the connection. It
-decides nothing: it keeps what the policy decided and what the sources read, in one transaction
-per batch so a restart neither loses nor double-counts a line.
+The only module that runs SQL (the standard sqlite3 module over one WAL database): every table is
+created here and every statement is one of its named methods, so no other module touches the
+connection. It decides nothing: it keeps what the policy decided and what the sources read, in one
+transaction per batch so a restart neither loses nor double-counts a line.
+
+Many processes share the file (the daemon, any number of CLI commands): a writer waits for the write
+lock with bounded retries (`BUSY_BUDGET` in all) and then fails with `StoreBusy`, one line for the
+operator, never a raw sqlite error. A read-only store (`readonly=True`: `status`, `list`, `report`)
+opens the file with `mode=ro`, creates and migrates nothing, and works on a read-only state
+directory. A new state directory is made 0750 and a new database 0640 (its -wal and -shm follow the
+database's mode) whatever the umask; as root, a state directory or database owned by another user is
+refused: its rows would drive a root daemon's bans.
+
+Values read back are never trusted to be sane (a database written by something else): a time that is
+no number comes back as NaN, a text that is a BLOB or a number as a str, so every reader can show it
+instead of crashing; the report's queries count only rows whose time is a real one (TIME_LIMIT).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import random
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,12 +34,67 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import sqlite_utils
-
+from .errors import SipguardError
 from .model import Ban, Event, EventKind
+
+log = logging.getLogger("sipguard.store")
 
 SCHEMA_VERSION = 1
 DB_NAME = "sipguard.db"
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+
+BUSY_BUDGET = 10.0
+"""Seconds a writer waits in all for the write lock (retrying) before `StoreBusy`."""
+_ATTEMPT_MS = 20  # sqlite's own busy wait per attempt; between attempts a short random pause
+_PAUSE = 0.005
+
+PRUNE_CHUNK = 20_000
+"""Events deleted per prune transaction (a few tens of milliseconds of write lock each)."""
+
+TIME_LIMIT = 1e15
+"""Report queries count only rows whose time is a number below this (ages beyond any real clock):
+text, infinite or absurd times from a database written by something else are left out, not fatal."""
+
+_BAN_COLS = "ip, reason, created, expires, score, offence, manual, refused"
+_ACTIVE = "(expires IS NULL OR expires > ?)"
+
+_SCHEMA = (
+    'CREATE TABLE IF NOT EXISTS "events" ("id" INTEGER PRIMARY KEY, "time" REAL, "ip" TEXT, "filter" TEXT, '
+    '"kind" TEXT, "weight" REAL)',
+    'CREATE INDEX IF NOT EXISTS "idx_events_time" ON "events" ("time")',
+    'CREATE INDEX IF NOT EXISTS "idx_events_ip_time" ON "events" ("ip", "time")',
+    'CREATE TABLE IF NOT EXISTS "bans" ("ip" TEXT PRIMARY KEY, "reason" TEXT NOT NULL, "score" REAL, '
+    '"created" REAL NOT NULL, "expires" REAL, "offence" INTEGER, "manual" INTEGER, "refused" TEXT)',
+    'CREATE TABLE IF NOT EXISTS "ban_log" ("id" INTEGER PRIMARY KEY, "time" REAL, "action" TEXT, "ip" TEXT, '
+    '"reason" TEXT, "score" REAL, "expires" REAL, "offence" INTEGER, "manual" INTEGER)',
+    'CREATE INDEX IF NOT EXISTS "idx_ban_log_ip_time" ON "ban_log" ("ip", "time")',
+    'CREATE INDEX IF NOT EXISTS "idx_ban_log_time" ON "ban_log" ("time")',
+    'CREATE TABLE IF NOT EXISTS "positions" ("path" TEXT PRIMARY KEY, "dev" INTEGER, "inode" INTEGER, '
+    '"offset" INTEGER)',
+    'CREATE TABLE IF NOT EXISTS "control" ("id" INTEGER PRIMARY KEY, "time" REAL, "action" TEXT, "target" TEXT, '
+    '"payload" TEXT)',
+    'CREATE TABLE IF NOT EXISTS "cleared" ("ip" TEXT PRIMARY KEY, "time" REAL)',
+    # fleet mode ([cluster]): what to publish, and the fleet id of the ban held per address
+    "CREATE TABLE IF NOT EXISTS cluster_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "op TEXT NOT NULL, ip TEXT NOT NULL, id TEXT NOT NULL, payload TEXT NOT NULL, time REAL)",
+    "CREATE TABLE IF NOT EXISTS cluster_bans (ip TEXT PRIMARY KEY, id TEXT NOT NULL, origin TEXT, created REAL)",
+    'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)',
+)
+_TABLES = ("events", "bans", "ban_log", "positions", "control", "cleared", "cluster_outbox", "cluster_bans", "meta")
+_INDEXES = ("idx_events_time", "idx_events_ip_time", "idx_ban_log_ip_time", "idx_ban_log_time")
+
+
+class StoreError(SipguardError):
+    """The state database cannot be opened, read or written: one line for the operator."""
+
+
+class StoreBusy(StoreError):
+    """Another process held the write lock for longer than the retry budget."""
+
+
+class NoDatabase(StoreError):
+    """A read-only open found no database (nothing was ever stored there)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,71 +156,144 @@ class BanLogEntry(NamedTuple):
     manual: bool
 
 
+@dataclass(slots=True)
+class LockStats:
+    """How this connection's write transactions went: the wait for the lock and how long it was held."""
+
+    transactions: int = 0
+    retries: int = 0  # BEGIN attempts that found the lock taken
+    wait_max: float = 0.0  # seconds
+    hold_max: float = 0.0  # seconds
+    hold_last: float = 0.0
+
+    def waited(self, seconds: float, retries: int) -> None:
+        self.transactions += 1
+        self.retries += retries
+        self.wait_max = max(self.wait_max, seconds)
+
+    def held(self, seconds: float) -> None:
+        self.hold_last = seconds
+        self.hold_max = max(self.hold_max, seconds)
+
+
+class BanSummary(NamedTuple):
+    """What `list` needs before it streams the bans in force: how many, and the widest values."""
+
+    count: int
+    refused: bool
+    ip_width: int
+    reason_width: int
+    offence_width: int
+
+
 class Store:
     """One database file in the state directory; safe for the daemon and the CLI at once (WAL)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False, busy_budget: float = BUSY_BUDGET) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        self.db = sqlite_utils.Database(conn)
-        self.conn = conn
-        if self.path != ":memory:":
-            self.db.enable_wal()
+        self.readonly = readonly
+        self.busy_budget = busy_budget
+        self.lock = LockStats()
+        memory = self.path == ":memory:"
+        if readonly:
+            conn = self._open_readonly()
+        else:
+            if not memory:
+                p = Path(self.path)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                if not os.access(p if p.exists() else p.parent, os.W_OK):
+                    raise StoreError(f"cannot write the state database {p}: it is read-only here (a read-only "
+                                     f"file system or no write permission)")
+                _create_file(p)
+            conn = sqlite3.connect(self.path, timeout=busy_budget, isolation_level=None, check_same_thread=False)
+        self.conn = conn  # its busy timeout is the budget: autocommit statements wait as long
+        if readonly:
+            self._ban_cols = _BAN_COLS if "refused" in self._columns("bans") else _BAN_COLS.replace(
+                "refused", "NULL")  # a database from before refusals, read as it is
+            return
+        if not memory and conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            self._retry(lambda: conn.execute("PRAGMA journal_mode=WAL"), "switch to WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=10000")
-        self._create()
+        self._ban_cols = _BAN_COLS
+        if not self._schema_complete():
+            self._create()
 
     @classmethod
-    def open_state_dir(cls, state_dir: str | Path) -> Store:
-        return cls(Path(state_dir) / DB_NAME)
+    def open_state_dir(cls, state_dir: str | Path, *, readonly: bool = False) -> Store:
+        """The database of a state directory. Read-write: the directory is made (0750) when missing.
+        Read-only: the database must exist. As root, a directory or database another user owns is
+        refused either way."""
+        d = Path(state_dir)
+        db = d / DB_NAME
+        if readonly:
+            if d.is_dir() and not os.access(d, os.R_OK | os.X_OK):
+                raise StoreError(f"cannot read the state directory {d}: Permission denied")
+            if not db.exists():
+                raise NoDatabase(f"no database in {d} yet (sipguard run or a first ban creates it)")
+            _check_owner(d, db)
+            return cls(db, readonly=True)
+        _make_dir(d)
+        _check_owner(d, db)
+        return cls(db)
 
     def close(self) -> None:
         self.conn.close()
 
-    # -- schema ---------------------------------------------------------------------------
+    # -- opening --------------------------------------------------------------------------
+    def _open_readonly(self) -> sqlite3.Connection:
+        """`mode=ro`; on a read-only directory without a -wal file (the daemon stopped cleanly, so
+        the main file holds every committed row) SQLite cannot make the -shm file it needs, and
+        the file is read as immutable instead."""
+        p = Path(self.path)
+        if not p.exists():
+            raise StoreError(f"no database {p}")
+        if not os.access(p, os.R_OK):
+            raise StoreError(f"cannot read {p}: permission denied")
+        uri = p.resolve().as_uri()
+        last: Exception | None = None
+        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            if "immutable" in query and Path(self.path + "-wal").exists():
+                break  # the log holds rows the main file lacks: immutable would hide them
+            try:
+                conn = sqlite3.connect(uri + query, uri=True, timeout=self.busy_budget, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.Error as exc:
+                last = exc
+        raise StoreError(f"cannot read {p} read-only: {last}")
+
+    def _columns(self, table: str) -> set[str]:
+        return {r[1] for r in self.conn.execute(f'PRAGMA table_info("{table}")')}
+
+    def _schema_complete(self) -> bool:
+        names = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+        return names.issuperset(_TABLES + _INDEXES) and "refused" in self._columns("bans")
+
     def _create(self) -> None:
-        db = self.db
-        if "events" not in db.table_names():
-            db["events"].create(
-                {"id": int, "time": float, "ip": str, "filter": str, "kind": str, "weight": float}, pk="id"
-            )
-            db["events"].create_index(["time"])
-            db["events"].create_index(["ip", "time"])
-        if "bans" not in db.table_names():
-            db["bans"].create(
-                {"ip": str, "reason": str, "score": float, "created": float, "expires": float,
-                 "offence": int, "manual": int},
-                pk="ip",
-                not_null={"reason", "created"},
-            )
-        if "ban_log" not in db.table_names():
-            db["ban_log"].create(
-                {"id": int, "time": float, "action": str, "ip": str, "reason": str, "score": float,
-                 "expires": float, "offence": int, "manual": int},
-                pk="id",
-            )
-            db["ban_log"].create_index(["ip", "time"])
-            db["ban_log"].create_index(["time"])
-        if "positions" not in db.table_names():
-            db["positions"].create({"path": str, "dev": int, "inode": int, "offset": int}, pk="path")
-        if "control" not in db.table_names():
-            db["control"].create(
-                {"id": int, "time": float, "action": str, "target": str, "payload": str}, pk="id"
-            )
-        if "cleared" not in db.table_names():
-            db["cleared"].create({"ip": str, "time": float}, pk="ip")
-        # fleet mode ([cluster]): what to publish, and the fleet id of the ban held per address
-        self.conn.execute("CREATE TABLE IF NOT EXISTS cluster_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                          "op TEXT NOT NULL, ip TEXT NOT NULL, id TEXT NOT NULL, payload TEXT NOT NULL, time REAL)")
-        self.conn.execute("CREATE TABLE IF NOT EXISTS cluster_bans (ip TEXT PRIMARY KEY, id TEXT NOT NULL, "
-                          "origin TEXT, created REAL)")
-        if "meta" not in db.table_names():
-            db["meta"].create({"key": str, "value": str}, pk="key")
-            db["meta"].insert({"key": "schema", "value": str(SCHEMA_VERSION)})
-        if "refused" not in db["bans"].columns_dict:  # a database from before refusals: same rows, new column
-            db["bans"].add_column("refused", str)
+        """Every table and index (idempotent, in one transaction: first openers may race)."""
+        with self.transaction():
+            for ddl in _SCHEMA:
+                self.conn.execute(ddl)
+            if "refused" not in self._columns("bans"):  # a database from before refusals: same rows, new column
+                self.conn.execute('ALTER TABLE "bans" ADD COLUMN "refused" TEXT')
+            self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def _retry(self, fn, what: str):  # noqa: ANN001, ANN202 - one statement that needs a lock
+        deadline = time.monotonic() + self.busy_budget
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise self._busy_error(what) from None
+                time.sleep(random.uniform(0, _PAUSE))
+
+    def _busy_error(self, what: str) -> StoreBusy:
+        return StoreBusy(f"the state database {self.path} stayed locked by another process for "
+                         f"{self.busy_budget:g}s (could not {what}); try again")
 
     @property
     def in_transaction(self) -> bool:
@@ -159,18 +303,54 @@ class Store:
     def transaction(self) -> Iterator[None]:
         """BEGIN IMMEDIATE … COMMIT: one batch of events, bans and positions, all or nothing.
 
+        Waiting for the write lock retries for `busy_budget` seconds in all, then raises StoreBusy.
         Nested use joins the outer transaction.
         """
         if self.conn.in_transaction:
             yield
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        if self.readonly:
+            raise StoreError(f"the state database {self.path} is open read-only")
+        self._begin()
+        t0 = time.monotonic()
         try:
             yield
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:  # (SQLite may have rolled back already, e.g. on a full disk)
+                self.conn.execute("ROLLBACK")
+            self._held(t0)
             raise
         self.conn.execute("COMMIT")
+        self._held(t0)
+
+    def _begin(self) -> None:
+        conn = self.conn
+        start = time.monotonic()
+        deadline = start + self.busy_budget
+        retries = 0
+        conn.execute(f"PRAGMA busy_timeout={_ATTEMPT_MS}")
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if not _busy(exc):
+                        raise
+                    retries += 1
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise self._busy_error("start a write") from None
+                    time.sleep(min(left, random.uniform(0, _PAUSE)))
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_budget * 1000)}")
+        self.lock.waited(time.monotonic() - start, retries)
+
+    def _held(self, t0: float) -> None:
+        held = time.monotonic() - t0
+        self.lock.held(held)
+        if held > 0.5:
+            log.debug("held the write lock for %.2fs", held)
 
     # -- events ---------------------------------------------------------------------------
     def add_events(self, events: Iterable[Event]) -> None:
@@ -223,26 +403,48 @@ class Store:
         return ban
 
     def get_ban(self, ip: str) -> Ban | None:
-        row = self.conn.execute(
-            "SELECT ip, reason, created, expires, score, offence, manual, refused FROM bans WHERE ip = ?", (ip,)
-        ).fetchone()
+        row = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE ip = ?", (ip,)).fetchone()
         return _ban(row) if row else None
 
+    def bans_of(self, ips: Iterable[str]) -> dict[str, Ban]:
+        """The stored bans of these addresses (those that have one), in a few queries for any count."""
+        ips = list(ips)
+        out: dict[str, Ban] = {}
+        for i in range(0, len(ips), 500):
+            chunk = ips[i:i + 500]
+            rows = self.conn.execute(
+                f"SELECT {self._ban_cols} FROM bans WHERE ip IN ({','.join('?' * len(chunk))})", chunk)
+            out.update((r[0], _ban(r)) for r in rows)
+        return out
+
     def active_bans(self, now: float | None = None) -> list[Ban]:
+        return list(self.iter_active_bans(now))
+
+    def iter_active_bans(self, now: float | None = None) -> Iterator[Ban]:
+        """The bans in force, oldest first, read as they are consumed (bounded memory at any count)."""
         now = time.time() if now is None else now
-        rows = self.conn.execute(
-            "SELECT ip, reason, created, expires, score, offence, manual, refused FROM bans "
-            "WHERE expires IS NULL OR expires > ? ORDER BY created, ip",
-            (now,),
-        )
-        return [_ban(r) for r in rows]
+        cur = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE {_ACTIVE} ORDER BY created, ip", (now,))
+        try:
+            for row in cur:
+                yield _ban(row)
+        finally:
+            cur.close()
+
+    def count_active_bans(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        return self.conn.execute(f"SELECT count(*) FROM bans WHERE {_ACTIVE}", (now,)).fetchone()[0]
+
+    def active_bans_summary(self, now: float) -> BanSummary:
+        """Count and widest address, reason and offence of the bans in force (one pass in SQLite)."""
+        refused = "refused" if "NULL" not in self._ban_cols else "NULL"
+        n, ref, ipw, rw, ow = self.conn.execute(
+            f"SELECT count(*), max({refused} IS NOT NULL), max(length(ip)), max(length(reason)), "
+            f"max(length(offence)) FROM bans WHERE {_ACTIVE}", (now,)).fetchone()
+        return BanSummary(n, bool(ref), ipw or 0, rw or 0, ow or 0)
 
     def expired_bans(self, now: float) -> list[Ban]:
         rows = self.conn.execute(
-            "SELECT ip, reason, created, expires, score, offence, manual, refused FROM bans "
-            "WHERE expires IS NOT NULL AND expires <= ?",
-            (now,),
-        )
+            f"SELECT {self._ban_cols} FROM bans WHERE expires IS NOT NULL AND expires <= ?", (now,))
         return [_ban(r) for r in rows]
 
     def offence_history(self, since: float) -> dict[str, list[float]]:
@@ -351,48 +553,69 @@ class Store:
     def first_activity(self, since: float) -> float | None:
         """The time of the first event or ban-history row at or after `since` (None: nothing)."""
         return self.conn.execute(
-            "SELECT min(time) FROM (SELECT min(time) AS time FROM events WHERE time >= ? "
-            "UNION ALL SELECT min(time) FROM ban_log WHERE time >= ?)", (since, since)).fetchone()[0]
+            "SELECT min(time) FROM (SELECT min(time) AS time FROM events WHERE time >= ? AND time < ? "
+            "UNION ALL SELECT min(time) FROM ban_log WHERE time >= ? AND time < ?)",
+            (since, TIME_LIMIT, since, TIME_LIMIT)).fetchone()[0]
 
     def event_counts(self, step: float, since: float) -> list[tuple[int, str, int]]:
         """Events since `since` per (time bucket of `step` seconds: int(time / step), filter): count."""
         return self.conn.execute(
             "SELECT CAST(time / ? AS INTEGER) AS b, filter, count(*) FROM events "
-            "WHERE time >= ? GROUP BY b, filter", (step, since)).fetchall()
+            "WHERE time >= ? AND time < ? GROUP BY b, filter", (step, since, TIME_LIMIT)).fetchall()
 
     def top_sources(self, since: float, limit: int) -> list[SourceActivity]:
         """The `limit` sources with the most events since `since` (most first, then by address)."""
         rows = self.conn.execute(
             "SELECT ip, count(*) AS n, group_concat(DISTINCT filter), min(time), max(time) "
-            "FROM events WHERE time >= ? GROUP BY ip ORDER BY n DESC, ip LIMIT ?", (since, limit))
+            "FROM events WHERE time >= ? AND time < ? GROUP BY ip ORDER BY n DESC, ip LIMIT ?",
+            (since, TIME_LIMIT, limit))
         return [SourceActivity(ip, n, sorted((flts or "").split(",")), t0, t1) for ip, n, flts, t0, t1 in rows]
 
     def events_per_source(self, since: float) -> dict[str, int]:
-        return dict(self.conn.execute("SELECT ip, count(*) FROM events WHERE time >= ? GROUP BY ip", (since,)))
+        return dict(self.conn.execute("SELECT ip, count(*) FROM events WHERE time >= ? AND time < ? GROUP BY ip",
+                                      (since, TIME_LIMIT)))
 
     def bans_per_source(self, since: float) -> dict[str, int]:
         """How many times each source was banned (ban history action 'ban') since `since`."""
         return dict(self.conn.execute(
-            "SELECT ip, count(*) FROM ban_log WHERE action = 'ban' AND time >= ? GROUP BY ip", (since,)))
+            "SELECT ip, count(*) FROM ban_log WHERE action = 'ban' AND time >= ? AND time < ? GROUP BY ip",
+            (since, TIME_LIMIT)))
 
     def ban_log_since(self, since: float) -> list[BanLogEntry]:
-        rows = self.conn.execute("SELECT time, action, reason, manual FROM ban_log WHERE time >= ?", (since,))
+        rows = self.conn.execute("SELECT time, action, reason, manual FROM ban_log WHERE time >= ? AND time < ?",
+                                 (since, TIME_LIMIT))
         return [BanLogEntry(t, a, r, bool(m)) for t, a, r, m in rows]
 
     # -- pruning --------------------------------------------------------------------------
     def prune(self, now: float, event_retention: float, max_events: int, history_retention: float) -> int:
-        """Keep the database bounded: old events, old history, old control rows go."""
+        """Keep the database bounded: old events, old history, old control rows go.
+
+        Events go PRUNE_CHUNK at a time, each chunk its own short transaction, so a big prune (a spray
+        ageing out) never holds the write lock long enough to keep a CLI command waiting."""
+        n = self._delete_chunks("SELECT id FROM events WHERE time < ? LIMIT ?", (now - event_retention,))
+        over = self.count_events() - max_events
+        while over > 0:
+            with self.transaction():
+                k = self.conn.execute("DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)",
+                                      (min(over, PRUNE_CHUNK),)).rowcount
+            n += k
+            over -= k
+            if k == 0:
+                break
         with self.transaction():
-            n = self.conn.execute("DELETE FROM events WHERE time < ?", (now - event_retention,)).rowcount
-            over = self.count_events() - max_events
-            if over > 0:
-                n += self.conn.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?)", (over,)
-                ).rowcount
             self.conn.execute("DELETE FROM ban_log WHERE time < ?", (now - history_retention,))
             self.conn.execute("DELETE FROM control WHERE time < ?", (now - 86400,))
             self.conn.execute("DELETE FROM cleared WHERE time < ?", (now - event_retention,))
         return n
+
+    def _delete_chunks(self, select_ids: str, args: tuple) -> int:
+        n = 0
+        while True:
+            with self.transaction():
+                k = self.conn.execute(f"DELETE FROM events WHERE id IN ({select_ids})", (*args, PRUNE_CHUNK)).rowcount
+            n += k
+            if k < PRUNE_CHUNK:
+                return n
 
     # -- journal cursors ------------------------------------------------------------------------
     JOURNAL_CURSOR = "journal_cursor:"  # meta key prefix of a journal source's saved cursor
@@ -419,12 +642,101 @@ class Store:
         return {
             "events": q("SELECT count(*) FROM events").fetchone()[0],
             "bans": q("SELECT count(*) FROM bans").fetchone()[0],
-            "refused": q("SELECT count(*) FROM bans WHERE refused IS NOT NULL").fetchone()[0],
+            "refused": q("SELECT count(*) FROM bans WHERE refused IS NOT NULL").fetchone()[0]
+            if "NULL" not in self._ban_cols else 0,
             "history": q("SELECT count(*) FROM ban_log").fetchone()[0],
         }
 
 
+def _time(value: object) -> float:
+    """A stored time as a float: NaN when it is no number (NULL or text from another writer)."""
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf
+    if isinstance(value, (str, bytes)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return math.nan
+
+
+def _text(value: object) -> str | None:
+    """A stored text as a str (a BLOB or a number from another writer too); None stays None."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
 def _ban(row: tuple) -> Ban:
     ip, reason, created, expires, score, offence, manual, refused = row
-    return Ban(ip=ip, reason=reason, created=created, expires=expires, score=score or 0.0,
-               offence=offence or 1, manual=bool(manual), refused=refused)
+    score = _time(score) if score is not None else 0.0
+    return Ban(ip=_text(ip), reason=_text(reason), created=_time(created),  # type: ignore[arg-type]
+               expires=None if expires is None else _time(expires), score=score if math.isfinite(score) else 0.0,
+               offence=offence if isinstance(offence, int) and offence else 1, manual=bool(manual),
+               refused=_text(refused))
+
+
+def database_error(exc: BaseException) -> str | None:
+    """The one line an operator sees for a database error the store raised unnamed, else None."""
+    if isinstance(exc, sqlite3.Error):
+        return f"the state database: {exc}"
+    return None
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _create_file(path: Path) -> None:
+    """A new database file is FILE_MODE whatever the umask (SQLite gives -wal and -shm its mode)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _make_dir(d: Path) -> None:
+    """The state directory, DIR_MODE when this makes it (its parents as the umask says)."""
+    if d.is_dir():
+        return
+    d.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(d, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(d, DIR_MODE)
+
+
+def _check_owner(d: Path, db: Path) -> None:
+    """As root, refuse a state directory or database owned by another user (it would steer our bans)."""
+    if os.geteuid() != 0:
+        return
+    for p in (d, db):
+        try:
+            uid = p.stat().st_uid
+        except FileNotFoundError:
+            continue
+        if uid != 0:
+            raise StoreError(f"{p} is owned by {_user(uid)}, not root: a root sipguard does not use state another "
+                             f"user controls (chown it to root, or choose another --state-dir)")
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"

@@ -1,17 +1,19 @@
-"""The `sipguard` typer app: the app object, the global options and context, output consoles and the
-option parsers every verb module shares.
+"""The `sipguard` typer app: the app object, the global options and context, output consoles, the
+streaming column writer and the option parsers every verb module shares.
 
 Verb modules (`run`, `logs`, `bans`, `ops`, `firewall`) register their commands on `app`; this module
-imports none of them. It holds no logic of sipguard's stages.
+imports none of them. It holds no logic of sipguard's stages. Values shown to the operator are printed
+literally (never as markup) with control characters escaped, and never cut.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, TextIO
 
 import typer
 
@@ -67,12 +69,23 @@ class _Ctx:
             self._cfg = load_config(self.config_path)
         return self._cfg
 
-    def store(self) -> Store:
-        from ..store import Store
+    def store(self, readonly: bool = False) -> Store:
+        """The state database; `readonly` for the verbs that only look (status, list, report): they
+        then work on a read-only state directory and never create or migrate anything. With no
+        database yet, it is made as any verb makes it, when the directory allows (else one error)."""
+        from ..store import NoDatabase, Store, StoreError
 
         state = resolve_state_dir(self.cfg, self.state_dir)
         try:
-            return Store.open_state_dir(state)
+            try:
+                return Store.open_state_dir(state, readonly=readonly)
+            except NoDatabase as missing:
+                try:
+                    return Store.open_state_dir(state)
+                except Exception as exc:  # noqa: BLE001 - a read-only or foreign directory
+                    raise StoreError(f"{missing}, and it cannot be made here: {exc}") from None
+        except StoreError:
+            raise
         except Exception as exc:  # noqa: BLE001 - permission, read-only fs, corrupt file
             raise SipguardError(f"cannot open the state database in {state}: {exc}") from None
 
@@ -94,7 +107,7 @@ def _version(value: bool) -> None:
 def main(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", envvar="SIPGUARD_CONFIG",
                                                    help="TOML config (default /etc/sipguard/sipguard.toml)")] = None,
-    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", envvar="SIPGUARD_STATE_DIR",
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", envvar="SIPGUARD_STATE_DIR", readable=False,
                                                       help="state directory (default /var/lib/sipguard)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
@@ -106,17 +119,91 @@ def main(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+OUT_OF_RANGE = "out of range"
+UNKNOWN = "unknown"
+
+
 def _iso(ts: float | None) -> str | None:
+    """UTC ISO-8601 of an epoch time; None stays None; a time no calendar holds (huge, infinite,
+    negative beyond year 1) is OUT_OF_RANGE and one that is no number UNKNOWN, never an error."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    if ts != ts:  # NaN: the store's reading of NULL or text
+        return UNKNOWN
+    try:
+        return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return OUT_OF_RANGE
+
+
+# -- output: table, plain, json, csv ------------------------------------------------------------
+OUTPUTS = ("table", "plain", "json", "csv")
+
+_ESCAPES = {c: f"\\x{c:02x}" for c in range(32)} | {127: "\\x7f"}
+
+
+def clean(text: object) -> str:
+    """`text` as it may reach a terminal: control characters escaped (ESC as \\x1b, a newline as
+    \\x0a), nothing else changed."""
+    s = "" if text is None else str(text)
+    if s.isprintable():
+        return s
+    return "".join(ch if ch.isprintable() else (_ESCAPES.get(ord(ch)) or ch.encode("unicode_escape").decode())
+                   for ch in s)
+
+
+def output_format(output: str | None, as_json: bool = False) -> str:
+    """--output (or --json, its short form): a table on a terminal, plain columns when piped."""
+    if output is not None and output not in OUTPUTS:
+        raise SipguardError(f"--output: expected one of {', '.join(OUTPUTS)}, not {output!r}")
+    if as_json:
+        if output not in (None, "json"):
+            raise SipguardError(f"--json and --output {output}: choose one")
+        return "json"
+    if output is None:
+        return "table" if sys.stdout.isatty() else "plain"
+    return output
+
+
+class Columns:
+    """Rows written as they come, in columns aligned to widths known up front (so nothing is held
+    in memory and no value is ever cut: a value wider than its column pushes that row's rest right).
+
+    `table` adds a rule under the header (a terminal); `plain` is header and rows only, for grep,
+    awk and sort; `csv` writes RFC 4180 rows. Cells are printed literally (no markup).
+    """
+
+    def __init__(self, headers: Sequence[str], widths: Sequence[int], style: str = "plain",
+                 stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.style = style
+        self.widths = [max(w, len(h)) for h, w in zip(headers, widths)]
+        if style == "csv":
+            import csv
+
+            self._csv = csv.writer(self.stream, lineterminator="\n")
+            self._csv.writerow(headers)
+            return
+        self._write_line(headers)
+        if style == "table":
+            self._write_line(["-" * w for w in self.widths])
+
+    def _write_line(self, cells: Sequence[str]) -> None:
+        last = len(cells) - 1
+        self.stream.write("  ".join(c if i == last else c.ljust(self.widths[i]) for i, c in enumerate(cells)) + "\n")
+
+    def row(self, cells: Sequence[str]) -> None:
+        if self.style == "csv":
+            self._csv.writerow([clean(c) for c in cells])
+        else:
+            self._write_line([clean(c) for c in cells])
 
 
 def _duration_option(value: str | None) -> float | None | str:
     if value is None:
         return "policy"
     try:
-        return parse_duration(value, allow_permanent=True)
+        return parse_duration(value, allow_permanent=True)  # at most 100 years, or permanent
     except ValueError as exc:
         raise SipguardError(f"--for: {exc}") from None
 
@@ -141,5 +228,13 @@ def entry() -> None:
         sys.exit(1)
     except OSError as exc:  # permissions, missing files: still one line, not a traceback
         err.print(f"sipguard: error: {exc}", markup=False)
+        sys.exit(1)
+    except Exception as exc:  # a database error the store did not name (corrupt file, read-only disk)
+        from ..store import database_error
+
+        msg = database_error(exc)
+        if msg is None:
+            raise
+        err.print(f"sipguard: error: {msg}", markup=False)
         sys.exit(1)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,17 +14,40 @@ import typer
 from ..addresses import AllowList
 from ..config import format_duration
 from ..errors import SipguardError
-from .app import Table, _duration_option, _iso, _kernel_enforcer, app, ctx, out
+from ..model import Ban
+from .app import UNKNOWN, Columns, _duration_option, _iso, _kernel_enforcer, app, ctx, out, output_format
+
+def _left(b: Ban, now: float) -> str:
+    """Time left of a ban, as the table shows it (any stored value, even one no clock reaches)."""
+    if b.expires is None:
+        return "permanent"
+    if b.expires != b.expires:
+        return UNKNOWN
+    return format_duration(max(0.0, b.expires - now))
+
+
+def _json_number(v: object) -> object:
+    """A score or offence as JSON can carry it (no NaN or Infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
 
 @app.command("list")
 def list_(
-    as_json: Annotated[bool, typer.Option("--json", help="JSON array of bans")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON array of bans (short for --output json)")] = False,
     kernel: Annotated[bool, typer.Option("--kernel", help="also show what the kernel's sets hold")] = False,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", help="table | plain | json | csv (default: table on a terminal, plain columns when piped)")] = None,
 ) -> None:
-    """Bans in force (with --kernel: beside the kernel's own entries and their timeouts)."""
-    store = ctx.store()
+    """Bans in force (with --kernel: beside the kernel's own entries and their timeouts).
+
+    Rows stream from the database as they are printed (bounded memory at any number of bans);
+    no value is ever cut.
+    """
+    fmt = output_format(output, as_json)
+    store = ctx.store(readonly=True)
     now = time.time()
-    bans = store.active_bans(now)
     held: dict[str, float | None] = {}
     if kernel:
         enforcer = _kernel_enforcer()
@@ -32,39 +57,52 @@ def list_(
             held = {e.ip: e.timeout for e in enforcer.entries()}
         finally:
             enforcer.close()
-    in_db = {b.ip for b in bans}
-    if as_json:
-        rows = []
-        for b in bans:
+    n_kernel = len(held)
+    write = sys.stdout.write
+    if fmt == "json":
+        sep = ""
+        write("[")
+        for b in store.iter_active_bans(now):
             row = {"ip": b.ip, "reason": b.reason, "created": _iso(b.created), "expires": _iso(b.expires),
-                   "manual": b.manual, "score": b.score, "offence": b.offence, "refused": b.refused}
+                   "manual": b.manual, "score": _json_number(b.score), "offence": _json_number(b.offence),
+                   "refused": b.refused}
             if kernel:
-                row["kernel"] = {"timeout": held[b.ip]} if b.ip in held else None
-            rows.append(row)
-        for ip in sorted(held.keys() - in_db):
-            rows.append({"ip": ip, "reason": None, "created": None, "expires": None, "manual": None,
-                         "score": None, "offence": None, "kernel": {"timeout": held[ip]}, "kernel_only": True})
-        print(json.dumps(rows))
+                row["kernel"] = {"timeout": held.pop(b.ip)} if b.ip in held else None
+            write(sep + json.dumps(row))
+            sep = ", "
+        for ip in sorted(held):
+            write(sep + json.dumps({"ip": ip, "reason": None, "created": None, "expires": None, "manual": None,
+                                    "score": None, "offence": None, "kernel": {"timeout": held[ip]},
+                                    "kernel_only": True}))
+            sep = ", "
+        write("]\n")
         return
-    table = Table(title=f"{len(bans)} bans in force" + (f", {len(held)} kernel entries" if kernel else ""))
-    refused = any(b.refused for b in bans)
-    cols = ["ip", "reason", "created", "expires", "left", "offence", "by"] + (["kernel"] if kernel else []) \
+
+    summary = store.active_bans_summary(now)
+    refused = summary.refused or fmt == "csv"
+    headers = ["ip", "reason", "created", "expires", "left", "offence", "by"] + (["kernel"] if kernel else []) \
         + (["refused by the enforcer"] if refused else [])
-    for col in cols:
-        table.add_column(col)
+    ip_width = max([summary.ip_width, *map(len, held)])
+    widths = [ip_width, max(summary.reason_width, len("(kernel only)")), 20, 20, 12, summary.offence_width, 6] \
+        + ([12] if kernel else []) + ([0] if refused else [])
+    if fmt == "table":
+        write(f"{summary.count} bans in force" + (f", {n_kernel} kernel entries" if kernel else "") + "\n")
+    cols = Columns(headers, widths, fmt)
 
     def k(ip: str) -> str:
         if ip not in held:
             return "MISSING"
-        return "permanent" if held[ip] is None else format_duration(held[ip])
+        t = held.pop(ip)
+        return "permanent" if t is None else format_duration(t)
 
-    for b in bans:
-        table.add_row(b.ip, b.reason, _iso(b.created) or "", _iso(b.expires) or "never",
-                      format_duration(b.remaining(now)), str(b.offence), "manual" if b.manual else "auto",
-                      *([k(b.ip)] if kernel else []), *([b.refused or ""] if refused else []))
-    for ip in sorted(held.keys() - in_db):
-        table.add_row(ip, "(kernel only)", "", "", "", "", "", k(ip), *([""] if refused else []))
-    out.print(table)
+    for b in store.iter_active_bans(now):
+        cols.row([b.ip, "" if b.reason is None else b.reason, _iso(b.created), _iso(b.expires) or "never",
+                  _left(b, now), str(b.offence), "manual" if b.manual else "auto",
+                  *([k(b.ip)] if kernel else []), *([b.refused or ""] if refused else [])])
+    for ip in sorted(held):
+        t = held[ip]
+        cols.row([ip, "(kernel only)", "", "", "", "", "", "permanent" if t is None else format_duration(t),
+                  *([""] if refused else [])])
 
 
 def _read_targets(path: Path, allow: AllowList, force: bool) -> list[str]:

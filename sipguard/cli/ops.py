@@ -71,7 +71,7 @@ def report(
     """Write a self-contained HTML report: attacks over time per filter, top sources and networks, bans."""
     from ..report import build_report, render_html
 
-    store = ctx.store()
+    store = ctx.store(readonly=True)
     data = build_report(store, since=time.time() - days * 86400, top=top)
     output.write_text(render_html(data), encoding="utf-8")
     out.print(f"report written to {output} ({data['totals']['events']} events, {data['totals']['bans']} bans)")

@@ -38,13 +38,14 @@ def run(
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """What the daemon is doing: heartbeat, counters, bans."""
-    store = ctx.store()
+    store = ctx.store(readonly=True)
     raw = store.get_meta("status")
     st = json.loads(raw) if raw else {}
     now = time.time()
     alive = bool(st) and st.get("running") and now - st.get("heartbeat", 0) < 10
-    info = {"daemon": "running" if alive else "not running", "bans": len(store.active_bans(now)),
-            "database": store.path, **store.stats(), "last_status": st}
+    stored = store.stats()  # its "bans" counts every row, expired ones not yet pruned too
+    info = {"daemon": "running" if alive else "not running", "database": store.path, **stored,
+            "bans": len(store.active_bans(now)), "ban_rows": stored["bans"], "last_status": st}
     if ctx.cfg.cluster is not None:  # fleet mode: the nodes Redis has seen and whether this one is in sync
         from ..cluster import cluster_status
 
