@@ -270,13 +270,19 @@ class BanBook:
         """Put every queued change into the caller's open transaction; returns how many (for `written`)."""
         store = self.store
         n = len(self._pending)
+        run: list[Ban] = []  # consecutive puts go to the store as one statement pair
         for op in self._pending:
             if isinstance(op, _Put):
-                store.put_ban(op.ban, now)
-            else:
-                store.remove_ban(op.ip, now, action=op.action)
-                if op.cleared_at is not None:
-                    store.mark_cleared(op.ip, op.cleared_at)
+                run.append(op.ban)
+                continue
+            if run:
+                store.put_bans(run, now)
+                run = []
+            store.remove_ban(op.ip, now, action=op.action)
+            if op.cleared_at is not None:
+                store.mark_cleared(op.ip, op.cleared_at)
+        if run:
+            store.put_bans(run, now)
         heard = len(self._heard)
         for kind, items, cause, t in self._heard:
             for li in self.listeners:
@@ -342,13 +348,14 @@ class BanBook:
         """At start: adopt kernel entries the store lacks (a crash between kernel and store), then make
         the kernel hold exactly the bans in force and tell the scorer which sources are banned."""
         adopted: list[Ban] = []  # (kernel entries found here are adopted: cause RESTORE)
+        held = self.held(now)
         if self.enforcer is not None:
             try:
                 in_kernel = self.enforcer.entries()
             except Exception:  # noqa: BLE001 - nothing installed yet, no permission: nothing to adopt
                 log.debug("no kernel entries to adopt", exc_info=True)
                 in_kernel = []
-            known = {b.ip for b in self.held(now)}
+            known = {b.ip for b in held}
             for e in in_kernel:
                 if e.ip in known:
                     continue
@@ -362,7 +369,7 @@ class BanBook:
             self.stats.adopted += len(adopted)
             log.warning("adopted %d kernel entries the store did not hold (a stop between kernel and store)",
                         len(adopted))
-        active = self.held(now)
+        active = held + adopted
         if self.scorer is not None:
             for ban in active:
                 self.scorer.note_ban(ban.ip)

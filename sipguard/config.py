@@ -171,7 +171,7 @@ class PolicyConfig(Section):
     """Ban times: bantime for a first offence, times factor per repeat, capped at max_bantime."""
 
     bantime: Duration = 3600
-    bantime_factor: float = Field(2.0, ge=1.0)
+    bantime_factor: float = Field(2.0, ge=1.0, le=1000.0, allow_inf_nan=False)
     max_bantime: MaybePermanent = 7 * 86400
     offence_memory: Duration = 30 * 86400
     max_tracked: int = Field(200_000, ge=100)  # sources scored at once per jail; least recently active go first

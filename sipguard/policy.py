@@ -7,13 +7,14 @@ no file, writes no database and touches no kernel, so every rule is testable wit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from itertools import islice
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .addresses import AllowList
-from .config import JailConfig, PolicyConfig
+from .config import MAX_DURATION, JailConfig, PolicyConfig
 from .model import Decision, Event, EventKind
 
 
@@ -219,11 +220,15 @@ class Policy:
                         duration=duration, offence=offence, time=ev.time)
 
     def ban_duration(self, offence: int) -> float | None:
-        """bantime * factor^(offence-1), capped at max_bantime (None = permanent cap reached)."""
-        base = self.cfg.bantime * self.cfg.bantime_factor ** max(0, offence - 1)
+        """bantime * factor^(offence-1), capped at max_bantime. With no cap (max_bantime permanent) an
+        escalation past MAX_DURATION (100 years) is a permanent ban (None): it never overflows."""
+        try:
+            base = self.cfg.bantime * self.cfg.bantime_factor ** max(0, offence - 1)
+        except OverflowError:
+            base = math.inf
         cap = self.cfg.max_bantime
         if cap is None:
-            return base
+            return None if base > MAX_DURATION else base
         return min(base, cap)
 
     def _clear(self, ip: str, jails: Iterable[_Jail]) -> bool:

@@ -386,6 +386,19 @@ class Store:
         )
         self._log("ban", ban, now)
 
+    def put_bans(self, bans: list[Ban], now: float) -> None:
+        """Many `put_ban`s at once (two statements for any number: a 100k ban list, a start)."""
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO bans (ip, reason, score, created, expires, offence, manual, refused) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(b.ip, b.reason, b.score, b.created, b.expires, b.offence, int(b.manual), b.refused) for b in bans],
+        )
+        self.conn.executemany(
+            "INSERT INTO ban_log (time, action, ip, reason, score, expires, offence, manual) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(now, "ban", b.ip, b.reason, b.score, b.expires, b.offence, int(b.manual)) for b in bans],
+        )
+
     def _log(self, action: str, ban: Ban, now: float) -> None:
         self.conn.execute(
             "INSERT INTO ban_log (time, action, ip, reason, score, expires, offence, manual) "

@@ -320,7 +320,7 @@ def _restart_and_agree(lab: KillLab) -> set[str]:
 
 # the daemon decides a ban; it dies: (method, before/after it, argument it must see)
 DAEMON_STEPS = {
-    "after-kernel": ("Store.put_ban", "before", ATTACKER),
+    "after-kernel": ("Store.put_bans", "before", ATTACKER),
     "inside-transaction": ("Store.save_positions", "before", ""),
     "after-commit": ("BanBook.written", "after", ""),
 }
@@ -368,7 +368,7 @@ def test_daemon_killed_while_expiring_a_ban_leaves_store_and_kernel_agreeing(kla
 
 @root
 def test_cli_ban_killed_between_kernel_and_store_is_adopted_at_restart(klab: KillLab):
-    p = klab.cli("ban", ATTACKER, "--for", "1h", kill=("Store.put_ban", "before", ATTACKER))
+    p = klab.cli("ban", ATTACKER, "--for", "1h", kill=("Store.put_bans", "before", ATTACKER))
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert ATTACKER in _kernel(klab.ns) and ATTACKER not in klab.store_bans()
     held = _restart_and_agree(klab)

@@ -163,6 +163,8 @@ def test_daemon_refreshes_from_url(tmp_path):
             srv.body = b'{"ipaddress": ["198.51.100.21", "198.51.100.22"]}'
             blocklist_hook(d).refresher.due["apiban"] = 0  # don't wait for the retry delay
             wait_for(lambda: ents() == {"198.51.100.21", "198.51.100.22"}, timeout=8.0)
+            # the kernel first, the store in the same loop pass right after
+            wait_for(lambda: set(listed_bans(store, "apiban")) == {"198.51.100.21", "198.51.100.22"}, timeout=5.0)
             assert set(listed_bans(store, "apiban")) == {"198.51.100.21", "198.51.100.22"}
         finally:
             d.stop()

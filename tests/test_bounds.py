@@ -223,3 +223,27 @@ def test_list_in_process_too(weird):
     r = runner.invoke(app, [*weird, "list", "--output", "plain"])
     assert r.exit_code == 0, r.output
     assert r.output.count("198.18.7.") == 8 and "3323070218" in r.output
+
+
+def test_escalation_never_overflows_and_factor_is_bounded():
+    from sipguard.addresses import AllowList
+    from sipguard.config import MAX_DURATION, Config
+    from sipguard.errors import ConfigError
+    from sipguard.policy import Policy
+
+    cfg = Config.model_validate({"policy": {"max_bantime": "permanent", "bantime_factor": 10}})
+    pol = Policy(cfg.policy, AllowList([], include_host=False))
+    assert pol.ban_duration(1) == cfg.policy.bantime
+    assert pol.ban_duration(5000) is None  # past 100 years: permanent (10**4999 would overflow a float)
+    assert pol.ban_duration(6) == 3600 * 10**5 < MAX_DURATION  # 42 days: still a number
+    for bad in ("inf", "nan", 1e6):
+        with pytest.raises((ConfigError, ValueError)):
+            Config.model_validate({"policy": {"bantime_factor": bad}})
+
+
+def test_kernel_timeout_of_a_stored_nan_or_inf_expiry():
+    from sipguard.enforce.base import kernel_timeout
+    from sipguard.model import Ban
+
+    assert kernel_timeout(Ban("198.18.3.1", "r", 0.0, float("nan")), 10.0) is None
+    assert kernel_timeout(Ban("198.18.3.1", "r", 0.0, float("inf")), 10.0) == 0

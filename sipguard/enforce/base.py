@@ -64,8 +64,10 @@ def kernel_timeout(ban: Ban, now: float, cap: int | None = None) -> int | None:
     if ban.expires is None:
         return 0
     left = ban.expires - now
-    if left <= 0:
+    if math.isnan(left) or left <= 0:  # a NaN expiry (a row written by something else): skip it
         return None
+    if math.isinf(left):
+        return 0
     secs = max(1, math.ceil(left))
     return min(secs, cap) if cap else secs
 

@@ -67,6 +67,7 @@ while i <= #ARGV do
         else
           dur = bantime * factor ^ math.max(0, offence - 1)
           if cap ~= nil and dur > cap then dur = cap end
+          if dur ~= dur or dur > 3155760000 then dur = nil end  -- past 100 years (MAX_DURATION): permanent
         end
         for j = 1, nj do redis.call('DEL', P .. 's:' .. ip .. ':' .. jails[j].name) end
         local ban = {ip = ip, reason = jail.name .. ':' .. filter, created = now, score = score,
