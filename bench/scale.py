@@ -101,6 +101,49 @@ def spray(work: Path, n: int = 1_000_000, max_events: int = 100_000) -> dict:
     return res
 
 
+def restart_memory(work: Path, n: int = 1_000_000) -> dict:
+    """A restart of `sipguard run --dry-run` over a store holding n recent events (n auth failures from
+    n distinct sources, all inside the jail's findtime): peak RSS of the restarted daemon once it is
+    running (the policy's windows replayed from the store), beside the first run's own peak."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    logf = work / "spray.log"
+    stamp = syslog_stamp(time.time())
+    with open(logf, "w", buffering=1 << 20) as f:
+        for i in range(n):
+            f.write(f"{stamp} sip1 kamailio[23866]: NOTICE: <script>: auth failed for user {1000 + i % 9000} "
+                    f"from {attacker_address_n(i)}:5060 method REGISTER\n")
+    size = logf.stat().st_size
+    state = work / "state"
+    cfg = write_config(work / "sipguard.toml", f'[store]\nmax_events = {2 * n}\n')
+    argv = [*SIPGUARD, "--config", str(cfg), "--state-dir", str(state), "run", "--dry-run", "--log", str(logf)]
+    d = start([*argv, "--from-start"])
+    try:
+        ok = wait_for(lambda: db_offset(state, str(logf)) >= size, 900, 0.2)
+        first = _proc_status(d.pid).get("VmHWM", 0) / 1024
+    finally:
+        stop(d)
+    from .common import db_status
+
+    t = time.perf_counter()
+    d = start(argv)
+    try:
+        started = time.time()
+        up = wait_for(lambda: db_status(state).get("running") and db_status(state).get("heartbeat", 0) >= started,
+                      600, 0.2)
+        took = time.perf_counter() - t
+        st = _proc_status(d.pid)
+        events = db_status(state).get("policy", {})
+    finally:
+        stop(d)
+    res = {"events": n, "processed": ok, "running": bool(up), "restart_seconds": took,
+           "first_peak_rss_mb": first, "restart_peak_rss_mb": st.get("VmHWM", 0) / 1024,
+           "tracked": events.get("tracked")}
+    log(f"restart with {n} recent events: peak RSS {res['restart_peak_rss_mb']:.0f} MB "
+        f"(first run {first:.0f} MB), up in {took:.1f}s")
+    return res
+
+
 def _db_bytes(state: Path) -> int:
     return sum(p.stat().st_size for p in state.glob("sipguard.db*") if p.exists())
 

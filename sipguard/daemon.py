@@ -138,7 +138,7 @@ class Daemon:
         now = self.clock_at_start(time.time())
         p.book.expire(now)
         p.book.commit(now)
-        p.scorer.restore(p.store.recent_events(now - p.policy.max_findtime))
+        p.scorer.restore(p.store.iter_recent_events(now - p.policy.max_findtime))  # streamed
         saved = p.store.get_meta(CONTROL_CURSOR) or p.store.get_meta("cluster_control")  # (older fleet nodes)
         # CLI requests made while the daemon was down are mirrored too (the fleet publishes them)
         self._last_control = int(saved) if saved is not None else p.store.last_request_id()

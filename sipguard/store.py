@@ -361,13 +361,24 @@ class Store:
 
     def recent_events(self, since: float) -> list[Event]:
         """Events newer than `since`, minus those from before an unban of their source."""
-        rows = self.conn.execute(
+        return list(self.iter_recent_events(since))
+
+    def iter_recent_events(self, since: float) -> Iterator[Event]:
+        """`recent_events`, read as they are consumed: a start with a million recent events replays
+        them into the policy in bounded memory."""
+        kinds = {k.value: k for k in EventKind}
+        cur = self.conn.execute(
             "SELECT e.time, e.ip, e.filter, e.kind, e.weight FROM events e "
             "LEFT JOIN cleared c ON c.ip = e.ip "
             "WHERE e.time >= ? AND (c.time IS NULL OR e.time > c.time) ORDER BY e.time, e.id",
             (since,),
         )
-        return [Event(t, ip, f, EventKind(k), w) for t, ip, f, k, w in rows]
+        try:
+            while rows := cur.fetchmany(10_000):
+                for t, ip, f, k, w in rows:
+                    yield Event(t, ip, f, kinds[k], w)
+        finally:
+            cur.close()
 
     def count_events(self) -> int:
         return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
