@@ -167,6 +167,57 @@ def test_a_refused_entry_is_reported_and_the_rest_applied():
         FakeIpset(whole=4352).adt_many("sipguard-v6", entries)
 
 
+
+class _Headers:
+    """Set headers and listings as a kernel would give them: `live` entries, `counted` in the header."""
+
+    def __init__(self, live: dict[str, int], counted: dict[str, int]) -> None:
+        self.live, self.counted, self.listed = live, counted, 0
+
+    def header(self, name):
+        if name not in self.live:
+            return None
+        return ipsetnl.SetHeader(name, "hash:ip", socket.AF_INET, True, 1 << 20, self.counted[name], 1)
+
+    def dump(self, name):
+        self.listed += 1
+        return {f"198.18.9.{i}": 0 for i in range(self.live[name])}
+
+
+class _GoodHook:
+    def __init__(self, plans_) -> None:
+        self.plans = plans_
+
+    def observe(self, plan):
+        return Observed(True, [r.restore_args() for r in plan.rules], {"INPUT": ["-j SIPGUARD"], "FORWARD": []})
+
+
+def test_ipset_drift_counts_from_headers_and_lists_a_set_only_on_a_surplus():
+    from sipguard.enforce.ipset import RECOUNT_EVERY, IpsetEnforcer
+
+    e = IpsetEnforcer(_cfg("ipset-nft"))
+    names = list(e.sets.values())
+    assert e.drift(0.0) == ["the kernel was not synced yet"]
+    now = 1_000_000.0
+    e.ledger.reset({names[0]: {"198.18.9.1": None, "198.18.9.2": now + 600, "198.18.9.3": now + 1}})
+    e._hook = _GoodHook(plans("SIPGUARD", {4: (names[0], names[2]), 6: (names[1], names[3])}, "DROP", False))
+    kernel = _Headers({n: 0 for n in names}, {n: 0 for n in names})
+    e._nl = kernel
+    kernel.live[names[0]] = kernel.counted[names[0]] = 3
+    assert e.drift(now) == []
+    kernel.live[names[0]] = kernel.counted[names[0]] = 2  # the one expiring in 1 s may be gone already
+    assert e.drift(now) == []
+    kernel.live[names[0]] = kernel.counted[names[0]] = 1  # flushed in part
+    assert e.drift(now) == [f"ipset {names[0]} holds 1 entries, 2-3 expected"]
+    kernel.live[names[0]], kernel.counted[names[0]] = 3, 9  # 6 expired, not collected yet: listed once
+    assert e.drift(now) == [] and kernel.listed == 1
+    kernel.live[names[0]] = 5  # a real surplus, seen at the next listing (a minute later), not before
+    assert e.drift(now + 10) == [] and kernel.listed == 1
+    # (by then the entry that expired at now + 1 is forgotten: 2 expected)
+    assert e.drift(now + RECOUNT_EVERY) == [f"ipset {names[0]} holds 5 entries, 2 expected"]
+    del kernel.live[names[3]]
+    assert f"ipset {names[3]} missing" in e.drift(now + RECOUNT_EVERY)
+
 # -- helpers run inside the server namespace ---------------------------------------------------
 def _cfg(backend: str) -> EnforceConfig:
     return EnforceConfig(**BACKENDS[backend])

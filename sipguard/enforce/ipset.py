@@ -14,8 +14,10 @@ are ipset's bulk messages (ipsetnl), cut by size. The sets and the hook are crea
 What an ipset cannot hold is refused, never raised from a batch: a /0 (hash:net takes prefixes 1 to
 32 / 128), the null address (hash:ip refuses 0.0.0.0 and ::), and any entry the kernel refused once
 (logged once, counted in `SyncReport.failed`, left out from then on); everything else is applied.
-`drift` reads the sets' headers (member counts) and the hook rules: no dump, no process on nf_tables
-hosts beyond one iptables-save per family.
+`drift` reads the sets' headers (member counts) and the hook rules: one iptables-save per family on
+nf_tables hosts, no dump (a header counting more than expected may be expired entries the kernel's
+garbage collector has not reached, which on a big set takes up to a minute or two: that set is then
+listed, at most once a minute, before it is called drift).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .hook import IptablesHook, plans, problems
 from .ipsetnl import SET_ERRORS, IpsetNetlink, IpsetNetlinkError
 
 MAX_REMEMBERED = 10_000  # entries the kernel refused, remembered so they are not sent (and logged) again
+RECOUNT_EVERY = 60.0  # seconds: a set's header counting more than expected is checked by a listing this often
 
 log = logging.getLogger("sipguard.enforce")
 
@@ -50,6 +53,7 @@ class IpsetEnforcer:
         self.maxelem = cfg.maxelem
         self.ledger = Ledger(tuple(self.sets.values()))
         self.kernel_refused: dict[str, str] = {}  # entry -> why the kernel refused it
+        self._listed: dict[str, float] = {}  # set -> when drift last listed it
         self._ready = False
         self._nl: IpsetNetlink | None = None
         self._ipset = None  # pyroute2 IPSet, opened on first use
@@ -317,7 +321,8 @@ class IpsetEnforcer:
 
     def drift(self, now: float) -> list[str]:
         """The sets exist with the member counts the ledger expects, the hook chain is whole and the
-        first rule of INPUT (and FORWARD with hook_forward): headers and rule listings only."""
+        first rule of INPUT (and FORWARD with hook_forward): set headers and the rule listing (a set
+        whose header counts more than expected is listed, at most once a minute)."""
         if not self.ledger.known:
             return ["the kernel was not synced yet"]
         out: list[str] = []
@@ -327,7 +332,16 @@ class IpsetEnforcer:
                 if head is None:
                     out.append(f"ipset {name} missing")
                     continue
-                wrong = count_problem(f"ipset {name}", head.elements, self.ledger.bounds(name, now))
+                bounds = self.ledger.bounds(name, now)
+                count = head.elements
+                if count > bounds[1]:
+                    # the header also counts expired entries the garbage collector has not reached yet:
+                    # list the set (live entries only), at most once a minute, before calling it drift
+                    if now - self._listed.get(name, 0.0) < RECOUNT_EVERY:
+                        continue
+                    self._listed[name] = now
+                    count = len(self.nl.dump(name))
+                wrong = count_problem(f"ipset {name}", count, bounds)
                 if wrong:
                     out.append(wrong)
         except (SipguardError, OSError) as exc:
