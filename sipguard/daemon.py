@@ -177,7 +177,7 @@ class Daemon:
         self._last_prune = 0.0
         self._last_status = 0.0
         self._last_resync = 0.0
-        self._last_check = 0.0
+        self._last_check = float("-inf")  # monotonic: a step of the wall clock never delays the drift check
         self._check_every = parts.cfg.enforce.check_interval
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -390,10 +390,11 @@ class Daemon:
             report = book.resync(now)
             if report.added or report.removed or report.repaired:
                 log.warning("enforcer resync: +%d -%d, %d repaired", report.added, report.removed, report.repaired)
-        if now - self._last_check >= self._check_every and book.enforcer is not None:
+        mono = time.monotonic()
+        if mono - self._last_check >= self._check_every and book.enforcer is not None:
             # the cheap check (sets, member counts, hook rules): a flushed set or a deleted jump is whole
             # again in seconds; a repair that fails (a broken tool) is tried less often, up to resync_interval
-            self._last_check = now
+            self._last_check = mono
             every = self.cfg.enforce.check_interval
             drift = book.enforcer.drift(time.time())
             if drift:

@@ -58,7 +58,24 @@ class Drifting(DryRunEnforcer):
         return super().sync(bans, now)
 
 
-def test_daemon_resyncs_on_drift_and_backs_off_while_repairs_fail(tmp_path, caplog):
+class MonoClock:
+    """The daemon module's `time`, with a monotonic clock the test moves (the drift check runs on it)."""
+
+    def __init__(self) -> None:
+        self.mono = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def time(self) -> float:
+        return time.time()
+
+
+def test_daemon_resyncs_on_drift_and_backs_off_while_repairs_fail(tmp_path, caplog, monkeypatch):
+    import sipguard.daemon as daemon_module
+
+    clock = MonoClock()
+    monkeypatch.setattr(daemon_module, "time", clock)
     log = tmp_path / "kamailio.log"
     log.touch()
     cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
@@ -68,35 +85,40 @@ def test_daemon_resyncs_on_drift_and_backs_off_while_repairs_fail(tmp_path, capl
     d = build_daemon(cfg, store, kernel, logs=[str(log)])
     d.setup()  # the restore syncs once
     assert kernel.syncs == 1
-    t = time.time()
-    d.housekeeping(t)
+    now = time.time()
+
+    def at(mono: float) -> None:
+        clock.mono = mono
+        d.housekeeping(now)
+
+    at(1_000)
     assert kernel.syncs == 1 and len(kernel.checks) == 1  # nothing wrong: no resync
-    d.housekeeping(t + 4)
+    at(1_004)
     assert len(kernel.checks) == 1  # not before check_interval
     kernel.wrong = ["ipset sipguard-v4 holds 0 entries, 3 expected"]
     with caplog.at_level(logging.WARNING, logger="sipguard.daemon"):
-        d.housekeeping(t + 5)
+        at(1_005)
     assert kernel.syncs == 2 and kernel.wrong == []
     assert any("enforcer drift: ipset sipguard-v4 holds 0 entries, 3 expected; full resync: +0 -0" in r.message
                for r in caplog.records), [r.message for r in caplog.records]
-    d.housekeeping(t + 10)
+    at(1_010)
     assert kernel.syncs == 2 and len(kernel.checks) == 3
 
     kernel.broken, kernel.wrong = True, ["chain SIPGUARD missing"]
-    due = t + 15
+    due = 1_015.0
     gaps = []
     for _ in range(4):  # each failed repair doubles the wait: 10 s, 20 s, 40 s, 80 s
         before = kernel.syncs
-        d.housekeeping(due)
+        at(due)
         assert kernel.syncs == before + 1
         gap = d._check_every
-        d.housekeeping(due + gap - 1)
+        at(due + gap - 1)
         assert kernel.syncs == before + 1  # not retried before the wait is over
         gaps.append(gap)
         due += gap
     assert gaps == [10, 20, 40, 80]
     kernel.broken = False
-    d.housekeeping(due)
+    at(due)
     assert kernel.wrong == [] and d._check_every == CHECK  # repaired: back to the check interval
     d.parts.follower.close()
     store.close()
