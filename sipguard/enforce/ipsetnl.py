@@ -55,7 +55,7 @@ IPADDR_IPV4, IPADDR_IPV6 = 1, 2
 NLA_MAX_LEN = 0xFFFF  # a netlink attribute's length field is 16 bits, header included
 ADT_BUDGET = 60_000
 """Bytes of entries nested in one IPSET_ATTR_ADT: below NLA_MAX_LEN with a margin (the kernel took
-65,516 bytes of IPv6 entries in one message; 1,360 IPv6 or 1,875 IPv4 entries fit in this budget)."""
+65,516 bytes of IPv6 entries in one message; 1,363 IPv6 or 1,875 IPv4 entries fit in this budget)."""
 MSG_OVERHEAD = 128  # netlink + nfgenmsg headers, protocol, set name and line number attributes
 
 ERRORS = {
@@ -330,6 +330,8 @@ class IpsetNetlink:
                     result.failed.append((chunk[at][1], reason_of(exc.code)))
                     chunk = chunk[at + 1:]
                     continue
+                if exc.code == 4097:  # a protocol error naming no entry is about the message: never halve it
+                    raise
                 if len(chunk) == 1:
                     result.failed.append((chunk[0][1], reason_of(exc.code)))
                     return
