@@ -370,6 +370,19 @@ class BanBook:
             log.warning("adopted %d kernel entries the store did not hold (a stop between kernel and store)",
                         len(adopted))
         active = held + adopted
+        # a ban stored by another enforcer (nftables, dry-run, the fleet) may be refused by this one (an
+        # ipset and a /0), or no longer: its store row says so from now on (`list`, `status`)
+        remarked = [b.with_refusal(why) for b in active if (why := self._refusal(b.ip)) != b.refused]
+        if remarked:
+            self._pending.extend(_Put(b) for b in remarked)
+            for b in remarked:
+                self._overlay[b.ip] = b
+            refused = [b for b in remarked if b.refused]
+            if refused:
+                self.stats.refused += len(refused)
+                log.warning("%s refuses %d stored %s (%s): kept in the store, shown as refused", self._name(),
+                            len(refused), "ban" if len(refused) == 1 else "bans",
+                            ", ".join(f"{b.ip}: {b.refused}" for b in refused[:5]))
         if self.scorer is not None:
             for ban in active:
                 self.scorer.note_ban(ban.ip)

@@ -224,6 +224,7 @@ class EnforceConfig(Section):
     maxelem: int = Field(1_000_000, ge=1024, le=1 << 28)  # max entries per set (ipset maxelem, nft size)
     hook_forward: bool = False  # also jump from FORWARD (routed traffic), not only INPUT
     resync_interval: Duration = 3600  # daemon re-checks sets/hooks and re-arms bans beyond the kernel's timeout cap
+    check_interval: Duration = 5  # daemon's cheap drift check (sets, member counts, hook rules); a full resync on drift
 
 
 class DaemonConfig(Section):

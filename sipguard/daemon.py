@@ -122,6 +122,8 @@ class Daemon:
         self._last_status = 0.0
         self._last_resync = 0.0
         self._clock_retrying = False  # a step's moved bans could not be stored yet
+        self._last_check = float("-inf")  # monotonic: a step of the wall clock never delays the drift check
+        self._check_every = parts.cfg.enforce.check_interval
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -272,6 +274,23 @@ class Daemon:
             report = book.resync(now)
             if report.added or report.removed or report.repaired:
                 log.warning("enforcer resync: +%d -%d, %d repaired", report.added, report.removed, report.repaired)
+        mono = time.monotonic()
+        if mono - self._last_check >= self._check_every and book.enforcer is not None:
+            # the cheap check (sets, member counts, hook rules): a flushed set or a deleted jump is whole
+            # again in seconds; a repair that fails (a broken tool) is tried less often, up to resync_interval
+            self._last_check = mono
+            every = self.cfg.enforce.check_interval
+            drift = book.enforcer.drift(time.time())
+            if drift:
+                errors = book.stats.kernel_errors
+                self._last_resync = now
+                r = book.resync(now)
+                failed = book.stats.kernel_errors > errors
+                log.warning("enforcer drift: %s; full resync: %s", "; ".join(drift),
+                            "failed" if failed else f"+{r.added} -{r.removed}, {r.repaired} repaired")
+                if failed:
+                    every = min(self.cfg.enforce.resync_interval, 2 * self._check_every)
+            self._check_every = every
         try:
             book.commit(now)
         except Exception:  # noqa: BLE001 - kept queued: the next transaction that commits writes it

@@ -4,8 +4,10 @@ For each backend (ipset + iptables-nft, ipset + iptables-legacy via python-iptab
 two namespaces joined by a veth pair (server 198.18.64.1 / 2001:db8:64::1, peer .2 / ::2);
 UDP and TCP to port 5060 from the peer must arrive before a ban, be dropped while banned, and
 arrive again after unban and after a 2 s ban expires. Also: CIDR bans, kernel timeouts equal
-the ban's remaining time, sync repairs, `ban --from-file` with 100,000 addresses, and a SIGKILLed
-daemon restoring every ban after the sets were flushed.
+the ban's remaining time, sync repairs, `ban --from-file` with 100,000 addresses, a SIGKILLed
+daemon restoring every ban after the sets were flushed, kernel batches cut by size (IPv6 included)
+with an entry the kernel refuses reported while the rest is applied, and a daemon restoring 100,000
+IPv6 and 100,000 IPv4 bans into an empty kernel (ipset and nftables).
 
 Needs root (network namespaces, netfilter); never touches the host's own firewall: every
 netfilter operation runs inside an `sge-` namespace made here.
@@ -13,9 +15,13 @@ netfilter operation runs inside an `sge-` namespace made here.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -26,8 +32,11 @@ import pytest
 from sipguard.config import EnforceConfig
 from sipguard.enforce import IPSET_MAX_TIMEOUT, kernel_timeout, needs_rearm
 from sipguard.enforce.hook import RuleSpec, plans, problems, Observed
+from sipguard.enforce import ipsetnl
+from sipguard.enforce.ipsetnl import ADT_BUDGET, IpsetNetlink, IpsetNetlinkError
 from sipguard.enforce.nftables import NftablesEnforcer
 from sipguard.model import Ban
+from sipguard.store import Store
 
 from netns_util import ALL, PEER4, PEER6, SERVER4, listener, netns_pair, ns_call, probe, sh
 
@@ -76,6 +85,138 @@ def test_nft_interval_sets_stay_free_of_overlaps():
     arm, delete = ops({"198.18.3.0/24": 20}, {"198.18.0.0/16": 5.0, "198.18.3.0/24": 1.0}, authoritative=True)
     assert arm == ["198.18.3.0/24"] and delete == ["198.18.0.0/16"]
 
+
+# -- batches cut by size (no root: a stand-in for the kernel's ipset) ----------------------------
+def _decode(data: bytes) -> tuple[int, str]:
+    """(line number, entry) of one encoded IPSET_ATTR_DATA, as the kernel reads it."""
+    from sipguard.addresses import address_from_packed
+
+    (_, body), = list(ipsetnl._attrs(data))
+    addr, cidr, lineno = "", None, 0
+    for k, v in ipsetnl._attrs(body):
+        if k == ipsetnl.D_IP:
+            (_, raw), = list(ipsetnl._attrs(v))
+            addr, maxlen = address_from_packed(raw)
+        elif k == ipsetnl.D_CIDR:
+            cidr = v[0]
+        elif k == ipsetnl.D_LINENO:
+            lineno = struct.unpack("=I", v)[0]
+    return lineno, addr if cidr is None or cidr == maxlen else f"{addr}/{cidr}"
+
+
+class FakeIpset(IpsetNetlink):
+    """An IpsetNetlink whose kernel is this object: it checks every message's size, applies entries in
+    order and refuses those in `refuse` the way ip_set_core does (the entries before are applied; the
+    error names the entry's LINENO, or nothing when `lineno` is False)."""
+
+    def __init__(self, refuse: set[str] = frozenset(), lineno: bool = True, whole: int | None = None) -> None:
+        self.adt_budget = ADT_BUDGET
+        self.refuse, self.lineno, self.whole = refuse, lineno, whole
+        self.payloads: list[int] = []
+        self.held: list[str] = []
+
+    def request(self, cmd, attrs, what, family=socket.AF_INET, flags=0):
+        adt = dict(ipsetnl._attrs(attrs))[ipsetnl.A_ADT]
+        assert len(adt) + 4 <= 0xFFFF, len(adt)  # the 16-bit attribute length never overflows
+        self.payloads.append(len(adt))
+        for kind, data in ipsetnl._attrs(adt):
+            no, ip = _decode(ipsetnl._attr(kind, data))
+            if self.whole is not None:
+                raise IpsetNetlinkError(self.whole, what, no)
+            if ip in self.refuse:
+                raise IpsetNetlinkError(4104, what, no if self.lineno else 0)
+            self.held.append(ip)
+        return []
+
+
+def _v6(n: int, base: str = "2001:db8:1::") -> list[tuple[str, int]]:
+    """n canonical IPv6 addresses from `base` on."""
+    start = int(ipaddress.IPv6Address(base))
+    return [(str(ipaddress.IPv6Address(start + i)), 3600) for i in range(n)]
+
+
+def test_ipset_batches_are_cut_by_encoded_size_not_by_count():
+    nl = FakeIpset()
+    entries = _v6(100_000)
+    result = nl.adt_many("sipguard-v6", entries)
+    assert result.sent == 100_000 and result.failed == [] and nl.held == [ip for ip, _ in entries]
+    assert max(nl.payloads) <= ADT_BUDGET < 0xFFFF - 4  # 44-byte IPv6 entries: 1,363 a message
+    assert len(nl.payloads) == -(-100_000 * 44 // ADT_BUDGET)
+    nets = [(f"2001:db8:{i + 1:x}::/48", 0) for i in range(5_000)]  # 52 bytes each
+    v4 = [(f"198.18.{i >> 8}.{i & 255}", 60) for i in range(30_000)]  # 32 bytes each
+    for batch in (nets, v4):
+        nl = FakeIpset()
+        assert nl.adt_many("s", batch).sent == len(batch) and nl.held == [ip for ip, _ in batch]
+        assert max(nl.payloads) <= ADT_BUDGET
+    nl = FakeIpset()
+    nl.adt_many("sipguard-v6", _v6(2_000))  # ~1,500 IPv6 entries overflowed the length before
+    assert len(nl.payloads) == 2
+
+
+def test_a_refused_entry_is_reported_and_the_rest_applied():
+    entries = _v6(5_000)
+    bad = {entries[0][0], entries[1_700][0], entries[4_999][0]}
+    for lineno in (True, False):  # the kernel's LINENO, or halving when the error names no entry
+        nl = FakeIpset(refuse=bad, lineno=lineno)
+        result = nl.adt_many("sipguard-v6", entries + [("not-an-address", 5)])
+        assert sorted(ip for ip, _ in result.failed) == sorted(bad | {"not-an-address"}), lineno
+        assert all("CIDR" in why for _, why in result.failed), result.failed
+        assert sorted(set(nl.held)) == sorted(ip for ip, _ in entries if ip not in bad), lineno
+        assert result.sent == 5_000 - 3
+    with pytest.raises(IpsetNetlinkError):  # about the set as a whole (full): stop, not 5,000 refusals
+        FakeIpset(whole=4352).adt_many("sipguard-v6", entries)
+
+
+
+class _Headers:
+    """Set headers and listings as a kernel would give them: `live` entries, `counted` in the header."""
+
+    def __init__(self, live: dict[str, int], counted: dict[str, int]) -> None:
+        self.live, self.counted, self.listed = live, counted, 0
+
+    def header(self, name):
+        if name not in self.live:
+            return None
+        return ipsetnl.SetHeader(name, "hash:ip", socket.AF_INET, True, 1 << 20, self.counted[name], 1)
+
+    def dump(self, name):
+        self.listed += 1
+        return {f"198.18.9.{i}": 0 for i in range(self.live[name])}
+
+
+class _GoodHook:
+    def __init__(self, plans_) -> None:
+        self.plans = plans_
+
+    def observe(self, plan):
+        return Observed(True, [r.restore_args() for r in plan.rules], {"INPUT": ["-j SIPGUARD"], "FORWARD": []})
+
+
+def test_ipset_drift_counts_from_headers_and_lists_a_set_only_on_a_surplus():
+    from sipguard.enforce.ipset import RECOUNT_EVERY, IpsetEnforcer
+
+    e = IpsetEnforcer(_cfg("ipset-nft"))
+    names = list(e.sets.values())
+    assert e.drift(0.0) == ["the kernel was not synced yet"]
+    now = 1_000_000.0
+    e.ledger.reset({names[0]: {"198.18.9.1": None, "198.18.9.2": now + 600, "198.18.9.3": now + 1}})
+    e._hook = _GoodHook(plans("SIPGUARD", {4: (names[0], names[2]), 6: (names[1], names[3])}, "DROP", False))
+    kernel = _Headers({n: 0 for n in names}, {n: 0 for n in names})
+    e._nl = kernel
+    kernel.live[names[0]] = kernel.counted[names[0]] = 3
+    assert e.drift(now) == []
+    kernel.live[names[0]] = kernel.counted[names[0]] = 2  # the one expiring in 1 s may be gone already
+    assert e.drift(now) == []
+    kernel.live[names[0]] = kernel.counted[names[0]] = 1  # flushed in part
+    assert e.drift(now) == [f"ipset {names[0]} holds 1 entries, 2-3 expected"]
+    kernel.live[names[0]], kernel.counted[names[0]] = 3, 9  # 6 expired, not collected yet: listed once
+    assert e.drift(now) == [] and kernel.listed == 1
+    kernel.live[names[0]] = 5  # a real surplus, seen at the next listing (a minute later), not before
+    assert e.drift(now + 10) == [] and kernel.listed == 1
+    # (by then the entry that expired at now + 1 is forgotten: 2 expected)
+    assert e.drift(now + RECOUNT_EVERY) == [f"ipset {names[0]} holds 5 entries, 2 expected"]
+    del kernel.live[names[3]]
+    assert f"ipset {names[3]} missing" in e.drift(now + RECOUNT_EVERY)
 
 # -- helpers run inside the server namespace ---------------------------------------------------
 def _cfg(backend: str) -> EnforceConfig:
@@ -294,6 +435,19 @@ def test_ban_from_file_100k(lab: Lab):
     assert lab.entries() == {}
 
 
+@root
+def test_ban_from_file_and_import_of_ipv6_lists(lab: Lab):
+    """IPv6 batches bigger than one netlink attribute holds (~1,489 entries) go in whole."""
+    f = lab.tmp / "v6.txt"
+    f.write_text("\n".join(ip for ip, _ in _v6(5_000, "2001:db8:500::")) + "\n")
+    lab.cli("ban", "--from-file", str(f), "--for", "1h")
+    g = lab.tmp / "list6.txt"
+    g.write_text("\n".join(ip for ip, _ in _v6(4_000, "2001:db8:600::")) + "\n2001:db8:700::/48\n")
+    lab.cli("import", str(g), "--list", "v6list")
+    held = lab.entries()
+    assert len(held) == 9_001 and "2001:db8:700::/48" in held, len(held)
+    assert len(lab.db()) == 9_001
+
 # -- the daemon --------------------------------------------------------------------------------
 def _wait(cond, timeout: float, what: str, step: float = 0.2):
     end = time.monotonic() + timeout
@@ -357,3 +511,162 @@ def test_daemon_sigkill_flush_restart_restores_every_ban(lab: Lab):
                 except ProcessLookupError:
                     pass
                 p.wait(10)
+
+
+# -- batches against the real kernel -------------------------------------------------------------
+def _kernel_batches() -> dict:
+    """In a fresh namespace: bulk adds with entries the kernel refuses in the middle, then syncs with
+    entries every backend must refuse or the kernel refuses; what each reported and what it holds."""
+    from sipguard.enforce.ipset import IpsetEnforcer
+
+    e = IpsetEnforcer(_cfg("ipset-nft"))
+    try:
+        e.ensure()
+        v6 = _v6(5_000, "2001:db8:6::")
+        nets = [(f"198.18.{i}.0/24", 60) for i in range(200)]
+        out = {
+            "v6": e.nl.adt_many("sipguard-v6", v6[:2_500] + [("::", 60)] + v6[2_500:]),  # null: HASH_ELEM
+            "net4": e.nl.adt_many("sipguard-net4", nets[:50] + [("0.0.0.0/0", 60)] + nets[50:]),  # bad CIDR
+            "v4": e.nl.adt_many("sipguard-v4", [("198.18.0.1", 60), ("2001:db8::9", 60), ("198.18.0.2", 60)]),
+        }
+        held = {name: len(e.nl.dump(name)) for name in ("sipguard-v6", "sipguard-net4", "sipguard-v4")}
+        return {"results": {k: (r.sent, sorted(ip for ip, _ in r.failed)) for k, r in out.items()}, "held": held}
+    finally:
+        e.close()
+
+
+def _sync_with_refused(backend: str) -> tuple:
+    from sipguard.enforce import make_enforcer
+
+    now = time.time()
+    good = [Ban(ip, "t", now, now + 600) for ip, _ in _v6(3_000, "2001:db8:7::")]
+    good += [Ban(f"198.18.{i >> 8}.{i & 255}", "t", now, None) for i in range(1, 3_000)]
+    bad = [Ban("fe80::1%eth0", "t", now, None)]  # a row no kernel takes (scoped address)
+    if backend != "nftables":
+        bad += [Ban("0.0.0.0/0", "t", now, None), Ban("::", "t", now, None)]
+    e = make_enforcer(_cfg(backend))
+    try:
+        first = e.sync(good[:1_500] + bad + good[1_500:], now)
+        again = e.sync(good[:1_500] + bad + good[1_500:], now)
+        return first, again, len(e.entries()), sorted(ip for ip in (b.ip for b in bad) if e.refuses(ip))
+    finally:
+        e.close()
+
+
+@root
+def test_kernel_names_refused_entries_and_takes_the_rest():
+    from tests.lab.netns import Netns
+
+    with Netns(f"sge-{os.getpid() % 100000}-kb") as ns:
+        got = ns_call(ns.name, _kernel_batches)
+    assert got["results"] == {"v6": (5_000, ["::"]), "net4": (200, ["0.0.0.0/0"]), "v4": (2, ["2001:db8::9"])}, got
+    assert got["held"] == {"sipguard-v6": 5_000, "sipguard-net4": 200, "sipguard-v4": 2}, got
+
+
+@pytest.mark.parametrize("backend", ["ipset-nft", "nftables"])
+@root
+def test_sync_applies_everything_but_the_entries_refused(backend):
+    from tests.lab.netns import Netns
+
+    with Netns(f"sge-{os.getpid() % 100000}-s{backend[-1]}") as ns:
+        first, again, held, refused = ns_call(ns.name, _sync_with_refused, backend, timeout=180)
+    nbad = 1 if backend == "nftables" else 3
+    assert held == 5_999 and first.added == 5_999 and first.failed == nbad, (first, held)
+    assert refused == sorted({"fe80::1%eth0", "0.0.0.0/0", "::"} if nbad == 3 else {"fe80::1%eth0"})
+    assert (again.added, again.removed, again.failed) == (0, 0, nbad), again  # refused from then on, not re-sent
+
+
+# -- a restart into an empty kernel: 100,000 IPv6 and 100,000 IPv4 bans --------------------------
+@contextlib.contextmanager
+def run_daemon(lab: Lab, config: Path | None = None):
+    """`sipguard run` in the server namespace (own session, stderr to daemon.err); stopped by its PID."""
+    env = {**os.environ}
+    env.pop("SIPGUARD_CONFIG", None)
+    err = open(lab.tmp / "daemon.err", "ab")
+    p = subprocess.Popen(["ip", "netns", "exec", lab.pair.server, *CLI, "--config", str(config or lab.config),
+                          "--state-dir", str(lab.state), "run", "--log", str(lab.log)],
+                         stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+        err.close()
+
+
+def _counts(backend: str) -> dict[str, int]:
+    """Members per set, read cheaply (set headers; nf_tables element dumps)."""
+    if backend == "nftables":
+        from sipguard.enforce.nftables import NftNetlink
+
+        nl = NftNetlink("sipguard")
+        try:
+            return {s: nl.count(s, s.startswith("net")) for s in nl.sets()} if nl.has_table() else {}
+        finally:
+            nl.close()
+    nl = IpsetNetlink()
+    try:
+        return {s: h.elements for s in ("v4", "v6", "net4", "net6") if (h := nl.header(f"sipguard-{s}"))}
+    finally:
+        nl.close()
+
+
+def tool_counts(backend: str, ns: str) -> dict[str, int]:
+    """The same counts as `ipset` / `nft` print them (independent of sipguard's own netlink code)."""
+    out = {}
+    for s in ("v4", "v6"):
+        if backend == "nftables":
+            data = json.loads(sh("nft", "-j", "list", "set", "inet", "sipguard", s, ns=ns).stdout)
+            out[s] = sum(len(o["set"].get("elem", [])) for o in data["nftables"] if "set" in o)
+        else:
+            text = sh("ipset", "list", "-t", f"sipguard-{s}", ns=ns).stdout
+            out[s] = int(text.split("Number of entries:")[1].split()[0])
+    return out
+
+
+@pytest.fixture(params=["ipset-nft", "nftables"])
+def big_lab(request, tmp_path):
+    with netns_pair({"ipset-nft": "R", "nftables": "S"}[request.param]) as pair:
+        yield Lab(pair, request.param, tmp_path)
+
+
+@root
+def test_restart_into_an_empty_kernel_restores_100k_ipv6_and_100k_ipv4(big_lab: Lab):
+    lab = big_lab
+    n = 100_000
+    now = time.time()
+    v6 = [ip for ip, _ in _v6(n, "2001:db8:100::")]
+    first4 = int(ipaddress.IPv4Address("198.18.100.0"))  # .. 198.19.234.159: inside 198.18.0.0/15
+    v4 = [str(ipaddress.IPv4Address(first4 + i)) for i in range(n)]
+    store = Store.open_state_dir(lab.state)
+    with store.transaction():  # what a node held before a reboot emptied its kernel
+        for i, ip in enumerate(v6 + v4):
+            store.put_ban(Ban(ip, "flood", now - 60, None if i % 3 == 0 else now + 3600 + i % 600), now - 60)
+    store.close()
+    assert ns_call(lab.pair.server, _counts, lab.backend) == {}
+    want = {"v4": n, "v6": n, "net4": 0, "net6": 0}
+    t0 = time.monotonic()
+    with run_daemon(lab) as d:
+        _wait(lambda: ns_call(lab.pair.server, _counts, lab.backend) == want, 180, "200,000 bans in the kernel",
+              step=0.25)
+        took = time.monotonic() - t0
+        assert d.poll() is None, "the daemon exited"
+        assert tool_counts(lab.backend, lab.pair.server) == {"v4": n, "v6": n}
+        print(f"\n{lab.backend}: restart into an empty kernel restored {2 * n} bans ({n} IPv6, {n} IPv4) "
+              f"{took:.1f}s after the daemon was started")
+        time.sleep(lab_check_interval() + 1.5)  # the first drift checks agree with what was restored
+        assert d.poll() is None
+    err = (lab.tmp / "daemon.err").read_text()
+    assert "Traceback" not in err and "enforcer drift" not in err, err[-3000:]
+    assert f"restored {2 * n} bans" in err, err[-2000:]
+
+
+def lab_check_interval() -> float:
+    from sipguard.config import EnforceConfig as _E
+
+    return _E().check_interval

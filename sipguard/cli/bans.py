@@ -105,6 +105,13 @@ def list_(
                   *([""] if refused else [])])
 
 
+def _whole_internet(ip: str) -> str | None:
+    """The one-line refusal of a /0 (every address of a family), which no --force lifts; None otherwise."""
+    if ip.endswith("/0"):
+        return f"{ip} is every {'IPv6' if ':' in ip else 'IPv4'} address: a /0 is never banned (not even with --force)"
+    return None
+
+
 def _read_targets(path: Path, allow: AllowList, force: bool) -> list[str]:
     """One address or CIDR per line, '#' comments and blank lines allowed; errors name file:line."""
     from ..addresses import parse_target
@@ -122,6 +129,8 @@ def _read_targets(path: Path, allow: AllowList, force: bool) -> list[str]:
             ip = parse_target(item)
         except ValueError as exc:
             raise SipguardError(f"{path}:{no}: {exc}") from None
+        if (whole := _whole_internet(ip)) is not None:
+            raise SipguardError(f"{path}:{no}: {whole}")
         if ip in allow and not force:
             raise SipguardError(f"{path}:{no}: {ip} is allow-listed; use --force to ban it anyway")
         targets.append(ip)
@@ -161,9 +170,11 @@ def ban(
                   f"{format_duration(None if dur is None else float(dur))} in {time.perf_counter() - t0:.2f}s")
         return
     try:
-        parse_target(target or "")  # a bad address fails before any kernel state is looked at
+        ip = parse_target(target or "")  # a bad address fails before any kernel state is looked at
     except ValueError as exc:
         raise SipguardError(str(exc)) from None
+    if (whole := _whole_internet(ip)) is not None:
+        raise SipguardError(whole)
     store = ctx.store()
     enforcer = _kernel_enforcer()
     try:

@@ -1,6 +1,7 @@
 """The dry-run enforcer: remembers and logs what it would do, touches no kernel state.
 
-Used by `sipguard run --dry-run` and by every test about decisions rather than packets.
+Used by `sipguard run --dry-run` and by every test about decisions rather than packets. What it holds
+lives in its own memory, which nothing else can change: its `drift` check always finds nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class DryRunEnforcer:
         removed = len(self._entries.keys() - want.keys())
         self._entries = dict(want)
         return SyncReport(added=added, removed=removed)
+
+    def drift(self, now: float) -> list[str]:
+        """Nothing outside this object holds its entries, so they cannot drift."""
+        return []
 
     def entries(self) -> list[EnforcedEntry]:
         now = time.time()

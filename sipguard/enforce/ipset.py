@@ -9,7 +9,15 @@ all created with `timeout 0` (entries carry their own timeout; 0 = permanent) an
 An entry's timeout is the ban's remaining time, so the kernel lifts it on time even when the
 daemon is down; bans longer than the kernel cap (IPSET_MAX_TIMEOUT, ~24.8 days) are armed with
 the cap and re-armed by `sync`. Single bans are one netlink message (pyroute2 IPSet); batches
-are ipset's bulk messages (ipsetnl). The sets and the hook are created on first use.
+are ipset's bulk messages (ipsetnl), cut by size. The sets and the hook are created on first use.
+
+What an ipset cannot hold is refused, never raised from a batch: a /0 (hash:net takes prefixes 1 to
+32 / 128), the null address (hash:ip refuses 0.0.0.0 and ::), and any entry the kernel refused once
+(logged once, counted in `SyncReport.failed`, left out from then on); everything else is applied.
+`drift` reads the sets' headers (member counts) and the hook rules: one iptables-save per family on
+nf_tables hosts, no dump (a header counting more than expected may be expired entries the kernel's
+garbage collector has not reached, which on a big set takes up to a minute or two: that set is then
+listed, at most once a minute, before it is called drift).
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ import logging
 import socket
 
 from ..errors import SipguardError
-from ..addresses import classify, network
+from ..addresses import classify
 from ..model import Ban
 from ..netfilter import has_iptables
-from .base import IPSET_MAX_TIMEOUT, EnforcedEntry, SyncReport, kernel_timeout, needs_rearm
-from .hook import IptablesHook, plans
-from .ipsetnl import IpsetNetlink, IpsetNetlinkError
+from .base import IPSET_MAX_TIMEOUT, EnforcedEntry, Ledger, SyncReport, count_problem, kernel_timeout, needs_rearm
+from .hook import IptablesHook, plans, problems
+from .ipsetnl import SET_ERRORS, IpsetNetlink, IpsetNetlinkError
+
+MAX_REMEMBERED = 10_000  # entries the kernel refused, remembered so they are not sent (and logged) again
+RECOUNT_EVERY = 60.0  # seconds: a set's header counting more than expected is checked by a listing this often
 
 log = logging.getLogger("sipguard.enforce")
 
@@ -40,6 +51,9 @@ class IpsetEnforcer:
             (4, True): f"{p}-net4", (6, True): f"{p}-net6",
         }
         self.maxelem = cfg.maxelem
+        self.ledger = Ledger(tuple(self.sets.values()))
+        self.kernel_refused: dict[str, str] = {}  # entry -> why the kernel refused it
+        self._listed: dict[str, float] = {}  # set -> when drift last listed it
         self._ready = False
         self._nl: IpsetNetlink | None = None
         self._ipset = None  # pyroute2 IPSet, opened on first use
@@ -79,16 +93,54 @@ class IpsetEnforcer:
         return self._hook
 
     def refuses(self, ip: str) -> str | None:
-        """A /0 cannot be an ipset entry (hash:net takes prefixes 1 to 32 / 128)."""
+        """Why an ipset cannot hold `ip`: a /0 (hash:net takes prefixes 1 to 32 / 128), the null address
+        (hash:ip refuses it), an entry the kernel refused before; None when it can."""
         if ip.endswith("/0"):
             return "an ipset cannot hold a /0 network"
-        return None
+        if ip in ("0.0.0.0", "::"):
+            return "an ipset cannot hold the null address"
+        return self.kernel_refused.get(ip)  # (the kernel refused it before)
 
     def _set_of(self, ip: str) -> tuple[str, int, bool]:
-        version, is_net = classify(ip)
-        if is_net and network(ip).prefixlen == 0:
-            raise SipguardError(f"{ip}: ipset cannot hold a /0 network")
+        why = self.refuses(ip)
+        if why is not None:
+            raise SipguardError(f"{ip}: {why.removeprefix('an ')}")
+        try:
+            version, is_net = classify(ip)
+        except ValueError as exc:
+            raise SipguardError(f"{ip}: not an address or CIDR ({exc})") from None
         return self.sets[version, is_net], version, is_net
+
+    def _sorted(self, bans: list[Ban], now: float) -> tuple[dict[str, list[tuple[str, int]]], list[tuple[str, str]]]:
+        """({set: [(entry, kernel timeout)]} of the bans still in force, [(entry, why)] refused here)."""
+        groups: dict[str, list[tuple[str, int]]] = {n: [] for n in self.sets.values()}
+        refused: list[tuple[str, str]] = []
+        for ban in bans:
+            timeout = kernel_timeout(ban, now, IPSET_MAX_TIMEOUT)
+            if timeout is None:
+                continue
+            try:
+                name = self._set_of(ban.ip)[0]
+            except SipguardError as exc:
+                refused.append((ban.ip, str(exc).removeprefix(f"{ban.ip}: ")))
+                continue
+            groups[name].append((ban.ip, timeout))
+        return groups, refused
+
+    def _refused(self, name: str | None, failed: list[tuple[str, str]], by: str) -> int:
+        """Remember and log (once per entry) what `by` (the kernel, or this backend) refused in set `name`;
+        returns how many."""
+        new = [(ip, why) for ip, why in failed if ip not in self.kernel_refused]
+        for ip, why in failed:
+            if name is not None:
+                self.ledger.drop(name, ip)
+            if len(self.kernel_refused) < MAX_REMEMBERED:
+                self.kernel_refused[ip] = why
+        if new:
+            shown = ", ".join(f"{ip} ({why})" for ip, why in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            log.warning("ipset%s: %s refused %d %s: %s; the others are applied", f" {name}" if name else "", by,
+                        len(new), "entry" if len(new) == 1 else "entries", shown)
+        return len(failed)
 
     def ensure(self) -> int:
         """Create missing sets, then fix the hook; returns the number of repairs made.
@@ -150,6 +202,7 @@ class IpsetEnforcer:
         name, version, is_net = self._set_of(ban.ip)
         self._ensure_once()
         family = socket.AF_INET if version == 4 else socket.AF_INET6
+        self.ledger.put(name, ban.ip, timeout, now)
         for attempt in (1, 2):
             try:
                 self.ipset.add(name, ban.ip, family=family, exclusive=False, timeout=timeout,
@@ -161,14 +214,14 @@ class IpsetEnforcer:
                     self._ready = False
                     self.ensure()
                     continue
+                if code is not None and code not in SET_ERRORS:  # this entry: the kernel will not hold it
+                    self._refused(name, [(ban.ip, _reason(exc))], "the kernel")
                 raise SipguardError(f"ipset add {name} {ban.ip}: {_reason(exc)}") from None
 
     def ban_many(self, bans: list[Ban], now: float) -> None:
-        groups: dict[str, list[tuple[str, int]]] = {n: [] for n in self.sets.values()}
-        for ban in bans:
-            timeout = kernel_timeout(ban, now, IPSET_MAX_TIMEOUT)
-            if timeout is not None:
-                groups[self._set_of(ban.ip)[0]].append((ban.ip, timeout))
+        groups, refused = self._sorted(bans, now)
+        if refused:
+            self._refused(None, refused, "sipguard")
         if not any(groups.values()):
             return
         self._ensure_once()
@@ -186,61 +239,119 @@ class IpsetEnforcer:
         for name, entries in groups.items():
             if not entries:
                 continue
+            for ip, t in entries:
+                self.ledger.put(name, ip, t, now)
             try:
-                self.nl.adt_many(name, entries)
+                result = self.nl.adt_many(name, entries)
             except IpsetNetlinkError as exc:
                 for n, sent in done + [(name, entries)]:  # best effort: take this batch out again
                     try:
                         self.nl.adt_many(n, sent, delete=True)
                     except OSError:
                         pass
+                    for ip, _ in sent:
+                        self.ledger.drop(n, ip)
                 raise SipguardError(f"ipset add to {name}: {exc}") from None
+            if result.failed:
+                self._refused(name, result.failed, "the kernel")
             done.append((name, entries))
 
     def unban(self, ip: str) -> None:
+        if self.refuses(ip) is not None:  # never in a set: nothing to lift
+            return
         name, version, is_net = self._set_of(ip)
         family = socket.AF_INET if version == 4 else socket.AF_INET6
         try:
             self.ipset.delete(name, ip, family=family, exclusive=False, etype="net" if is_net else "ip")
         except Exception as exc:  # noqa: BLE001
             if getattr(exc, "code", None) in (errno.ENOENT, 4103):  # no set / not in it: nothing to lift
+                self.ledger.drop(name, ip)
                 return
             raise SipguardError(f"ipset del {name} {ip}: {_reason(exc)}") from None
+        self.ledger.drop(name, ip)
 
     def sync(self, bans: list[Ban], now: float) -> SyncReport:
+        groups, refused = self._sorted(bans, now)
+        failed = self._refused(None, refused, "sipguard") if refused else 0
+        # what the kernel must hold from now on, even when what follows fails (drift then retries)
+        self.ledger.reset({name: {ip: (None if t == 0 else now + t) for ip, t in entries}
+                           for name, entries in groups.items()})
         repaired = self.ensure()
         kernel = self._dump()
-        want: dict[str, int] = {}
-        for ban in bans:
-            t = kernel_timeout(ban, now, IPSET_MAX_TIMEOUT)
-            if t is not None:
-                self._set_of(ban.ip)  # a /0 raises here, before anything changes
-                want[ban.ip] = t
         add: dict[str, list[tuple[str, int]]] = {}
         added = rearmed = 0
-        for ip, t in want.items():
-            have = kernel.get(ip)
-            if have is not None and not needs_rearm(have, t):
-                continue
-            if have is None:
-                added += 1
-            else:
-                rearmed += 1
-            add.setdefault(self._set_of(ip)[0], []).append((ip, t))
+        wanted: set[str] = set()
+        for name, entries in groups.items():
+            for ip, t in entries:
+                wanted.add(ip)
+                have = kernel.get(ip)
+                if have is not None and not needs_rearm(have, t):
+                    continue
+                if have is None:
+                    added += 1
+                else:
+                    rearmed += 1
+                add.setdefault(name, []).append((ip, t))
         remove: dict[str, list[tuple[str, None]]] = {}
-        for ip in kernel.keys() - want.keys():
-            remove.setdefault(self._set_of(ip)[0], []).append((ip, None))
+        for ip in kernel.keys() - wanted:
+            try:
+                name = self.sets[classify(ip)]
+            except ValueError:
+                continue
+            remove.setdefault(name, []).append((ip, None))
         try:
             for name, entries in add.items():
-                self.nl.adt_many(name, entries)
+                result = self.nl.adt_many(name, entries)
+                if result.failed:
+                    failed += self._refused(name, result.failed, "the kernel")
+                    added -= sum(1 for ip, _ in result.failed if ip not in kernel)
+                    rearmed -= sum(1 for ip, _ in result.failed if ip in kernel)
             for name, entries in remove.items():
-                self.nl.adt_many(name, entries, delete=True)
+                result = self.nl.adt_many(name, entries, delete=True)
+                if result.failed:  # left in the kernel: drift sees it
+                    log.warning("ipset %s: could not remove %s", name,
+                                ", ".join(f"{ip} ({why})" for ip, why in result.failed[:5]))
         except IpsetNetlinkError as exc:
             raise SipguardError(f"ipset sync: {exc}") from None
         removed = sum(len(v) for v in remove.values())
-        if added or removed or repaired or rearmed:
-            log.info("ipset sync: +%d -%d, %d re-armed, %d repaired", added, removed, rearmed, repaired)
-        return SyncReport(added=added, removed=removed, repaired=repaired + rearmed)
+        if added or removed or repaired or rearmed or failed:
+            log.info("ipset sync: +%d -%d, %d re-armed, %d repaired, %d refused", added, removed, rearmed,
+                     repaired, failed)
+        return SyncReport(added=added, removed=removed, repaired=repaired + rearmed, failed=failed)
+
+    def drift(self, now: float) -> list[str]:
+        """The sets exist with the member counts the ledger expects, the hook chain is whole and the
+        first rule of INPUT (and FORWARD with hook_forward): set headers and the rule listing (a set
+        whose header counts more than expected is listed, at most once a minute)."""
+        if not self.ledger.known:
+            return ["the kernel was not synced yet"]
+        out: list[str] = []
+        try:
+            for name in self.sets.values():
+                head = self.nl.header(name)
+                if head is None:
+                    out.append(f"ipset {name} missing")
+                    continue
+                bounds = self.ledger.bounds(name, now)
+                count = head.elements
+                if count > bounds[1]:
+                    # the header also counts expired entries the garbage collector has not reached yet:
+                    # list the set (live entries only), at most once a minute, before calling it drift
+                    if now - self._listed.get(name, 0.0) < RECOUNT_EVERY:
+                        continue
+                    self._listed[name] = now
+                    count = len(self.nl.dump(name))
+                wrong = count_problem(f"ipset {name}", count, bounds)
+                if wrong:
+                    out.append(wrong)
+        except (SipguardError, OSError) as exc:
+            out.append(f"cannot read the ipsets: {exc}")
+        try:
+            for plan in self.hook.plans:
+                out += [f"iptables IPv{plan.version}: {w}" for w in problems(plan, self.hook.observe(plan))]
+        except SipguardError as exc:
+            out.append(f"cannot read the iptables hook: {exc}")
+        return out
 
     def _dump(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -2,9 +2,16 @@
 
 pyroute2's IPSet does the set management and single adds (sipguard.enforce.ipset); its pure-Python
 attribute encoder needs about 9 s for 100,000 entries, so batches are encoded here with `struct`
-and sent as ipset's own bulk form (one IPSET_CMD_ADD/DEL message whose IPSET_ATTR_ADT carries up to
-`CHUNK` entries; the same messages `ipset restore` sends). Dumps are decoded here too for the same
-reason. No process is spawned.
+and sent as ipset's own bulk form (one IPSET_CMD_ADD/DEL message whose IPSET_ATTR_ADT nests many
+entries; the same messages `ipset restore` sends). Dumps are decoded here too for the same reason.
+No process is spawned.
+
+Batches are cut by encoded size, never by entry count: IPSET_ATTR_ADT's length field is 16 bits
+(65,535 bytes with its header: ~1,489 IPv6 entries, ~2,047 IPv4 ones), and the message must fit the
+socket's send buffer. Each entry carries its own line number, so when the kernel refuses one (a /0,
+a null address) it names it (IPSET_ATTR_LINENO in the error it sends back, after applying the entries
+before it): that entry is reported and the rest of the batch is sent again; an error that names no
+entry and is not about the set as a whole is narrowed down by halving the batch.
 
 Everything acts on the network namespace of the calling process.
 """
@@ -16,7 +23,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..addresses import address_from_packed, network
 
@@ -32,6 +39,7 @@ NLMSG_DONE = 0x3
 NLA_F_NESTED = 0x8000
 NLA_F_NET_BYTEORDER = 0x4000
 NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
+SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 
 IPSET_PROTOCOL = 7
@@ -44,7 +52,11 @@ D_IP, D_CIDR, D_TIMEOUT, D_LINENO = 1, 3, 6, 9
 D_MAXELEM, D_ELEMENTS, D_REFERENCES = 19, 24, 25
 IPADDR_IPV4, IPADDR_IPV6 = 1, 2
 
-CHUNK = 2000  # entries per message: ~60 KB, well under the socket buffer
+NLA_MAX_LEN = 0xFFFF  # a netlink attribute's length field is 16 bits, header included
+ADT_BUDGET = 60_000
+"""Bytes of entries nested in one IPSET_ATTR_ADT: below NLA_MAX_LEN with a margin (the kernel took
+65,516 bytes of IPv6 entries in one message; 1,363 IPv6 or 1,875 IPv4 entries fit in this budget)."""
+MSG_OVERHEAD = 128  # netlink + nfgenmsg headers, protocol, set name and line number attributes
 
 ERRORS = {
     errno.ENOENT: "the set does not exist",
@@ -65,11 +77,29 @@ ERRORS = {
 }
 
 
+SET_ERRORS = frozenset({errno.ENOENT, errno.EPERM, errno.EACCES, errno.EPROTONOSUPPORT, errno.ENOMEM,
+                        errno.ENOBUFS, errno.EMSGSIZE, 4098, 4099, 4102, 4107, 4352})
+"""Errors about the set or the kernel as a whole (no such set, no permission, the set is full, ...):
+every entry would fail the same way, so a batch stops there and raises instead of going on."""
+
+
+def reason_of(code: int) -> str:
+    return ERRORS.get(code) or (os.strerror(code) if code < 4096 else f"ipset error {code}")
+
+
 class IpsetNetlinkError(OSError):
-    def __init__(self, code: int, what: str) -> None:
+    def __init__(self, code: int, what: str, lineno: int = 0) -> None:
         self.code = code
-        reason = ERRORS.get(code) or (os.strerror(code) if code < 4096 else f"ipset error {code}")
-        super().__init__(code, f"{what}: {reason}")
+        self.lineno = lineno  # the entry of a batch the kernel refused (its IPSET_ATTR_LINENO), 0 = none named
+        super().__init__(code, f"{what}: {reason_of(code)}")
+
+
+@dataclass
+class AdtResult:
+    """What a batch did: entries the kernel took, and those it refused, with the reason."""
+
+    sent: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (address or CIDR, why)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +163,16 @@ class IpsetNetlink:
             raise IpsetNetlinkError(exc.errno or errno.EPROTONOSUPPORT, "netfilter netlink socket") from None
         self.sock.bind((0, 0))
         self.sock.settimeout(30.0)  # the kernel always answers; never hang forever
-        for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-                break
-            except OSError:
-                continue
+        for opts, size in (((SO_RCVBUFFORCE, socket.SO_RCVBUF), 8 << 20), ((SO_SNDBUFFORCE, socket.SO_SNDBUF), 1 << 20)):
+            for opt in opts:
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, opt, size)
+                    break
+                except OSError:
+                    continue
+        # the kernel refuses a message longer than the send buffer less 32 bytes (netlink_sendmsg)
+        sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.adt_budget = max(1024, min(ADT_BUDGET, sndbuf - 32 - MSG_OVERHEAD))
         self.seq = 0
 
     def close(self) -> None:
@@ -169,7 +203,7 @@ class IpsetNetlink:
                 if mtype == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", msg, 0)[0]
                     if code:
-                        raise IpsetNetlinkError(code, what)
+                        raise IpsetNetlinkError(code, what, _echoed_lineno(msg[4:]))
                     return
                 if mtype == NLMSG_DONE:
                     return
@@ -251,31 +285,80 @@ class IpsetNetlink:
         return out
 
     # -- changes -------------------------------------------------------------------------------
-    def adt_many(self, name: str, entries: Iterable[tuple[str, int | None]], delete: bool = False) -> int:
-        """Add (replacing timeouts, like `ipset -exist add`) or delete entries in CHUNK-sized messages.
+    def adt_many(self, name: str, entries: Iterable[tuple[str, int | None]], delete: bool = False) -> AdtResult:
+        """Add (replacing timeouts, like `ipset -exist add`) or delete entries, in messages cut by size.
 
-        Deleting an absent entry is not an error. Returns the number of entries sent.
+        Deleting an absent entry is not an error. An entry the kernel refuses (or that is not an address
+        at all) is left out and reported in the result; the others are applied. An error about the set as
+        a whole (SET_ERRORS) raises IpsetNetlinkError; the entries before it may have been applied.
         """
         cmd = CMD_DEL if delete else CMD_ADD
         what = f"ipset {'del' if delete else 'add'} {name}"
-        batch: list[bytes] = []
+        result = AdtResult()
+        chunk: list[tuple[int, str, bytes]] = []  # (line number, entry, encoded DATA attribute)
+        size = 0
         family = socket.AF_INET
-        sent = 0
-        for i, (ip, timeout) in enumerate(entries):
-            family, data = encode_entry(ip, None if delete else timeout, i)
-            batch.append(data)
-            if len(batch) >= CHUNK:
-                self._adt(cmd, name, family, batch, what)
-                sent += len(batch)
-                batch = []
-        if batch:
-            self._adt(cmd, name, family, batch, what)
-            sent += len(batch)
-        return sent
+        budget = self.adt_budget
+        for lineno, (ip, timeout) in enumerate(entries, 1):
+            try:
+                fam, data = encode_entry(ip, None if delete else timeout, lineno)
+            except (OSError, ValueError) as exc:  # inet_pton / ip_network: not an address
+                result.failed.append((ip, f"not an address or CIDR ({exc})"))
+                continue
+            if chunk and size + len(data) > budget:
+                self._adt_chunk(cmd, name, family, chunk, what, result)
+                chunk, size = [], 0
+            family = fam
+            chunk.append((lineno, ip, data))
+            size += len(data)
+        if chunk:
+            self._adt_chunk(cmd, name, family, chunk, what, result)
+        return result
+
+    def _adt_chunk(self, cmd: int, name: str, family: int, chunk: list[tuple[int, str, bytes]], what: str,
+                   result: AdtResult) -> None:
+        """Send one message's worth; on a refused entry, report it and send the rest again."""
+        while chunk:
+            try:
+                self._adt(cmd, name, family, [d for _, _, d in chunk], what)
+            except IpsetNetlinkError as exc:
+                if exc.code in SET_ERRORS:
+                    raise
+                at = next((i for i, (no, _, _) in enumerate(chunk) if no == exc.lineno), None) if exc.lineno else None
+                if at is not None:  # the kernel applied the entries before it
+                    result.sent += at
+                    result.failed.append((chunk[at][1], reason_of(exc.code)))
+                    chunk = chunk[at + 1:]
+                    continue
+                if exc.code == 4097:  # a protocol error naming no entry is about the message: never halve it
+                    raise
+                if len(chunk) == 1:
+                    result.failed.append((chunk[0][1], reason_of(exc.code)))
+                    return
+                half = len(chunk) // 2  # no entry named: halve (adds and deletes may be sent twice)
+                self._adt_chunk(cmd, name, family, chunk[:half], what, result)
+                self._adt_chunk(cmd, name, family, chunk[half:], what, result)
+                return
+            result.sent += len(chunk)
+            return
 
     def _adt(self, cmd: int, name: str, family: int, batch: list[bytes], what: str) -> None:
-        attrs = _setname(name) + _attr(A_LINENO, struct.pack("=I", 0)) + _attr(A_ADT | NLA_F_NESTED, b"".join(batch))
+        payload = b"".join(batch)
+        if len(payload) + 4 > NLA_MAX_LEN:  # never: adt_many cuts by size
+            raise IpsetNetlinkError(errno.EMSGSIZE, what)
+        attrs = _setname(name) + _attr(A_LINENO, struct.pack("=I", 0)) + _attr(A_ADT | NLA_F_NESTED, payload)
         self.request(cmd, attrs, what, family=family)
+
+
+def _echoed_lineno(echo: bytes) -> int:
+    """IPSET_ATTR_LINENO of the request the kernel echoes in an error (0 when it names no entry)."""
+    if len(echo) < 20:
+        return 0
+    length = struct.unpack_from("=I", echo, 0)[0]
+    for kind, val in _attrs(echo, 20, min(length, len(echo))):
+        if kind == A_LINENO and len(val) >= 4:
+            return struct.unpack_from("=I", val, 0)[0]
+    return 0
 
 
 def ipset_available() -> bool:

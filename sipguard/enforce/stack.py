@@ -54,6 +54,10 @@ class EnforcerStack:
     def entries(self) -> list[EnforcedEntry]:
         return self.primary.entries()
 
+    def drift(self, now: float) -> list[str]:
+        """The kernel's drift (a mirror is repaired by the resync a drift triggers, and each resync_interval)."""
+        return self.primary.drift(now)
+
     def close(self) -> None:
         self.primary.close()
         self._each_mirror("close", lambda m: m.close())

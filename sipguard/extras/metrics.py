@@ -225,6 +225,9 @@ class MeteredEnforcer:
     def entries(self) -> list[EnforcedEntry]:
         return self._call("entries", self.inner.entries)
 
+    def drift(self, now: float) -> list[str]:
+        return self.inner.drift(now)
+
     def close(self) -> None:
         self.inner.close()
 
