@@ -10,6 +10,7 @@ exactly as the old forms did (same match, same address).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from functools import lru_cache
@@ -19,8 +20,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sipguard.config import Config
+from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.filters import FilterSet, expand_macros, shipped_dir
 from sipguard.filters.corpus import parse_corpus, run_corpus
+from sipguard.formats import JournalParser
+from sipguard.model import Line
+from sipguard.store import Store
+from sipguard.wiring import build_daemon
+from waiting import wait_for
 
 CORPUS = Path(__file__).parent / "corpus"
 KIB = 1024
@@ -198,3 +206,58 @@ def test_linear_forms_on_every_corpus_record(shipped: FilterSet) -> None:
             for cut in range(0, len(text), 7):  # and every shorter record made of its pieces
                 _same(old, new, text[:cut])
                 _same(old, new, text[cut:])
+
+
+# -- bounded records: no filter runs over more than [sources] max_line ------------------------------------
+
+def _entry(message: object, **kw: object) -> Line:
+    return Line("journal:id=kamailio", json.dumps({"MESSAGE": message, "SYSLOG_IDENTIFIER": "kamailio", **kw}).encode())
+
+
+def test_journal_entries_are_capped_at_max_line() -> None:
+    p = JournalParser(max_line=1024)
+    ok = "NOTICE: <script>: x " + "a" * (1024 - 20)
+    assert len(ok.encode()) == 1024 and [r.text for r in p.feed(_entry(ok))] == [ok]
+    assert p.feed(_entry(ok + "a")) == []  # one byte too many
+    assert p.feed(_entry(list((ok + "a").encode()))) == []  # the byte-array form of MESSAGE
+    assert p.feed(_entry("é" * 513)) == []  # 513 characters, 1026 bytes
+    assert p.feed(_entry("\x1b" * 1000 + "x" * 60000)) == []  # escapes inflate the JSON, not the count
+    assert p.feed(Line("j", b"x" * (6 * 1024 + 65537))) == []  # too long to hold a capped MESSAGE: not decoded
+    assert p.stats["too_long"] == 5 and p.stats["records"] == 1 and p.stats["garbage"] == 0
+    assert JournalParser().max_line == 1 << 20  # the config's default
+
+
+def test_every_source_caps_records_through_the_daemon(tmp_path: Path) -> None:
+    """A file line and a journal entry (4 MiB MESSAGE, through a stand-in journalctl) longer than
+    max_line are skipped and counted as too_long; the lines around them still make their events."""
+    big = "NOTICE: <script>: auth failed for user " + "x" * (4 << 20) + " from 198.18.9.9:5060 method REGISTER"
+    good = "NOTICE: <script>: auth failed for user 1 from 198.18.9.{n}:5060 method REGISTER"
+    entries = tmp_path / "entries.json"
+    now = time.time()  # recent records: the daemon's pruning keeps a day of events
+    entries.write_text("".join(json.dumps({"__CURSOR": f"c{i}", "SYSLOG_IDENTIFIER": "kamailio", "_PID": "7",
+                                           "__REALTIME_TIMESTAMP": str(int(now * 1e6)), "MESSAGE": m}) + "\n"
+                               for i, m in enumerate([good.format(n=1), big, good.format(n=2)])))
+    journalctl = tmp_path / "journalctl"
+    journalctl.write_text(f'#!/bin/sh\ncase " $* " in *" --follow "*) cat {entries}; exec sleep 600;; esac\n')
+    journalctl.chmod(0o755)
+    log = tmp_path / "kamailio.log"
+    head = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now)) + " sip1 kamailio[4242]: "
+    log.write_text(f"{head}{good.format(n=3)}\n{head}{big}\n{head}{good.format(n=4)}\n")
+    cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                 "sources": {"max_line": 65536, "journal_identifiers": ["kamailio"],
+                                             "journalctl": str(journalctl)}})
+    store = Store(":memory:")
+    d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)], from_start=True)
+    d.setup()
+    try:
+        def read_all() -> bool:
+            d.step(d.parts.follower.poll_batch(0.1))
+            return d.stats.events >= 4 and d.skipped()["too_long"] >= 2
+
+        wait_for(read_all, timeout=20.0, interval=0.0)
+        assert d.stats.events == 4
+        assert d.skipped()["too_long"] == 2
+        assert sorted(e.ip for e in store.recent_events(0)) == [f"198.18.9.{n}" for n in (1, 2, 3, 4)]
+    finally:
+        d.parts.follower.close()
+        store.close()
