@@ -310,7 +310,9 @@ class BlocklistConfig(Section):
     refresh: Duration = 3600
     format: Literal["auto", "text", "json"] = "auto"
     bantime: MaybePermanent | None = None  # None: until the entry drops off the list (or "permanent")
-    max_entries: int = Field(1_000_000, ge=1)
+    max_entries: int = Field(1_000_000, ge=1)  # distinct entries: reading stops and the list is refused past it
+    max_bytes: int = Field(64 << 20, ge=1024, le=1 << 30)  # the same for the list's size
+    allow_private: bool = False  # redirects may lead to loopback, link-local and private addresses too
 
 
 
