@@ -17,7 +17,7 @@ operator's alike), over the pattern as `re` itself parses it (`re._parser`):
   a `reason` (spec.py).
 
 Problems are sentences naming the offending part of the pattern (rebuilt from the parse, with the
-spec's macros such as `<ADDR>` put back), for spec.py to raise as ConfigErrors. Never matches text
+spec's macros such as `<ADDR>` put back), for spec.py to raise as ConfigErrors. Never matches a record
 and never raises on a pattern `re.compile` accepted.
 """
 
