@@ -2,6 +2,13 @@
 
 A bad file raises ConfigError naming the file, the key (and line when we can find it) and the
 reason, before any other stage starts; nothing here touches the kernel or the database.
+
+Files a root daemon can trust (like sshd's StrictModes): running as root, the config file, and (through
+`check_trusted`, called by the filter loader) every filter directory and filter file, must be owned by
+root and writable by nobody else, and so must each directory above them (a sticky one such as /tmp
+may be world-writable); the shipped filters are trusted as installed. A program the config names
+(`[sources] journalctl`) must then be an absolute path to such a file. Anyone else could otherwise
+replace a regex or a weight, or the program root runs.
 """
 
 from __future__ import annotations
@@ -9,11 +16,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .addresses import network
 from .errors import ConfigError
@@ -127,7 +135,15 @@ class SourcesConfig(Section):
     max_line: int = Field(1 << 20, ge=1024)
     journal: list[str] = []  # systemd units to follow through the journal, e.g. ["kamailio.service"]
     journal_identifiers: list[str] = []  # ... or syslog identifiers (journalctl -t), e.g. ["kamailio"]
-    journalctl: str = "journalctl"  # the journalctl binary (journal sources)
+    journalctl: str = "journalctl"  # the journalctl binary (journal sources); as root an absolute path
+
+    @field_validator("journalctl")
+    @classmethod
+    def _journalctl_trusted(cls, value: str, info: ValidationInfo) -> str:
+        """As root with journal sources, the program must be one root can trust (`trusted_program`)."""
+        if running_as_root() and (info.data.get("journal") or info.data.get("journal_identifiers")):
+            return trusted_program(value, default_name="journalctl")
+        return value
 
 
 class FiltersConfig(Section):
@@ -318,7 +334,9 @@ class BlocklistConfig(Section):
     refresh: Duration = 3600
     format: Literal["auto", "text", "json"] = "auto"
     bantime: MaybePermanent | None = None  # None: until the entry drops off the list (or "permanent")
-    max_entries: int = Field(1_000_000, ge=1)
+    max_entries: int = Field(1_000_000, ge=1)  # distinct entries: reading stops and the list is refused past it
+    max_bytes: int = Field(64 << 20, ge=1024, le=1 << 30)  # the same for the list's size
+    allow_private: bool = False  # redirects may lead to loopback, link-local and private addresses too
 
 
 
@@ -401,6 +419,100 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return None
 
 
+# -- files a root daemon can trust ----------------------------------------------------------------------
+
+SYSTEM_PATH = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
+"""Where a program named without a path is looked up when running as root (never $PATH)."""
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _owner(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _writable_by(mode: int) -> str:
+    who = [w for w, bit in (("group", stat.S_IWGRP), ("world", stat.S_IWOTH)) if mode & bit]
+    return " and ".join(who) + f"-writable (mode {stat.S_IMODE(mode):04o})"
+
+
+def untrusted(path: Path, what: str = "the file") -> str | None:
+    """Why a process running as root must not trust `path`, or None: `path` (symlinks followed) must be
+    owned by root and not group- or world-writable, and so must every directory above it, both as
+    written and as resolved, except that a world-writable directory with the sticky bit (/tmp) is
+    allowed above it (nobody else can replace root's entries there)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot check {what}: {exc.strerror or exc}"
+    if st.st_uid != 0:
+        return f"{what} is owned by {_owner(st.st_uid)}, not root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{what} is {_writable_by(st.st_mode)}"
+    absolute = Path(os.path.abspath(path))
+    seen: set[Path] = set()
+    for parent in [*absolute.parents, *Path(os.path.realpath(path)).parents]:
+        if parent in seen:
+            continue
+        seen.add(parent)
+        try:
+            pst = os.stat(parent)
+        except OSError as exc:
+            return f"cannot check its directory {parent}: {exc.strerror or exc}"
+        if pst.st_uid != 0:
+            return f"its directory {parent} is owned by {_owner(pst.st_uid)}, not root"
+        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
+            return f"its directory {parent} is {_writable_by(pst.st_mode)}"
+    return None
+
+
+def trusted_as_installed(path: Path) -> bool:
+    """True for the shipped filters' directory (trusted as the package was installed)."""
+    try:
+        return Path(path).resolve() == SHIPPED_FILTERS.resolve()
+    except OSError:
+        return False
+
+
+def check_trusted(path: Path, what: str) -> None:
+    """Running as root, refuse (ConfigError) a file or directory `untrusted` finds a reason against."""
+    if not running_as_root():
+        return
+    why = untrusted(path, f"the {what}")
+    if why is not None:
+        raise ConfigError(str(path), None, f"refused (running as root): {why}; a root daemon uses only "
+                          f"files that root owns and nobody else can write (chown root, chmod go-w)")
+
+
+def trusted_program(value: str, default_name: str | None = None) -> str:
+    """The absolute path of a program a root process may run, or ValueError with the reason.
+
+    `value` must be an absolute path to an executable `untrusted` finds nothing against; only the
+    key's default name (`default_name`) may be given bare, and is then looked up in SYSTEM_PATH.
+    """
+    path = Path(value)
+    if not path.is_absolute():
+        if default_name is None or value != default_name:
+            raise ValueError(f"{value!r}: a program run as root must be an absolute path")
+        found = next((Path(d) / value for d in SYSTEM_PATH if os.access(Path(d) / value, os.X_OK)), None)
+        if found is None:
+            raise ValueError(f"{value!r} not found in {', '.join(SYSTEM_PATH)}: give its absolute path")
+        path = found
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise ValueError(f"{str(path)!r} is not an executable file")
+    why = untrusted(path, "the program")
+    if why is not None:
+        raise ValueError(f"{str(path)!r} refused (running as root): {why}")
+    return str(path)
+
+
 def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     """The text and the parsed table of a TOML file (config or filter); ConfigError on bad input."""
     try:
@@ -427,6 +539,7 @@ def load_config(path: str | Path | None = None, *, required: bool | None = None)
         if required:
             raise ConfigError(str(p), None, "config file not found")
         return Config()
+    check_trusted(p, "config file")
     text, data = read_toml(p)
     try:
         cfg = Config.model_validate(data)

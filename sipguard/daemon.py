@@ -390,8 +390,8 @@ class Daemon:
         parse = self.parse_counters()
         out = {k: parse.get(k, 0) for k in _PARSER_SKIPS}
         src = _counters(self.parts.follower.stats)
-        for k in _SOURCE_SKIPS:
-            out[k] = int(src.get(k, 0) or 0)
+        for k in _SOURCE_SKIPS:  # too_long: lines of files (sources) and journal entries (parsers)
+            out[k] = int(parse.get(k, 0) or 0) + int(src.get(k, 0) or 0)
         out["invalid_ip"] = int(_counters(self.parts.filters.stats).get("invalid_ip", 0) or 0)
         return out
 

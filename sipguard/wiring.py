@@ -115,7 +115,7 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
         journal = JournalFollower(sc.journal, sc.journal_identifiers, cursors=store.journal_cursors(),
                                   journalctl=sc.journalctl, from_start=from_start)
         for key in journal.sources:
-            parsers[key] = JournalParser(programs=None)
+            parsers[key] = JournalParser(programs=None, max_line=sc.max_line)
         follower = MultiFollower(follower, journal)
 
         def save_extra() -> None:  # the journal's cursors, in the batch's transaction

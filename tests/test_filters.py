@@ -146,7 +146,9 @@ def test_multiline_opt_in(tmp_path: Path) -> None:
 
 
 def test_second_regex_is_tried_when_first_captures_an_invalid_address(tmp_path: Path) -> None:
-    write(tmp_path, "t.toml", GOOD.replace("regex = [", "regex = ['boom from (?P<ip>\\S+) x', "))
+    # the first regex is not anchored at the end of the line: the file has to say so (check.py)
+    write(tmp_path, "t.toml", GOOD.replace("regex = [", "regex = ['boom from (?P<ip>\\S+) x', ")
+          + "unanchored = true\nreason = \"a test of the second regex\"\n")
     fs = FilterSet.load([tmp_path])
     assert fs.match(Record("boom from nonsense x boom from 1.2.3.4:5"), 0).ip == "1.2.3.4"
 

@@ -24,12 +24,22 @@ def import_(
     list_name: Annotated[Optional[str], typer.Option("--list", help="list name (default: the file's name)")] = None,
     for_: Annotated[Optional[str], typer.Option("--for", help="ban time (default: until it drops off the list)")] = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | text | json")] = "auto",
+    max_entries: Annotated[Optional[int], typer.Option(
+        "--max-entries", help="refuse a list with more distinct entries (default: the configured list's "
+                              "max_entries, else 1000000)")] = None,
+    allow_private: Annotated[Optional[bool], typer.Option(
+        "--allow-private/--no-allow-private", help="let a URL redirect to loopback, link-local and private "
+                                                   "addresses (default: the configured list's allow_private)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable summary")] = False,
 ) -> None:
-    """Ban a blocklist's entries (reason blocklist:NAME); entries gone from the list are unbanned."""
-    import re
+    """Ban a blocklist's entries (reason blocklist:NAME); entries gone from the list are unbanned.
 
-    from ..extras.blocklists import apply_blocklist, load_blocklist
+    The list is read within the same bounds as a configured [[blocklists]] entry of that name (its
+    max_entries, max_bytes and allow_private; the defaults otherwise)."""
+    import re
+    from dataclasses import replace
+
+    from ..extras.blocklists import Limits, apply_blocklist, load_blocklist
     from .app import _kernel_enforcer
 
     if fmt not in ("auto", "text", "json"):
@@ -39,7 +49,15 @@ def import_(
         raise SipguardError(f"--list: bad name {name!r}: letters, digits, '_', '.', '-' (at most 40)")
     dur = _duration_option(for_)
     bantime = None if dur == "policy" else dur
-    entries = load_blocklist(source, fmt)  # the whole list is checked before anything changes
+    configured = next((b for b in ctx.cfg.blocklists if b.name == name), None)
+    limits = Limits() if configured is None else Limits.of(configured)
+    if max_entries is not None:
+        if max_entries < 1:
+            raise SipguardError(f"--max-entries: must be at least 1, not {max_entries}")
+        limits = replace(limits, max_entries=max_entries)
+    if allow_private is not None:
+        limits = replace(limits, allow_private=allow_private)
+    entries = load_blocklist(source, fmt, limits=limits)  # the whole list is checked before anything changes
     store = ctx.store()
     enforcer = _kernel_enforcer()
     t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """Filters: `filters/*.toml` compiled once, turning a Kamailio Record into at most one Event.
 
-`spec.py` validates and compiles one filter file; `filterset.py` holds the active filters
+`spec.py` validates and compiles one filter file, refusing what `check.py`'s static checks find (nested
+unbounded quantifiers, an address not anchored at the end of the record); `filterset.py` holds the active filters
 (`FilterSet.match`, `explain`, the candidate filters of a line's literals); `search.py` finds the
 lines holding a filter's prefilter literals (Hyperscan or bytes.find); `corpus.py` reads and runs
 the corpus grammar (tests/corpus/README.md) for the tests and `sipguard test-filter --corpus`.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple, overload
 
 from ..addresses import normalize_ip
+from ..config import check_trusted, trusted_as_installed
 from ..errors import ConfigError
 from ..model import Event, Record
 from .search import search_literals
@@ -78,7 +79,9 @@ class FilterSet:
 
         Missing directories are skipped (user override directories are optional). `enabled`, when
         given, is the exact list of active filters (overriding each file's `enabled`); `disabled`
-        then removes names. Unknown names are a ConfigError.
+        then removes names. Unknown names are a ConfigError. Running as root, a directory or file
+        that root does not own or others can write is a ConfigError too (config.check_trusted; the
+        shipped filters are trusted as installed).
         """
         found: dict[str, CompiledFilter] = {}
         for d in dirs:
@@ -87,8 +90,13 @@ class FilterSet:
                 continue
             if not d.is_dir():
                 raise ConfigError(str(d), None, "filter directory is not a directory")
+            shipped = trusted_as_installed(d)
+            if not shipped:
+                check_trusted(d, "filter directory")
             here: dict[str, Path] = {}
             for path in sorted(d.glob("*.toml")):
+                if not shipped:
+                    check_trusted(path, "filter file")
                 spec, text = load_spec(path)
                 if spec.name in here:
                     raise ConfigError(str(path), "name", f"filter {spec.name!r} is also defined in {here[spec.name]}")

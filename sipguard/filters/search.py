@@ -44,6 +44,8 @@ def trigger_lines(buf: bytes, literals: tuple[bytes, ...], start: int = 0, end: 
     """
     if end is None:
         end = len(buf)
+    if any(b"\x00" in lit for lit in literals):
+        return _trigger_lines_split(buf, literals, start, end)
     hs = _hyperscan(literals) if literals else None
     if hs is None:
         return _trigger_lines_find(buf, literals, start, end)
@@ -70,6 +72,27 @@ def trigger_lines(buf: bytes, literals: tuple[bytes, ...], start: int = 0, end: 
     return starts, masks
 
 
+def _trigger_lines_split(buf: bytes, literals: tuple[bytes, ...], start: int, end: int
+                         ) -> tuple[list[int], list[int]]:
+    """`trigger_lines` when some literals hold a NUL byte, which Hyperscan's literal API cannot take
+    (it reads each literal as a C string): those by `bytes.find`, the others as usual."""
+    plain = [i for i, lit in enumerate(literals) if b"\x00" not in lit]
+    found: dict[int, int] = {}
+    for indexes, search in ((plain, trigger_lines),
+                            ([i for i in range(len(literals)) if i not in plain], _trigger_lines_find)):
+        if not indexes:
+            continue
+        starts, masks = search(buf, tuple(literals[i] for i in indexes), start, end)
+        for s, m in zip(starts, masks):
+            bits = 0
+            for j, i in enumerate(indexes):
+                if m >> j & 1:
+                    bits |= 1 << i
+            found[s] = found.get(s, 0) | bits
+    starts = sorted(found)
+    return starts, [found[x] for x in starts]
+
+
 def _trigger_lines_find(buf: bytes, literals: tuple[bytes, ...], start: int, end: int
                         ) -> tuple[list[int], list[int]]:
     """`trigger_lines` without Hyperscan: one `bytes.find` pass per literal, jumping to the next
@@ -93,7 +116,8 @@ def _trigger_lines_find(buf: bytes, literals: tuple[bytes, ...], start: int, end
 
 
 _HS_DBS: dict[tuple[bytes, ...], object] = {}
-_HS_BROKEN: list[str] = []  # why Hyperscan is not used (import or compile error), once
+_HS_BROKEN: list[str] = []  # why Hyperscan is not used at all (not installed, or disabled), once
+_HS_FAILED: dict[tuple[bytes, ...], str] = {}  # literal sets Hyperscan would not compile (bytes.find for those)
 _HS_LOCAL = threading.local()  # per thread: {literals: Scratch}; a scratch serves one scan at a time
 
 
@@ -118,20 +142,25 @@ def _hyperscan(literals: tuple[bytes, ...]) -> tuple[Any, Any] | None:
 def _hyperscan_db(literals: tuple[bytes, ...]) -> object | None:
     """A compiled Hyperscan block-mode database of `literals` (cached), or None without Hyperscan."""
     db = _HS_DBS.get(literals)
-    if db is not None or _HS_BROKEN:
+    if db is not None or _HS_BROKEN or literals in _HS_FAILED:
         return db
     if os.environ.get("SIPGUARD_NO_HYPERSCAN"):
         _HS_BROKEN.append("disabled by SIPGUARD_NO_HYPERSCAN")
         return None
     try:
         import hyperscan
-
+    except Exception as exc:  # noqa: BLE001 - not installed (or its library is missing): bytes.find works
+        _HS_BROKEN.append(f"{type(exc).__name__}: {exc}")
+        log.info("Hyperscan unavailable (%s); searching literals with bytes.find", exc)
+        return None
+    try:
         db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
         db.compile(expressions=list(literals), ids=list(range(len(literals))), elements=len(literals),
                    flags=0, literal=True)
-    except Exception as exc:  # ImportError, or a CPU/library Hyperscan rejects: bytes.find still works
-        _HS_BROKEN.append(f"{type(exc).__name__}: {exc}")
-        log.info("Hyperscan unavailable (%s); searching literals with bytes.find", exc)
+    except Exception as exc:  # noqa: BLE001 - a CPU or a literal set it rejects: bytes.find for this set only
+        if len(_HS_FAILED) < 64:
+            _HS_FAILED[literals] = f"{type(exc).__name__}: {exc}"
+        log.info("Hyperscan cannot compile these literals (%s); searching them with bytes.find", exc)
         return None
     if len(_HS_DBS) > 16:
         _HS_DBS.clear()

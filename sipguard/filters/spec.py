@@ -1,9 +1,11 @@
 """Filter specs: one `filters/*.toml` file as written (FilterSpec), validated, and compiled once
 (CompiledFilter).
 
-Never loads a file that is not a valid filter: unknown keys, wrong types, a bad regex or a regex
-without the named group `ip` are ConfigErrors naming the file, the key or line, and the reason.
-Never matches a record (FilterSet does).
+Never loads a file that is not a valid filter: unknown keys, wrong types, a bad regex, a regex
+without the named group `ip`, a regex with nested unbounded quantifiers (catastrophic backtracking)
+and a regex whose address is not anchored at the end of the record (unless the file says
+`unanchored = true` with a `reason`) are ConfigErrors naming the file, the key or line, the regex and
+the reason (the static checks are check.py's). Never matches a record (FilterSet does).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from ..config import read_toml
+from ..config import SHIPPED_FILTERS, read_toml
 from ..errors import ConfigError
 from ..model import EventKind
+from .check import anchor_problem, nested_quantifier, parse
 
 # Macros expanded in `regex` and `ignore` before compiling. <ADDR> is deliberately permissive
 # (normalize_ip decides validity) but can never contain a space, so a shape anchored at the end
@@ -57,6 +60,10 @@ class FilterSpec(BaseModel):
     multiline: Annotated[bool, Strict()] = False
     """False (the default and every shipped filter): a record spanning several physical lines never
     matches, because its later lines may be SIP text an attacker copied into the log (stderr, journal)."""
+    unanchored: Annotated[bool, Strict()] = False
+    """True: the regexes' address need not be anchored at the end of the record (check.py); the file
+    must then say why in `reason`."""
+    reason: Annotated[str, Strict(), Field(max_length=4096)] = ""
 
     @field_validator("weight", mode="before")
     @classmethod
@@ -122,7 +129,8 @@ def load_spec(path: Path) -> tuple[FilterSpec, str]:
 
 
 def compile_spec(spec: FilterSpec, path: str, text: str = "") -> CompiledFilter:
-    """Compile a validated spec; a bad regex or one without a named group `ip` is a ConfigError."""
+    """Compile a validated spec; a bad regex, one without a named group `ip` or one check.py refuses is
+    a ConfigError."""
 
     def comp(key: str, i: int, pattern: str, need_ip: bool) -> re.Pattern[str]:
         where = f"{key}[{i}]"
@@ -137,13 +145,34 @@ def compile_spec(spec: FilterSpec, path: str, text: str = "") -> CompiledFilter:
             raise ConfigError(path, where, "regex has no named group 'ip' (?P<ip>...)")
         return rx
 
+    def where(key: str, i: int | None = None) -> str:
+        line = _key_line(text, key) if text else None
+        loc = key if i is None else f"{key}[{i}]"
+        return f"{loc} (line {line})" if line else loc
+
+    if spec.unanchored and not spec.reason.strip():
+        raise ConfigError(path, where("unanchored"), "unanchored = true needs a reason = \"...\" saying why "
+                          "the address cannot be anchored where Kamailio prints $si")
+    if spec.reason and not spec.unanchored:
+        raise ConfigError(path, where("reason"), "reason is read only with unanchored = true")
+    regexes = tuple(comp("regex", i, p, True) for i, p in enumerate(spec.regex))
+    ignores = tuple(comp("ignore", i, p, False) for i, p in enumerate(spec.ignore))
+    # the static checks, once every regex compiles (check.py)
+    for key, patterns in (("regex", spec.regex), ("ignore", spec.ignore)):
+        for i, pattern in enumerate(patterns):
+            tree = parse(expand_macros(pattern))
+            problem = nested_quantifier(tree, MACROS)
+            if problem is None and key == "regex" and not spec.unanchored:
+                problem = anchor_problem(tree, "ip", MACROS)
+            if problem is not None:
+                raise ConfigError(path, where(key, i), f"'{pattern}': {problem}")
     return CompiledFilter(
         name=spec.name,
         kind=spec.kind,
         weight=float(spec.weight),
         prefilter=tuple(spec.prefilter),
-        regexes=tuple(comp("regex", i, p, True) for i, p in enumerate(spec.regex)),
-        ignores=tuple(comp("ignore", i, p, False) for i, p in enumerate(spec.ignore)),
+        regexes=regexes,
+        ignores=ignores,
         multiline=spec.multiline,
         description=spec.description,
         path=path,
@@ -152,5 +181,5 @@ def compile_spec(spec: FilterSpec, path: str, text: str = "") -> CompiledFilter:
 
 
 def shipped_dir() -> Path:
-    """The filters shipped with the source tree (`<repo>/filters`)."""
-    return Path(__file__).resolve().parent.parent.parent / "filters"
+    """The shipped filters: `<repo>/filters` in a source tree, the package data of an installed wheel."""
+    return SHIPPED_FILTERS

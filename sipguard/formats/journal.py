@@ -11,6 +11,10 @@ and the journal then cuts its output at every LF, including LFs copied from SIP 
 stdout entries are accepted only with Kamailio's ` rank(pid) LEVEL:` prefix naming the entry's own
 _PID, and counted as `forged` otherwise (still: prefer syslog).
 
+Records are capped like the lines of a file: an entry whose MESSAGE is longer than `max_line` bytes
+(`[sources] max_line`) is counted as `too_long` and skipped, and so is a JSON line too long to hold
+a MESSAGE within that cap (it is not even decoded), so no filter ever runs over more than max_line.
+
 Never runs journalctl and never raises on input: what is not a JSON object with a MESSAGE is counted
 as garbage.
 """
@@ -25,6 +29,9 @@ from typing import Any
 from ..model import Line, Record
 
 _STDERR_PREFIX = re.compile(r"^\s*(\d+)\((\d+)\) ")
+MAX_LINE = 1 << 20  # [sources] max_line's default
+JSON_SLACK = 64 << 10  # room for an entry's other fields beside its MESSAGE
+JSON_PER_BYTE = 6  # the most JSON text one byte of MESSAGE takes ("\u001b" in a string)
 
 
 def message_text(value: Any) -> str | None:
@@ -43,14 +50,19 @@ class JournalParser:
     """RecordParser's counterpart for journal JSON entries (same feed/flush/stats shape): one line,
     at most one record, nothing pending between lines."""
 
-    def __init__(self, programs: frozenset[str] | None = None) -> None:
+    def __init__(self, programs: frozenset[str] | None = None, max_line: int = MAX_LINE) -> None:
         self.programs = programs
+        self.max_line = max_line
+        self._max_json = JSON_PER_BYTE * max_line + JSON_SLACK
         self.stats: Counter[str] = Counter({"lines": 0, "records": 0, "garbage": 0, "forged": 0,
-                                            "other_program": 0, "binary_message": 0})
+                                            "other_program": 0, "binary_message": 0, "too_long": 0})
 
     def feed(self, line: Line) -> list[Record]:
         st = self.stats
         st["lines"] += 1
+        if len(line.data) > self._max_json:
+            st["too_long"] += 1
+            return []
         try:
             entry = json.loads(line.data)
         except (ValueError, UnicodeDecodeError):
@@ -60,9 +72,15 @@ class JournalParser:
             st["garbage"] += 1
             return []
         raw = entry.get("MESSAGE")
+        if isinstance(raw, list) and len(raw) > self.max_line:  # one value per byte
+            st["too_long"] += 1
+            return []
         text = message_text(raw)
         if text is None:
             st["garbage"] += 1
+            return []
+        if len(text) > self.max_line // 4 and len(text.encode("utf-8", "surrogatepass")) > self.max_line:
+            st["too_long"] += 1
             return []
         if isinstance(raw, list):
             st["binary_message"] += 1

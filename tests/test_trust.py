@@ -1,0 +1,292 @@
+"""Files a root daemon can trust (issue 16, item 10; like sshd's StrictModes): running as root, a config
+file, filter directory or filter file that root does not own, that others can write, or that sits in a
+directory others could replace it in is refused with its reason; the shipped filters are trusted as
+installed; `[sources] journalctl` must be an absolute path to a root-owned program nobody else can
+write. Real files with bad modes and owners (chown to nobody), in temporary directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sipguard.config import Config, SYSTEM_PATH, load_config, trusted_as_installed, untrusted
+from sipguard.errors import ConfigError
+from sipguard.filters import FilterSet, shipped_dir
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, and the checks apply to root)")
+
+NOBODY = 65534
+SIPGUARD = [sys.executable, "-m", "sipguard"]
+FILTER = """name = "mine"
+kind = "auth_failure"
+prefilter = ["boom"]
+regex = ['boom from (?P<ip><ADDR>):<PORT>$']
+"""
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A root-owned 0755 directory under the (sticky, root-owned) temporary directory."""
+    d = tmp_path / "etc"
+    d.mkdir()
+    d.chmod(0o755)
+    return d
+
+
+def _config(home: Path, text: str = 'state_dir = "/nonexistent/st"\n', mode: int = 0o644, uid: int = 0) -> Path:
+    p = home / "sipguard.toml"
+    p.write_text(text)
+    os.chown(p, uid, -1)
+    p.chmod(mode)
+    return p
+
+
+def _refused(path: Path, *words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: refused (running as root): "), msg
+    for w in words:
+        assert w in msg, msg
+
+
+# -- the config file -----------------------------------------------------------------------------------
+
+def test_config_file_root_owned_and_private_is_used(home: Path) -> None:
+    cfg = load_config(_config(home))
+    assert str(cfg.state_dir) == "/nonexistent/st"
+
+
+@pytest.mark.parametrize("mode, words", [
+    (0o666, "the config file is group and world-writable (mode 0666)"),
+    (0o646, "the config file is world-writable (mode 0646)"),
+    (0o664, "the config file is group-writable (mode 0664)"),
+])
+def test_config_file_writable_by_others_is_refused(home: Path, mode: int, words: str) -> None:
+    _refused(_config(home, mode=mode), words)
+
+
+def test_config_file_owned_by_nobody_is_refused(home: Path) -> None:
+    _refused(_config(home, uid=NOBODY), "the config file is owned by nobody (uid 65534), not root")
+
+
+def test_config_file_in_a_directory_others_can_write_is_refused(home: Path) -> None:
+    p = _config(home)
+    home.chmod(0o777)
+    _refused(p, f"its directory {home} is group and world-writable (mode 0777)")
+    home.chmod(0o775)
+    _refused(p, f"its directory {home} is group-writable (mode 0775)")
+    home.chmod(0o1777)  # sticky, like /tmp: nobody else can replace root's file in it
+    assert load_config(p).state_dir is not None
+    home.chmod(0o755)
+    os.chown(home, NOBODY, -1)
+    _refused(p, f"its directory {home} is owned by nobody (uid 65534), not root")
+
+
+def test_config_file_through_a_symlink_is_checked_where_it_points(home: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    os.chown(other, NOBODY, -1)
+    target = other / "real.toml"
+    target.write_text('state_dir = "/nonexistent/st"\n')
+    link = home / "sipguard.toml"
+    link.symlink_to(target)
+    _refused(link, f"its directory {other} is owned by nobody")
+
+
+def test_cli_refuses_with_one_line(home: Path) -> None:
+    p = _config(home, mode=0o666)
+    r = subprocess.run([*SIPGUARD, "--config", str(p), "check-config"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert r.stderr.strip().splitlines() == [
+        f"sipguard: error: {p}: refused (running as root): the config file is group and world-writable "
+        f"(mode 0666); a root daemon uses only files that root owns and nobody else can write "
+        f"(chown root, chmod go-w)"], r.stderr
+
+
+def test_not_root_nothing_is_refused() -> None:
+    """The checks are for a root process: `nobody` may use a config file of its own, mode 0666."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) missing")
+    d = Path(tempfile.mkdtemp(prefix="sg-trust-", dir="/tmp"))  # pytest's own tmp dirs are root's 0700
+    try:
+        d.chmod(0o755)
+        p = _config(d, uid=NOBODY, mode=0o666)
+        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *SIPGUARD,
+                            "--config", str(p), "check-config"], capture_output=True, text=True, timeout=60, cwd=d)
+        if r.returncode != 0 and "Permission denied" in r.stderr and str(d) not in r.stderr:
+            pytest.skip(f"nobody cannot run this checkout: {r.stderr.strip()[-200:]}")
+        assert r.returncode == 0 and f"config: {p}: OK" in r.stdout, r
+    finally:
+        shutil.rmtree(d)
+
+
+# -- filter directories and files ---------------------------------------------------------------------
+
+def _filters(home: Path) -> Path:
+    d = home / "filters.d"
+    d.mkdir()
+    d.chmod(0o755)
+    (d / "mine.toml").write_text(FILTER)
+    (d / "mine.toml").chmod(0o644)
+    return d
+
+
+def _filter_refused(d: Path, where: Path, *words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        FilterSet.load([shipped_dir(), d])
+    msg = str(e.value)
+    assert msg.startswith(f"{where}: refused (running as root): "), msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_filter_directory_root_owned_and_private_is_used(home: Path) -> None:
+    assert "mine" in FilterSet.load([shipped_dir(), _filters(home)]).names
+
+
+def test_filter_directory_writable_by_others_is_refused(home: Path) -> None:
+    d = _filters(home)
+    d.chmod(0o777)
+    _filter_refused(d, d, "the filter directory is group and world-writable (mode 0777)")
+    d.chmod(0o1777)  # sticky or not: anyone could add a filter to it
+    _filter_refused(d, d, "the filter directory is group and world-writable (mode 1777)")
+
+
+def test_filter_directory_owned_by_nobody_is_refused(home: Path) -> None:
+    d = _filters(home)
+    os.chown(d, NOBODY, -1)
+    _filter_refused(d, d, "the filter directory is owned by nobody (uid 65534), not root")
+
+
+@pytest.mark.parametrize("mode, uid, words", [
+    (0o666, 0, "the filter file is group and world-writable (mode 0666)"),
+    (0o620, 0, "the filter file is group-writable (mode 0620)"),
+    (0o644, NOBODY, "the filter file is owned by nobody (uid 65534), not root"),
+])
+def test_filter_file_refused(home: Path, mode: int, uid: int, words: str) -> None:
+    d = _filters(home)
+    f = d / "mine.toml"
+    os.chown(f, uid, -1)
+    f.chmod(mode)
+    _filter_refused(d, f, words)
+
+
+def test_filter_file_symlinked_to_a_file_nobody_owns_is_refused(home: Path, tmp_path: Path) -> None:
+    d = _filters(home)
+    (d / "mine.toml").unlink()
+    target = tmp_path / "elsewhere.toml"
+    target.write_text(FILTER)
+    os.chown(target, NOBODY, -1)
+    (d / "mine.toml").symlink_to(target)
+    _filter_refused(d, d / "mine.toml", "the filter file is owned by nobody")
+
+
+def test_a_filter_replacing_a_shipped_one_from_a_world_writable_directory_is_refused(home: Path) -> None:
+    """The issue's case: a world-writable filters.d whose file has a shipped name (any regex, any weight)."""
+    d = _filters(home)
+    (d / "mine.toml").write_text(FILTER.replace('name = "mine"', 'name = "auth-failure"') + "weight = 1000.0\n")
+    d.chmod(0o757)
+    _filter_refused(d, d, "world-writable (mode 0757)")
+
+
+def test_shipped_filters_are_trusted_as_installed_and_copies_are_not(home: Path) -> None:
+    assert trusted_as_installed(shipped_dir())
+    assert len(FilterSet.load([shipped_dir()]).names) == 7
+    copy = home / "copy"
+    shutil.copytree(shipped_dir(), copy)
+    copy.chmod(0o777)
+    assert not trusted_as_installed(copy)
+    _filter_refused(copy, copy, "world-writable")
+
+
+def test_config_naming_an_untrusted_filter_directory_is_refused_at_load(home: Path) -> None:
+    d = _filters(home)
+    d.chmod(0o777)
+    p = _config(home, f'[filters]\ndirectories = ["{shipped_dir()}", "{d}"]\n')
+    r = subprocess.run([*SIPGUARD, "--config", str(p), "check-config"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"sipguard: error: {d}: refused (running as root): the filter directory" in r.stderr, r
+
+
+# -- the program the config names ---------------------------------------------------------------------
+
+def _program(home: Path, mode: int = 0o755, uid: int = 0) -> Path:
+    p = home / "journalctl"
+    p.write_text("#!/bin/sh\nexit 0\n")
+    os.chown(p, uid, -1)
+    p.chmod(mode)
+    return p
+
+
+def _journal_config(home: Path, journalctl: str | None) -> Path:
+    line = "" if journalctl is None else f'journalctl = "{journalctl}"\n'
+    return _config(home, f'[sources]\nlogs = []\njournal_identifiers = ["kamailio"]\n{line}')
+
+
+def _journalctl_refused(home: Path, journalctl: str, *words: str) -> None:
+    p = _journal_config(home, journalctl)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: line 4: sources.journalctl: "), msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_journalctl_root_owned_absolute_is_used(home: Path) -> None:
+    prog = _program(home)
+    assert load_config(_journal_config(home, str(prog))).sources.journalctl == str(prog)
+
+
+def test_journalctl_relative_is_refused(home: Path) -> None:
+    _journalctl_refused(home, "bin/journalctl", "'bin/journalctl': a program run as root must be an absolute path")
+
+
+@pytest.mark.parametrize("mode, uid, words", [
+    (0o777, 0, "the program is group and world-writable (mode 0777)"),
+    (0o775, 0, "the program is group-writable (mode 0775)"),
+    (0o755, NOBODY, "the program is owned by nobody (uid 65534), not root"),
+])
+def test_journalctl_untrusted_program_is_refused(home: Path, mode: int, uid: int, words: str) -> None:
+    prog = _program(home, mode, uid)
+    _journalctl_refused(home, str(prog), f"'{prog}' refused (running as root): {words}")
+
+
+def test_journalctl_in_a_directory_nobody_owns_is_refused(home: Path) -> None:
+    prog = _program(home)
+    os.chown(home, NOBODY, -1)
+    p = home.parent / "sipguard.toml"
+    p.write_text(f'[sources]\nlogs = []\njournal = ["kamailio.service"]\njournalctl = "{prog}"\n')
+    with pytest.raises(ConfigError, match=rf"sources\.journalctl: '{prog}' refused \(running as root\): "
+                                          rf"its directory {home} is owned by nobody"):
+        load_config(p)
+
+
+def test_journalctl_not_executable_is_refused(home: Path) -> None:
+    prog = _program(home, 0o644)
+    _journalctl_refused(home, str(prog), "is not an executable file")
+
+
+def test_journalctl_default_is_looked_up_in_the_system_path_only(home: Path, monkeypatch) -> None:
+    fake = home / "bin"
+    fake.mkdir()
+    _program(fake)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ.get('PATH', '')}")  # never consulted
+    system = next((Path(d) / "journalctl" for d in SYSTEM_PATH if (Path(d) / "journalctl").exists()), None)
+    if system is None:
+        _journalctl_refused(home, "journalctl", "not found in /usr/bin")
+        return
+    cfg = load_config(_journal_config(home, None))
+    assert cfg.sources.journalctl == str(system) and untrusted(system) is None
+
+
+def test_journalctl_not_checked_without_journal_sources(home: Path) -> None:
+    p = _config(home, '[sources]\nlogs = []\njournalctl = "relative/journalctl"\n')
+    assert load_config(p).sources.journalctl == "relative/journalctl"
+    assert Config.model_validate({"sources": {"journalctl": "x"}}).sources.journalctl == "x"
