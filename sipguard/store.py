@@ -28,12 +28,16 @@ DB_NAME = "sipguard.db"
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a followed file was read up to (same shape as the sources' SourcePosition)."""
+    """Where a followed file was read up to (same shape as the sources' SourcePosition): the file's
+    identity, the offset, and the fingerprint of the content there (digests of its first bytes and of
+    the bytes before the offset; "" for a position saved before fingerprints)."""
 
     path: str
     dev: int
     inode: int
     offset: int
+    head: str = ""
+    tail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +137,11 @@ class Store:
             db["ban_log"].create_index(["ip", "time"])
             db["ban_log"].create_index(["time"])
         if "positions" not in db.table_names():
-            db["positions"].create({"path": str, "dev": int, "inode": int, "offset": int}, pk="path")
+            db["positions"].create({"path": str, "dev": int, "inode": int, "offset": int, "head": str, "tail": str},
+                                   pk="path")
+        elif "head" not in db["positions"].columns_dict:  # a database from before fingerprints: "" = none
+            db["positions"].add_column("head", str)
+            db["positions"].add_column("tail", str)
         if "control" not in db.table_names():
             db["control"].create(
                 {"id": int, "time": float, "action": str, "target": str, "payload": str}, pk="id"
@@ -275,14 +283,16 @@ class Store:
 
     # -- positions ------------------------------------------------------------------------
     def positions(self) -> dict[str, Position]:
-        rows = self.conn.execute("SELECT path, dev, inode, offset FROM positions")
-        return {p: Position(p, d, i, o) for p, d, i, o in rows}
+        rows = self.conn.execute("SELECT path, dev, inode, offset, head, tail FROM positions")
+        return {p: Position(p, d, i, o, h or "", t or "") for p, d, i, o, h, t in rows}
 
     def save_positions(self, positions: Iterable[object]) -> None:
-        """Accepts anything with path, dev, inode and offset (the sources' SourcePosition)."""
+        """Accepts anything with path, dev, inode and offset, and a fingerprint in head and tail when
+        it has one (the sources' SourcePosition)."""
         self.conn.executemany(
-            "INSERT OR REPLACE INTO positions (path, dev, inode, offset) VALUES (?, ?, ?, ?)",
-            ((p.path, p.dev, p.inode, p.offset) for p in positions),  # type: ignore[attr-defined]
+            "INSERT OR REPLACE INTO positions (path, dev, inode, offset, head, tail) VALUES (?, ?, ?, ?, ?, ?)",
+            ((p.path, p.dev, p.inode, p.offset, getattr(p, "head", ""), getattr(p, "tail", ""))  # type: ignore[attr-defined]
+             for p in positions),
         )
 
     # -- control: CLI → daemon -------------------------------------------------------------
