@@ -126,5 +126,5 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
                   scorer=scorer,
                   policy=policy, book=book, enforcer_name=kernel.name, logs=logs, hooks=hooks, fleet=fleet,
                   batch_scorer=None if fleet is None else fleet.score_batch, save_extra=save_extra,
-                  warnings=warnings)
+                  warnings=warnings, on_store=None if metrics is None else metrics.set_store)
     return Daemon(parts)
