@@ -262,3 +262,240 @@ def test_positions_from_before_fingerprints_are_migrated(tmp_path: Path) -> None
         assert (pos.offset, pos.head, pos.tail) == (6000, "ab" * 16, "cd" * 16)
     finally:
         s.close()
+
+
+# ------------------------------------------------------------------------- rotation with the real logrotate
+
+LINE_SRC = r'''
+import ipaddress
+from datetime import datetime
+
+def line(i):
+    """Line i: auth failure from 198.18.0.0 + i, every line of one length (seq and padding)."""
+    ip = str(ipaddress.ip_address(0xC6120000 + i))
+    ts = datetime.now().strftime("%b %d %H:%M:%S")
+    user = f"seq{i:06d}" + "x" * (15 - len(ip))
+    return (f"{ts} edge kamailio[4242]: NOTICE: <script>: auth failed for user {user} from {ip}:5060 "
+            f"method REGISTER\n").encode()
+'''
+
+WRITER = LINE_SRC + r'''
+import os, signal, sys, time
+path, start, end = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pauses = sorted(int(x) for x in sys.argv[4].split(",") if x) if len(sys.argv) > 4 else []
+ack = sys.argv[5] if len(sys.argv) > 5 else ""
+go = [False]
+signal.signal(signal.SIGUSR2, lambda *a: go.__setitem__(0, True))
+fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+i = start
+deadline = time.monotonic() + 120
+while i < end:
+    if i in pauses:  # tell the test where we stand, wait for its SIGUSR2
+        go[0] = False
+        with open(ack + ".tmp", "w") as f:
+            f.write(str(i))
+        os.rename(ack + ".tmp", ack)
+        while not go[0] and time.monotonic() < deadline:
+            time.sleep(0.002)
+    k = min([end, i + 100] + [p for p in pauses if p > i])
+    os.write(fd, b"".join(line(j) for j in range(i, k)))  # whole lines per write, as a logger does
+    i = k
+    time.sleep(0.002)
+os.close(fd)
+'''
+
+_ns: dict = {}
+exec(LINE_SRC, _ns)
+fixed_line = _ns["line"]
+
+
+class RotLab:
+    """`sipguard run --dry-run` as its own process over one log, writer processes, and logrotate."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.log = tmp / "kamailio.log"
+        self.log.touch()
+        self.state = tmp / "state"
+        self.config = tmp / "sipguard.toml"
+        self.config.write_text(f'[sources]\nlogs = ["{self.log}"]\nformat = "syslog"\nfrom_start = true\n'
+                               '[allowlist]\ninclude_host_addresses = false\n[daemon]\ncontrol_interval = 0.05\n')
+        self.procs: list[subprocess.Popen] = []
+        self.rotations = 0
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONPATH": str(TREE)}
+        env.pop("SIPGUARD_CONFIG", None)
+        env.pop("SIPGUARD_STATE_DIR", None)
+        return env
+
+    def daemon(self) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "sipguard", "--config", str(self.config), "--state-dir",
+                              str(self.state), "run", "--dry-run"], stdout=subprocess.DEVNULL,
+                             stderr=open(self.tmp / "daemon.err", "ab"), env=self.env(), start_new_session=True)
+        self.procs.append(p)
+        wait_for(lambda: self.status().get("running") and self.status().get("pid") == p.pid, timeout=30,
+                 interval=0.05)
+        return p
+
+    def _query(self, sql: str) -> list[tuple]:
+        """Read the daemon's database (read-only, never creating or migrating anything)."""
+        db = self.state / "sipguard.db"
+        if not db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute(sql).fetchall()
+        except sqlite3.OperationalError:  # not created yet
+            return []
+        finally:
+            conn.close()
+
+    def status(self) -> dict:
+        rows = self._query("SELECT value FROM meta WHERE key = 'status'")
+        return json.loads(rows[0][0]) if rows else {}
+
+    def per_source(self) -> dict[str, int]:
+        return dict(self._query("SELECT ip, count(*) FROM events GROUP BY ip"))
+
+    def count(self) -> int:
+        rows = self._query("SELECT count(*) FROM events")
+        return rows[0][0] if rows else 0
+
+    def settle(self, n: int, timeout: float = 90.0) -> None:
+        """Until n events are stored, or the count stood still for 5 s (then the check tells what is
+        missing), then half a second more for anything extra."""
+        end = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < end:
+            k = self.count()
+            if k >= n:
+                break
+            if k != last:
+                last, since = k, time.monotonic()
+            elif time.monotonic() - since > 5.0:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+
+    def writer(self, start: int, end: int, pauses: tuple[int, ...] = ()) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(self.log), str(start), str(end),
+                              ",".join(map(str, pauses)), str(self.tmp / "ack")], start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def write(self, start: int, end: int) -> None:
+        p = self.writer(start, end)
+        assert p.wait(60) == 0
+
+    def paused_at(self, seq: int) -> None:
+        ack = self.tmp / "ack"
+        wait_for(lambda: ack.exists() and ack.read_text() == str(seq), timeout=60)
+        ack.unlink()
+
+    def rotate(self, *options: str) -> None:
+        """One forced logrotate run with `options` (copytruncate, compress, dateext, ...)."""
+        self.rotations += 1
+        conf = self.tmp / "logrotate.conf"
+        body = "\n".join(["rotate 9", "missingok", "notifempty", *options])
+        conf.write_text(f"{self.log} {{\n{textwrap.indent(body, '    ')}\n}}\n")
+        p = subprocess.run([LOGROTATE, "-f", "-s", str(self.tmp / "logrotate.state"), str(conf)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+
+    def stop(self, p: subprocess.Popen) -> None:
+        os.killpg(p.pid, signal.SIGTERM)
+        assert p.wait(30) == 0, (self.tmp / "daemon.err").read_text()[-3000:]
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGCONT)
+                    os.killpg(p.pid, signal.SIGTERM)
+                    p.wait(10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    try:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    p.wait(10)
+
+
+@pytest.fixture
+def rot(tmp_path: Path) -> Iterator[RotLab]:
+    lab = RotLab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.stop_all()
+
+
+COPYTRUNCATE = {
+    "copytruncate": ("copytruncate",),
+    "copytruncate-compress": ("copytruncate", "compress"),  # the copy is compressed at once: only .1.gz holds it
+    "copytruncate-dateext": ("copytruncate", "dateext"),
+}
+
+
+@needs_logrotate
+@pytest.mark.parametrize("grow_back", [False, True], ids=["lag", "grown-back"])
+@pytest.mark.parametrize("kind", list(COPYTRUNCATE))
+def test_copytruncate_while_the_daemon_lags(rot: RotLab, kind: str, grow_back: bool) -> None:
+    n, stop_at, rotate_at = 30_000, 6_000, 12_000
+    d = rot.daemon()
+    w = rot.writer(0, n, pauses=(stop_at, rotate_at))
+    rot.paused_at(stop_at)
+    wait_for(lambda: rot.count() >= stop_at // 2, timeout=30)
+    os.killpg(d.pid, signal.SIGSTOP)  # the daemon lags: what comes now is not read before the rotation
+    w.send_signal(signal.SIGUSR2)
+    rot.paused_at(rotate_at)  # the writer holds still around copy+truncate (logrotate's own gap)
+    size = rot.log.stat().st_size
+    rot.rotate(*COPYTRUNCATE[kind])
+    w.send_signal(signal.SIGUSR2)
+    if grow_back:  # the file grows back past the old offset before the daemon looks again
+        wait_for(lambda: rot.log.stat().st_size > size + 4096, timeout=60)
+    os.killpg(d.pid, signal.SIGCONT)
+    assert w.wait(120) == 0
+    rot.settle(n)
+    check_each_once(rot.per_source(), n, kind)
+    rot.stop(d)
+    src = rot.status()["sources"]  # as the daemon said when it stopped
+    assert src["truncations"] == 1 and src["copies"] == 1, src
+    assert src["rewritten"] == (1 if grow_back else 0), src
+
+
+ROTATIONS = {
+    "create": ("create",),
+    "copytruncate": ("copytruncate",),
+    "compress": ("create", "compress"),  # the old file is compressed at once: its rest is only in .1.gz
+    "delaycompress": ("create", "compress", "delaycompress"),
+    "dateext": ("create", "dateext", "dateformat -%Y%m%d-%s"),
+    "copytruncate-compress": ("copytruncate", "compress"),
+}
+
+
+@needs_logrotate
+@pytest.mark.parametrize("kind", list(ROTATIONS))
+def test_restart_after_two_rotations_while_down(rot: RotLab, kind: str) -> None:
+    """Read 8,000 lines, stop; 8,000 more, rotate, 8,000 more, rotate, 16,000 more (the new file passes
+    the old offset with lines of one length); start: the 32,000 unread lines, each once."""
+    step = 8_000
+    d = rot.daemon()
+    rot.write(0, step)
+    wait_for(lambda: rot.count() >= step, timeout=60, interval=0.1)
+    rot.stop(d)
+    rot.write(step, 2 * step)
+    rot.rotate(*ROTATIONS[kind])
+    rot.write(2 * step, 3 * step)
+    if kind == "dateext":
+        time.sleep(1.1)  # the second rotation's name differs by its second
+    rot.rotate(*ROTATIONS[kind])
+    rot.write(3 * step, 5 * step)
+    assert rot.log.stat().st_size > step * len(fixed_line(0))
+    d = rot.daemon()
+    rot.settle(5 * step)
+    check_each_once(rot.per_source(), 5 * step, kind)
+    rot.stop(d)
+    src = rot.status()["sources"]
+    assert src["lost_rotated"] == 0 and src["lines"] == 4 * step, src

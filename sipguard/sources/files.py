@@ -632,29 +632,26 @@ class FileFollower:
 
     def _resume(self, f: _Follow, r: _Reader, sp: SourcePosition, now: float) -> None:
         """At a restart: resume in whichever file holds the saved position's bytes. The path's file
-        itself (the same inode first), else a rotated generation (renamed, copied by copytruncate,
-        compressed) followed by the newer ones and then the path's file from its start."""
+        itself when it is the saved inode, else a rotated generation (renamed, copied by copytruncate,
+        compressed) followed by the newer ones and then the path's file from its start; else the path's
+        file under a new inode when it holds them (the same content put in place)."""
         mark = Mark(sp.offset, sp.head, sp.tail)
-        same = (sp.dev, sp.inode) == r.ident
-        if same and (got := plain_holds(r.fd, os.fstat(r.fd).st_size, mark)) is not None:
+        got = plain_holds(r.fd, os.fstat(r.fd).st_size, mark)
+        if got is not None and (sp.dev, sp.inode) == r.ident:
             r.cutter.reset(sp.offset, *got)
             f.reader = r
             return
-        if not same and (got := plain_holds(r.fd, os.fstat(r.fd).st_size, mark)) is not None:
-            # the same content under a new inode (a copy put in place): still ours, unless a rotated
-            # generation with the saved inode holds it too (a create rotation of a file just copied)
-            sibs = [s for s in rotated_siblings(f.path) if (s.dev, s.inode) == (sp.dev, sp.inode)]
-            if not sibs:
-                r.cutter.reset(sp.offset, *got)
-                f.reader = r
-                return
-        self._resume_elsewhere(f, r, sp, mark, now)
+        self._resume_elsewhere(f, r, sp, mark, now, current_holds=got)
 
     def _resume_elsewhere(self, f: _Follow, current: _Reader, sp: SourcePosition, mark: Mark | None,
-                          now: float) -> None:
+                          now: float, current_holds: tuple[bytes, bytes] | None = None) -> None:
         """Restart after a rotation while we were down: rest of the saved file, then the newer ones."""
         chain = self._locate(f, mark, exclude={current.ident}, saved=(sp.dev, sp.inode), offset=sp.offset,
                              final_plain=False)
+        if not chain and current_holds is not None:
+            current.cutter.reset(sp.offset, *current_holds)
+            f.reader = current
+            return
         if not chain and (sp.dev, sp.inode) == current.ident and os.fstat(current.fd).st_size < sp.offset:
             self.stats["truncations"] += 1
             log.warning("%s is shorter than the saved offset and no rotated copy holds what it had: truncated "
