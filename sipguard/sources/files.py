@@ -204,8 +204,11 @@ class _Reader:
         return (self.dev, self.ino)
 
     def mark(self) -> Mark:
-        """The fingerprint of where a restart would resume in this file (the last whole line read)."""
+        """The fingerprint of where a restart would resume in this file (the last whole line read);
+        empty digests when the bytes are not all known (a failed read at open): the inode decides then."""
         cut = self.cutter
+        if len(cut.head) < min(HEAD, cut.committed) or len(cut.ctail) < min(TAIL, cut.committed):
+            return Mark(cut.committed, "", "")
         return Mark.of(cut.committed, cut.head, cut.ctail)
 
     def unchanged(self) -> bool:
