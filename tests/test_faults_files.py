@@ -484,10 +484,17 @@ def test_copytruncate_while_the_daemon_lags(rot: RotLab, kind: str, grow_back: b
     rot.paused_at(rotate_at)  # the writer holds still around copy+truncate (logrotate's own gap)
     size = rot.log.stat().st_size
     rot.rotate(*COPYTRUNCATE[kind])
-    w.send_signal(signal.SIGUSR2)
     if grow_back:  # the file grows back past the old offset before the daemon looks again
+        w.send_signal(signal.SIGUSR2)
         wait_for(lambda: rot.log.stat().st_size > size + 4096, timeout=60)
-    os.killpg(d.pid, signal.SIGCONT)
+        os.killpg(d.pid, signal.SIGCONT)
+    else:  # the daemon finds the file shorter than its offset; the writer goes on once the copy is read
+        os.killpg(d.pid, signal.SIGCONT)
+        try:
+            wait_for(lambda: rot.count() >= rotate_at, timeout=30, interval=0.05)
+        except AssertionError:
+            pass  # lines lost: the count below says which
+        w.send_signal(signal.SIGUSR2)
     assert w.wait(120) == 0
     rot.settle(n)
     check_each_once(rot.per_source(), n, kind)
