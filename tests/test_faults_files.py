@@ -440,18 +440,20 @@ class RotLab:
         assert p.wait(30) == 0, (self.tmp / "daemon.err").read_text()[-3000:]
 
     def stop_all(self) -> None:
+        """Every process this lab started ends, whatever state it is in (stopped ones are continued)."""
         for p in self.procs:
-            if p.poll() is None:
+            for sig, wait in ((signal.SIGCONT, 0), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+                if p.poll() is not None:
+                    break
                 try:
-                    os.killpg(p.pid, signal.SIGCONT)
-                    os.killpg(p.pid, signal.SIGTERM)
-                    p.wait(10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    break
+                if wait:
                     try:
-                        os.killpg(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    p.wait(10)
+                        p.wait(wait)
+                    except subprocess.TimeoutExpired:
+                        continue
 
 
 @pytest.fixture
