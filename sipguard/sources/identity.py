@@ -89,7 +89,8 @@ def rotated_siblings(path: str) -> list[Rotated]:
     compressed right now) is left out: it holds the same lines, and perhaps not all of them yet."""
     d, base = os.path.split(path)
     try:
-        entries = list(os.scandir(d or "."))
+        with os.scandir(d or ".") as it:
+            entries = list(it)
     except OSError:
         return []
     found: list[Rotated] = []
