@@ -5,6 +5,11 @@ over as one `Parts`; the daemon creates nothing and decides nothing itself. Each
 through the pipeline (sipguard/pipeline.py: only lines holding a trigger literal are parsed), is
 scored, its bans applied through the ban book (kernel first), then committed together with the source
 positions in one transaction, so a crash re-reads at most one batch and never counts a line twice.
+A batch is either committed or read again: when its transaction fails (a full disk, an I/O error) the
+daemon keeps it (its events, its positions; the ban book keeps its ban rows queued), reads nothing
+more, and retries it with a bounded backoff until it lands; it says so once (a warning, `stalled` and
+`store_errors` in `status`, a metric) and once more when it caught up. The saved positions never pass
+an event that is not in the store, so a stop during the fault re-reads the held batch at the next start.
 Between batches: steps of the wall clock (sipguard/clock.py: the bans keep their real time), CLI
 requests, hooks (fleet, blocklists), expiries, the resync, pruning and the status heartbeat.
 """
@@ -29,13 +34,16 @@ from .formats import Parser
 from .model import Ban, Event
 from .pipeline import Pipeline
 from .policy import Policy, Scorer
-from .sources import Follower, LineBatch
+from .sources import Follower, LineBatch, SourcePosition
 from .store import Store
 
 log = logging.getLogger("sipguard.daemon")
 
 CONTROL_CURSOR = "control_cursor"
 """Store meta key: the last CLI control request this daemon mirrored (kept across restarts)."""
+RETRY_FIRST = 0.1
+RETRY_MAX = 5.0
+"""A batch the store refused is tried again after RETRY_FIRST seconds, doubling up to RETRY_MAX."""
 
 
 @dataclass
@@ -49,6 +57,29 @@ class DaemonStats:
     expired: int = 0
     errors: int = 0
     clock_steps: int = 0  # steps of the wall clock the bans were moved for
+    store_errors: int = 0  # batch commits the store refused (each retried until it landed)
+    stalled: bool = False  # a batch is held because the store refuses it: nothing more is read
+    last_store_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Unstored:
+    """A batch read and scored whose transaction has not committed yet: what the commit must store
+    (events, the positions just past its lines) and what the hooks hear once it has."""
+
+    lines_by_source: dict[str, int]
+    events: list[Event]
+    bans: list[Ban]
+    read_time: float
+    positions: list[SourcePosition]
+
+    def then(self, later: _Unstored) -> _Unstored:
+        """This batch and a later one, stored together (the later one's positions)."""
+        lines = dict(self.lines_by_source)
+        for src, n in later.lines_by_source.items():
+            lines[src] = lines.get(src, 0) + n
+        return _Unstored(lines, self.events + later.events, self.bans + later.bans, self.read_time,
+                         later.positions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +127,7 @@ class Parts:
     save_extra: Callable[[], None] | None = None  # inside each batch transaction (journal cursors)
     warnings: list[str] = field(default_factory=list)  # said once at start
     clock: ClockWatch = field(default_factory=ClockWatch)  # tells steps of the wall clock (sipguard/clock.py)
+    on_store: Callable[[bool, int], None] | None = None  # told (stalled, store errors so far) when either changes
 
 
 def _counters(stats: object) -> dict:
@@ -124,6 +156,9 @@ class Daemon:
         self._clock_retrying = False  # a step's moved bans could not be stored yet
         self._last_check = float("-inf")  # monotonic: a step of the wall clock never delays the drift check
         self._check_every = parts.cfg.enforce.check_interval
+        self._unstored: _Unstored | None = None  # the batch the store refused, held until it lands
+        self._retry_in = 0.0  # seconds before the held batch is tried again
+        self._stalled_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -167,13 +202,24 @@ class Daemon:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 try:
-                    self.step(p.follower.poll_batch(interval))
+                    if self._unstored is not None:  # the store refused a batch: nothing more is read
+                        if self._stop.wait(self._retry_in):
+                            break
+                        self.retry()
+                    else:
+                        self.step(p.follower.poll_batch(interval))
                 except Exception:  # noqa: BLE001 - the daemon never dies on one bad batch
                     self.stats.errors += 1
                     log.exception("error while processing a batch; continuing")
                     time.sleep(min(interval, 1.0))
         finally:
-            self.write_status(time.time(), running=False)
+            if self._unstored is not None and not self.retry(housekeeping=False):
+                log.warning("stopping with %d events read but not stored: the next start reads their lines again",
+                            len(self._unstored.events))
+            try:
+                self.write_status(time.time(), running=False)
+            except Exception:  # noqa: BLE001 - a store that refuses writes: the heartbeat goes stale
+                log.warning("could not store the final status")
             p.follower.close()
             for hook in p.hooks:
                 try:
@@ -208,26 +254,94 @@ class Daemon:
                 log.warning("banned %s for %s (%s, score %.1f, offence %d)", ban.ip,
                             "ever" if ban.expires is None else f"{ban.expires - now:.0f}s", ban.reason,
                             ban.score, ban.offence)
-        if lines or events or p.book.pending:
-            try:
-                with p.store.transaction():
-                    if events:
-                        p.store.add_events(events)
-                    p.book.write(now)
-                    p.store.save_positions(p.follower.positions().values())
-                    if p.save_extra is not None:
-                        p.save_extra()
-            except BaseException:
-                p.book.failed()
-                raise
-            p.book.written()
+        held, self._unstored = self._unstored, None
+        store = bool(lines or events or p.book.pending or held is not None)
+        batch = _Unstored(self._lines_by_source(lines), events, new_bans, now,
+                          list(p.follower.positions().values()) if store else [])
+        if held is not None:  # a batch the store refused comes first (run() reads nothing meanwhile)
+            batch = held.then(batch)
+        if store and not self._commit(batch, now):
+            self._unstored = batch
+            return new_bans
+        self._landed(batch, now)
+        return new_bans
+
+    def retry(self, housekeeping: bool = True) -> bool:
+        """Try the held batch again; True when it landed (then its hooks and housekeeping run)."""
+        batch = self._unstored
+        if batch is None:
+            return True
+        now = time.time()
+        if not self._commit(batch, now):
+            if now - self._last_status >= 2.0:
+                try:  # a heartbeat saying so, if the store takes this much
+                    self.write_status(now)
+                except Exception:  # noqa: BLE001 - said once already
+                    self._last_status = now
+            return False
+        self._unstored = None
+        if housekeeping:
+            self._landed(batch, now)
+        return True
+
+    def _commit(self, batch: _Unstored, now: float) -> bool:
+        """One transaction: the batch's events, the ban book's queued rows, the positions just past the
+        batch's lines (and the journal's cursors). False when the store refused it: the book keeps its
+        rows queued, the caller keeps the batch."""
+        p = self.parts
+        try:
+            with p.store.transaction():
+                if batch.events:
+                    p.store.add_events(batch.events)
+                p.book.write(now)
+                p.store.save_positions(batch.positions)
+                if p.save_extra is not None:
+                    p.save_extra()
+        except Exception as e:  # noqa: BLE001 - disk full, I/O error, a lock held too long: held and retried
+            p.book.failed()
+            self._store_failed(e, len(batch.events))
+            return False
+        except BaseException:
+            p.book.failed()
+            raise
+        p.book.written()
+        if self.stats.stalled:
+            self._caught_up()
+        return True
+
+    def _store_failed(self, e: Exception, events: int) -> None:
+        first: BaseException = e
+        while first.__context__ is not None:  # the error itself, not a ROLLBACK that failed after it
+            first = first.__context__
+        self.stats.store_errors += 1
+        self.stats.last_store_error = f"{type(first).__name__}: {first}"
+        self._retry_in = min(RETRY_MAX, self._retry_in * 2) if self._retry_in else RETRY_FIRST
+        if not self.stats.stalled:
+            self.stats.stalled = True
+            self._stalled_at = time.monotonic()
+            log.warning("the store refused a batch (%s): holding its %d events and reading nothing more; retrying "
+                        "every %.0fs at most until it lands (nothing read is lost)", self.stats.last_store_error,
+                        events, RETRY_MAX)
+        if self.parts.on_store is not None:
+            self.parts.on_store(True, self.stats.store_errors)
+
+    def _caught_up(self) -> None:
+        self.stats.stalled = False
+        self._retry_in = 0.0
+        log.warning("the store takes writes again: the held batch is stored after %.1fs; caught up, nothing lost "
+                    "(%d failed commits so far)", time.monotonic() - self._stalled_at, self.stats.store_errors)
+        if self.parts.on_store is not None:
+            self.parts.on_store(False, self.stats.store_errors)
+
+    def _landed(self, batch: _Unstored, now: float) -> None:
+        """A batch is stored: the hooks hear it, then housekeeping."""
+        p = self.parts
         if p.hooks:
-            report = BatchReport(self._lines_by_source(lines), events, new_bans, now, self.skipped())
+            report = BatchReport(batch.lines_by_source, batch.events, batch.bans, batch.read_time, self.skipped())
             for hook in p.hooks:
                 hook.on_batch(report)
-        self.stats.bans += len(new_bans)
+        self.stats.bans += len(batch.bans)
         self.housekeeping(now)
-        return new_bans
 
     @staticmethod
     def _lines_by_source(lines: list | LineBatch) -> dict[str, int]:

@@ -99,12 +99,16 @@ class NoDatabase(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a followed file was read up to (same shape as the sources' SourcePosition)."""
+    """Where a followed file was read up to (same shape as the sources' SourcePosition): the file's
+    identity, the offset, and the fingerprint of the content there (digests of its first bytes and of
+    the bytes before the offset; "" for a position saved before fingerprints)."""
 
     path: str
     dev: int
     inode: int
     offset: int
+    head: str = ""
+    tail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +281,9 @@ class Store:
                 self.conn.execute(ddl)
             if "refused" not in self._columns("bans"):  # a database from before refusals: same rows, new column
                 self.conn.execute('ALTER TABLE "bans" ADD COLUMN "refused" TEXT')
+            if "head" not in self._columns("positions"):  # a database from before fingerprints: "" = none
+                self.conn.execute('ALTER TABLE "positions" ADD COLUMN "head" TEXT')
+                self.conn.execute('ALTER TABLE "positions" ADD COLUMN "tail" TEXT')
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def _retry(self, fn, what: str):  # noqa: ANN001, ANN202 - one statement that needs a lock
@@ -501,14 +508,16 @@ class Store:
 
     # -- positions ------------------------------------------------------------------------
     def positions(self) -> dict[str, Position]:
-        rows = self.conn.execute("SELECT path, dev, inode, offset FROM positions")
-        return {p: Position(p, d, i, o) for p, d, i, o in rows}
+        rows = self.conn.execute("SELECT path, dev, inode, offset, head, tail FROM positions")
+        return {p: Position(p, d, i, o, h or "", t or "") for p, d, i, o, h, t in rows}
 
     def save_positions(self, positions: Iterable[object]) -> None:
-        """Accepts anything with path, dev, inode and offset (the sources' SourcePosition)."""
+        """Accepts anything with path, dev, inode and offset, and a fingerprint in head and tail when
+        it has one (the sources' SourcePosition)."""
         self.conn.executemany(
-            "INSERT OR REPLACE INTO positions (path, dev, inode, offset) VALUES (?, ?, ?, ?)",
-            ((p.path, p.dev, p.inode, p.offset) for p in positions),  # type: ignore[attr-defined]
+            "INSERT OR REPLACE INTO positions (path, dev, inode, offset, head, tail) VALUES (?, ?, ?, ?, ?, ?)",
+            ((p.path, p.dev, p.inode, p.offset, getattr(p, "head", ""), getattr(p, "tail", ""))  # type: ignore[attr-defined]
+             for p in positions),
         )
 
     # -- control: CLI → daemon -------------------------------------------------------------

@@ -102,7 +102,7 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
 
     # the sources: files, and the journal beside them, behind one batch interface
     saved = store.positions()
-    positions = {p: SourcePosition(p, s.dev, s.inode, s.offset) for p, s in saved.items() if p in logs}
+    positions = {p: SourcePosition(p, s.dev, s.inode, s.offset, s.head, s.tail) for p, s in saved.items() if p in logs}
     follower: Follower = FileFollower(logs, positions=positions, from_start=from_start,
                                       max_line=cfg.sources.max_line,
                                       read_budget=max(READ_BUDGET, cfg.sources.max_line + 1))
@@ -126,5 +126,5 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
                   scorer=scorer,
                   policy=policy, book=book, enforcer_name=kernel.name, logs=logs, hooks=hooks, fleet=fleet,
                   batch_scorer=None if fleet is None else fleet.score_batch, save_extra=save_extra,
-                  warnings=warnings)
+                  warnings=warnings, on_store=None if metrics is None else metrics.set_store)
     return Daemon(parts)

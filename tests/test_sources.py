@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from sipguard.model import Line
 from sipguard.sources import FileFollower, SourcePosition, read_chunks, read_file
+from sipguard.sources.identity import digest
 
 WAIT = 10.0  # generous deadline for anything expected; success returns as soon as it is there
 
@@ -489,7 +490,8 @@ def test_positions_survive_close(tmp_path: Path) -> None:
     collect(f, lambda g: len(g) >= 1)
     f.close()
     st_ = p.stat()
-    assert f.positions() == {str(p): SourcePosition(str(p), st_.st_dev, st_.st_ino, 2)}
+    fp = digest(b"a\n")  # the fingerprint of the bytes before the offset (all of them, here)
+    assert f.positions() == {str(p): SourcePosition(str(p), st_.st_dev, st_.st_ino, 2, fp, fp)}
 
 
 # ---------------------------------------------------------------- property
@@ -598,3 +600,108 @@ def test_read_file_truncated_gz_yields_what_it_can(tmp_path: Path) -> None:
 def test_read_file_missing_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         list(read_file(str(tmp_path / "nope.gz")))
+
+
+# ---------------------------------------------------------------- identity by content
+
+
+def fixed(i: int) -> bytes:
+    """Lines of one length, so a truncated file that grew back has a newline at the old offset."""
+    return b"line %06d padding-to-look-like-a-log-record\n" % i
+
+
+def fixed_numbers(lines: list[Line]) -> list[int]:
+    return [int(ln.data.split(b" ")[1]) for ln in lines]
+
+
+def _copytruncate(p: Path, copy: Path, compress: bool = False) -> None:
+    shutil.copyfile(p, copy)
+    os.truncate(p, 0)
+    if compress:
+        with open(copy, "rb") as src, gzip.open(f"{copy}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.unlink(copy)
+
+
+@pytest.mark.parametrize("copy", ["k.log.1", "k.log-20250101", "k.log.1.gz"])
+@pytest.mark.parametrize("grow_back", [False, True])
+def test_copytruncate_under_lag_reads_the_unread_rest_from_the_copy(tmp_path: Path, copy: str,
+                                                                     grow_back: bool) -> None:
+    p = tmp_path / "k.log"
+    p.write_bytes(b"")
+    with FileFollower([str(p)], rotate_grace=0.1) as f, open(p, "ab", buffering=0) as w:
+        for i in range(100):
+            w.write(fixed(i))
+        got = collect(f, lambda g: len(g) >= 100)
+        for i in range(100, 300):  # not read yet: the follower lags
+            w.write(fixed(i))
+        _copytruncate(p, tmp_path / copy.removesuffix(".gz"), compress=copy.endswith(".gz"))
+        more = 400 if grow_back else 50  # past the old offset (300 lines) or not
+        for i in range(300, 300 + more):
+            w.write(fixed(i))
+        got = collect(f, lambda g: len(g) >= 300 + more, got=got)
+        got.extend(f.poll(0.3))
+        assert fixed_numbers(got) == list(range(300 + more))
+        assert f.stats["truncations"] == 1 and f.stats["copies"] == 1
+        assert f.stats["rewritten"] == (1 if grow_back else 0)
+        pos = f.positions()[str(p)]
+        assert (pos.inode, pos.offset) == (p.stat().st_ino, p.stat().st_size)
+
+
+def test_grow_back_without_a_copy_is_noticed_and_read_from_the_start(tmp_path: Path) -> None:
+    p = tmp_path / "k.log"
+    p.write_bytes(b"")
+    with FileFollower([str(p)]) as f, open(p, "ab", buffering=0) as w:
+        for i in range(100):
+            w.write(fixed(i))
+        assert len(collect(f, lambda g: len(g) >= 100)) == 100
+        os.truncate(p, 0)
+        for i in range(100, 250):
+            w.write(fixed(i))
+        got = collect(f, lambda g: len(g) >= 150)
+        assert fixed_numbers(got) == list(range(100, 250))
+        assert f.stats["truncations"] == 1 and f.stats["rewritten"] == 1 and f.stats["copies"] == 0
+
+
+@pytest.mark.parametrize("kind", ["create", "copytruncate", "compress", "delaycompress", "dateext",
+                                  "copytruncate-compress"])
+def test_restart_after_each_rotation_kind(tmp_path: Path, kind: str) -> None:
+    p = tmp_path / "k.log"
+    p.write_bytes(b"".join(fixed(i) for i in range(100)))
+    with FileFollower([str(p)], from_start=True) as f:
+        assert len(collect(f, lambda g: len(g) >= 100)) == 100
+        saved = f.positions()
+    with open(p, "ab") as w:  # written while down, before the rotation
+        w.writelines(fixed(i) for i in range(100, 200))
+    old = tmp_path / ("k.log-20250101" if kind == "dateext" else "k.log.1")
+    if kind.startswith("copytruncate"):
+        _copytruncate(p, old, compress=kind.endswith("compress"))
+    else:
+        os.rename(p, old)
+        if kind == "compress":
+            with open(old, "rb") as src, gzip.open(f"{old}.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.unlink(old)
+    with open(p, "ab") as w:  # after it: as many lines again, so the new file reaches the old offset
+        w.writelines(fixed(i) for i in range(200, 400))
+    with FileFollower([str(p)], positions=saved, rotate_grace=0.1) as f:
+        got = collect(f, lambda g: len(g) >= 300)
+        got.extend(f.poll(0.3))
+        assert fixed_numbers(got) == list(range(100, 400))
+        assert f.stats["lost_rotated"] == 0
+
+
+def test_restart_with_a_position_saved_before_fingerprints(tmp_path: Path) -> None:
+    p = tmp_path / "k.log"
+    p.write_bytes(b"".join(fixed(i) for i in range(10)))
+    st_ = p.stat()
+    legacy = {str(p): SourcePosition(str(p), st_.st_dev, st_.st_ino, 5 * len(fixed(0)))}
+    with open(p, "ab") as w:
+        w.write(fixed(10))
+    os.rename(p, f"{p}.1")
+    p.write_bytes(fixed(11))
+    with FileFollower([str(p)], positions=legacy, rotate_grace=0.1) as f:
+        got = collect(f, lambda g: len(g) >= 7)
+        got.extend(f.poll(0.3))
+        assert fixed_numbers(got) == list(range(5, 12))
+        assert f.positions()[str(p)].head  # saved with a fingerprint from now on

@@ -73,6 +73,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._active: dict[str, tuple[str, str, float | None]] = {}  # ip -> (family, reason, expires)
         self._skipped: dict[str, int] = {}
+        self._store = (False, 0)  # (a batch is held because the store refuses it, refused commits so far)
         r.register(_Collector(self))
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -109,6 +110,15 @@ class Metrics:
     def skipped(self) -> dict[str, int]:
         with self._lock:
             return dict(self._skipped)
+
+    def set_store(self, stalled: bool, errors: int) -> None:
+        """The daemon's store health: whether a refused batch is held (reading stalled), refusals so far."""
+        with self._lock:
+            self._store = (stalled, errors)
+
+    def store(self) -> tuple[bool, int]:
+        with self._lock:
+            return self._store
 
     # -- bans in force (kept by MeteredEnforcer) ---------------------------------------------
     def _add(self, bans: Iterable[Ban]) -> None:
@@ -158,7 +168,7 @@ class Metrics:
 
 
 class _Collector:
-    """Figures computed at scrape time: bans in force, skipped lines."""
+    """Figures computed at scrape time: bans in force, skipped lines, the store's health."""
 
     def __init__(self, m: Metrics) -> None:
         self.m = m
@@ -176,6 +186,11 @@ class _Collector:
         for reason, n in sorted(self.m.skipped().items()):
             c.add_metric([reason], n)
         yield c
+        stalled, errors = self.m.store()
+        yield GaugeMetricFamily("sipguard_store_stalled", "1 while a batch the store refused is held and retried "
+                                "(nothing more is read until it lands)", value=int(stalled))
+        yield CounterMetricFamily("sipguard_store_errors", "Batch commits the store refused (each retried)",
+                                  value=errors)
 
 
 class MeteredEnforcer:

@@ -2,8 +2,10 @@
 
 `lines.py` cuts bytes into lines (LineBatch, SourcePosition); `files.py` reads log files live
 (FileFollower, through rotation, truncation and restarts) or whole (read_file, read_chunks);
-`journal.py` follows the systemd journal through journalctl; `multi.py` polls files and journal as
-one. Every live source hands out LineBatches through the `Follower` interface.
+`identity.py` tells which file a position belongs to by its content (fingerprints, logrotate's names
+for rotated generations); `journal.py` follows the systemd journal through journalctl; `multi.py`
+polls files and journal as one. Every live source hands out LineBatches through the `Follower`
+interface.
 
 Nothing here knows what Kamailio is: never decodes, parses or filters a line, and never touches
 the store (callers persist positions and cursors).

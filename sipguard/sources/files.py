@@ -1,22 +1,24 @@
 """Files: complete lines out of Kamailio's log files, live (FileFollower) or offline (read_file,
 read_chunks).
 
-Never loses or repeats a line across appends, rotation, copytruncate, deletion or a restart, and
-never dies on what a file contains: bytes go out undecoded, over-long lines are counted and skipped.
-Knows nothing of log formats, filters or the store: the caller persists `positions()`.
+Never loses or repeats a line across appends, rotation (create, copytruncate, compress,
+delaycompress, dateext), deletion or a restart, and never dies on what a file contains: bytes go out
+undecoded, over-long lines are counted and skipped. A file is known by its content (identity.py): a
+position carries a fingerprint of the bytes before it, so a file truncated in place is noticed even
+when it grew back past the offset before the follower looked, its unread rest is read from its
+rotated copy (renamed, dated or compressed since) before the file itself, and a restart resumes in
+whichever file still holds the saved bytes. Knows nothing of log formats, filters or the store: the
+caller persists `positions()`.
 """
 
 from __future__ import annotations
 
-import bz2
 import gzip
 import logging
-import lzma
 import os
 import stat
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -27,7 +29,10 @@ if TYPE_CHECKING:  # watchdog is imported when a follower starts: `scan` and fri
     from watchdog.observers import Observer
 
 from ..model import Line
-from .lines import CHUNK, MAX_LINE, LineBatch, SourcePosition, _Cutter, _to_lines
+from .identity import (
+    COMPRESSED, DECOMPRESS_ERRORS, Mark, Opened, Stream, open_at, open_start, plain_holds, rotated_siblings,
+)
+from .lines import CHUNK, HEAD, MAX_LINE, TAIL, LineBatch, SourcePosition, _Cutter, _to_lines
 
 log = logging.getLogger("sipguard.sources")
 
@@ -37,7 +42,9 @@ STAT_KEYS = (
     "bytes",  # bytes read from files (skipped ones included)
     "too_long",  # lines longer than max_line: counted, skipped
     "rotations",  # a different file (inode) replaced the one we were reading
-    "truncations",  # a file got shorter than our offset (copytruncate): restarted at 0
+    "truncations",  # a file was truncated in place (copytruncate): its copy's unread rest, then it from 0
+    "rewritten",  # of those, truncations seen by content only: the file had grown back past our offset
+    "copies",  # truncations whose unread rest was read from the rotated copy
     "reopen",  # a path was opened again after its first open
     "missing",  # a path was found absent (at start or after having been present)
     "permission_denied",  # open/stat refused; retried every stat interval
@@ -50,14 +57,9 @@ STAT_KEYS = (
 
 # --------------------------------------------------------------------------- offline reading
 
-_DECOMPRESS: dict[str, Callable[..., Any]] = {
-    ".gz": gzip.open,
-    ".bz2": bz2.open,
-    ".xz": lzma.open,
-    ".lzma": lzma.open,
-}
-#: What a truncated (being compressed right now) or corrupt compressed file raises.
-_DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
+_DECOMPRESS: dict[str, Callable[..., Any]] = COMPRESSED
+_DECOMPRESS_ERRORS = DECOMPRESS_ERRORS
+_STREAM_READ = 1 << 20  # decompressed bytes per read of a compressed generation
 
 
 def _raw_reads(path: str, chunk_size: int, start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -176,23 +178,57 @@ def read_file(
 
 
 class _Reader:
-    """One open file (by fd, so it survives renames) and how far we have read it."""
+    """One open file (by fd, so it survives renames) and how far we have read it.
 
-    __slots__ = ("fd", "dev", "ino", "cutter", "last_data", "successor_seen")
+    A compressed rotated file is read through `stream` (its decompressed bytes, in order). A `final`
+    reader is a finished file (a truncated file's rotated copy, a compressed generation): at its end it
+    is left at once for the next.
+    """
 
-    def __init__(self, fd: int, st: os.stat_result, cutter: _Cutter) -> None:
+    __slots__ = ("fd", "dev", "ino", "cutter", "last_data", "successor_seen", "stream", "final", "where")
+
+    def __init__(self, fd: int, st: os.stat_result, cutter: _Cutter, stream: Stream | None = None,
+                 final: bool = False, where: str = "") -> None:
         self.fd = fd
         self.dev = st.st_dev
         self.ino = st.st_ino
         self.cutter = cutter
         self.last_data = time.monotonic()
         self.successor_seen: float | None = None  # when a newer file appeared at the path
+        self.stream = stream
+        self.final = final
+        self.where = where  # the file's path when it was opened (for messages)
 
     @property
     def ident(self) -> tuple[int, int]:
         return (self.dev, self.ino)
 
+    def mark(self) -> Mark:
+        """The fingerprint of where a restart would resume in this file (the last whole line read);
+        empty digests when the bytes are not all known (a failed read at open): the inode decides then."""
+        cut = self.cutter
+        if len(cut.head) < min(HEAD, cut.committed) or len(cut.ctail) < min(TAIL, cut.committed):
+            return Mark(cut.committed, "", "")
+        return Mark.of(cut.committed, cut.head, cut.ctail)
+
+    def unchanged(self) -> bool:
+        """True while the plain file still holds the bytes read from it: its start and the bytes
+        before the last whole line (a truncation that grew back past our offset does not)."""
+        cut = self.cutter
+        try:
+            if cut.head and os.pread(self.fd, len(cut.head), 0) != cut.head:
+                return False
+            if cut.committed > len(cut.head) and cut.ctail:
+                n = len(cut.ctail)
+                return os.pread(self.fd, n, cut.committed - n) == cut.ctail
+        except OSError:
+            return True  # an error is not a rewrite; the read reports it
+        return True
+
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
         if self.fd >= 0:
             try:
                 os.close(self.fd)
@@ -205,7 +241,7 @@ class _Follow:
     """State of one followed path: the file being read and newer files queued behind it.
 
     Files are read strictly one after the other (old to end, then the next), so a single
-    (dev, inode, offset) is always enough to resume exactly.
+    position (file, offset, fingerprint) is always enough to resume exactly.
     """
 
     def __init__(self, path: str, saved: SourcePosition | None) -> None:
@@ -386,9 +422,11 @@ class FileFollower:
             name = self._names.get(f.path, f.path)
             r = f.reader
             if r is not None:
-                res[name] = SourcePosition(name, r.dev, r.ino, r.cutter.committed)
+                m = r.mark()
+                res[name] = SourcePosition(name, r.dev, r.ino, m.offset, m.head, m.tail)
             elif f.saved is not None:
-                res[name] = SourcePosition(name, f.saved.dev, f.saved.inode, f.saved.offset)
+                sp = f.saved
+                res[name] = SourcePosition(name, sp.dev, sp.inode, sp.offset, sp.head, sp.tail)
             else:
                 res[name] = SourcePosition(name, 0, 0, 0)
         return res
@@ -552,40 +590,176 @@ class FileFollower:
         if latest is None:
             self._first_open(f, fd, fst, now)
         else:
-            r = _Reader(fd, fst, _Cutter(self.max_line, 0, self.stats))
+            r = _Reader(fd, fst, self._cutter(), where=f.path)
             latest.successor_seen = now
             f.queue.append(r)
             self.stats["rotations"] += 1
             log.info("%s was rotated; finishing the old file first", f.path)
         f.opened = True
 
+    def _cutter(self) -> _Cutter:
+        return _Cutter(self.max_line, 0, self.stats, track=True)
+
     def _first_open(self, f: _Follow, fd: int, st: os.stat_result, now: float) -> None:
         """Decide where to start in the first file we open for this path."""
-        cut = _Cutter(self.max_line, 0, self.stats)
-        r = _Reader(fd, st, cut)
+        cut = self._cutter()
+        r = _Reader(fd, st, cut, where=f.path)
         sp = f.saved
         if sp is not None and sp.inode:
+            if sp.head or sp.tail:
+                self._resume(f, r, sp, now)
+                return
+            # a position saved before fingerprints: the inode and a newline before the offset
             if (sp.dev, sp.inode) == r.ident and self._resumable(fd, st, sp.offset):
-                cut.reset(sp.offset)
+                cut.reset(sp.offset, *self._around(fd, sp.offset))
             elif (sp.dev, sp.inode) == r.ident and st.st_size < sp.offset:
                 self.stats["truncations"] += 1
                 log.info("%s is shorter than the saved offset: truncated, reading from 0", f.path)
             else:
-                self._resume_rotated(f, r, sp, now)
+                self._resume_elsewhere(f, r, sp, None, now)
                 return
         elif sp is None and f.start_at is not None and f.start_at[0] == r.ident:
             # the end as of start(), even if the first open succeeded only later (permissions)
             start, mid_line = self._line_start_before(fd, min(f.start_at[1], st.st_size))
-            cut.reset(start)
-            cut.skipping = mid_line
+            cut.reset(start, *self._around(fd, start), skipping=mid_line)
         f.reader = r
 
-    def _resumable(self, fd: int, st: os.stat_result, offset: int) -> bool:
-        """True when `offset` can be ours: inside the file and just past a newline.
+    def _around(self, fd: int, offset: int) -> tuple[bytes, bytes]:
+        """The file's first min(HEAD, offset) bytes and the min(TAIL, offset) bytes before `offset`."""
+        try:
+            head = os.pread(fd, min(HEAD, offset), 0)
+            n = min(TAIL, offset)
+            return head, os.pread(fd, n, offset - n)
+        except OSError:
+            return b"", b""
 
-        The newline check catches a recycled inode number (a new file that happens to reuse
-        the inode of the one we saved), which would otherwise make us skip its start.
-        """
+    def _resume(self, f: _Follow, r: _Reader, sp: SourcePosition, now: float) -> None:
+        """At a restart: resume in whichever file holds the saved position's bytes. The path's file
+        itself when it is the saved inode, else a rotated generation (renamed, copied by copytruncate,
+        compressed) followed by the newer ones and then the path's file from its start; else the path's
+        file under a new inode when it holds them (the same content put in place)."""
+        mark = Mark(sp.offset, sp.head, sp.tail)
+        got = plain_holds(r.fd, os.fstat(r.fd).st_size, mark)
+        if got is not None and (sp.dev, sp.inode) == r.ident:
+            r.cutter.reset(sp.offset, *got)
+            f.reader = r
+            return
+        self._resume_elsewhere(f, r, sp, mark, now, current_holds=got)
+
+    def _resume_elsewhere(self, f: _Follow, current: _Reader, sp: SourcePosition, mark: Mark | None,
+                          now: float, current_holds: tuple[bytes, bytes] | None = None) -> None:
+        """Restart after a rotation while we were down: rest of the saved file, then the newer ones."""
+        chain = self._locate(f, mark, exclude={current.ident}, saved=(sp.dev, sp.inode), offset=sp.offset,
+                             final_plain=False)
+        if not chain and current_holds is not None:
+            current.cutter.reset(sp.offset, *current_holds)
+            f.reader = current
+            return
+        if not chain and (sp.dev, sp.inode) == current.ident and os.fstat(current.fd).st_size < sp.offset:
+            self.stats["truncations"] += 1
+            log.warning("%s is shorter than the saved offset and no rotated copy holds what it had: truncated "
+                        "while stopped, reading from 0", f.path)
+            f.reader = current
+            return
+        self.stats["rotations"] += 1
+        if not chain:
+            self.stats["lost_rotated"] += 1
+            log.warning(
+                "%s: the file read before the restart is gone (no rotated generation holds its bytes before "
+                "offset %d); reading the current one from 0", f.path, sp.offset)
+            f.reader = current
+            return
+        log.info("%s was rotated while stopped: finishing %s first", f.path, chain[0].where)
+        for r in chain:
+            r.successor_seen = now
+        f.reader = chain[0]
+        f.queue = chain[1:] + [current]
+
+    def _locate(self, f: _Follow, mark: Mark | None, *, exclude: set[tuple[int, int]], saved: tuple[int, int],
+                offset: int, final_plain: bool) -> list[_Reader]:
+        """The rotated generation of `f.path` that holds `mark` (None: a position without fingerprint,
+        found by its inode `saved` and a newline before `offset`), opened there, then every newer
+        generation from its start, oldest first; [] when none holds it. Files in `exclude` (already
+        open) are never taken. Tries the generations with the saved inode first, then the plain ones
+        newest first, then the compressed ones (decompressed up to the offset to be checked)."""
+        sibs = [s for s in rotated_siblings(f.path) if (s.dev, s.inode) not in exclude]
+        order = sorted(range(len(sibs)), key=lambda i: ((sibs[i].dev, sibs[i].inode) != saved,
+                                                        sibs[i].compressed, -i))
+        found: tuple[int, Opened] | None = None
+        for i in order:
+            s = sibs[i]
+            if mark is None:
+                if s.compressed or (s.dev, s.inode) != saved:
+                    continue
+                opened = self._open(f, s.path)
+                if opened is None:
+                    continue
+                fd, st = opened
+                if (st.st_dev, st.st_ino) != saved or not self._resumable(fd, st, offset):
+                    os.close(fd)
+                    continue
+                cand: Opened | None = Opened(fd, st, None, *self._around(fd, offset))
+            else:
+                cand = open_at(s.path, mark)
+            if cand is not None:
+                found = (i, cand)
+                break
+        if found is None:
+            return []
+        i, cand = found
+        first = self._cutter()
+        first.reset(offset, cand.head, cand.ctail)
+        copy = cand.stream is not None or (cand.st.st_dev, cand.st.st_ino) != saved
+        chain = [_Reader(cand.fd, cand.st, first, cand.stream, final=final_plain or copy, where=sibs[i].path)]
+        taken = {(cand.st.st_dev, cand.st.st_ino)}
+        for s in sibs[i + 1 :]:  # the newer generations, read whole
+            if (s.dev, s.inode) in taken:
+                continue
+            newer = open_start(s.path)
+            if newer is None:
+                continue
+            ident = (newer.st.st_dev, newer.st.st_ino)
+            if ident in exclude or ident in taken:
+                newer.close()
+                continue
+            taken.add(ident)
+            chain.append(_Reader(newer.fd, newer.st, self._cutter(), newer.stream,
+                                 final=final_plain or newer.stream is not None, where=s.path))
+        return chain
+
+    def _rewritten(self, f: _Follow, r: _Reader, now: float, grown: bool) -> None:
+        """The plain file `r` was truncated in place (copytruncate), seen shorter than our offset or,
+        when it grew back past it before we looked, holding other bytes before it: the unread rest is
+        read from its rotated copy (renamed, dated or compressed since) first, then the file from 0."""
+        self.stats["truncations"] += 1
+        if grown:
+            self.stats["rewritten"] += 1
+        mark = r.mark()
+        chain: list[_Reader] = []
+        if mark.offset:
+            chain = self._locate(f, mark, exclude={x.ident for x in f.readers()}, saved=r.ident,
+                                 offset=mark.offset, final_plain=True)
+        r.cutter.reset(0)
+        r.last_data = now
+        how = "and grew back past our offset " if grown else ""
+        if not chain:
+            if mark.offset:
+                log.warning("%s was truncated %sand no rotated copy holds its bytes before offset %d: reading "
+                            "it from its start (what it had after that offset, if anything, is lost)",
+                            f.path, how, mark.offset)
+            else:
+                log.info("%s was truncated; reading from its start", f.path)
+            return
+        self.stats["copies"] += 1
+        log.info("%s was truncated %s(copytruncate): reading the rest of %s first", f.path, how, chain[0].where)
+        for c in chain:
+            c.successor_seen = now
+        f.queue[0:0] = chain[1:] + [r]
+        f.reader = chain[0]
+
+    def _resumable(self, fd: int, st: os.stat_result, offset: int) -> bool:
+        """For a position saved without fingerprint: `offset` inside the file and just past a newline
+        (which catches a recycled inode number that would otherwise make us skip the new file's start)."""
         if offset > st.st_size:
             return False
         if offset == 0:
@@ -613,81 +787,48 @@ class FileFollower:
             return lo + i + 1, False
         return (0, False) if lo == 0 else (size, True)
 
-    def _resume_rotated(self, f: _Follow, current: _Reader, sp: SourcePosition, now: float) -> None:
-        """Restart after a rotation while we were down: rest of the saved file, then the new."""
-        d, base = os.path.split(f.path)
-        found: tuple[str, _Reader] | None = None
-        try:
-            entries = list(os.scandir(d))
-        except OSError:
-            entries = []
-        for e in entries:
+    def _read_stream(self, f: _Follow, r: _Reader, budget: int, out: list[tuple[str, int, bytes]],
+                     now: float) -> tuple[int, bool]:
+        """Read a compressed generation within `budget`; (budget left, at its end)."""
+        assert r.stream is not None
+        name = self._names.get(f.path, f.path)
+        cut = r.cutter
+        while budget > 0:
             try:
-                if e.name == base or e.inode() != sp.inode:
-                    continue
-                opened = self._open(f, e.path)
-                if opened is None:
-                    continue
-                fd, st = opened
-                if (st.st_dev, st.st_ino) != (sp.dev, sp.inode):
-                    os.close(fd)
-                    continue
-                old = _Reader(fd, st, _Cutter(self.max_line, 0, self.stats))
-                if self._resumable(fd, st, sp.offset):
-                    old.cutter.reset(sp.offset)
-                else:
-                    self.stats["truncations"] += 1
-                found = (e.name, old)
-                break
-            except OSError:
-                continue
-        self.stats["rotations"] += 1
-        if found is None:
-            self.stats["lost_rotated"] += 1
-            log.warning(
-                "%s: the file read before the restart is gone (or its inode was reused); "
-                "reading the current one from 0",
-                f.path,
-            )
-            f.reader = current
-            return
-        name, old = found
-        log.info("%s was rotated while stopped: finishing %s first", f.path, name)
-        chain = [old]
-        # logrotate numbering: base.N is older than base.N-1 ... base.1, then base itself.
-        suffix = name[len(base) + 1 :] if name.startswith(base + ".") else ""
-        if suffix.isdigit():
-            for k in range(int(suffix) - 1, 0, -1):
-                opened = self._open(f, os.path.join(d, f"{base}.{k}"))
-                if opened is None:
-                    continue
-                fd, st = opened
-                ident = (st.st_dev, st.st_ino)
-                if ident == current.ident or any(ident == c.ident for c in chain):
-                    os.close(fd)
-                    continue
-                chain.append(_Reader(fd, st, _Cutter(self.max_line, 0, self.stats)))
-        chain.append(current)
-        for r in chain[:-1]:
-            r.successor_seen = now
-        f.reader = chain[0]
-        f.queue = chain[1:]
+                data = r.stream.read(min(budget, _STREAM_READ))
+            except DECOMPRESS_ERRORS as e:
+                self.stats["errors"] += 1
+                log.warning("%s: damaged or truncated compressed data after byte %d: %s", r.where, cut.pos, e)
+                return budget, True
+            if not data:
+                return budget, True
+            budget -= len(data)
+            self.stats["bytes"] += len(data)
+            r.last_data = now
+            out.extend([(name, off, seg) for off, seg in cut.feed(data)])
+        return budget, False
 
     def _read_follow(self, f: _Follow, budget: int, out: list[tuple[str, int, bytes]], now: float) -> int:
         """Read f's current file (then its successors once it is done) within `budget` bytes."""
         name = self._names.get(f.path, f.path)
         while f.reader is not None and budget > 0:
             r = f.reader
+            cut = r.cutter
+            if r.stream is not None:
+                budget, done = self._read_stream(f, r, budget, out, now)
+                if not done:
+                    return budget
+                self._leave(f, r, out, name)
+                continue
             try:
                 st = os.fstat(r.fd)
             except OSError as e:
                 self._error(f, f.path, e)
                 return budget
-            cut = r.cutter
             if st.st_size < cut.pos:
-                self.stats["truncations"] += 1
-                log.info("%s was truncated; reading from its start", f.path)
-                cut.reset(0)
+                self._rewritten(f, r, now, grown=False)
+                continue
+            rewritten = False
             while budget > 0 and st.st_size > cut.pos:
                 try:
                     data = os.pread(r.fd, min(st.st_size - cut.pos, budget), cut.pos)
@@ -696,31 +837,41 @@ class FileFollower:
                     return budget
                 if not data:
                     break
+                if not r.unchanged():  # checked after the read: what was read is the old file's, or dropped
+                    rewritten = True
+                    break
                 f.failing = False
                 budget -= len(data)
                 self.stats["bytes"] += len(data)
                 r.last_data = now
                 out.extend([(name, off, seg) for off, seg in cut.feed(data)])
+            if rewritten:
+                self._rewritten(f, r, now, grown=True)
+                continue
             if budget <= 0 or st.st_size > cut.pos:
                 return budget
-            if f.queue:
+            if f.queue and not r.final:
                 # At the end of a file that has a successor: leave it once it is gone or idle.
                 idle_since = max(r.last_data, r.successor_seen or 0.0)
                 if st.st_nlink > 0 and now - idle_since < self.rotate_grace:
                     return budget
-            elif st.st_nlink > 0 or now - r.last_data < self.rotate_grace:
+            elif not f.queue and (st.st_nlink > 0 or now - r.last_data < self.rotate_grace):
                 return budget
             # else: deleted with nothing in its place; holding it open would pin its disk space
-            tail = cut.tail()
-            if tail is not None:
-                self.stats["unterminated"] += 1
-                out.append((name, *tail))
-            r.close()
-            if f.queue:
-                f.reader = f.queue.pop(0)
-            else:
-                f.reader = None
-                f.saved = None  # positions(): "read the next file at this path from its start"
-                f.start_at = None
-                log.info("%s was deleted; released it, waiting for a new one", f.path)
+            self._leave(f, r, out, name)
         return budget
+
+    def _leave(self, f: _Follow, r: _Reader, out: list[tuple[str, int, bytes]], name: str) -> None:
+        """`r` is done: its unterminated last line goes out as it is, then the next file (or none)."""
+        tail = r.cutter.tail()
+        if tail is not None:
+            self.stats["unterminated"] += 1
+            out.append((name, *tail))
+        r.close()
+        if f.queue:
+            f.reader = f.queue.pop(0)
+        else:
+            f.reader = None
+            f.saved = None  # positions(): "read the next file at this path from its start"
+            f.start_at = None
+            log.info("%s was deleted; released it, waiting for a new one", f.path)

@@ -1,5 +1,6 @@
 """Lines: how a source's bytes are cut into complete lines, and the values that describe them
-(LineBatch, the lines of one read; SourcePosition, where reading stands).
+(LineBatch, the lines of one read; SourcePosition, where reading stands and what the file holds
+there).
 
 Pure byte handling: never opens a file, never decodes a byte, never drops a line except one longer
 than max_line (counted by the caller's stats).
@@ -15,6 +16,10 @@ from ..model import Line
 
 MAX_LINE = 1 << 20
 CHUNK = 8 << 20
+HEAD = 1024
+"""Bytes at a file's start a position's fingerprint covers (fewer when the offset is smaller)."""
+TAIL = 1024
+"""Bytes before a position's offset its fingerprint covers (fewer near the file's start)."""
 
 @dataclass(frozen=True, slots=True)
 class SourcePosition:
@@ -23,12 +28,19 @@ class SourcePosition:
     Persisted by the caller together with what it derived from the lines, so a restart resumes
     exactly there. ``dev == inode == 0`` means "the file did not exist: read it from its start
     when it appears".
+
+    `head` and `tail` fingerprint the content (sources/identity.py): digests of the file's first
+    ``min(HEAD, offset)`` bytes and of the ``min(TAIL, offset)`` bytes before `offset`. A restart
+    resumes in whichever file (the path, a rotated copy, a compressed one) still holds those bytes
+    there; "" (a position saved before fingerprints) falls back to the inode.
     """
 
     path: str
     dev: int
     inode: int
     offset: int
+    head: str = ""
+    tail: str = ""
 
 
 # --------------------------------------------------------------------------- line cutting
@@ -69,33 +81,53 @@ class _Cutter:
     Keeps the partial last line (at most max_line bytes: beyond that the line is counted as
     too long and the rest of it is dropped as it arrives, never buffered). `committed` is the
     offset just past the last newline seen, i.e. what a restart may resume from.
+
+    With `track` (the live follower) it also keeps what a fingerprint needs: `head`, the file's
+    first bytes as read (up to HEAD), and `ctail`, the TAIL bytes before `committed`.
     """
 
-    __slots__ = ("max_line", "pos", "committed", "partial", "skipping", "stats")
+    __slots__ = ("max_line", "pos", "committed", "partial", "skipping", "stats", "track", "head", "ctail",
+                 "_skipped")
 
-    def __init__(self, max_line: int, pos: int, stats: Counter[str]) -> None:
+    def __init__(self, max_line: int, pos: int, stats: Counter[str], track: bool = False) -> None:
         self.max_line = max_line
         self.pos = pos  # offset of the next byte to be fed
         self.committed = pos
         self.partial = bytearray()
         self.skipping = False
         self.stats = stats
+        self.track = track
+        self.head = b""  # the file's bytes [0, min(HEAD, pos)) when known
+        self.ctail = b""  # the file's bytes [committed - min(TAIL, committed), committed)
+        self._skipped = b""  # the last bytes of the too-long line being skipped
 
-    def reset(self, pos: int) -> None:
+    def reset(self, pos: int, head: bytes = b"", ctail: bytes = b"", skipping: bool = False) -> None:
+        """Go on from `pos` (a line start, or the middle of a too-long line with `skipping`); a
+        tracking cutter is told the file's first min(HEAD, pos) bytes and the TAIL bytes before pos."""
         self.pos = self.committed = pos
         self.partial = bytearray()
-        self.skipping = False
+        self.skipping = skipping
+        self.head = head
+        self.ctail = ctail
+        self._skipped = ctail if skipping else b""
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         start = self.pos
         self.pos += len(data)
+        if self.track and start < HEAD and len(self.head) == start:
+            self.head += data[: HEAD - start]
         if self.skipping:
             i = data.find(b"\n")
             if i < 0:
+                if self.track:
+                    self._skipped = (self._skipped + data[-TAIL:])[-TAIL:]
                 return []
             self.skipping = False
             start += i + 1
             self.committed = start
+            if self.track:
+                self.ctail = (self._skipped + data[max(0, i + 1 - TAIL) : i + 1])[-TAIL:]
+                self._skipped = b""
             data = data[i + 1 :]
         j = data.rfind(b"\n")
         if j < 0:
@@ -110,6 +142,8 @@ class _Cutter:
             buf = data if j + 1 == len(data) else data[: j + 1]
         self.partial = bytearray(data[j + 1 :])
         self.committed = seg_start + len(buf)
+        if self.track:  # buf is the bytes [old committed, new committed)
+            self.ctail = bytes(buf[-TAIL:]) if len(buf) >= TAIL else (self.ctail + buf)[-TAIL:]
         self._check_partial()
         segs, dropped = _split_long(buf, seg_start, self.max_line)
         if dropped:
@@ -119,6 +153,8 @@ class _Cutter:
     def _check_partial(self) -> None:
         if len(self.partial) > self.max_line:
             self.stats["too_long"] += 1
+            if self.track:
+                self._skipped = bytes(self.partial[-TAIL:])
             self.partial = bytearray()
             self.skipping = True
 
