@@ -71,7 +71,7 @@ _SCHEMA = (
     'CREATE INDEX IF NOT EXISTS "idx_ban_log_ip_time" ON "ban_log" ("ip", "time")',
     'CREATE INDEX IF NOT EXISTS "idx_ban_log_time" ON "ban_log" ("time")',
     'CREATE TABLE IF NOT EXISTS "positions" ("path" TEXT PRIMARY KEY, "dev" INTEGER, "inode" INTEGER, '
-    '"offset" INTEGER)',
+    '"offset" INTEGER, "head" TEXT, "tail" TEXT)',
     'CREATE TABLE IF NOT EXISTS "control" ("id" INTEGER PRIMARY KEY, "time" REAL, "action" TEXT, "target" TEXT, '
     '"payload" TEXT)',
     'CREATE TABLE IF NOT EXISTS "cleared" ("ip" TEXT PRIMARY KEY, "time" REAL)',
@@ -272,7 +272,8 @@ class Store:
 
     def _schema_complete(self) -> bool:
         names = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
-        return names.issuperset(_TABLES + _INDEXES) and "refused" in self._columns("bans")
+        return (names.issuperset(_TABLES + _INDEXES) and "refused" in self._columns("bans")
+                and "head" in self._columns("positions"))
 
     def _create(self) -> None:
         """Every table and index (idempotent, in one transaction: first openers may race)."""
@@ -281,7 +282,7 @@ class Store:
                 self.conn.execute(ddl)
             if "refused" not in self._columns("bans"):  # a database from before refusals: same rows, new column
                 self.conn.execute('ALTER TABLE "bans" ADD COLUMN "refused" TEXT')
-            if "head" not in self._columns("positions"):  # a database from before fingerprints: "" = none
+            if "head" not in self._columns("positions"):  # from before fingerprints: "" = none (the inode decides)
                 self.conn.execute('ALTER TABLE "positions" ADD COLUMN "head" TEXT')
                 self.conn.execute('ALTER TABLE "positions" ADD COLUMN "tail" TEXT')
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
