@@ -50,9 +50,8 @@ def load_and_restore(work: Path, n: int = 100_000) -> dict:
     return res
 
 
-def spray(work: Path, n: int = 1_000_000, max_events: int = 100_000) -> dict:
-    """`sipguard run --dry-run` after n auth failures from n distinct sources (no bans: one event
-    each): peak RSS, tracked windows, and the SQLite files under `[store] max_events`."""
+def _spray_log(work: Path, n: int) -> Path:
+    """A fresh `work` dir holding `spray.log`: n auth failures, now, each from its own source."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     logf = work / "spray.log"
@@ -61,6 +60,13 @@ def spray(work: Path, n: int = 1_000_000, max_events: int = 100_000) -> dict:
         for i in range(n):
             f.write(f"{stamp} sip1 kamailio[23866]: NOTICE: <script>: auth failed for user {1000 + i % 9000} "
                     f"from {attacker_address_n(i)}:5060 method REGISTER\n")
+    return logf
+
+
+def spray(work: Path, n: int = 1_000_000, max_events: int = 100_000) -> dict:
+    """`sipguard run --dry-run` after n auth failures from n distinct sources (no bans: one event
+    each): peak RSS, tracked windows, and the SQLite files under `[store] max_events`."""
+    logf = _spray_log(work, n)
     size = logf.stat().st_size
     state = work / "state"
     cfg = write_config(work / "sipguard.toml",
@@ -105,14 +111,7 @@ def restart_memory(work: Path, n: int = 1_000_000) -> dict:
     """A restart of `sipguard run --dry-run` over a store holding n recent events (n auth failures from
     n distinct sources, all inside the jail's findtime): peak RSS of the restarted daemon once it is
     running (the policy's windows replayed from the store), beside the first run's own peak."""
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    logf = work / "spray.log"
-    stamp = syslog_stamp(time.time())
-    with open(logf, "w", buffering=1 << 20) as f:
-        for i in range(n):
-            f.write(f"{stamp} sip1 kamailio[23866]: NOTICE: <script>: auth failed for user {1000 + i % 9000} "
-                    f"from {attacker_address_n(i)}:5060 method REGISTER\n")
+    logf = _spray_log(work, n)
     size = logf.stat().st_size
     state = work / "state"
     cfg = write_config(work / "sipguard.toml", f'[store]\nmax_events = {2 * n}\n')
