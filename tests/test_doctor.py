@@ -122,6 +122,30 @@ def test_logs_missing_unreadable_empty_foreign_stale_and_good(tmp_path):
     assert statuses(found, "logs") == ["ok"], found
 
 
+def test_journal_sources(tmp_path):
+    """A journal unit is read with journalctl (here a stand-in printing `journalctl -o json` lines)."""
+    now = time.time()
+    entries = tmp_path / "entries.json"
+    fake = tmp_path / "journalctl"
+    fake.write_text(f"#!/bin/sh\ncat {entries}\n")
+    fake.chmod(0o755)
+    cfg = cfg_of(tmp_path, sources={"logs": [], "journal": ["kamailio.service"], "journalctl": str(fake)})
+    entries.write_text("")
+    (p,) = problems(run(Host(cfg, tmp_path / "state", now=now), "logs"))
+    assert "no entries at all" in p.message
+    rows = [{"MESSAGE": LINES[n].format(ip=f"198.18.0.{i + 10}"), "__REALTIME_TIMESTAMP": str(int((now - 70 + i * 10) * 1e6)),
+             "_PID": "4242", "SYSLOG_IDENTIFIER": "kamailio", "_HOSTNAME": "sip1", "_TRANSPORT": "syslog"}
+            for i, n in enumerate(LINES)]
+    entries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = run(Host(cfg, tmp_path / "state", now=now), "logs", "contract", "clock")
+    assert [f.status for f in found] == ["ok"] * (2 + len(LINES)), found
+    missing = cfg_of(tmp_path, sources={"logs": [], "journal": ["kamailio.service"],
+                                         "journalctl": str(tmp_path / "journalctl")})
+    fake.unlink()
+    (p,) = problems(run(Host(missing, tmp_path / "state", now=now), "logs"))
+    assert "cannot be read" in p.message and "journalctl" in p.fix
+
+
 def test_log_names_are_printed_escaped(tmp_path):
     cfg = cfg_of(tmp_path, sources={"logs": [str(tmp_path / "k\x1b]0;pwned\x07.log")]})
     (p,) = problems(run(Host(cfg, tmp_path / "state", root=tmp_path), "logs"))
@@ -374,6 +398,12 @@ def _ensure(cfg: Config) -> int:
         e.close()
 
 
+def _legacy_tables() -> set[str]:
+    from sipguard.netfilter import legacy_tables
+
+    return legacy_tables(4) | legacy_tables(6)
+
+
 def _kernel(cfg: Config, tmp: Path) -> list[Finding]:
     return run_checks(Host(cfg, tmp / "state"), ["tools", "iptables", "hook", "sets"])
 
@@ -383,40 +413,49 @@ def _allow(cfg: Config, tmp: Path, env: dict) -> list[Finding]:
 
 
 @needs_root
-def test_ipset_backend_hook_not_first_missing_set_wrong_size(tmp_path):
-    cfg = cfg_of(tmp_path, enforce={"backend": "ipset", "maxelem": 4096})
-    with _ns("i") as ns:
+@pytest.mark.parametrize("flavour", ["nft", "legacy"])
+def test_ipset_backend_hook_not_first_missing_set_wrong_size(tmp_path, flavour):
+    ipt, ip6t = f"iptables-{flavour}", f"ip6tables-{flavour}"
+    cfg = cfg_of(tmp_path, enforce={"backend": "ipset", "maxelem": 4096, "iptables": flavour})
+    with _ns("i" + flavour[0]) as ns:
+        found = ns_call(ns.name, _kernel, cfg, tmp_path)  # nothing there yet (and nothing created by looking)
+        assert {p.message for p in problems(found, "hook")} == {f"IPv4 ({ipt}): chain SIPGUARD missing",
+                                                                 f"IPv4 ({ipt}): INPUT does not jump to SIPGUARD first",
+                                                                 f"IPv6 ({ip6t}): chain SIPGUARD missing",
+                                                                 f"IPv6 ({ip6t}): INPUT does not jump to SIPGUARD first"}
+        assert len(problems(found, "sets")) == 4
+        if flavour == "legacy":
+            assert not ns_call(ns.name, _legacy_tables)  # looking created no legacy table
         assert ns_call(ns.name, _ensure, cfg) > 0
         found = ns_call(ns.name, _kernel, cfg, tmp_path)
         assert not problems(found), found
         assert len([f for f in found if f.check == "sets" and f.status == "ok"]) == 4
         assert len([f for f in found if f.check == "hook" and f.status == "ok"]) == 2
         # a wrong size: the sets hold 4096, the config now says 8192
-        bigger = cfg_of(tmp_path, enforce={"backend": "ipset", "maxelem": 8192})
+        bigger = cfg_of(tmp_path, enforce={"backend": "ipset", "maxelem": 8192, "iptables": flavour})
         found = ns_call(ns.name, _kernel, bigger, tmp_path)
         sizes = problems(found, "sets")
         assert len(sizes) == 4 and all("at most 4096 entries" in p.message and "ipset destroy" in p.fix
                                        for p in sizes), found
         # the hook not first in INPUT (IPv4), and FORWARD hooked though hook_forward is off (IPv6)
-        _sh(ns.name, "iptables", "-I", "INPUT", "1", "-p", "udp", "--dport", "5060", "-j", "ACCEPT")
-        _sh(ns.name, "ip6tables", "-A", "FORWARD", "-j", "SIPGUARD")
+        _sh(ns.name, ipt, "-I", "INPUT", "1", "-p", "udp", "--dport", "5060", "-j", "ACCEPT")
+        _sh(ns.name, ip6t, "-A", "FORWARD", "-j", "SIPGUARD")
         found = ns_call(ns.name, _kernel, cfg, tmp_path)
         hooks = problems(found, "hook")
-        assert [p.message for p in hooks] == ["IPv4 (iptables-nft): INPUT does not jump to SIPGUARD first",
-                                              "IPv6 (ip6tables-nft): FORWARD jumps to SIPGUARD"], hooks
-        assert hooks[0].fix.startswith("iptables-nft -D INPUT -j SIPGUARD; iptables-nft -I INPUT 1 -j SIPGUARD")
+        assert [p.message for p in hooks] == [f"IPv4 ({ipt}): INPUT does not jump to SIPGUARD first",
+                                              f"IPv6 ({ip6t}): FORWARD jumps to SIPGUARD"], hooks
+        assert hooks[0].fix.startswith(f"{ipt} -D INPUT -j SIPGUARD; {ipt} -I INPUT 1 -j SIPGUARD")
         # with hook_forward the FORWARD jump is wanted, and must be first there too
-        fwd = cfg_of(tmp_path, enforce={"backend": "ipset", "maxelem": 4096, "hook_forward": True})
+        fwd = cfg_of(tmp_path, enforce={"backend": "ipset", "maxelem": 4096, "hook_forward": True, "iptables": flavour})
         found = ns_call(ns.name, _kernel, fwd, tmp_path)
-        assert "IPv4 (iptables-nft): FORWARD does not jump to SIPGUARD first" in [p.message for p in
-                                                                                  problems(found, "hook")]
+        assert f"IPv4 ({ipt}): FORWARD does not jump to SIPGUARD first" in [p.message for p in problems(found, "hook")]
         # a missing set (and so a chain that no longer matches it)
-        _sh(ns.name, "ip6tables", "-F", "SIPGUARD")
+        _sh(ns.name, ip6t, "-F", "SIPGUARD")
         _sh(ns.name, "ipset", "destroy", "sipguard-net6")
         found = ns_call(ns.name, _kernel, cfg, tmp_path)
         (missing,) = problems(found, "sets")
         assert missing.message == "ipset sipguard-net6 missing" and "systemctl restart sipguard" in missing.fix
-        assert "IPv6 (ip6tables-nft): chain SIPGUARD rules differ" in [p.message for p in problems(found, "hook")]
+        assert f"IPv6 ({ip6t}): chain SIPGUARD rules differ" in [p.message for p in problems(found, "hook")]
         # a set of the wrong type under our name
         _sh(ns.name, "ipset", "create", "sipguard-net6", "hash:ip", "family", "inet6", "maxelem", "4096")
         found = ns_call(ns.name, _kernel, cfg, tmp_path)
@@ -509,6 +548,7 @@ def test_good_setup_reports_nothing_and_a_bad_one_counts_its_problems(tmp_path):
         p = _doctor(ns.name, conf, state, root, "--json")
         assert p.returncode == 0, p.stdout + p.stderr
         doc = json.loads(p.stdout)
+        assert set(doc) == {"problems", "warnings", "exit_status", "checks"}  # the README's schema
         assert doc["problems"] == 0 and doc["warnings"] == 0 and doc["exit_status"] == 0, doc
         assert {c["check"] for c in doc["checks"]} == set(CHECKS) - {"fleet"}
         for c in doc["checks"]:

@@ -88,7 +88,8 @@ def _judge(host: Host, filters: FilterSet, s: LogSample, lines: list[Line], pars
                 s.matched[v.filter] = s.matched.get(v.filter, 0) + 1
                 if rec.time is not None:
                     s.last_match[v.filter] = max(s.last_match.get(v.filter, 0.0), rec.time)
-    s.other_program = int(parser.stats.other_program)
+    stats = parser.stats  # ParserStats (files) or a Counter (journal): both read as a mapping
+    s.other_program = int(stats["other_program"]) if "other_program" in stats else 0
 
 
 def sample_file(host: Host, filters: FilterSet, path: str) -> LogSample:
