@@ -461,6 +461,13 @@ def test_ipset_backend_hook_not_first_missing_set_wrong_size(tmp_path, flavour):
         found = ns_call(ns.name, _kernel, cfg, tmp_path)
         (wrong,) = problems(found, "sets")
         assert "is hash:ip family inet6 without timeout" in wrong.message
+        assert statuses(found, "iptables") == ["ok"]
+        assert next(f for f in found if f.check == "iptables").details == {"flavour": flavour}
+        if flavour == "nft":  # rules of the other flavour beside the hook
+            _sh(ns.name, "iptables-legacy", "-A", "INPUT", "-j", "ACCEPT")
+            found = ns_call(ns.name, _kernel, cfg, tmp_path)
+            (w,) = [f for f in found if f.check == "iptables" and f.status == "warning"]
+            assert "legacy iptables tables exist too (filter)" in w.message and "iptables-legacy-save" in w.fix
 
 
 @needs_root
@@ -498,6 +505,23 @@ def _rule_handle(ns: str, ref: str) -> str:
         if r and any(isinstance(e, dict) and e.get("match", {}).get("right") == ref for e in r["expr"]):
             return str(r["handle"])
     raise AssertionError(f"no rule for {ref}")
+
+
+@needs_root
+def test_tools_missing(tmp_path):
+    """No nft (nftables backend), no iptables (ipset backend): a PATH without them, in a namespace."""
+    log = tmp_path / "k.log"
+    with _ns("t") as ns:
+        for backend, want in (("nftables", "nft: not installed"), ("ipset", "iptables: not installed")):
+            conf = _toml(tmp_path, backend, log)
+            cmd = ["ip", "netns", "exec", ns.name, "env", "PATH=/nonexistent", f"PYTHONPATH={WT}", sys.executable,
+                   "-m", "sipguard", "--config", str(conf), "--state-dir", str(tmp_path / "s"), "doctor", "--json",
+                   "--check", "tools"]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            doc = json.loads(p.stdout)
+            assert [c["message"] for c in doc["checks"] if c["status"] == "problem"] == [want], doc
+            assert p.returncode == 1
+            assert "apt-get install" in next(c["fix"] for c in doc["checks"] if c["status"] == "problem")
 
 
 @needs_root

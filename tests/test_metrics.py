@@ -298,14 +298,17 @@ def test_fleet_lag_counts_the_time_out_of_sync():
     assert FLEET_META == STATUS_META
     m = Metrics()
     hook = MetricsHook(m)
-    view = {"in_sync": True, "outbox": 0}
+    view = {"in_sync": True, "outbox": 0, "heartbeat": 1000.0}
     book = types.SimpleNamespace(store=types.SimpleNamespace(get_meta=lambda key: _json.dumps(view)))
     hook.tick(1000.0, book)
     assert m.fleet() == (True, 0, 0.0)
-    view.update(in_sync=False, outbox=5)
+    view.update(in_sync=False, outbox=5, heartbeat=1029.0)
     hook._read_fleet = 0.0  # the next tick reads again (once a second otherwise)
     hook.tick(1030.0, book)
     assert m.fleet() == (False, 5, 30.0)
+    hook._read_fleet = 0.0
+    hook.tick(1030.0 + 120, book)  # the view is stale: a database left by an earlier fleet run
+    assert m.fleet() is None
     assert Metrics().fleet() is None  # standalone: no fleet series at all
 
 

@@ -219,7 +219,8 @@ def check_logs(host: Host) -> list[Finding]:
                                f"syslog name Kamailio logs under ({s.other_program} lines of other programs "
                                f"were seen)", source=s.source, lines=s.lines))
             continue
-        last = s.mtime if s.mtime is not None else s.newest
+        # a file other programs write too (syslog) is fresh only by Kamailio's own newest record
+        last = s.newest if (s.other_program and s.newest is not None) or s.mtime is None else s.mtime
         if last is not None and host.now - last > FRESH:
             out.append(problem("logs", f"{name}: last written {_ago(host, last)}: is Kamailio running and logging "
                                f"here?", "systemctl status kamailio rsyslog; a live Kamailio logs every "

@@ -88,6 +88,9 @@ def check_heartbeat(host: Host) -> list[Finding]:
     """The daemon's heartbeat in the store is fresh (a running daemon writes it every few seconds)."""
     store, bad = _store(host)
     if store is None:
+        if bad is not None and "no database" not in bad.message:
+            return [problem("heartbeat", "the heartbeat cannot be read: the database cannot be opened",
+                            "see the database check")]
         return [problem("heartbeat", "no database, so no heartbeat: the daemon is not running with this state "
                         "directory", "systemctl enable --now sipguard")]
     try:

@@ -44,6 +44,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 _PLAUSIBLE = 3600.0
 FLEET_META = "cluster_status"  # sipguard.cluster.status.STATUS_META (not imported: standalone never loads the fleet)
 FLEET_EVERY = 1.0  # seconds between readings of the fleet view
+FLEET_STALE = 60.0  # a fleet view older than this is not this daemon's (a database from an earlier fleet run)
 
 
 
@@ -131,10 +132,11 @@ class Metrics:
         with self._lock:
             return self._store
 
-    def set_fleet(self, in_sync: bool, outbox: int, lag: float) -> None:
-        """This node's fleet view: in sync or not, changes queued to publish, seconds out of sync."""
+    def set_fleet(self, view: tuple[bool, int, float] | None) -> None:
+        """This node's fleet view (in sync or not, changes queued to publish, seconds out of sync), or None
+        when there is no fleet (no series are served then)."""
         with self._lock:
-            self._fleet = (in_sync, outbox, lag)
+            self._fleet = view
 
     def fleet(self) -> tuple[bool, int, float] | None:
         with self._lock:
@@ -307,14 +309,16 @@ class MetricsHook:
             view = json.loads(raw) if raw else None
         except Exception:  # noqa: BLE001 - a busy or failing store: the figures wait for the next tick
             return
-        if not isinstance(view, dict):
+        beat = view.get("heartbeat") if isinstance(view, dict) else None
+        if not isinstance(beat, (int, float)) or now - beat > FLEET_STALE:
+            self.metrics.set_fleet(None)  # standalone (or a view left by an earlier fleet run): no series
             return
         in_sync = bool(view.get("in_sync"))
         if in_sync or self._in_sync_since is None:
             self._in_sync_since = now
         outbox = view.get("outbox")
-        self.metrics.set_fleet(in_sync, outbox if isinstance(outbox, int) else 0,
-                               0.0 if in_sync else max(0.0, now - self._in_sync_since))
+        self.metrics.set_fleet((in_sync, outbox if isinstance(outbox, int) else 0,
+                                0.0 if in_sync else max(0.0, now - self._in_sync_since)))
 
     def close(self) -> None:
         self.metrics.close()
