@@ -150,6 +150,11 @@ def test_log_names_are_printed_escaped(tmp_path):
     cfg = cfg_of(tmp_path, sources={"logs": [str(tmp_path / "k\x1b]0;pwned\x07.log")]})
     (p,) = problems(run(Host(cfg, tmp_path / "state", root=tmp_path), "logs"))
     assert "\x1b" not in p.message and "\\x1b]0;pwned\\x07" in p.message
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[sources]\nlogs = ["{tmp_path}/[bold]k\\u001b[2J:smile:.log"]\n[enforce]\nbackend = "dryrun"\n')
+    out = _doctor(None, conf, tmp_path / "state", tmp_path, "--check", "logs")
+    assert out.returncode == 1 and "\x1b" not in out.stdout
+    assert f"{tmp_path}/[bold]k\\x1b[2J:smile:.log: does not exist" in out.stdout, out.stdout
 
 
 def test_contract_reports_missing_xlog_lines_and_filters_never_matched(tmp_path):

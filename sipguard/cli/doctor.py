@@ -14,7 +14,7 @@ import typer
 
 from ..config import resolve_state_dir
 from ..errors import SipguardError
-from .app import app, clean, ctx, out
+from .app import app, clean, ctx
 
 _MARK = {"ok": "OK", "problem": "PROBLEM", "warning": "WARNING", "skipped": "skipped"}
 
@@ -45,11 +45,11 @@ def doctor(
     if as_json:
         print(json.dumps(to_json(findings)))
         raise typer.Exit(code)
-    for f in findings:
-        out.print(f"{_MARK[f.status]:8} {f.check:10} {clean(f.message)}", markup=False)
+    for f in findings:  # plain lines (no rich: no markup, no emoji codes, nothing wrapped or cut)
+        print(f"{_MARK[f.status]:8} {f.check:10} {clean(f.message)}")
         if f.fix and f.status in ("problem", "warning"):
-            out.print(f"{'':8} {'':10} fix: {clean(f.fix)}", markup=False)
+            print(f"{'':8} {'':10} fix: {clean(f.fix)}")
     c = summary(findings)
-    out.print(f"{c['problem']} problem{'s' if c['problem'] != 1 else ''}, {c['warning']} warning"
-              f"{'s' if c['warning'] != 1 else ''}, {c['ok']} ok, {c['skipped']} skipped", markup=False)
+    print(f"{c['problem']} problem{'s' if c['problem'] != 1 else ''}, {c['warning']} warning"
+          f"{'s' if c['warning'] != 1 else ''}, {c['ok']} ok, {c['skipped']} skipped")
     raise typer.Exit(code)
