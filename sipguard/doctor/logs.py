@@ -257,7 +257,7 @@ def check_contract(host: Host) -> list[Finding]:
     for f in filters.filters:
         n = seen.get(f.name, 0)
         if n:
-            out.append(ok("contract", f"{f.name}: {n} lines in the last {window}, the last "
+            out.append(ok("contract", f"{f.name}: {n} line{'s' if n != 1 else ''} in the last {window}, the last "
                           f"{_ago(host, last[f.name]) if f.name in last else 'at an unknown time'}",
                           filter=f.name, seen=n))
             continue
