@@ -113,7 +113,7 @@ def test_logs_missing_unreadable_empty_foreign_stale_and_good(tmp_path):
     assert "empty" in p.message
     write_log(log, now, program="sshd")
     (p,) = problems(run(host(), "logs"))
-    assert "none a record of kamailio" in p.message and "[sources] programs" in p.fix
+    assert "none of the last 7 lines is a record of kamailio" in p.message and "[sources] programs" in p.fix
     write_log(log, now, age=7200)
     (p,) = problems(run(host(), "logs"))
     assert "last written 2h ago" in p.message

@@ -19,6 +19,7 @@ from ..filters import FilterSet
 from ..formats import JournalParser, RecordParser
 from ..model import Line
 from ..pipeline import Pipeline
+from ..sources import LineBatch
 from .base import CLOCK_TOLERANCE, FRESH, Finding, Host, ok, printable, problem, skipped, warning
 
 CONTRACT = {
@@ -52,8 +53,9 @@ class LogSample:
     error: str | None = None
     size: int = 0
     mtime: float | None = None  # file: when it was last written (host clock)
-    lines: int = 0
-    records: int = 0  # records of the configured programs (Kamailio)
+    lines: int = 0  # lines in the tail read
+    sampled: int = 0  # the newest lines parsed one by one (at most RECENT_LINES)
+    records: int = 0  # records of the configured programs (Kamailio) among them
     other_program: int = 0
     newest: float | None = None  # the newest record timestamp (the log's clock)
     read_time: float | None = None
@@ -74,20 +76,36 @@ def _tail(path: Path, limit: int) -> tuple[bytes, bool]:
     return data, start == 0
 
 
-def _judge(host: Host, filters: FilterSet, s: LogSample, lines: list[Line], parser) -> None:  # noqa: ANN001
+RECENT_LINES = 5000
+"""The newest lines parsed one by one (for the newest timestamp and the share of Kamailio records); the
+rest of the tail is only searched for the filters' literals, as the daemon reads."""
+
+
+def _judge(host: Host, filters: FilterSet, s: LogSample, data: bytes, make_parser) -> None:  # noqa: ANN001
+    """Matches per filter over the whole tail (sparse: only lines holding a literal are parsed), and
+    records and the newest timestamp from its last RECENT_LINES lines."""
     since = host.now - host.hours * 3600
-    pipe = Pipeline(parser, filters, sparse=False)
-    for rec, verdicts in pipe.verdicts(lines):
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    s.lines = data.count(b"\n")
+    res = Pipeline(make_parser(), filters).batch(LineBatch([(s.source, 0, data)]), host.now)
+    for ev in res.events:
+        if ev.time < since:
+            continue
+        s.matched[ev.filter] = s.matched.get(ev.filter, 0) + 1
+        s.last_match[ev.filter] = max(s.last_match.get(ev.filter, 0.0), ev.time)
+    cut = len(data)
+    for _ in range(RECENT_LINES + 1):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            break
+    recent = data[cut + 1:]
+    s.sampled = recent.count(b"\n")
+    parser = make_parser()
+    for rec in Pipeline(parser, sparse=False).records(Line(s.source, ln) for ln in recent.split(b"\n")[:-1]):
         s.records += 1
         if rec.time is not None and (s.newest is None or rec.time > s.newest):
             s.newest = rec.time
-        if rec.time is not None and rec.time < since:
-            continue
-        for v in verdicts:
-            if v.result == "matched":
-                s.matched[v.filter] = s.matched.get(v.filter, 0) + 1
-                if rec.time is not None:
-                    s.last_match[v.filter] = max(s.last_match.get(v.filter, 0.0), rec.time)
     stats = parser.stats  # ParserStats (files) or a Counter (journal): both read as a mapping
     s.other_program = int(stats["other_program"]) if "other_program" in stats else 0
 
@@ -110,15 +128,8 @@ def sample_file(host: Host, filters: FilterSet, path: str) -> LogSample:
         s.readable, s.error = False, exc.strerror or str(exc)
         return s
     s.read_time = host.now
-    raw = data.split(b"\n")
-    if raw and raw[-1] == b"":
-        raw.pop()
-    s.lines = len(raw)
-    lines = [Line(path, ln) for ln in raw]
     cfg = host.cfg.sources
-    fmt = cfg.format
-    parser = RecordParser(fmt, programs=cfg.programs, now=lambda: host.now)
-    _judge(host, filters, s, lines, parser)
+    _judge(host, filters, s, data, lambda: RecordParser(cfg.format, programs=cfg.programs, now=lambda: host.now))
     return s
 
 
@@ -142,7 +153,6 @@ def sample_journal(host: Host, filters: FilterSet, unit: str, identifier: bool) 
         s.readable, s.error = False, p.stderr.decode("utf-8", "replace").strip()[:300]
         return s
     raw = [ln for ln in p.stdout.split(b"\n") if ln.strip()]
-    s.lines = len(raw)
     if raw:
         try:
             newest = json.loads(raw[-1]).get("__REALTIME_TIMESTAMP")
@@ -150,8 +160,7 @@ def sample_journal(host: Host, filters: FilterSet, unit: str, identifier: bool) 
         except (ValueError, TypeError, AttributeError):
             s.mtime = None
     s.exists = bool(raw)
-    parser = JournalParser(programs=None, max_line=host.cfg.sources.max_line)
-    _judge(host, filters, s, [Line(s.source, ln) for ln in raw], parser)
+    _judge(host, filters, s, b"\n".join(raw), lambda: JournalParser(programs=None, max_line=host.cfg.sources.max_line))
     return s
 
 
@@ -214,7 +223,7 @@ def check_logs(host: Host) -> list[Finding]:
                                source=s.source))
             continue
         if s.records == 0:
-            out.append(problem("logs", f"{name}: {s.lines} lines, none a record of {progs}",
+            out.append(problem("logs", f"{name}: none of the last {s.sampled} lines is a record of {progs}",
                                f"point [sources] logs at Kamailio's own log, or set [sources] programs to the "
                                f"syslog name Kamailio logs under ({s.other_program} lines of other programs "
                                f"were seen)", source=s.source, lines=s.lines))
@@ -226,7 +235,7 @@ def check_logs(host: Host) -> list[Finding]:
                                f"here?", "systemctl status kamailio rsyslog; a live Kamailio logs every "
                                "registration (examples/kamailio/kamailio.cfg)", source=s.source, last_written=last))
             continue
-        out.append(ok("logs", f"{name}: readable, {s.records} Kamailio records in the last {s.lines} lines, "
+        out.append(ok("logs", f"{name}: readable, {s.records} Kamailio records in the last {s.sampled} lines, "
                       f"last written {_ago(host, last) if last is not None else 'at an unknown time'}",
                       source=s.source, lines=s.lines, records=s.records, last_written=last))
     return out
