@@ -311,8 +311,8 @@ class FirewallConfig(Section):
 
 
 def _listen(value: Any) -> str:
-    """"" (off), "HOST:PORT" or "[V6]:PORT": the port 1-65535 (0: any free one), the host an address or a name (checked here,
-    so a bad value is a config error naming the line, never a bind failure at start)."""
+    """"" (off), "HOST:PORT" or "[V6]:PORT": the port 1-65535 (0: any free one), the host an address or
+    a name (checked here, so a bad value is a config error naming the line, never a bind failure at start)."""
     if not isinstance(value, str):
         raise ValueError("expected \"HOST:PORT\", e.g. \"127.0.0.1:9108\"")
     text = value.strip()
