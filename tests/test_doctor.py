@@ -565,14 +565,15 @@ def _toml(tmp: Path, backend: str, log: Path, maxelem: int = 4096) -> Path:
 
 
 @needs_root
-def test_good_setup_reports_nothing_and_a_bad_one_counts_its_problems(tmp_path):
+@pytest.mark.parametrize("backend", ["ipset", "nftables"])
+def test_good_setup_reports_nothing_and_a_bad_one_counts_its_problems(tmp_path, backend):
     now = time.time()
     log = write_log(tmp_path / "kamailio.log", now)
     root = good_root(tmp_path / "root")
     state = tmp_path / "state"
-    conf = _toml(tmp_path, "ipset", log)
-    with _ns("g") as ns:
-        ns_call(ns.name, _ensure, Config.model_validate({"enforce": {"backend": "ipset", "maxelem": 4096}}))
+    conf = _toml(tmp_path, backend, log)
+    with _ns("g" + backend[0]) as ns:
+        ns_call(ns.name, _ensure, Config.model_validate({"enforce": {"backend": backend, "maxelem": 4096}}))
         beat(state, time.time())
         p = _doctor(ns.name, conf, state, root, "--json")
         assert p.returncode == 0, p.stdout + p.stderr
@@ -588,7 +589,10 @@ def test_good_setup_reports_nothing_and_a_bad_one_counts_its_problems(tmp_path):
         # now wrong in many ways at once: stale log, no journald drop-in, a hook not first, an old heartbeat
         write_log(log, now, age=7200)
         (root / "etc/systemd/system/kamailio.service.d/ratelimit.conf").unlink()
-        _sh(ns.name, "iptables", "-I", "INPUT", "1", "-j", "ACCEPT")
+        if backend == "ipset":
+            _sh(ns.name, "iptables", "-I", "INPUT", "1", "-j", "ACCEPT")
+        else:
+            _sh(ns.name, "nft", "flush", "chain", "inet", "sipguard", "input")
         beat(state, now - 600)
         p = _doctor(ns.name, conf, state, root, "--json")
         doc = json.loads(p.stdout)
@@ -596,7 +600,8 @@ def test_good_setup_reports_nothing_and_a_bad_one_counts_its_problems(tmp_path):
         assert bad == {"logs", "journald", "hook", "heartbeat"}, doc
         assert p.returncode == doc["problems"] == doc["exit_status"] == 4
         text = _doctor(ns.name, conf, state, root)
-        assert text.returncode == 4 and "PROBLEM  hook" in text.stdout and "fix: iptables-nft -D INPUT" in text.stdout
+        assert text.returncode == 4 and "PROBLEM  hook" in text.stdout
+        assert ("fix: iptables-nft -D INPUT" if backend == "ipset" else "fix: systemctl restart sipguard") in text.stdout
 
 
 def test_exit_status_is_capped_and_unknown_checks_refused(tmp_path):
