@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from .addresses import network
+from .addresses import address_text, network
 from .errors import ConfigError
 from .model import EventKind
 
@@ -310,10 +310,33 @@ class FirewallConfig(Section):
     iptables: Literal["auto", "nft", "legacy"] = "auto"  # auto: [enforce] iptables if set, else `iptables -V`
 
 
-class MetricsConfig(Section):
-    """The Prometheus endpoint (sipguard/extras/metrics.py): off unless `listen` is set."""
+def _listen(value: Any) -> str:
+    """"" (off), "HOST:PORT" or "[V6]:PORT": the port 1-65535 (0: any free one), the host an address or
+    a name (checked here, so a bad value is a config error naming the line, never a bind failure at start)."""
+    if not isinstance(value, str):
+        raise ValueError("expected \"HOST:PORT\", e.g. \"127.0.0.1:9108\"")
+    text = value.strip()
+    if not text:
+        return ""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+|[A-Za-z0-9.-]+):(\d+)", text)
+    if m is None:
+        raise ValueError(f"bad address {value!r}: expected HOST:PORT, e.g. \"127.0.0.1:9108\" or \"[::1]:9108\"")
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {int(port)} out of range: ports are 1-65535 (0: any free port)")
+    if re.fullmatch(r"[0-9.]+", host) or m.group(1):
+        try:
+            address_text(host)
+        except ValueError:
+            raise ValueError(f"bad address {host!r} in {value!r}") from None
+    return text
 
-    listen: str = Field("", pattern=r"^(|\[?[0-9A-Fa-f:.]+\]?:\d{1,5}|[A-Za-z0-9.-]+:\d{1,5})$")  # "127.0.0.1:9108"
+
+class MetricsConfig(Section):
+    """The Prometheus endpoint (sipguard/extras/metrics.py): off unless `listen` is set. The endpoint
+    has no authentication: an address other than loopback is allowed, with a warning at start."""
+
+    listen: Annotated[str, BeforeValidator(_listen)] = ""  # "127.0.0.1:9108", "[::1]:9108", "0.0.0.0:9108"
 
 
 class HtableConfig(Section):

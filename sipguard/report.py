@@ -6,6 +6,11 @@ with a few lines of inline JavaScript: no network access, no external file, open
 When the charts are drawn the script sets `data-rendered="true"` on <body> (tests look for it).
 Events are kept only [store] event_retention (1 day by default); ban history history_retention.
 
+The headline figures are the sums of the charts: an event or ban dated after the report's own time
+(a log clock ahead of this host) is counted in the last column and named under the chart, never
+dropped. The charts span at least MIN_SPAN (a page with a minute of data still has a time axis), and
+bar labels (an IPv6 address, a /64) are measured in the browser and given the room they need.
+
 It reads the history only through the store's named report queries (it never runs SQL itself)
 and changes nothing: its only output is the page.
 """
@@ -23,6 +28,7 @@ from . import __version__
 from .store import Store
 
 _STEPS = (60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 86400)
+MIN_SPAN = 30 * 60  # seconds: the shortest time axis (30 one-minute columns)
 
 
 def _bucket(span: float) -> int:
@@ -48,15 +54,22 @@ def build_report(store: Store, since: float | None = None, now: float | None = N
     since = now - 7 * 86400 if since is None else since
     first = store.first_activity(since)
     start = max(since, first if first is not None else now - 3600)
+    start = max(since, min(start, now - MIN_SPAN))
     step = _bucket(max(now - start, 60))
     b0 = int(start // step)
     nb = int(now // step) - b0 + 1
+    late = {"events": 0, "bans": 0}  # dated after `now`: counted in the last column
+
+    def column(b: int, kind: str, n: int) -> int:
+        i = b - b0
+        if i >= nb:
+            late[kind] += n
+            return nb - 1
+        return max(i, 0)
 
     filters: dict[str, list[int]] = {}
     for b, flt, n in store.event_counts(step, start):
-        i = b - b0
-        if 0 <= i < nb:
-            filters.setdefault(flt, [0] * nb)[i] += n
+        filters.setdefault(flt, [0] * nb)[column(b, "events", n)] += n
 
     bans_per_ip = store.bans_per_source(start)
     sources = [{"ip": s.ip, "events": s.events, "filters": s.filters, "first": s.first, "last": s.last,
@@ -76,9 +89,7 @@ def build_report(store: Store, since: float | None = None, now: float | None = N
         actions[action] = actions.get(action, 0) + 1
         if action != "ban":
             continue
-        i = int(t // step) - b0
-        if 0 <= i < nb:
-            bans_time.setdefault(_reason_group(reason, manual), [0] * nb)[i] += 1
+        bans_time.setdefault(_reason_group(reason, manual), [0] * nb)[column(int(t // step), "bans", 1)] += 1
     active: dict[str, int] = {}
     for b in store.active_bans(now):
         g = _reason_group(b.reason, b.manual)
@@ -95,8 +106,9 @@ def build_report(store: Store, since: float | None = None, now: float | None = N
         "networks": networks,
         "bans_time": dict(sorted(bans_time.items())),
         "active": dict(sorted(active.items(), key=lambda kv: -kv[1])),
+        "late": late,
         "totals": {"events": total_events, "sources": sum(e["sources"] for e in nets.values()),
-                   "bans": actions.get("ban", 0), "unbans": actions.get("unban", 0),
+                   "bans": sum(sum(v) for v in bans_time.values()), "unbans": actions.get("unban", 0),
                    "expired": actions.get("expire", 0), "delisted": actions.get("delist", 0),
                    "active": sum(active.values())},
         "version": __version__,
@@ -127,8 +139,10 @@ _PAGE = r"""<!DOCTYPE html>
  .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 16px;min-width:110px}
  .card b{display:block;font-size:22px}
  .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px;margin-top:8px}
- .grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
- table{border-collapse:collapse;width:100%;font-size:13px} td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:left}
+ .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,520px),1fr));gap:16px}
+ .panel{overflow-x:auto}
+ table{border-collapse:collapse;width:100%;font-size:13px} td,th{padding:3px 6px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}
+ .note{color:#8a5a00;font-size:12px;margin-top:4px}
  td.n{text-align:right;font-variant-numeric:tabular-nums}
  .legend span{display:inline-block;margin-right:12px;font-size:12px}
  .legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
@@ -140,9 +154,9 @@ _PAGE = r"""<!DOCTYPE html>
 <div class="sub">from %%SINCE%% &middot; sipguard %%VERSION%% &middot; <span id="gen"></span></div>
 <div class="cards" id="cards"></div>
 <h2>Attacks over time, per filter</h2>
-<div class="panel"><div id="attacks"></div><div class="legend" id="attacks-legend"></div></div>
+<div class="panel"><div id="attacks"></div><div class="legend" id="attacks-legend"></div><div class="note" id="attacks-late"></div></div>
 <h2>Bans over time, per reason</h2>
-<div class="panel"><div id="bans"></div><div class="legend" id="bans-legend"></div></div>
+<div class="panel"><div id="bans"></div><div class="legend" id="bans-legend"></div><div class="note" id="bans-late"></div></div>
 <div class="grid">
  <div><h2>Top offending sources</h2><div class="panel"><div id="top-sources-chart"></div><table id="top-sources"></table></div></div>
  <div><h2>Top offending networks (/24, /64)</h2><div class="panel"><div id="top-networks-chart"></div><table id="top-networks"></table></div></div>
@@ -195,12 +209,25 @@ function stacked(id, series, legendId){
 function hbars(id, rows, label, value){
   var box = document.getElementById(id);
   if (!rows.length){ el("div", {"class":"empty"}, box, "none"); return; }
-  var W = 520, rh = 18, L = 190, H = rows.length*rh + 4;
+  var rh = 18, H = rows.length*rh + 4, BARS = 330;
   var max = Math.max.apply(null, rows.map(value).concat([1]));
-  var svg = el("svg:svg", {viewBox:"0 0 "+W+" "+H, width:"100%", role:"img", "class":"chart"}, box);
+  var svg = el("svg:svg", {viewBox:"0 0 520 "+H, width:"100%", role:"img", "class":"chart"}, box);
+  // labels first, measured as the browser draws them: the bars start where the widest one ends
+  var widest = 0;
+  var texts = rows.map(function(r, i){
+    var t = el("svg:text", {x:0, y:i*rh + 14, "text-anchor":"end", "class":"label"}, svg, label(r));
+    var len = t.getComputedTextLength ? t.getComputedTextLength() : 0;
+    widest = Math.max(widest, len || String(label(r)).length * 7);
+    return t;
+  });
+  var L = Math.ceil(widest) + 10, W = L + BARS + 60;
+  svg.setAttribute("viewBox", "0 0 "+W+" "+H);
+  svg.setAttribute("width", String(W));  // its own size, shrunk to fit a narrow panel, never blown up
+  svg.setAttribute("style", "max-width:100%;height:auto");
+  svg.setAttribute("data-label-width", String(Math.ceil(widest)));
+  texts.forEach(function(t){ t.setAttribute("x", String(L-6)); });
   rows.forEach(function(r, i){
-    var y = i*rh + 2, w = (W-L-50) * value(r) / max;
-    el("svg:text", {x:L-6, y:y+12, "text-anchor":"end"}, svg, label(r));
+    var y = i*rh + 2, w = BARS * value(r) / max;
     el("svg:rect", {x:L, y:y+2, width:Math.max(w,1), height:rh-5, fill:COLORS[0], "class":"bar"}, svg);
     el("svg:text", {x:L+w+4, y:y+12}, svg, String(value(r)));
   });
@@ -217,6 +244,8 @@ var C = document.getElementById("cards");
   var d = el("div", {"class":"card"}, C); el("b", {}, d, String(c[1])); d.appendChild(document.createTextNode(c[0])); });
 stacked("attacks", D.filters, "attacks-legend");
 stacked("bans", D.bans_time, "bans-legend");
+if (D.late.events) document.getElementById("attacks-late").textContent = D.late.events + " events are dated after this report was made (is the log's clock ahead of this host?): they are counted in the last column.";
+if (D.late.bans) document.getElementById("bans-late").textContent = D.late.bans + " bans are dated after this report was made: they are counted in the last column.";
 hbars("top-sources-chart", D.sources.slice(0, 10), function(r){ return r.ip; }, function(r){ return r.events; });
 table("top-sources", ["source", "events", "bans", "filters"], D.sources.map(function(s){ return [s.ip, s.events, s.bans, s.filters.join(", ")]; }));
 hbars("top-networks-chart", D.networks.slice(0, 10), function(r){ return r.network; }, function(r){ return r.events; });

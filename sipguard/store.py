@@ -681,6 +681,11 @@ class Store:
             "history": q("SELECT count(*) FROM ban_log").fetchone()[0],
         }
 
+    def quick_check(self) -> list[str]:
+        """SQLite's `PRAGMA quick_check` (for `sipguard doctor`): ["ok"] when the file is healthy, else
+        one line per fault found (at most 20); a file SQLite cannot read at all raises sqlite3.Error."""
+        return [str(r[0]) for r in self.conn.execute("PRAGMA quick_check(20)").fetchall()]
+
 
 def _time(value: object) -> float:
     """A stored time as a float: NaN when it is no number (NULL or text from another writer)."""

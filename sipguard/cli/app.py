@@ -1,7 +1,7 @@
 """The `sipguard` typer app: the app object, the global options and context, output consoles, the
 streaming column writer and the option parsers every verb module shares.
 
-Verb modules (`run`, `logs`, `bans`, `ops`, `firewall`) register their commands on `app`; this module
+Verb modules (`run`, `logs`, `bans`, `ops`, `doctor`, `firewall`) register their commands on `app`; this module
 imports none of them. It holds no logic of sipguard's stages. Values shown to the operator are printed
 literally (never as markup) with control characters escaped, and never cut.
 """

@@ -9,10 +9,17 @@ process (tests) never share figures.
 Ban latency is "log line written → enforcer returned": the line's own timestamp when the format
 carries sub-second precision (ISO-8601 with microseconds, the journal), else the time the
 daemon read the line's batch (which then measures sipguard's own part only).
+
+In fleet mode the hook also reads, once a second, the view the fleet bridge keeps in the store
+(`cluster_status`) and exports it: `sipguard_fleet_in_sync`, `sipguard_fleet_outbox` (changes
+queued to publish) and `sipguard_fleet_lag_seconds` (how long this node has been out of sync; 0
+while in sync). The endpoint has no authentication: `serve` warns when it listens on anything but
+loopback. `examples/grafana/sipguard.json` is a dashboard of these series.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..addresses import AllowList, normalize_ip
 from ..addresses import family_label as family
 from ..model import Ban
 
@@ -34,6 +42,9 @@ log = logging.getLogger("sipguard.metrics")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # how far a record's own timestamp may lie from the read time and still count as "when it was written"
 _PLAUSIBLE = 3600.0
+FLEET_META = "cluster_status"  # sipguard.cluster.status.STATUS_META (not imported: standalone never loads the fleet)
+FLEET_EVERY = 1.0  # seconds between readings of the fleet view
+FLEET_STALE = 60.0  # a fleet view older than this is not this daemon's (a database from an earlier fleet run)
 
 
 
@@ -74,6 +85,7 @@ class Metrics:
         self._active: dict[str, tuple[str, str, float | None]] = {}  # ip -> (family, reason, expires)
         self._skipped: dict[str, int] = {}
         self._store = (False, 0)  # (a batch is held because the store refuses it, refused commits so far)
+        self._fleet: tuple[bool, int, float] | None = None  # (in sync, outbox, seconds out of sync); None: no fleet
         r.register(_Collector(self))
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -120,6 +132,16 @@ class Metrics:
         with self._lock:
             return self._store
 
+    def set_fleet(self, view: tuple[bool, int, float] | None) -> None:
+        """This node's fleet view (in sync or not, changes queued to publish, seconds out of sync), or None
+        when there is no fleet (no series are served then)."""
+        with self._lock:
+            self._fleet = view
+
+    def fleet(self) -> tuple[bool, int, float] | None:
+        with self._lock:
+            return self._fleet
+
     # -- bans in force (kept by MeteredEnforcer) ---------------------------------------------
     def _add(self, bans: Iterable[Ban]) -> None:
         with self._lock:
@@ -157,7 +179,13 @@ class Metrics:
         server, thread = start_http_server(int(port), addr=host, registry=self.registry)
         self._server, self._thread = server, thread
         self.address = server.server_address[:2]
-        log.info("metrics on http://%s:%d/metrics", *self.address)
+        bound = normalize_ip(str(self.address[0]))
+        shown = f"[{self.address[0]}]" if ":" in str(self.address[0]) else str(self.address[0])
+        log.info("metrics on http://%s:%d/metrics", shown, self.address[1])
+        if bound is None or bound not in AllowList((), include_host=False):  # 0.0.0.0, ::, a routable address
+            log.warning("the metrics endpoint listens on %s:%d, not on loopback: it has no authentication, "
+                        "so anyone who can reach that port reads it; allow only your Prometheus in the firewall "
+                        "(or listen on 127.0.0.1 behind a proxy)", shown, self.address[1])
         return self.address
 
     def close(self) -> None:
@@ -191,6 +219,14 @@ class _Collector:
                                 "(nothing more is read until it lands)", value=int(stalled))
         yield CounterMetricFamily("sipguard_store_errors", "Batch commits the store refused (each retried)",
                                   value=errors)
+        fleet = self.m.fleet()
+        if fleet is not None:
+            in_sync, outbox, lag = fleet
+            yield GaugeMetricFamily("sipguard_fleet_in_sync", "1 while this node is in sync with the fleet "
+                                    "(connected, nothing queued, stream caught up)", value=int(in_sync))
+            yield GaugeMetricFamily("sipguard_fleet_outbox", "Ban changes queued to publish to the fleet", value=outbox)
+            yield GaugeMetricFamily("sipguard_fleet_lag_seconds", "Seconds this node has been out of sync with the "
+                                    "fleet (0 while in sync)", value=lag)
 
 
 class MeteredEnforcer:
@@ -252,6 +288,8 @@ class MetricsHook:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._read_fleet = 0.0  # monotonic time of the last reading of the fleet view
+        self._in_sync_since: float | None = None  # when this node was last seen in sync
 
     def start(self, book: Any) -> None:
         pass
@@ -261,7 +299,26 @@ class MetricsHook:
         self.metrics.set_skipped(report.skipped)
 
     def tick(self, now: float, book: Any) -> None:
-        pass
+        """Once a second: the fleet view the bridge keeps in the store (fleet mode only)."""
+        mono = time.monotonic()
+        if mono - self._read_fleet < FLEET_EVERY:
+            return
+        self._read_fleet = mono
+        try:
+            raw = book.store.get_meta(FLEET_META)
+            view = json.loads(raw) if raw else None
+        except Exception:  # noqa: BLE001 - a busy or failing store: the figures wait for the next tick
+            return
+        beat = view.get("heartbeat") if isinstance(view, dict) else None
+        if not isinstance(beat, (int, float)) or now - beat > FLEET_STALE:
+            self.metrics.set_fleet(None)  # standalone (or a view left by an earlier fleet run): no series
+            return
+        in_sync = bool(view.get("in_sync"))
+        if in_sync or self._in_sync_since is None:
+            self._in_sync_since = now
+        outbox = view.get("outbox")
+        self.metrics.set_fleet((in_sync, outbox if isinstance(outbox, int) else 0,
+                                0.0 if in_sync else max(0.0, now - self._in_sync_since)))
 
     def close(self) -> None:
         self.metrics.close()
