@@ -21,7 +21,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .addresses import address_text, network
 from .errors import ConfigError
@@ -155,13 +156,33 @@ class FiltersConfig(Section):
 
 
 class JailConfig(Section):
-    """fail2ban's jail: events of these kinds, summed inside findtime, ban at threshold."""
+    """fail2ban's jail: events of these kinds, summed inside findtime, ban at threshold.
+
+    A distinct jail (`distinct = "dest"`) counts instead the distinct values of that named capture of
+    its filters' regexes (Event.captures) per source inside findtime: distinct users tried from one
+    source is enumeration, distinct destinations dialled is fraud probing. `prefixes` narrows what
+    counts to values starting with one of them (international prefixes, premium ranges); at most
+    `max_values` values are kept per source (attacker text, kept hashed), so a spray stays bounded.
+    """
 
     kinds: list[EventKind]
     findtime: Duration
     threshold: float = Field(gt=0)
     reset_on_success: bool = False
     bantime: MaybePermanent | None = None  # None: the policy's escalating ban time
+    distinct: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,31}$")  # count distinct values of this capture
+    prefixes: list[Annotated[str, Field(min_length=1, max_length=32)]] = []  # distinct jail: only values starting so
+    max_values: int = Field(100, ge=1, le=10_000)  # distinct jail: values kept per source
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "JailConfig":
+        if self.distinct is None:
+            if self.prefixes or "max_values" in self.model_fields_set:
+                raise ValueError("prefixes and max_values are read only with distinct = \"<capture>\"")
+            return self
+        if self.threshold > self.max_values:
+            raise ValueError(f"threshold {self.threshold:g} can never be reached with max_values {self.max_values}")
+        return self
 
     @field_validator("kinds")
     @classmethod
@@ -408,6 +429,17 @@ class Config(Section):
     htable: HtableConfig = Field(default_factory=HtableConfig)
     blocklists: list[BlocklistConfig] = []
     path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _distinct_jails_are_local(self) -> "Config":
+        """The fleet's Redis script counts events, not distinct values: a distinct jail scored there would
+        ban at the wrong count, so fleet mode refuses one (issue 12: until the script scores them)."""
+        if self.cluster is not None:
+            names = [n for n, j in self.policy.jails.items() if j.distinct is not None]
+            if names:
+                raise ValueError(f"distinct jails ({', '.join(names)}) are scored by the local policy only, not "
+                                 "yet by the fleet's Redis script: drop [cluster] or the distinct jails")
+        return self
 
     @field_validator("state_dir", mode="before")
     @classmethod

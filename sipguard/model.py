@@ -50,17 +50,28 @@ class EventKind(str, Enum):
     SCANNER = "scanner"
     AUTH_FAILURE = "auth_failure"
     PROBE = "probe"  # challenge sent / unknown user: harmless once, suspicious in bulk
+    DIAL = "dial"  # an INVITE dialled a destination (captured): counted only by distinct jails
     SUCCESS = "success"  # clears the source's auth-failure / probe score
 
 
 class Event(NamedTuple):
-    """A filter hit: `ip` is the normalised source address Kamailio printed as $si."""
+    """A filter hit: `ip` is the normalised source address Kamailio printed as $si.
+
+    `captures` holds the regex's other named groups as (name, value) pairs, e.g. ("dest", "+4420..."):
+    attacker text, at most CAPTURE_CHARS characters each, used only as a counting key by distinct jails
+    (policy.py), never as an address; () for most filters and for an event read back from the store.
+    """
 
     time: float
     ip: str
     filter: str
     kind: EventKind
     weight: float
+    captures: tuple[tuple[str, str], ...] = ()
+
+
+CAPTURE_CHARS = 64
+"""The longest captured value an Event carries (longer ones are cut to this: still a key, bounded)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple, overload
 from ..addresses import normalize_ip
 from ..config import check_trusted, trusted_as_installed
 from ..errors import ConfigError
-from ..model import Event, Record
+from ..model import CAPTURE_CHARS, Event, Record
 from .search import search_literals
 from .spec import _KIND_ORDER, CompiledFilter, compile_spec, load_spec
 
@@ -192,6 +192,9 @@ class FilterSet:
                 stats["events"] += 1
                 self.hits[f.name] += 1
                 t = record.time
+                if f.captures:  # counting keys for distinct jails (attacker text, bounded, never an address)
+                    caps = tuple((k, v[:CAPTURE_CHARS]) for k, v in m.groupdict().items() if k != "ip" and v)
+                    return Event(now if t is None else t, ip, f.name, f.kind, f.weight, captures=caps)
                 return Event(now if t is None else t, ip, f.name, f.kind, f.weight)
         if not tried:
             stats["multiline" if multiline else "skipped"] += 1
