@@ -78,14 +78,13 @@ class EscapingFormatter(logging.Formatter):
     `printable`. A traceback's own newlines are kept as newlines (sipguard wrote those), but each
     of its lines is escaped."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        # record.message is getMessage() (msg % args); escape it before the format string places it
-        saved = record.message
-        record.message = printable(saved)
-        try:
-            return super().formatMessage(record)
-        finally:
-            record.message = saved
+    def format(self, record: logging.LogRecord) -> str:
+        # a copy whose message (msg % args, which may carry data from a log or the fleet) is escaped
+        # before the format string places it; the caller's record is left as it was
+        escaped = logging.makeLogRecord(record.__dict__)
+        escaped.msg = printable(record.getMessage())
+        escaped.args = None
+        return super().format(escaped)
 
     def formatException(self, ei) -> str:  # noqa: ANN001, N802 - logging's signature
         return "\n".join(printable(line) for line in super().formatException(ei).split("\n"))
