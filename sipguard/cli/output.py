@@ -12,9 +12,12 @@ block of rows (BLOCK) in memory, so 100k rows print in bounded memory in every m
   awk and sort. Widths come from the caller (known up front, e.g. from the store's summary) or from
   the first block of rows; a later, wider value pushes the rest of its row right, it is never cut.
   The last column is never padded.
-* `table` (the default on a terminal): a rich table per block of rows, header on the first; every
-  column folds (`overflow="fold"`) instead of ellipsising, and columns marked `whole` (addresses,
-  times) are never wrapped at a space, so even a 40-column terminal shows every character.
+* `table` (the default on a terminal): a rich table per block of rows (header on the first, no
+  outer edge, so a row starts with its first value). Column widths are sipguard's, not rich's: all
+  values whole when they fit, else the widest columns narrowed (those not marked `whole` before
+  addresses and times), none below MIN_COLUMN, and a narrowed value folds over more lines
+  (`overflow="fold"`), never "…". A terminal too narrow even for that (a phone's SSH) shows each
+  row as `header: value` lines. Sent to a pipe or a file, the table is as wide as its rows.
 
 Cells are data: every string is escaped with sipguard.text.printable and handed to rich as a
 `Text` (markup from data is never interpreted). `output_format()` turns `--output`/`--json` into
@@ -187,11 +190,12 @@ class Rows:
 
         first = not self._started
         self._started = True
+        if self._widths is None:
+            self._widths = [max([c.width, len(c.title), *(len(r[i]) for r in held)])
+                            for i, c in enumerate(self.columns)]
         console = self._get_console()
         if first and self.title:
             console.print(Text(printable(self.title)), soft_wrap=True)
-        if self._widths is None:
-            self._widths = [max([len(c.title), *(len(r[i]) for r in held)]) for i, c in enumerate(self.columns)]
         mins = self._min_widths(console.width)
         if mins is None:  # too narrow for columns side by side: one "header: value" line per cell
             for r in held:
@@ -199,7 +203,7 @@ class Rows:
                     console.print(Text(f"{c.title}: {v}"), soft_wrap=False, overflow="fold")
                 console.print(Text("-" * min(20, console.width)))
             return
-        table = Table(show_header=first, expand=False)
+        table = Table(show_header=first, expand=False, show_edge=False, pad_edge=False)
         for c, m in zip(self.columns, mins):
             # fold: a long value goes on over more lines, it never ends in "…"
             table.add_column(Text(c.title), justify="right" if c.right else "left", overflow="fold", width=m)
@@ -213,7 +217,7 @@ class Rows:
         MIN_COLUMN, a narrowed value folding over more lines. None when not even that fits: rich would
         then shrink columns to nothing, and a cut value is worse than a layout by rows."""
         w = list(self._widths or [])
-        room = width - (3 * len(w) + 1)  # "│ " before each cell, " │" at the end
+        room = width - 3 * (len(w) - 1)  # " │ " between two cells, no outer edge
         for group in ([i for i, c in enumerate(self.columns) if not c.whole],
                       [i for i, c in enumerate(self.columns) if c.whole]):
             if sum(w) <= room:
@@ -230,10 +234,17 @@ class Rows:
         return None if sum(w) > room else w
 
     def _get_console(self) -> Any:
+        """The caller's console, or one on the stream: a terminal's width, or for a pipe or a file
+        (`--output table` asked for) as wide as the rows, so that nothing folds."""
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(file=self.stream, highlight=False, markup=False, emoji=False)
+            try:
+                tty = self.stream.isatty()
+            except (AttributeError, ValueError):
+                tty = False
+            wide = None if tty else sum(self._widths or [80]) + 3 * len(self.columns)
+            self._console = Console(file=self.stream, highlight=False, markup=False, emoji=False, width=wide)
         return self._console
 
 
