@@ -1,4 +1,8 @@
-"""`sipguard list`, `ban` and `unban`: the operator's view of the bans and manual changes to them."""
+"""`sipguard list`, `ban` and `unban`: the operator's view of the bans and manual changes to them.
+
+`list` streams the store's bans through its filters (address or CIDR, reason or jail, since, manual or
+automatic; applied here as rows stream, the store only reads) into sipguard/cli/output.py's writer;
+every confirmation line prints the ban's values literally (escaped, never as markup)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """`sipguard scan` and `sipguard test-filter`: the filters and the policy over whole log files, offline;
-`test-filter --corpus` checks a filter corpus (sipguard.filters.corpus). Prints log text escaped."""
+`test-filter --corpus` checks a filter corpus (sipguard.filters.corpus). Prints log text escaped
+(sipguard.text), tables through sipguard/cli/output.py, and `scan`'s progress bar on a terminal's stderr."""
 
 from __future__ import annotations
 
