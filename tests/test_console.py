@@ -164,6 +164,26 @@ def test_a_table_on_a_terminal_folds_but_never_cuts(width):
     assert "2026-12-01T20:05:14Z" in times and "2026-12-01T20:05:15Z" in times
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_long_table_keeps_one_layout_across_blocks(terminal):
+    """The first block on a terminal is rich's, the rest (and a table sent to a file) sipguard's own
+    drawing in the same widths: columns line up from the first row to the last, values whole."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=100, force_terminal=terminal, color_system=None) if terminal else None
+    rows = [[f"198.18.{i // 256}.{i % 256}", "sip:auth", "2026-12-01T20:05:14Z", i] for i in range(BLOCK + 50)]
+    rows[BLOCK + 7] = [V6, HOSTILE, "2026-12-01T20:05:15Z", 1]  # a wide value in a later block
+    out = _render("table", rows=rows, console=console) if not terminal else \
+        (_render("table", rows=rows, console=console), buf.getvalue())[1]
+    body = [ln for ln in out.splitlines() if ln.count("│") == 3]
+    assert {ln.index("│") for ln in body} == {body[0].index("│")}, "columns move between blocks"
+    ips = [ln.split("│")[0].strip() for ln in body]
+    assert all(f"198.18.{i // 256}.{i % 256}" in ips for i in range(BLOCK + 50) if i != BLOCK + 7)
+    assert V6 in "".join(ips) and "…" not in out and not RAW.search(out)
+    assert printable(HOSTILE).replace(" ", "") in "".join(ln.split("│")[1].strip() for ln in body).replace(" ", "")
+
+
 def test_rows_are_held_a_block_at_a_time():
     held = []
 

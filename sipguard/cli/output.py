@@ -105,6 +105,7 @@ class Rows:
         self._console = console
         self._held: list[list[Any]] = []
         self._widths: list[int] | None = None
+        self._layout: list[int] | None = None
         self._started = False
         self._closed = False
         if fmt == "csv":
@@ -185,31 +186,65 @@ class Rows:
 
     # -- table ------------------------------------------------------------------------------------
     def _table(self, held: list[list[str]]) -> None:
-        from rich.table import Table
-        from rich.text import Text
-
+        """One block of a table: the first block on a terminal is a rich Table; later blocks, and
+        a table sent to a pipe or a file, are drawn by `_lines` in the same layout (rich takes about
+        a millisecond a row, too slow for 100k), so the columns line up throughout."""
         first = not self._started
         self._started = True
         if self._widths is None:
             self._widths = [max([c.width, len(c.title), *(len(r[i]) for r in held)])
                             for i, c in enumerate(self.columns)]
         console = self._get_console()
-        if first and self.title:
-            console.print(Text(printable(self.title)), soft_wrap=True)
-        mins = self._min_widths(console.width)
-        if mins is None:  # too narrow for columns side by side: one "header: value" line per cell
+        if first:
+            if self.title:
+                from rich.text import Text
+
+                console.print(Text(printable(self.title)), soft_wrap=True)
+            self._layout = self._min_widths(console.width)
+        if self._layout is None:  # too narrow for columns side by side: one "header: value" line per cell
+            from rich.text import Text
+
             for r in held:
                 for c, v in zip(self.columns, r):
                     console.print(Text(f"{c.title}: {v}"), soft_wrap=False, overflow="fold")
                 console.print(Text("-" * min(20, console.width)))
             return
-        table = Table(show_header=first, expand=False, show_edge=False, pad_edge=False)
-        for c, m in zip(self.columns, mins):
+        if first and console.is_terminal:
+            self._rich_table(console, held, self._layout)
+            return
+        write = console.file.write
+        if first:
+            write(self._join([c.title for c in self.columns], self._layout, " ┃ ") + "\n")
+            write("━╇━".join("━" * w for w in self._layout) + "\n")
+        for r in held:
+            write(self._lines(r, self._layout))
+        console.file.flush()
+
+    def _rich_table(self, console: Any, held: list[list[str]], widths: list[int]) -> None:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(expand=False, show_edge=False, pad_edge=False)
+        for c, w in zip(self.columns, widths):
             # fold: a long value goes on over more lines, it never ends in "…"
-            table.add_column(Text(c.title), justify="right" if c.right else "left", overflow="fold", width=m)
+            table.add_column(Text(c.title), justify="right" if c.right else "left", overflow="fold", width=w)
         for r in held:
             table.add_row(*(Text(v) for v in r))
         console.print(table)
+
+    def _join(self, cells: Sequence[str], widths: Sequence[int], sep: str = " │ ") -> str:
+        return sep.join(c.rjust(w) if col.right else c.ljust(w)
+                        for c, w, col in zip(cells, widths, self.columns)).rstrip(" ")
+
+    def _lines(self, cells: Sequence[str], widths: Sequence[int]) -> str:
+        """One row in the table's layout: a value wider than its column folds over more lines."""
+        if all(len(c) <= w for c, w in zip(cells, widths)):
+            return self._join(cells, widths) + "\n"
+        parts = [[c[i:i + w] for i in range(0, len(c), w)] or [""] for c, w in zip(cells, widths)]
+        out = []
+        for n in range(max(len(p) for p in parts)):
+            out.append(self._join([p[n] if n < len(p) else "" for p in parts], widths) + "\n")
+        return "".join(out)
 
     def _min_widths(self, width: int) -> list[int] | None:
         """Each column's width on a `width`-column terminal: every value whole when that fits; else the
