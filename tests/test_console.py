@@ -278,6 +278,24 @@ def test_ban_confirmation_prints_a_hostile_reason_literally(cli):
     assert json.loads(cli("list", "--json").stdout)[0]["reason"] == HOSTILE  # stored as given
 
 
+def test_ban_confirmation_on_a_terminal(cli):
+    text, _ = on_pty([*cli.base, "ban", V6, "--for", "1h", "--reason", HOSTILE], cols=40)
+    plain = ANSI.sub("", text)
+    assert not RAW.search(plain), repr(plain)
+    assert f"banned {V6} for 1h ({printable(HOSTILE)})" in plain.replace("\n", "")
+
+
+def test_firewall_output_is_printed_line_by_line_escaped(capsys):
+    from sipguard.cli.firewall import _echo, _warn
+
+    _echo(f"-A SIPGUARD -m comment --comment \"{OSC}{LINK}\" -j DROP\nin sync")
+    _warn(f"the rules of {V6}\x1b[2J")
+    got = capsys.readouterr()
+    assert not RAW.search(got.out + got.err)
+    assert got.out == f"-A SIPGUARD -m comment --comment \"{printable(OSC)}{LINK}\" -j DROP\nin sync\n"
+    assert got.err == f"the rules of {V6}\\x1b[2J\n"
+
+
 def _hostile_bans(cli):
     cli("ban", V6, "--for", "2h", "--reason", HOSTILE)
     cli("ban", "198.18.0.7", "--for", "1h", "--reason", "x" * 10_000)
