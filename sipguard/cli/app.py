@@ -64,12 +64,6 @@ class _LazyConsole:
             self.print(line)
 
 
-def Table(*args, **kw):  # noqa: ANN201, N802 - rich's Table, imported on first use
-    from rich.table import Table as _Table
-
-    return _Table(*args, **kw)
-
-
 out = _LazyConsole(highlight=False, soft_wrap=True)
 err = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
@@ -153,9 +147,6 @@ def _iso(ts: float | None) -> str | None:
     except (OverflowError, OSError, ValueError, TypeError):
         return OUT_OF_RANGE
 
-
-# -- output: table, plain, json, csv (sipguard/cli/output.py) --------------------------------------
-clean = printable  # the escaping rule of sipguard.text, under the name older callers used
 
 def _duration_option(value: str | None) -> float | None | str:
     if value is None:
