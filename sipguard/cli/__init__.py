@@ -3,7 +3,6 @@ parsers) and one module per group of verbs, which parse arguments and call the s
 
 Importing this package registers every verb: `run` (run, status, check-config), `logs` (scan,
 test-filter), `bans` (list, ban, unban), `ops` (import, report), `firewall` (the baseline firewall).
-`output` writes every table (table, plain, json, csv); sipguard.text escapes what they print.
 """
 
 from __future__ import annotations
