@@ -7,10 +7,12 @@ write. Real files with bad modes and owners (chown to nobody), in temporary dire
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -290,3 +292,145 @@ def test_journalctl_not_checked_without_journal_sources(home: Path) -> None:
     p = _config(home, '[sources]\nlogs = []\njournalctl = "relative/journalctl"\n')
     assert load_config(p).sources.journalctl == "relative/journalctl"
     assert Config.model_validate({"sources": {"journalctl": "x"}}).sources.journalctl == "x"
+
+
+# -- lines only Kamailio can have written (issue 12 part 5): the journal --------------------------------
+#
+# A real systemd-journald in private namespaces (tests/lab/journald.py), a real Kamailio (the example
+# config, without log_name: identifier /usr/sbin/kamailio as under Debian 13's stock unit) running as
+# user kamailio, and forgers: other local users (nobody, root, even kamailio itself through another
+# program, and Kamailio's own binary run by nobody with a config of its own) writing lines that claim
+# to be Kamailio's and name 198.18.0.99. Only the real Kamailio's line bans.
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.lab import journald as lab_journald  # noqa: E402
+
+KAMAILIO_BIN = "/usr/sbin/kamailio"
+FAKE = "198.18.0.99"
+ATTACKER = "198.18.0.51"
+PROXY = "198.18.0.1"
+MPATH = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+FORGED = f"WARNING: <script>: Blocked scanner UA 'friendly-scanner' from {FAKE}:5060"
+FORGING_CFG = f"""#!KAMAILIO
+debug=2
+log_stderror=no
+log_facility=LOG_LOCAL0
+children=1
+listen=udp:127.0.0.1:5099
+mpath="{MPATH}"
+loadmodule "xlog.so"
+event_route[core:worker-one-init] {{
+    xlog("L_WARN", "Blocked scanner UA 'friendly-scanner' from {FAKE}:5060\\n");
+}}
+request_route {{
+    drop;
+}}
+"""
+_SEND_SIP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5060))
+s.sendto(sys.stdin.buffer.read(), (sys.argv[2], 5060))
+"""
+
+
+def _wait_udp(j, addr: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if addr in j.run("ss", "-lunH", check=False).stdout.decode():
+            time.sleep(0.3)
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listening on {addr}")
+
+
+@pytest.mark.skipif(not lab_journald.available() or not os.path.exists(KAMAILIO_BIN),
+                    reason="needs systemd-journald, unshare/nsenter/setpriv and kamailio")
+def test_forged_journal_lines_from_other_users_ban_nobody(tmp_path: Path) -> None:
+    import threading
+
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+    from tests.lab.kamailio import prepare_config
+    from tests.lab.sip import build_request
+    from waiting import wait_for
+
+    work = Path(tempfile.mkdtemp(prefix="sgh-kam-", dir="/tmp"))
+    try:
+        work.chmod(0o755)
+        cfg_path = prepare_config(work, PROXY)
+        text = cfg_path.read_text()
+        cfg_path.write_text("".join(ln for ln in text.splitlines(keepends=True) if not ln.startswith("log_name=")))
+        run_dir = work / "run"
+        run_dir.mkdir()
+        os.chown(run_dir, pwd.getpwnam("kamailio").pw_uid, -1)
+        forger_dir = work / "forger"
+        forger_dir.mkdir()
+        os.chown(forger_dir, NOBODY, NOBODY)
+        (work / "forging.cfg").write_text(FORGING_CFG)
+
+        with lab_journald.PrivateJournald() as j:
+            kam = j.popen(KAMAILIO_BIN, "-DD", "-f", str(cfg_path), "-Y", str(run_dir), "-P", str(run_dir / "k.pid"),
+                          "-w", str(work), user="kamailio", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+            _wait_udp(j, f"{PROXY}:5060")
+            cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                         "daemon": {"control_interval": 0.05},
+                                         "sources": {"logs": [], "journal_identifiers": [KAMAILIO_BIN, "kamailio"],
+                                                     "journalctl": str(j.journalctl)}})
+            assert cfg.sources.journal_users == ["kamailio"] and KAMAILIO_BIN in cfg.sources.journal_executables
+            store = Store.open_state_dir(tmp_path / "st")
+            enf = DryRunEnforcer()
+            d = build_daemon(cfg, store, enf, logs=[])
+            th = threading.Thread(target=d.run, daemon=True)
+            th.start()
+            try:
+                wait_for(lambda: d.ready.is_set(), timeout=10.0)
+                time.sleep(0.5)
+                # the forgers
+                for ident in ("kamailio", KAMAILIO_BIN):
+                    j.run("logger", "-t", ident, FORGED, user=NOBODY)  # syslog socket, as nobody
+                    j.run("sh", "-c", f"echo \"{FORGED}\" | systemd-cat -t {ident}", user=NOBODY)  # stdout stream
+                    j.run("logger", "--journald", input=f"MESSAGE={FORGED}\nSYSLOG_IDENTIFIER={ident}\n".encode(),
+                          user=NOBODY)  # native protocol
+                for user in (NOBODY, 0, "kamailio"):  # long-lived senders: journald sees their _EXE (python)
+                    with lab_journald.Sender(j, user=user) as s:
+                        for ident in ("kamailio", KAMAILIO_BIN):
+                            s.send(FORGED, ident=ident)
+                            s.send(FORGED, ident=ident, mode="native")
+                        time.sleep(0.3)
+                forger = j.popen(KAMAILIO_BIN, "-DD", "-f", str(work / "forging.cfg"), "-Y", str(forger_dir),
+                                 "-P", str(forger_dir / "k.pid"), "-w", str(forger_dir), user=NOBODY,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    wait_for(lambda: any(e.get("_UID") == str(NOBODY) and e.get("_EXE") == KAMAILIO_BIN
+                                         and FAKE in str(e.get("MESSAGE")) for e in j.entries()), timeout=10.0)
+                finally:
+                    forger.kill()  # nsenter's child dies with the namespace at the latest
+                    forger.wait(5)
+                # the real Kamailio, logging a real scanner
+                sip = build_request("OPTIONS", f"sip:100@{PROXY}", from_uri=f"sip:100@{PROXY}",
+                                    to_uri=f"sip:100@{PROXY}", local_ip=ATTACKER, user_agent="friendly-scanner")
+                j.run("/usr/bin/python3", "-c", _SEND_SIP, ATTACKER, PROXY, input=sip, user=NOBODY)
+                wait_for(lambda: ATTACKER in {e.ip for e in enf.entries()}, timeout=10.0)
+                time.sleep(0.5)
+                forged = [e for e in j.entries() if FAKE in str(e.get("MESSAGE"))]
+                assert len(forged) >= 14, len(forged)  # every forgery reached the journal ...
+                assert {e.ip for e in enf.entries()} == {ATTACKER}  # ... and banned nobody
+                ips = {r[0] for r in store.conn.execute("SELECT ip FROM events")}
+                assert ips == {ATTACKER}, ips
+                [parser] = [p for k, p in d.parts.parsers.items() if k.startswith("journal:")]
+                assert parser.stats["untrusted"] >= len(forged), dict(parser.stats)
+                real = [e for e in j.entries() if ATTACKER in str(e.get("MESSAGE"))]
+                assert real and all(e["_EXE"] == KAMAILIO_BIN and e["SYSLOG_IDENTIFIER"] == KAMAILIO_BIN
+                                    for e in real), real
+            finally:
+                d.stop()
+                th.join(10)
+                store.close()
+                kam.kill()
+                kam.wait(5)
+            assert not th.is_alive()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -223,3 +223,57 @@ done
         p = subprocess.run([str(self.journalctl), "--output=json", "--all", "--no-pager", "--quiet", *args],
                            capture_output=True, timeout=30)
         return [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
+
+
+_SENDER = r"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for raw in sys.stdin:
+    mode, ident, text = json.loads(raw)
+    if mode == "syslog":  # like syslog(3): local0.notice to /dev/log
+        data = f"<133>{time.strftime('%b %d %H:%M:%S')} {ident}[{__import__('os').getpid()}]: {text}".encode()
+        path = "/dev/log"
+    else:  # the journal's native protocol
+        data = f"MESSAGE={text}\nSYSLOG_IDENTIFIER={ident}\nPRIORITY=5\n".encode()
+        path = "/run/systemd/journal/socket"
+    for _ in range(100):
+        try:
+            s.sendto(data, path)
+            break
+        except (ConnectionRefusedError, FileNotFoundError):
+            time.sleep(0.05)
+    print("ok", flush=True)
+"""
+
+
+class Sender:
+    """A long-lived process inside the namespace (optionally as `user`) that sends each line it is
+    given to journald: long-lived, so journald reads its _EXE/_COMM from /proc while it runs."""
+
+    def __init__(self, journald: PrivateJournald, user: str | int | None = None,
+                 python: str = "/usr/bin/python3") -> None:
+        self.proc = journald.popen(python, "-u", "-c", _SENDER, user=user, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.executable = os.path.realpath(python)
+
+    def send(self, text: str, ident: str = "kamailio", mode: str = "syslog") -> None:
+        import json
+
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write((json.dumps([mode, ident, text]) + "\n").encode())
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == b"ok"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        for fh in (self.proc.stdin, self.proc.stdout):
+            if fh:
+                fh.close()
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
