@@ -201,9 +201,11 @@ done
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- processes inside ----------------------------------------------------------------------
-    def argv(self, *argv: str, user: str | int | None = None) -> list[str]:
+    def argv(self, *argv: str, user: str | int | None = None, netns: str | None = None) -> list[str]:
+        """nsenter into the namespaces (the network one, or the named netns `netns` of a lab)."""
         assert self.init_pid is not None
-        cmd = ["nsenter", f"--target={self.init_pid}", "--pid", "--mount", "--net"]
+        cmd = ["nsenter", f"--target={self.init_pid}", "--pid", "--mount",
+               f"--net=/run/netns/{netns}" if netns else "--net"]
         if user is not None:
             cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"] if isinstance(user, str) \
                 else ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
@@ -214,8 +216,9 @@ done
         return subprocess.run(self.argv(*argv, user=user), input=input, capture_output=True, timeout=timeout,
                               check=check)
 
-    def popen(self, *argv: str, user: str | int | None = None, **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def]
-        return subprocess.Popen(self.argv(*argv, user=user), **kw)
+    def popen(self, *argv: str, user: str | int | None = None, netns: str | None = None,
+              **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+        return subprocess.Popen(self.argv(*argv, user=user, netns=netns), **kw)
 
     def entries(self, *args: str) -> list[dict]:
         import json
