@@ -181,3 +181,60 @@ def test_survives_journald_restarts_rotation_and_vacuum_line_by_line(tmp_path):
             assert r.d.parts.follower.journal.stats["restarts"] == 0  # journalctl itself never had to restart
         finally:
             r.stop()
+
+
+# -- the real capture: Debian 13's identifier, through a real journald ----------------------------------
+
+REAL_JOURNAL = Path(__file__).parent / "data" / "real" / "journal-path-ident.json"
+CAPTURED_UID = 102  # user kamailio on the capturing machine (tests/data/real/README.md)
+
+
+def test_real_journal_capture_with_the_path_identifier():
+    """Every attack of the lab scenario, logged by Kamailio 5.6.3 as `/usr/sbin/kamailio` (user
+    kamailio) into a real journald, is found by the trusted journal reader; 198.18.0.99 never."""
+    from sipguard.filters import FilterSet, shipped_dir
+    from sipguard.formats import JournalTrust
+    from sipguard.pipeline import Pipeline
+    from test_corpus import EXPECTED
+
+    lines = [b for b in REAL_JOURNAL.read_bytes().split(b"\n") if b]
+    entries = [json.loads(b) for b in lines]
+    assert {e["SYSLOG_IDENTIFIER"] for e in entries} == {"/usr/sbin/kamailio"}
+    assert {(e["_EXE"], e["_UID"]) for e in entries} == {("/usr/sbin/kamailio", str(CAPTURED_UID))}
+    filters = FilterSet.load([shipped_dir()])
+
+    def found(trust: JournalTrust) -> tuple[set, JournalParser]:
+        p = JournalParser(trust=trust)
+        now = time.time()
+        recs = Pipeline(p).records(Line(REAL_JOURNAL.name, b, i) for i, b in enumerate(lines))
+        return {(e.filter, e.ip) for r in recs if (e := filters.match(r, now)) is not None}, p
+
+    got, p = found(JournalTrust.of(executables=["/usr/sbin/kamailio"], uids=[CAPTURED_UID]))
+    # the CR/LF User-Agent record spans lines inside MESSAGE: multi-line records are not matched yet
+    # (issue 12 part 1), as in stderr.log
+    assert got == EXPECTED - {("scanner-ua", "198.18.0.31")}
+    assert p.stats["records"] == len(lines) and p.stats["untrusted"] == 0
+    assert found(JournalTrust.of(units=["kamailio.service"]))[0] == set()  # not the unit: nothing trusted
+    assert found(JournalTrust.of(executables=["/usr/sbin/kamailio"], uids=[CAPTURED_UID + 1]))[0] == set()
+
+
+def test_trust_rules_on_entries():
+    from sipguard.formats import JournalTrust
+    from sipguard.formats.journal import unit_name
+
+    t = JournalTrust.of(units=["kamailio"], executables=["/usr/sbin/kamailio"], uids=[102])
+    assert t.units == frozenset({"kamailio.service"}) and unit_name("kamailio@edge.service") == "kamailio@edge.service"
+    assert t.trusts({"_SYSTEMD_UNIT": "kamailio.service"})
+    assert not t.trusts({"_SYSTEMD_UNIT": "user@1000.service", "SYSLOG_IDENTIFIER": "kamailio", "_COMM": "kamailio"})
+    assert not t.trusts({"UNIT": "kamailio.service", "_SYSTEMD_UNIT": "init.scope"})  # systemd about the unit
+    assert t.trusts({"_EXE": "/usr/sbin/kamailio", "_UID": "102"})
+    assert not t.trusts({"_EXE": "/usr/sbin/kamailio", "_UID": "65534"})  # its binary, another user's config
+    assert not t.trusts({"_EXE": "/usr/sbin/kamailio"})  # journald could not read the uid: not trusted
+    assert not t.trusts({"_COMM": "kamailio", "_UID": "102"})  # comm is settable (prctl)
+    assert not t.trusts({"SYSLOG_IDENTIFIER": "kamailio", "_UID": "102"})
+    assert JournalTrust.of(executables=["/usr/sbin/kamailio"]).trusts({"_EXE": "/usr/sbin/kamailio", "_UID": "7"})
+    p = JournalParser(trust=t)
+    assert p.feed(_entry(MESSAGE="x from 1.2.3.4:5060", SYSLOG_IDENTIFIER="kamailio", SYSLOG_PID="77")) == []
+    assert (p.stats["untrusted"], p.stats["other_program"]) == (1, 1)
+    [r] = p.feed(_entry(MESSAGE="x", _SYSTEMD_UNIT="kamailio.service", SYSLOG_PID="5", _PID="77"))
+    assert r.pid == 77  # the PID journald saw, never SYSLOG_PID (the sender's text)
