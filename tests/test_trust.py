@@ -6,6 +6,7 @@ write. Real files with bad modes and owners (chown to nobody), in temporary dire
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -344,19 +345,17 @@ def _wait_udp(j, addr: str, timeout: float = 10.0) -> None:
     raise AssertionError(f"nothing listening on {addr}")
 
 
-@pytest.mark.skipif(not lab_journald.available() or not os.path.exists(KAMAILIO_BIN),
-                    reason="needs systemd-journald, unshare/nsenter/setpriv and kamailio")
-def test_forged_journal_lines_from_other_users_ban_nobody(tmp_path: Path) -> None:
-    import threading
+needs_kamailio_host = pytest.mark.skipif(not lab_journald.available() or not os.path.exists(KAMAILIO_BIN),
+                                         reason="needs systemd-journald, unshare/nsenter/setpriv and kamailio")
 
-    from sipguard.enforce.dryrun import DryRunEnforcer
-    from sipguard.store import Store
-    from sipguard.wiring import build_daemon
+
+@contextlib.contextmanager
+def _kamailio_host(conf: str = lab_journald.CONF):
+    """A private journald and a real Kamailio (example config without log_name) as user kamailio."""
     from tests.lab.kamailio import prepare_config
-    from tests.lab.sip import build_request
-    from waiting import wait_for
 
     work = Path(tempfile.mkdtemp(prefix="sgh-kam-", dir="/tmp"))
+    kam = None
     try:
         work.chmod(0o755)
         cfg_path = prepare_config(work, PROXY)
@@ -365,72 +364,178 @@ def test_forged_journal_lines_from_other_users_ban_nobody(tmp_path: Path) -> Non
         run_dir = work / "run"
         run_dir.mkdir()
         os.chown(run_dir, pwd.getpwnam("kamailio").pw_uid, -1)
-        forger_dir = work / "forger"
-        forger_dir.mkdir()
-        os.chown(forger_dir, NOBODY, NOBODY)
-        (work / "forging.cfg").write_text(FORGING_CFG)
-
-        with lab_journald.PrivateJournald() as j:
+        with lab_journald.PrivateJournald(conf=conf) as j:
             kam = j.popen(KAMAILIO_BIN, "-DD", "-f", str(cfg_path), "-Y", str(run_dir), "-P", str(run_dir / "k.pid"),
                           "-w", str(work), user="kamailio", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
             _wait_udp(j, f"{PROXY}:5060")
-            cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
-                                         "daemon": {"control_interval": 0.05},
-                                         "sources": {"logs": [], "journal_identifiers": [KAMAILIO_BIN, "kamailio"],
-                                                     "journalctl": str(j.journalctl)}})
-            assert cfg.sources.journal_users == ["kamailio"] and KAMAILIO_BIN in cfg.sources.journal_executables
-            store = Store.open_state_dir(tmp_path / "st")
-            enf = DryRunEnforcer()
-            d = build_daemon(cfg, store, enf, logs=[])
-            th = threading.Thread(target=d.run, daemon=True)
-            th.start()
-            try:
-                wait_for(lambda: d.ready.is_set(), timeout=10.0)
-                time.sleep(0.5)
-                # the forgers
-                for ident in ("kamailio", KAMAILIO_BIN):
-                    j.run("logger", "-t", ident, FORGED, user=NOBODY)  # syslog socket, as nobody
-                    j.run("sh", "-c", f"echo \"{FORGED}\" | systemd-cat -t {ident}", user=NOBODY)  # stdout stream
-                    j.run("logger", "--journald", input=f"MESSAGE={FORGED}\nSYSLOG_IDENTIFIER={ident}\n".encode(),
-                          user=NOBODY)  # native protocol
-                for user in (NOBODY, 0, "kamailio"):  # long-lived senders: journald sees their _EXE (python)
-                    with lab_journald.Sender(j, user=user) as s:
-                        for ident in ("kamailio", KAMAILIO_BIN):
-                            s.send(FORGED, ident=ident)
-                            s.send(FORGED, ident=ident, mode="native")
-                        time.sleep(0.3)
-                forger = j.popen(KAMAILIO_BIN, "-DD", "-f", str(work / "forging.cfg"), "-Y", str(forger_dir),
-                                 "-P", str(forger_dir / "k.pid"), "-w", str(forger_dir), user=NOBODY,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    wait_for(lambda: any(e.get("_UID") == str(NOBODY) and e.get("_EXE") == KAMAILIO_BIN
-                                         and FAKE in str(e.get("MESSAGE")) for e in j.entries()), timeout=10.0)
-                finally:
-                    forger.kill()  # nsenter's child dies with the namespace at the latest
-                    forger.wait(5)
-                # the real Kamailio, logging a real scanner
-                sip = build_request("OPTIONS", f"sip:100@{PROXY}", from_uri=f"sip:100@{PROXY}",
-                                    to_uri=f"sip:100@{PROXY}", local_ip=ATTACKER, user_agent="friendly-scanner")
-                j.run("/usr/bin/python3", "-c", _SEND_SIP, ATTACKER, PROXY, input=sip, user=NOBODY)
-                wait_for(lambda: ATTACKER in {e.ip for e in enf.entries()}, timeout=10.0)
-                time.sleep(0.5)
-                forged = [e for e in j.entries() if FAKE in str(e.get("MESSAGE"))]
-                assert len(forged) >= 14, len(forged)  # every forgery reached the journal ...
-                assert {e.ip for e in enf.entries()} == {ATTACKER}  # ... and banned nobody
-                ips = {r[0] for r in store.conn.execute("SELECT ip FROM events")}
-                assert ips == {ATTACKER}, ips
-                [parser] = [p for k, p in d.parts.parsers.items() if k.startswith("journal:")]
-                assert parser.stats["untrusted"] >= len(forged), dict(parser.stats)
-                real = [e for e in j.entries() if ATTACKER in str(e.get("MESSAGE"))]
-                assert real and all(e["_EXE"] == KAMAILIO_BIN and e["SYSLOG_IDENTIFIER"] == KAMAILIO_BIN
-                                    for e in real), real
-            finally:
-                d.stop()
-                th.join(10)
-                store.close()
-                kam.kill()
-                kam.wait(5)
-            assert not th.is_alive()
+            yield j, work
+            kam.kill()  # nsenter; Kamailio itself ends with the namespace
+            kam.wait(5)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _forge(j, work: Path) -> int:
+    """Every way a local user can claim to be Kamailio; returns how many lines were sent."""
+    n = 0
+    for ident in ("kamailio", KAMAILIO_BIN):
+        j.run("logger", "-p", "local0.warning", "-t", ident, FORGED, user=NOBODY)  # syslog socket, as nobody
+        j.run("sh", "-c", f"echo \"{FORGED}\" | systemd-cat -t {ident}", user=NOBODY)  # stdout stream
+        j.run("logger", "--journald", input=f"MESSAGE={FORGED}\nSYSLOG_IDENTIFIER={ident}\nSYSLOG_FACILITY=16\n"
+              .encode(), user=NOBODY)  # native protocol
+        n += 3
+    for user in (NOBODY, 0, "kamailio"):  # long-lived senders: journald sees their _EXE (python)
+        with lab_journald.Sender(j, user=user) as s:
+            for ident in ("kamailio", KAMAILIO_BIN):
+                s.send(FORGED, ident=ident)
+                s.send(FORGED, ident=ident, mode="native")
+                n += 2
+            time.sleep(0.3)
+    forger_dir = work / "forger"
+    forger_dir.mkdir()
+    os.chown(forger_dir, NOBODY, NOBODY)
+    (work / "forging.cfg").write_text(FORGING_CFG)
+    forger = j.popen(KAMAILIO_BIN, "-DD", "-f", str(work / "forging.cfg"), "-Y", str(forger_dir),
+                     "-P", str(forger_dir / "k.pid"), "-w", str(forger_dir), user=NOBODY,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from waiting import wait_for
+
+        wait_for(lambda: any(e.get("_UID") == str(NOBODY) and e.get("_EXE") == KAMAILIO_BIN
+                             and FAKE in str(e.get("MESSAGE")) for e in j.entries()), timeout=10.0)
+    finally:
+        forger.kill()
+        forger.wait(5)
+    return n + 1
+
+
+def _real_scanner(j) -> None:
+    """A real scanner request to the real Kamailio, from ATTACKER: it logs `Blocked scanner UA`."""
+    from tests.lab.sip import build_request
+
+    sip = build_request("OPTIONS", f"sip:100@{PROXY}", from_uri=f"sip:100@{PROXY}", to_uri=f"sip:100@{PROXY}",
+                        local_ip=ATTACKER, user_agent="friendly-scanner")
+    j.run("/usr/bin/python3", "-c", _SEND_SIP, ATTACKER, PROXY, input=sip, user=NOBODY)
+
+
+@needs_kamailio_host
+def test_forged_journal_lines_from_other_users_ban_nobody(tmp_path: Path) -> None:
+    import threading
+
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+    from waiting import wait_for
+
+    with _kamailio_host() as (j, work):
+        cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                     "daemon": {"control_interval": 0.05},
+                                     "sources": {"logs": [], "journal_identifiers": [KAMAILIO_BIN, "kamailio"],
+                                                 "journalctl": str(j.journalctl)}})
+        assert cfg.sources.journal_users == ["kamailio"] and KAMAILIO_BIN in cfg.sources.journal_executables
+        store = Store.open_state_dir(tmp_path / "st")
+        enf = DryRunEnforcer()
+        d = build_daemon(cfg, store, enf, logs=[])
+        th = threading.Thread(target=d.run, daemon=True)
+        th.start()
+        try:
+            wait_for(lambda: d.ready.is_set(), timeout=10.0)
+            time.sleep(0.5)
+            sent = _forge(j, work)
+            _real_scanner(j)
+            wait_for(lambda: ATTACKER in {e.ip for e in enf.entries()}, timeout=10.0)
+            time.sleep(0.5)
+            forged = [e for e in j.entries() if FAKE in str(e.get("MESSAGE"))]
+            assert len(forged) == sent, (len(forged), sent)  # every forgery reached the journal ...
+            assert {e.ip for e in enf.entries()} == {ATTACKER}  # ... and banned nobody
+            ips = {r[0] for r in store.conn.execute("SELECT ip FROM events")}
+            assert ips == {ATTACKER}, ips
+            [parser] = [p for k, p in d.parts.parsers.items() if k.startswith("journal:")]
+            assert parser.stats["untrusted"] >= len(forged), dict(parser.stats)
+            real = [e for e in j.entries() if ATTACKER in str(e.get("MESSAGE"))]
+            assert real and all(e["_EXE"] == KAMAILIO_BIN and e["SYSLOG_IDENTIFIER"] == KAMAILIO_BIN for e in real)
+        finally:
+            d.stop()
+            th.join(10)
+            store.close()
+        assert not th.is_alive()
+
+
+# -- the rsyslog snippet's filter, in a real private rsyslogd ----------------------------------------------
+
+SNIPPET = Path(__file__).resolve().parents[1] / "examples" / "kamailio" / "rsyslog-kamailio.conf"
+IMUXSOCK = 'module(load="imuxsock" SysSock.Annotate="on" SysSock.ParseTrusted="on")'  # the snippet's sed result
+
+
+def _rsyslog(j, t: Path, module_line: str, uid: str | None) -> subprocess.Popen:
+    """rsyslogd as Debian runs it, behind journald (ForwardToSyslog): its system socket is journald's
+    forward socket (socket activation there; the name here), our snippet included before `*.*`."""
+    snippet = SNIPPET.read_text().replace("/var/log/", f"{t}/")
+    if uid is not None:
+        snippet = snippet.replace("KAMAILIO_UID", uid)
+    (t / "10-kamailio.conf").write_text(snippet)
+    module_line = module_line.replace('module(load="imuxsock"',
+                                      'module(load="imuxsock" SysSock.Name="/run/systemd/journal/syslog"')
+    (t / "rsyslog.conf").write_text(f"""{module_line}
+global(workDirectory="{t}")
+$IncludeConfig {t}/10-kamailio.conf
+*.* {t}/syslog
+""")
+    proc = j.popen("rsyslogd", "-n", "-f", str(t / "rsyslog.conf"), "-i", str(t / "rsyslogd.pid"),
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(t / "rsyslogd.err", "wb"))
+    from waiting import wait_for
+
+    wait_for(lambda: (j.sock / "syslog").exists(), timeout=10.0)
+    return proc
+
+
+def _scan(path: Path) -> set[str]:
+    from sipguard.filters import FilterSet, shipped_dir
+    from sipguard.formats import RecordParser
+    from sipguard.model import Line
+    from sipguard.pipeline import Pipeline
+
+    if not path.exists():
+        return set()
+    fs = FilterSet.load([shipped_dir()])
+    lines = [b for b in path.read_bytes().split(b"\n") if b]
+    recs = Pipeline(RecordParser()).records(Line(path.name, b, i) for i, b in enumerate(lines))
+    return {e.ip for r in recs if (e := fs.match(r, time.time())) is not None}
+
+
+@needs_kamailio_host
+@pytest.mark.skipif(shutil.which("rsyslogd") is None, reason="needs rsyslog")
+@pytest.mark.parametrize("setup", ["as documented", "without the annotation", "uid not filled in"])
+def test_rsyslog_snippet_files_only_what_kamailio_sent(setup: str) -> None:
+    from waiting import wait_for
+
+    conf = lab_journald.CONF.replace("ForwardToSyslog=no", "ForwardToSyslog=yes")
+    with _kamailio_host(conf) as (j, work):
+        t = work / "rsyslog"
+        t.mkdir()
+        uid = None if setup == "uid not filled in" else str(pwd.getpwnam("kamailio").pw_uid)
+        rs = _rsyslog(j, t, IMUXSOCK if setup != "without the annotation" else 'module(load="imuxsock")', uid)
+        try:
+            sent = _forge(j, work)
+            _real_scanner(j)
+            wait_for(lambda: ATTACKER in (t / "kamailio.log").read_text(errors="replace")
+                     if (t / "kamailio.log").exists() else
+                     ATTACKER in (t / "kamailio-untrusted.log").read_text(errors="replace")
+                     if (t / "kamailio-untrusted.log").exists() else False, timeout=10.0)
+            time.sleep(0.5)
+        finally:
+            rs.terminate()
+            rs.wait(10)
+        log, untrusted = t / "kamailio.log", t / "kamailio-untrusted.log"
+        forged_lines = [ln for ln in untrusted.read_text(errors="replace").splitlines() if FAKE in ln]
+        if setup == "as documented":
+            assert _scan(log) == {ATTACKER}  # the real Kamailio's line, and only Kamailio's lines
+            assert FAKE not in log.read_text()
+            assert f"{KAMAILIO_BIN}[" in log.read_text()  # Debian 13's identifier, read by the program check
+            assert len(forged_lines) == sent, (len(forged_lines), sent)  # every forgery kept out, and visible
+        else:  # a step missed: nothing is trusted, and it shows (everything in kamailio-untrusted.log)
+            assert not log.exists() or _scan(log) == set()
+            assert ATTACKER in untrusted.read_text()
+        syslog = (t / "syslog").read_text(errors="replace") if (t / "syslog").exists() else ""
+        assert FAKE not in syslog and "kamailio" not in syslog  # nothing claiming Kamailio in /var/log/syslog
