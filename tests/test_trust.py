@@ -7,6 +7,7 @@ write. Real files with bad modes and owners (chown to nobody), in temporary dire
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -350,8 +351,9 @@ needs_kamailio_host = pytest.mark.skipif(not lab_journald.available() or not os.
 
 
 @contextlib.contextmanager
-def _kamailio_host(conf: str = lab_journald.CONF):
-    """A private journald and a real Kamailio (example config without log_name) as user kamailio."""
+def _kamailio_host(conf: str = lab_journald.CONF, unit: str | None = None):
+    """A private journald and a real Kamailio (example config without log_name) as user kamailio
+    (with `unit`, inside that unit's cgroup, as Debian's kamailio.service runs it)."""
     from tests.lab.kamailio import prepare_config
 
     work = Path(tempfile.mkdtemp(prefix="sgh-kam-", dir="/tmp"))
@@ -364,10 +366,10 @@ def _kamailio_host(conf: str = lab_journald.CONF):
         run_dir = work / "run"
         run_dir.mkdir()
         os.chown(run_dir, pwd.getpwnam("kamailio").pw_uid, -1)
-        with lab_journald.PrivateJournald(conf=conf) as j:
+        with lab_journald.PrivateJournald(conf=conf, units=unit is not None) as j:
             kam = j.popen(KAMAILIO_BIN, "-DD", "-f", str(cfg_path), "-Y", str(run_dir), "-P", str(run_dir / "k.pid"),
-                          "-w", str(work), user="kamailio", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                          "-w", str(work), user="kamailio", unit=unit, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _wait_udp(j, f"{PROXY}:5060")
             yield j, work
             kam.kill()  # nsenter; Kamailio itself ends with the namespace
@@ -455,6 +457,60 @@ def test_forged_journal_lines_from_other_users_ban_nobody(tmp_path: Path) -> Non
             assert parser.stats["untrusted"] >= len(forged), dict(parser.stats)
             real = [e for e in j.entries() if ATTACKER in str(e.get("MESSAGE"))]
             assert real and all(e["_EXE"] == KAMAILIO_BIN and e["SYSLOG_IDENTIFIER"] == KAMAILIO_BIN for e in real)
+        finally:
+            d.stop()
+            th.join(10)
+            store.close()
+        assert not th.is_alive()
+
+
+@needs_kamailio_host
+def test_default_source_is_the_real_journal_of_kamailio_service_and_trusts_only_the_unit(tmp_path: Path) -> None:
+    """An installed daemon with no config on a stock Debian Kamailio host (no rsyslog, Kamailio as
+    kamailio.service logging to the journal): it chooses the journal of kamailio.service by itself
+    (asking the real journalctl), and the unit's cgroup, which journald records, is the only proof:
+    the same forgers as above (none of them in the unit) ban nobody."""
+    import threading
+
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.store import Store
+    from sipguard.wiring import SourceRoots, build_daemon, choose_sources
+    from waiting import wait_for
+
+    with _kamailio_host(unit="kamailio.service") as (j, work):
+        wait_for(lambda: any(e.get("_SYSTEMD_UNIT") == "kamailio.service" for e in j.entries()), timeout=10.0)
+        roots = SourceRoots(tmp_path / "varlog", str(j.journalctl))  # an empty /var/log: no kamailio.log
+        cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                     "daemon": {"control_interval": 0.05}})
+        choice = choose_sources(cfg.sources, roots)
+        assert (choice.logs, choice.journal, choice.chosen_by) == ([], ["kamailio.service"], "default"), choice
+        store = Store.open_state_dir(tmp_path / "st")
+        enf = DryRunEnforcer()
+        d = build_daemon(cfg, store, enf, roots=roots)
+        th = threading.Thread(target=d.run, daemon=True)
+        th.start()
+        try:
+            wait_for(lambda: d.ready.is_set(), timeout=10.0)
+            time.sleep(0.5)
+            # the forgers again, now also claiming the unit in what they write (UNIT=, _SYSTEMD_UNIT=)
+            j.run("logger", "--journald", input=f"MESSAGE={FORGED}\nSYSLOG_IDENTIFIER=kamailio\nUNIT=kamailio.service\n"
+                  f"_SYSTEMD_UNIT=kamailio.service\n".encode(), user=NOBODY)
+            # root can even get a line selected by `journalctl -u kamailio.service` (OBJECT_SYSTEMD_UNIT with
+            # _UID=0): the parser still refuses it, as it is not in the unit's cgroup
+            j.run("logger", "--journald", input=f"MESSAGE={FORGED}\nSYSLOG_IDENTIFIER=kamailio\n"
+                  f"OBJECT_SYSTEMD_UNIT=kamailio.service\n".encode(), user=0)
+            _forge(j, work)
+            _real_scanner(j)
+            wait_for(lambda: ATTACKER in {e.ip for e in enf.entries()}, timeout=10.0)
+            time.sleep(0.5)
+            selected = j.entries("--unit=kamailio.service")
+            assert any(FAKE in str(e.get("MESSAGE")) for e in selected), "the root forgery was selected"
+            [parser] = [p for k, p in d.parts.parsers.items() if k.startswith("journal:")]
+            assert parser.stats["untrusted"] >= 1, dict(parser.stats)
+            assert {e.ip for e in enf.entries()} == {ATTACKER}
+            assert {r[0] for r in store.conn.execute("SELECT ip FROM events")} == {ATTACKER}
+            assert any(e.get("UNIT") == "kamailio.service" and FAKE in str(e.get("MESSAGE")) for e in j.entries())
+            assert json.loads(store.get_meta("sources"))["journal"] == ["kamailio.service"]
         finally:
             d.stop()
             th.join(10)

@@ -10,6 +10,11 @@ journald in a loop: killing journald restarts it (``restart()``), SIGUSR2 rotate
 
 Processes started with ``run``/``popen`` enter those namespaces (``nsenter``), optionally as another
 user (``setpriv``), so journald reads their credentials and /proc entries as for any local process.
+With ``units=True`` PID 1 also moves into a cgroup of ours (cgroup v2; this machine binds no
+controller there) and a cgroup namespace rooted at it, and ``popen(..., unit="kamailio.service")``
+puts a process into ``/system.slice/kamailio.service`` first: journald then records
+``_SYSTEMD_UNIT=kamailio.service`` for it, as under a real systemd. The cgroups are removed in
+``close()``.
 ``journalctl`` is a wrapper script reading our journal directory from the host side.
 
 Everything is stopped by PID in ``close()`` (SIGKILL of the namespace's PID 1 ends every process in
@@ -33,7 +38,7 @@ ADDRESSES = ("198.18.0.1", "198.18.0.51")
 _DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)]
 CONF = """[Journal]
 Storage=volatile
-ReadKMSG=no
+ReadKMsg=no
 ForwardToSyslog=no
 ForwardToWall=no
 RateLimitIntervalSec=0
@@ -53,8 +58,11 @@ def _children(pid: int) -> list[int]:
 
 
 class PrivateJournald:
-    def __init__(self, conf: str = CONF, prefix: str = "sgh-jd-") -> None:
+    def __init__(self, conf: str = CONF, prefix: str = "sgh-jd-", units: bool = False) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        # units: a cgroup namespace rooted at a cgroup of ours (cgroup v2, where this machine binds no
+        # controller), so processes put into /system.slice/NAME.service get _SYSTEMD_UNIT=NAME.service
+        self.cgroup = f"/{self.tmp.name}" if units else None
         self.tmp.chmod(0o755)  # other users in the namespace (kamailio, nobody) reach the work files
         self.sock = self.tmp / "sock"
         self.jdir = self.tmp / "log"
@@ -100,13 +108,7 @@ mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 {addrs}
 sysctl -q -w net.unix.max_dgram_qlen=512
-while [ ! -e {t}/stop ]; do
-  {JOURNALD} &
-  echo $! > {t}/journald.nspid
-  wait $! || true
-  sleep 0.1
-done
-""")
+""" + self._loop())
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--net", "--propagation", "private",
              "sh", str(script)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -123,6 +125,33 @@ done
                 raise RuntimeError("private journald did not start: " + (t / "init.err").read_text())
             time.sleep(0.05)
         raise RuntimeError("private journald: sockets missing; " + (t / "init.err").read_text())
+
+    def _loop(self) -> str:
+        t = self.tmp
+        loop = f"""while [ ! -e {t}/stop ]; do
+  {JOURNALD} &
+  echo $! > {t}/journald.nspid
+  wait $! || true
+  sleep 0.1
+done
+"""
+        if not self.cgroup:
+            return loop
+        # PID 1 moves into our cgroup, then (exec: still PID 1) into a cgroup namespace rooted there,
+        # where a fresh cgroup2 mount shows that cgroup as /
+        (t / "loop.sh").write_text(f"set -e\numount /sys/fs/cgroup\nmount -t cgroup2 none /sys/fs/cgroup\n{loop}")
+        cg = f"/sys/fs/cgroup{self.cgroup}"
+        return f"mkdir {cg}\necho $$ > {cg}/cgroup.procs\nexec unshare --cgroup sh {t}/loop.sh\n"
+
+    def _remove_cgroups(self) -> None:
+        """Our cgroups, bottom up, once their processes are gone (bounded retries)."""
+        if not self.cgroup:
+            return
+        script = (f"mount -t cgroup2 none /sys/fs/cgroup || exit 0\n[ -d /sys/fs/cgroup{self.cgroup} ] || exit 0\n"
+                  f"for i in $(seq 50); do find /sys/fs/cgroup{self.cgroup} -depth -type d -exec rmdir {{}} \\; "
+                  f"2>/dev/null; [ -d /sys/fs/cgroup{self.cgroup} ] || exit 0; sleep 0.1; done\nexit 1\n")
+        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], timeout=30,
+                       capture_output=True)
 
     def journald_pid(self) -> int | None:
         """journald's PID as the host sees it (the child of the namespace's PID 1)."""
@@ -198,14 +227,23 @@ done
                 self.proc.wait(5)
             self.proc = None
         self.init_pid = None
+        self._remove_cgroups()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- processes inside ----------------------------------------------------------------------
-    def argv(self, *argv: str, user: str | int | None = None, netns: str | None = None) -> list[str]:
-        """nsenter into the namespaces (the network one, or the named netns `netns` of a lab)."""
+    def argv(self, *argv: str, user: str | int | None = None, netns: str | None = None,
+             unit: str | None = None) -> list[str]:
+        """nsenter into the namespaces (the network one, or the named netns `netns` of a lab); with
+        `unit` (needs units=True), first into the cgroup /system.slice/UNIT as systemd would."""
         assert self.init_pid is not None
         cmd = ["nsenter", f"--target={self.init_pid}", "--pid", "--mount",
                f"--net=/run/netns/{netns}" if netns else "--net"]
+        if self.cgroup:
+            cmd.append("--cgroup")
+        if unit is not None:
+            assert self.cgroup, "PrivateJournald(units=True) puts processes into units"
+            cg = f"/sys/fs/cgroup/system.slice/{unit}"
+            cmd += ["sh", "-c", f'mkdir -p {cg} && echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
         if user is not None:
             cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"] if isinstance(user, str) \
                 else ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
@@ -217,8 +255,8 @@ done
                               check=check)
 
     def popen(self, *argv: str, user: str | int | None = None, netns: str | None = None,
-              **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def]
-        return subprocess.Popen(self.argv(*argv, user=user, netns=netns), **kw)
+              unit: str | None = None, **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+        return subprocess.Popen(self.argv(*argv, user=user, netns=netns, unit=unit), **kw)
 
     def entries(self, *args: str) -> list[dict]:
         import json
