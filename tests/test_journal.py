@@ -4,6 +4,7 @@ exactly; through journald restarts (clean and killed), rotation and vacuum, ever
 The senders run inside the namespace, so journald records their _PID/_UID/_EXE as on a real host."""
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -218,7 +219,7 @@ def test_real_journal_capture_with_the_path_identifier():
     assert found(JournalTrust.of(executables=["/usr/sbin/kamailio"], uids=[CAPTURED_UID + 1]))[0] == set()
 
 
-def test_trust_rules_on_entries():
+def test_trust_rules_on_entries(caplog):
     from sipguard.formats import JournalTrust
     from sipguard.formats.journal import unit_name
 
@@ -234,7 +235,13 @@ def test_trust_rules_on_entries():
     assert not t.trusts({"SYSLOG_IDENTIFIER": "kamailio", "_UID": "102"})
     assert JournalTrust.of(executables=["/usr/sbin/kamailio"]).trusts({"_EXE": "/usr/sbin/kamailio", "_UID": "7"})
     p = JournalParser(trust=t)
-    assert p.feed(_entry(MESSAGE="x from 1.2.3.4:5060", SYSLOG_IDENTIFIER="kamailio", SYSLOG_PID="77")) == []
-    assert (p.stats["untrusted"], p.stats["other_program"]) == (1, 1)
+    with caplog.at_level(logging.WARNING, logger="sipguard.formats"):
+        assert p.feed(_entry(MESSAGE="x from 1.2.3.4:5060", SYSLOG_IDENTIFIER="kamailio", SYSLOG_PID="77")) == []
+        for i in range(100):  # one warning per sender, at most MAX_WARNED senders
+            p.feed(_entry(MESSAGE="x", _EXE="/tmp/\x1b[31mkamailio", _UID=str(i % 20)))
+    assert (p.stats["untrusted"], p.stats["other_program"]) == (101, 101)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 16 and "'/tmp/\\x1b[31mkamailio'" in warned[1] and "\x1b" not in "".join(warned)
+    assert "executables ['/usr/sbin/kamailio'] as uids [102]" in warned[0]
     [r] = p.feed(_entry(MESSAGE="x", _SYSTEMD_UNIT="kamailio.service", SYSLOG_PID="5", _PID="77"))
     assert r.pid == 77  # the PID journald saw, never SYSLOG_PID (the sender's text)

@@ -31,6 +31,7 @@ as garbage.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -39,6 +40,9 @@ from typing import Any
 
 from ..model import Line, Record
 
+log = logging.getLogger("sipguard.formats")
+
+MAX_WARNED = 16  # distinct untrusted senders warned about (bounded: each costs one log line, once)
 _STDERR_PREFIX = re.compile(r"^\s*(\d+)\((\d+)\) ")
 MAX_LINE = 1 << 20  # [sources] max_line's default
 JSON_SLACK = 64 << 10  # room for an entry's other fields beside its MESSAGE
@@ -104,6 +108,7 @@ class JournalParser:
         self.programs = programs
         self.trust = trust
         self.max_line = max_line
+        self._warned: set[tuple] = set()
         self._max_json = JSON_PER_BYTE * max_line + JSON_SLACK
         self.stats: Counter[str] = Counter({"lines": 0, "records": 0, "garbage": 0, "forged": 0,
                                             "other_program": 0, "untrusted": 0, "binary_message": 0,
@@ -142,6 +147,7 @@ class JournalParser:
             if not self.trust.trusts(entry):
                 st["other_program"] += 1
                 st["untrusted"] += 1
+                self._warn_untrusted(entry)
                 return []
         elif self.programs is not None and program not in self.programs:
             st["other_program"] += 1
@@ -158,6 +164,20 @@ class JournalParser:
         st["records"] += 1
         return [Record(text=text, time=None if ts is None else ts / 1e6, host=entry.get("_HOSTNAME"),
                        program=program, pid=pid, rank=rank, source=line.source)]
+
+    def _warn_untrusted(self, entry: dict) -> None:
+        """Once per sender (unit, executable, uid): say why its entries are skipped, in case it is the
+        operator's own Kamailio (run as another user or from another path). Everything printed is
+        escaped: a sender names its own executable."""
+        who = tuple(str(entry.get(k))[:256] for k in ("_SYSTEMD_UNIT", "_EXE", "_UID"))
+        if who in self._warned or len(self._warned) >= MAX_WARNED:
+            return
+        self._warned.add(who)
+        assert self.trust is not None
+        log.warning("journal entries of unit %r, executable %r, uid %s are not Kamailio's (trusted: units %s; "
+                    "executables %s as uids %s) and are skipped; if this is your Kamailio, add it to [sources] "
+                    "journal, journal_executables or journal_users", *who, sorted(self.trust.units) or "none",
+                    sorted(self.trust.executables) or "none", sorted(self.trust.uids) or "any")
 
     def flush(self) -> list[Record]:
         return []
