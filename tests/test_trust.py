@@ -521,14 +521,27 @@ def test_default_source_is_the_real_journal_of_kamailio_service_and_trusts_only_
 # -- the rsyslog snippet's filter, in a real private rsyslogd ----------------------------------------------
 
 SNIPPET = Path(__file__).resolve().parents[1] / "examples" / "kamailio" / "rsyslog-kamailio.conf"
-IMUXSOCK = 'module(load="imuxsock" SysSock.Annotate="on" SysSock.ParseTrusted="on")'  # the snippet's sed result
+DEBIAN_IMUXSOCK = 'module(load="imuxsock") # provides support for local system logging'  # Debian 12's rsyslog.conf
+
+
+def _documented_module_line(tmp: Path) -> str:
+    """Debian's imuxsock line after the `sed` the snippet's header tells the operator to run."""
+    [cmd] = [ln.lstrip("# ").strip() for ln in SNIPPET.read_text().splitlines() if "sed -i" in ln and "rsyslog.conf" in ln]
+    conf = tmp / "debian-rsyslog.conf"
+    conf.write_text(DEBIAN_IMUXSOCK + "\n")
+    subprocess.run(["sh", "-c", cmd.replace("/etc/rsyslog.conf", str(conf))], check=True, timeout=30)
+    line = conf.read_text().splitlines()[0]
+    assert 'SysSock.Annotate="on"' in line and 'SysSock.ParseTrusted="on"' in line, line
+    return line
 
 
 def _rsyslog(j, t: Path, module_line: str, uid: str | None) -> subprocess.Popen:
     """rsyslogd as Debian runs it, behind journald (ForwardToSyslog): its system socket is journald's
     forward socket (socket activation there; the name here), our snippet included before `*.*`."""
     snippet = SNIPPET.read_text().replace("/var/log/", f"{t}/")
-    if uid is not None:
+    if uid is not None:  # the header's other sed line, as documented
+        [cmd] = [ln.lstrip("# ").strip() for ln in snippet.splitlines() if "sed -i" in ln and "KAMAILIO_UID" in ln]
+        assert cmd == 'sed -i "s/KAMAILIO_UID/$(id -u kamailio)/" /etc/rsyslog.d/10-kamailio.conf', cmd
         snippet = snippet.replace("KAMAILIO_UID", uid)
     (t / "10-kamailio.conf").write_text(snippet)
     module_line = module_line.replace('module(load="imuxsock"',
@@ -571,7 +584,7 @@ def test_rsyslog_snippet_files_only_what_kamailio_sent(setup: str) -> None:
         t = work / "rsyslog"
         t.mkdir()
         uid = None if setup == "uid not filled in" else str(pwd.getpwnam("kamailio").pw_uid)
-        rs = _rsyslog(j, t, IMUXSOCK if setup != "without the annotation" else 'module(load="imuxsock")', uid)
+        rs = _rsyslog(j, t, _documented_module_line(t) if setup != "without the annotation" else DEBIAN_IMUXSOCK, uid)
         try:
             sent = _forge(j, work)
             _real_scanner(j)
