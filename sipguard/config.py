@@ -117,25 +117,34 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
 
 
-def default_logs() -> list[str]:
-    """/var/log/kamailio.log when it exists, else /var/log/syslog (Debian's default target)."""
-    if Path("/var/log/kamailio.log").exists():
-        return ["/var/log/kamailio.log"]
-    return ["/var/log/syslog"]
+DEFAULT_KAMAILIO_EXECUTABLES = ["/usr/sbin/kamailio", "/usr/local/sbin/kamailio"]
+SOURCE_KEYS = frozenset({"logs", "journal", "journal_identifiers"})
+"""Naming any of these in [sources] says which sources to follow; naming none lets the daemon choose
+(sipguard/wiring.py `choose_sources`: /var/log/kamailio.log, else the journal of kamailio.service,
+else /var/log/syslog)."""
 
 
 class SourcesConfig(Section):
-    """Which files to follow and how to read them."""
+    """Which files and journal entries to follow and how to read them."""
 
-    logs: list[str] = Field(default_factory=default_logs)
+    logs: list[str] = []  # none of logs/journal/journal_identifiers set: the daemon chooses (see SOURCE_KEYS)
     format: Literal["auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr"] = "auto"
     from_start: bool = False
-    programs: list[str] = ["kamailio"]
+    programs: list[str] = ["kamailio"]  # syslog program names of files (a path's basename counts too)
     verify_pid: bool = True
     max_line: int = Field(1 << 20, ge=1024)
     journal: list[str] = []  # systemd units to follow through the journal, e.g. ["kamailio.service"]
     journal_identifiers: list[str] = []  # ... or syslog identifiers (journalctl -t), e.g. ["kamailio"]
+    # An entry is Kamailio's only by what journald sets itself (formats/journal.py): its _SYSTEMD_UNIT is
+    # one of `journal`, or its _EXE one of these run as one of `journal_users` (names or uids; [] = any).
+    journal_executables: list[str] = Field(default_factory=lambda: list(DEFAULT_KAMAILIO_EXECUTABLES))
+    journal_users: list[str] = ["kamailio"]
     journalctl: str = "journalctl"  # the journalctl binary (journal sources); as root an absolute path
+
+    @property
+    def chosen(self) -> bool:
+        """Whether the config says which sources to follow (else the daemon chooses)."""
+        return bool(self.model_fields_set & SOURCE_KEYS)
 
     @field_validator("journalctl")
     @classmethod
@@ -347,6 +356,10 @@ class HtableConfig(Section):
     table: str = Field("ipban", pattern=r"^[A-Za-z0-9_]{1,64}$")
     value: int = 2  # what $sht(ipban=>$si) is set to (the script's pike block sets 1: resync leaves those alone)
     timeout: Duration = 2.0  # per RPC call
+    # where Kamailio's replies come back (sipguard's own directory; the FIFO transport needs Kamailio's
+    # jsonrpcs fifo_reply_dir to name it) and the group that lets Kamailio, running as its own user, answer
+    reply_dir: str = Field("/run/sipguard", pattern=r"^/")
+    reply_group: str = "kamailio"  # "" = the directory's own group
 
 
 class BlocklistConfig(Section):
