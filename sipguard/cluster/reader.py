@@ -25,7 +25,7 @@ log = logging.getLogger("sipguard.cluster")
 class StreamReader(threading.Thread):
     """Follows the ban stream with its own connection; everything goes to the daemon loop as items:
 
-    ("snapshot", epoch, {ip: json}, taken_at) on every (re)connect, then ("entries", [(id, fields)]),
+    ("snapshot", epoch, {ip: json}, taken_at, {ip: tombstone}) on every (re)connect, then ("entries", [(id, fields)]),
     ("down", reason) when the connection is lost.
     """
 
@@ -64,11 +64,11 @@ class StreamReader(threading.Thread):
                 client.set(P + "epoch", uuid.uuid4().hex, nx=True)
                 taken = time.time()
                 with client.pipeline(transaction=True) as pipe:  # atomic: top id and the hash agree
-                    pipe.get(P + "epoch").xrevrange(P + "stream", count=1).hgetall(P + "bans")
-                    epoch, top, bans = pipe.execute()
+                    pipe.get(P + "epoch").xrevrange(P + "stream", count=1).hgetall(P + "bans").hgetall(P + "unbans")
+                    epoch, top, bans, unbans = pipe.execute()
                 last = top[0][0] if top else "0-0"
                 self.connected = True
-                self._put(("snapshot", epoch, bans, taken))
+                self._put(("snapshot", epoch, bans, taken, unbans))
                 while not self._stop_ev.is_set():
                     resp = client.xread({P + "stream": last}, count=1000, block=self.block_ms)
                     for _stream, entries in resp or ():

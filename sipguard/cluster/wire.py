@@ -21,7 +21,7 @@ from typing import Any
 from ..addresses import parse_target
 from ..config import MAX_DURATION
 from ..model import Ban
-from .signing import Signer, ban_parts
+from .signing import Signer, ban_parts, unban_parts
 
 CREATED_SKEW = 86400.0  # a ban's `created` is at most a day away from this node's clock
 MAX_SCORE = 1e12
@@ -133,3 +133,45 @@ def parse_ban(payload: str, signer: Signer | None = None, now: float | None = No
     ban = Ban(ip=ip, reason=plain_text(d.get("reason") or "cluster"), created=created, expires=expires,
               score=score, offence=int(offence), manual=manual)
     return ban, ban_id, origin
+
+
+def parse_unban(fields: dict, signer: Signer | None = None, now: float | None = None) -> tuple[str, str, str, str, float]:
+    """An unban stream entry → (op, ip or "*", id, origin, at); ValueError when malformed (`at` a finite
+    time at most a day ahead), Unverified when `signer` has a secret and no accepted one signed it."""
+    op, ip, ban_id, origin, at = (fields.get(k) for k in ("op", "ip", "id", "origin", "at"))
+    if op not in ("unban", "unban_all") or not isinstance(at, str) or len(at) > 40:
+        raise ValueError("bad unban")
+    if signer is not None and signer.enabled and not signer.verify(
+            fields.get("sig"), op, *unban_parts(op, ip, ban_id, origin, at), now=now):
+        raise Unverified("unban not signed by this fleet")
+    try:
+        t = float(at)
+    except ValueError:
+        raise ValueError("bad at") from None
+    t = checked_time(t, "at", now)
+    target = "*" if op == "unban_all" else canonical_ip(ip)
+    return op, target, checked_id(ban_id), checked_origin(origin), t
+
+
+def tombstone_at(value: Any, ip: str, signer: Signer, now: float | None = None) -> float | None:
+    """The time of a verified unban of `ip` from its tombstone in the unbans hash (publish.lua writes
+    "at|op|id|origin|sig"), else None."""
+    if not isinstance(value, str) or len(value) > 512:
+        return None
+    parts = value.split("|")
+    if len(parts) != 5:
+        return None if signer.enabled else _float(parts[0])
+    at, op, ban_id, origin, sig = parts
+    target = "*" if op == "unban_all" else ip
+    if op not in ("unban", "unban_all") or not signer.verify(sig, op, *unban_parts(op, target, ban_id, origin, at),
+                                                             now=now):
+        return None
+    return _float(at)
+
+
+def _float(v: str) -> float | None:
+    try:
+        t = float(v)
+    except ValueError:
+        return None
+    return t if math.isfinite(t) else None

@@ -16,6 +16,11 @@ local claim, now = ARGV[14] == '1', tonumber(ARGV[15] or '0')
 local function clear(addr)
   for name in string.gmatch(ARGV[10], '[^,]+') do redis.call('DEL', P .. 's:' .. addr .. ':' .. name) end
 end
+local function tomb_at(addr)  -- an unban's tombstone: "at|op|id|origin|sig" (older versions: "at")
+  local v = redis.call('HGET', P .. 'unbans', addr)
+  if not v then return -1 end
+  return tonumber(string.match(v, '^[^|]*')) or -1
+end
 local function fields_of(v)
   local ok, b = pcall(cjson.decode, v)
   if ok and type(b) == 'table' then return tonumber(b.created) or 0, tostring(b.id or ''), b end
@@ -33,8 +38,7 @@ if op == 'ban' then
     end
     if oc > c or (oc == c and oid >= id) then return 0 end
   end
-  local tomb = tonumber(redis.call('HGET', P .. 'unbans', ip) or '-1')
-  if tomb >= c then return 0 end
+  if tomb_at(ip) >= c then return 0 end
   redis.call('HSET', P .. 'bans', ip, payload)
   clear(ip)
   if nb.manual == false then
@@ -54,8 +58,9 @@ local function unban(addr, cur)
     if fields_of(cur) > at then return end
     redis.call('HDEL', P .. 'bans', addr)
   end
-  local tomb = tonumber(redis.call('HGET', P .. 'unbans', addr) or '-1')
-  if at > tomb then redis.call('HSET', P .. 'unbans', addr, payload) end
+  if at > tomb_at(addr) then
+    redis.call('HSET', P .. 'unbans', addr, payload .. '|' .. op .. '|' .. id .. '|' .. origin .. '|' .. sig)
+  end
   clear(addr)
 end
 if op == 'unban' then
