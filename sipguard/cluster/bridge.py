@@ -133,6 +133,7 @@ class ClusterBridge:
         self.policy = ClusterPolicy(local, cfg, lambda: self.scoring, self.signer)
         # fleet ids of the bans handed to the ban book and not yet stored: ip -> (id, origin, created)
         self._ids: dict[str, tuple[str, str, float]] = {}
+        self._flush_at = 0.0  # monotonic: publish again after a WAIT found too few replicas
         self._unreplicated: dict[str, str] = {}  # claimed bans no replica acknowledged: ip -> id (re-published)
 
     def outbox_size(self) -> int:
@@ -172,7 +173,7 @@ class ClusterBridge:
         self.tick(time.time(), book)
         book.commit(time.time())
         if not self.synced:
-            self._down("no answer at start")
+            self._down(self.reader.last_error or "no answer at start")
 
     def close(self) -> None:
         self.reader.stop()
@@ -336,7 +337,7 @@ class ClusterBridge:
                 self._up()
             except self._errors as exc:
                 self._down(exc)
-        if self.redis_ok:
+        if self.redis_ok and time.monotonic() >= self._flush_at:
             self._flush()
         mono = time.monotonic()
         if mono - self._last_heartbeat >= self.cfg.heartbeat_interval:
@@ -367,6 +368,9 @@ class ClusterBridge:
                 return
             if need:
                 if results.pop() < need:  # not on enough replicas yet: keep them queued (publishing is idempotent)
+                    self._flush_at = time.monotonic() + self.cfg.retry_interval
+                    self.throttle.warn("replicas", "cluster: fewer than %d replicas acknowledged what this node "
+                                       "published; kept queued and published again", need)
                     return
             self.stats.published += sum(1 for r in results if r == 1)
             self.stats.stale += sum(1 for r in results if r != 1)

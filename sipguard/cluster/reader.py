@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from .connection import connect, redis_errors
+from .connection import connect, describe_error, redis_errors
 
 if TYPE_CHECKING:
     from ..config import ClusterConfig
@@ -36,6 +36,7 @@ class StreamReader(threading.Thread):
         self.wake = wake
         self._stop_ev = threading.Event()
         self.connected = False
+        self.last_error: str | None = None  # why the last connection failed (passwords scrubbed)
         self.block_ms = 1000
         self.client = None
 
@@ -76,8 +77,9 @@ class StreamReader(threading.Thread):
                             last = entries[-1][0]
                             self._put(("entries", entries))
             except errors as exc:
+                self.last_error = describe_error(exc, self.cfg.redis_url)
                 if self.connected:
-                    self._put(("down", str(exc) or type(exc).__name__))
+                    self._put(("down", self.last_error))
                 self.connected = False
                 try:
                     if client is not None:
