@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -316,7 +317,21 @@ def test_sentinel_failover_loses_nothing_and_applies_nothing_twice(tmp_path, sen
         t.start()
         try:
             time.sleep(0.5)
-            s.servers["a"].kill()  # the master dies mid-run
+            # the replica lags (stopped, 24 MB behind): what the master takes meanwhile is not replicated
+            # when it dies, so the nodes must publish it again to the promoted replica
+            replica = s.servers["b"].proc
+            replica.send_signal(signal.SIGSTOP)
+            try:
+                junk = s.client(old)  # more than the sockets hold: later writes wait in the master's buffer
+                try:
+                    for k in range(3):
+                        junk.set(f"junk:{k}", "x" * (8 << 20))
+                finally:
+                    junk.close()
+                time.sleep(0.6)
+                s.servers["a"].kill()  # the master dies mid-run
+            finally:
+                replica.send_signal(signal.SIGCONT)
             at_kill = len(made)
             wait_for(lambda: s.master_port() == s.ports["b"], timeout=30)
             at_promotion = len(made)

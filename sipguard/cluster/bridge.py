@@ -237,7 +237,7 @@ class ClusterBridge:
                         self._publish(args=pol.claim_args(v, at, self.cfg.stream_maxlen, UNBAN_MEMORY,
                                                           self._jail_csv), client=pipe)
                     if verdicts and self.cfg.wait_replicas:
-                        pipe.wait(self.cfg.wait_replicas, int(self.cfg.socket_timeout * 1000))
+                        pipe.wait(self.cfg.wait_replicas, int(self.cfg.socket_timeout * 500))
                     out = pipe.execute()
                 claims = out[len(forged):len(forged) + len(verdicts)]
                 if verdicts and self.cfg.wait_replicas and out[-1] < self.cfg.wait_replicas:
@@ -361,7 +361,7 @@ class ClusterBridge:
                                             e.payload, pcfg.offence_memory, UNBAN_MEMORY, self._jail_csv, sig,
                                             member, at, "0", repr(time.time())], client=pipe)
                     if need:
-                        pipe.wait(need, int(self.cfg.socket_timeout * 1000))
+                        pipe.wait(need, int(self.cfg.socket_timeout * 500))
                     results = pipe.execute()
             except self._errors as exc:
                 self._down(exc)
