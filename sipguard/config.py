@@ -632,6 +632,9 @@ def load_config(path: str | Path | None = None, *, required: bool | None = None)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         raise ConfigError(str(p), where, msg) from None
+    if cfg.cluster is not None and cfg.cluster.secret is not None and os.stat(p).st_mode & stat.S_IROTH:
+        raise ConfigError(str(p), "cluster.secret", "the config file holds the fleet's secret and is world-readable "
+                          f"(mode {stat.S_IMODE(os.stat(p).st_mode):04o}): chmod o-r it, or use secret_file")
     cfg.path = p
     return cfg
 

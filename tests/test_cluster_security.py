@@ -137,6 +137,12 @@ def test_forged_bans_on_the_stream_and_in_the_shared_set_change_nothing(fleet, r
         assert not enforced_anywhere(fleet, ip) and not stored_anywhere(fleet, ip), ip
     assert fleet[1].bridge.stats.unverified >= len(targets)
     assert all(n.thread.is_alive() for n in fleet)
+    a = fleet[0]
+    wait_for(lambda: '"unverified": 0' not in (a.store.get_meta("cluster_status") or '"unverified": 0'))
+    out = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(a.config_file()), "--state-dir",
+                          str(a.dir / "state"), "status"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "refused from the fleet: unverified=" in out.stdout, out.stdout
 
 
 def test_signed_bans_of_protected_addresses_are_refused_by_every_other_node(fleet, redis_server):
@@ -502,6 +508,12 @@ def test_cluster_secret_config(tmp_path):
     toml.write_text(f'[cluster]\nredis_url = "redis://h/0"\nsecret_file = "{tmp_path / "missing"}"\n')
     with pytest.raises(ConfigError, match="cannot read the secret file"):
         load_config(toml)
+    toml.write_text(f'[cluster]\nredis_url = "redis://h/0"\nsecret = "{SECRET}"\n')
+    os.chmod(toml, 0o644)
+    with pytest.raises(ConfigError, match="world-readable"):
+        load_config(toml)
+    os.chmod(toml, 0o640)
+    assert load_config(toml).cluster.secrets()[0] == SECRET
 
 
 def test_fleet_mode_without_a_secret_warns_at_start(tmp_path, redis_server, caplog):

@@ -179,7 +179,8 @@ class ClusterPolicy:
                 except (IndexError, ValueError):
                     bad.append(m)
                     continue
-                if len(parts) == 3 and verify(parts[2], "ev", *event_parts(ip, name, parts[0], parts[1], t), now=now):
+                if len(parts) == 3 and verify(parts[2], "ev", *event_parts(ip, name, parts[0], parts[1], t), now=now) \
+                        or len(parts) == 2 and not signed:  # an untagged event counts in an unsigned fleet only
                     score += w
                 else:
                     bad.append(m)

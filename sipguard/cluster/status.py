@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 STATUS_META = "cluster_status"  # this node's cluster view, for `sipguard status` (written by the bridge)
 MAX_NODES = 1000  # nodes listed (a Redis writer could add millions of names)
+REFUSED = ("unverified", "malformed", "too_wide", "allowlisted", "own_address", "redis_server", "forged_events")
 
 
 def _number(v: Any) -> float | None:
@@ -86,6 +87,10 @@ def cluster_lines(info: dict) -> list[str]:
     sync = ("in sync" if me.get("in_sync") is True else f"NOT in sync ({outbox} queued to publish)") \
         if fresh else "no recent heartbeat from this node's daemon"
     lines = [f"cluster: node {info['node']} via {info['redis']}: {sync}"]
+    stats = me.get("stats") if isinstance(me.get("stats"), dict) else {}
+    refused = {k: v for k in REFUSED if isinstance(v := stats.get(k), int) and not isinstance(v, bool) and v > 0}
+    if refused:
+        lines.append("  refused from the fleet: " + ", ".join(f"{k}={v}" for k, v in refused.items()))
     if not info.get("reachable"):
         lines.append(f"  Redis unreachable from here: {info.get('error', '?')}")
         return lines
