@@ -8,7 +8,9 @@ Files a root daemon can trust (like sshd's StrictModes): running as root, the co
 root and writable by nobody else, and so must each directory above them (a sticky one such as /tmp
 may be world-writable); the shipped filters are trusted as installed. A program the config names
 (`[sources] journalctl`) must then be an absolute path to such a file. Anyone else could otherwise
-replace a regex or a weight, or the program root runs.
+replace a regex or a weight, or the program root runs. The fleet's secret (`[cluster] secret_file`)
+must also be private: readable by its owner only (and, as root, trusted like the config); a `secret`
+written in the config itself needs a config file that is not world-readable.
 """
 
 from __future__ import annotations
