@@ -229,8 +229,8 @@ def test_forged_events_in_the_score_keys_decide_nothing(fleet, redis_server):
         members[f"{uid}|1.0|{wrong.tag('ev', *event_parts(ip, 'auth', uid, '1.0', at))}"] = float(at)
     members["evil.big|1e308|"] = now
     r.zadd(f"{PREFIX}s:{ip}:auth", members)
-    for k in range(5):  # forged offences would escalate the ban time
-        r.zadd(f"{PREFIX}off:{ip}", {f"evil:o{k}|AAAAAAAAAAAAAAAAAAAAAA": now - 60 * k})
+    for k in range(5):  # forged offences (a wrong tag, no tag) would escalate the ban time
+        r.zadd(f"{PREFIX}off:{ip}", {f"evil:o{k}|AAAAAAAAAAAAAAAAAAAAAA": now - 60 * k, f"evil:p{k}": now - 61 * k})
     a.write(auth_failed(ip))  # one real failure: with the forged ones, far over the threshold of 3
     wait_for(lambda: a.bridge.stats.scored >= 1)
     time.sleep(0.3)
