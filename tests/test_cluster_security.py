@@ -333,13 +333,13 @@ def test_a_malformed_heartbeat_never_crashes_status(fleet, redis_server):
 
 # -- secrets stay secret ----------------------------------------------------------------------------
 def test_passwords_never_appear_in_logs_status_store_or_heartbeat(tmp_path, caplog):
-    password, qpassword = "Pw-user-info-7f3a9c", "Pw-query-4b8e1d"
+    password = "Pw-user-info-7f3a9c"
     server = RedisServer(tmp_path)
     server.start()
     try:
         r = server.client()
         r.config_set("requirepass", password)
-        url = f"redis://:{password}@127.0.0.1:{server.port}/0?password={password}&client_name={qpassword}x"
+        url = f"redis://:{password}@127.0.0.1:{server.port}/0?password={password}"
         # (redis-py takes ?password= over the user-info; both must be hidden)
         caplog.set_level(logging.DEBUG)
         node = SecureNode(tmp_path, url, "edge1")
