@@ -7,7 +7,7 @@ ever computes a tag: whoever can only write to Redis cannot make one, so what th
 nothing (`sipguard/cluster/README.md`, "Signatures").
 
 Every tag covers the key prefix and what the value means (its kind and every field), in one canonical
-encoding (each part as JSON, length-prefixed), so a tag can never be moved to another fleet, another
+encoding (each part typed and length-prefixed), so a tag can never be moved to another fleet, another
 address, another jail or another kind of entry. Tags are HMAC-SHA-256 truncated to 128 bits, base64url (22 characters).
 
 Rotation: a node signs with the current secret and also accepts tags made with `secret_previous`
@@ -52,8 +52,7 @@ class Signer:
     def _message(self, kind: str, parts: Sequence[object]) -> bytes:
         out = []
         for p in (self.prefix, kind, *parts):
-            # strings as they are (tagged "s"), everything else as its JSON text: "1.0" and 1.0 differ
-            t = "s" + p if isinstance(p, str) else "j" + json.dumps(p, allow_nan=True)
+            t = _encode(p)
             out.append(f"{len(t)}:{t}")
         return ",".join(out).encode("utf-8", "surrogatepass")
 
@@ -87,6 +86,21 @@ class Signer:
             return False
         msg = self._message(kind, parts)
         return any(hmac.compare_digest(self._tag(k, msg), tag) for k in self.keys_now(now))
+
+
+def _encode(p: object) -> str:
+    """One part of a signed message, typed so that "1.0", 1.0, 1 and true never sign alike."""
+    if isinstance(p, str):
+        return "s" + p
+    if p is None:
+        return "n"
+    if p is True or p is False:
+        return "t" if p else "f"
+    if type(p) is int:
+        return "i" + str(p)
+    if type(p) is float:
+        return "d" + repr(p)
+    return "j" + json.dumps(p, allow_nan=True, sort_keys=True)
 
 
 # -- what is signed, one function per kind (the same on the signing and the verifying side) ---------------
