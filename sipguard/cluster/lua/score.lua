@@ -12,9 +12,10 @@
 --       filter, uid (unique per event), tags (one per jail index, "t1,t3"; '' when unsigned).
 -- A score key's member is uid|weight|tag, its score the event's time.
 -- Returns {candidates (json: ip, jail, filter, uid, t, ev = [member, score, ...] of that key,
---          off = [member, score, ...] of the source's offences), score keys reset by successes,
+--          off = [member, score, ...] of the source's offences; the newest 10000 of each at most), score keys reset by successes,
 --          events skipped as banned, [ip, ban json, ...] of the bans they were skipped for}.
 local P, node, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local MAX_RETURNED = 10000  -- members of a candidate's window (and offences) returned at most
 local memory = tonumber(ARGV[8])
 local nj = tonumber(ARGV[9])
 local jails = {}
@@ -81,6 +82,10 @@ while i <= #ARGV do
           redis.call('ZREMRANGEBYSCORE', okey, '-inf', '(' .. string.format('%.6f', t - memory))
           local off = redis.call('ZRANGE', okey, 0, -1, 'WITHSCORES')
           candidate[ip] = true
+          if #members > 2 * MAX_RETURNED then  -- bounded work for the node: the newest members
+            members = redis.call('ZRANGE', key, -MAX_RETURNED, -1, 'WITHSCORES')
+          end
+          if #off > 2 * MAX_RETURNED then off = redis.call('ZRANGE', okey, -MAX_RETURNED, -1, 'WITHSCORES') end
           table.insert(out, cjson.encode({ip = ip, jail = jail.name, filter = filter, uid = uid, t = ts,
                                           ev = members, off = off}))
         end
