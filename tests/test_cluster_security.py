@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from sipguard.actions import manual_ban
-from sipguard.addresses import AllowList
+from sipguard.addresses import AllowList, host_addresses
 from sipguard.cluster.connection import redacted, scrub
 from sipguard.cluster.guard import FleetGuard
 from sipguard.cluster.signing import Signer, event_parts, unban_parts
@@ -481,6 +481,11 @@ def test_guard_rails_unit():
             "2001:db8:50::/64": "redis_server", "2001:db8:50::5": "redis_server"}
     for target, reason in want.items():
         assert g.refusal(target) == reason, target
+    real = FleetGuard(cfg, AllowList([], include_host=False))  # this host's own addresses, from the kernel
+    for addr in host_addresses():
+        assert real.refusal(addr) in ("own_address", "allowlisted"), addr
+    others = [a for a in host_addresses() if not a.startswith("127.") and a != "::1"]
+    assert all(real.refusal(a) == "own_address" for a in others), others  # (loopback is allow-listed first)
     wide = FleetGuard(ClusterConfig(redis_url="redis://h/0", max_prefix_v4=8), AllowList([], include_host=False),
                       own=[])
     assert wide.refusal("10.0.0.0/8") is None and wide.refusal("10.0.0.0/7") == "too_wide"
