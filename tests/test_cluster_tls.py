@@ -204,7 +204,7 @@ class SentinelSet:
             conf = self.dir / f"sentinel{k}.conf"
             conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
                             f"sentinel monitor mymaster 127.0.0.1 {self.ports['a']} 2\n"
-                            "sentinel down-after-milliseconds mymaster 1000\n"
+                            "sentinel down-after-milliseconds mymaster 2000\n"
                             "sentinel failover-timeout mymaster 3000\n"
                             "sentinel parallel-syncs mymaster 1\n")
             s = Proc([SENTINEL, str(conf)], port, self.dir / f"sentinel{k}.log").start()
@@ -327,7 +327,7 @@ def test_sentinel_failover_loses_nothing_and_applies_nothing_twice(tmp_path, sen
                         junk.set(f"junk:{k}", "x" * (8 << 20))
                 finally:
                     junk.close()
-                time.sleep(0.6)
+                time.sleep(0.3)  # (well under the sentinels' 2 s down-after: the replica stays electable)
                 s.servers["a"].kill()  # the master dies mid-run
             finally:
                 replica.send_signal(signal.SIGCONT)
