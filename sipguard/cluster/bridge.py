@@ -134,7 +134,8 @@ class ClusterBridge:
         # fleet ids of the bans handed to the ban book and not yet stored: ip -> (id, origin, created)
         self._ids: dict[str, tuple[str, str, float]] = {}
         self._flush_at = 0.0  # monotonic: publish again after a WAIT found too few replicas
-        self._unreplicated: dict[str, str] = {}  # claimed bans no replica acknowledged: ip -> id (re-published)
+        self._unreplicated: dict[str, str] = {}
+        self._tombstones: dict[str, str] = {}  # the unbans hash as read with the latest snapshot  # claimed bans no replica acknowledged: ip -> id (re-published)
 
     def outbox_size(self) -> int:
         return self.store.outbox_size()
@@ -405,7 +406,9 @@ class ClusterBridge:
                 for item in items:
                     kind = item[0]
                     if kind == "snapshot":
-                        self._apply_snapshot(book, item[1], item[2], item[3], now, item[4] if len(item) > 4 else {})
+                        self._apply_snapshot(book, item[1], item[2], item[3], now)
+                    elif kind == "tombstones":  # (sent just before its snapshot)
+                        self._tombstones = item[1]
                     elif kind == "entries":
                         for entry_id, fields in item[1]:
                             self._apply_entry(book, entry_id, fields, now)
@@ -427,7 +430,7 @@ class ClusterBridge:
         return None if held is None else (held.id, held.created)
 
     def _apply_snapshot(self, book: BanBook, epoch: str | None, bans: dict[str, str], taken: float,
-                        now: float, unbans: dict[str, str] | None = None) -> None:
+                        now: float) -> None:
         self.stats.snapshots += 1
         known = self.store.get_meta(EPOCH_META)
         cluster: dict[str, tuple[Ban, str, str]] = {}
@@ -461,7 +464,7 @@ class ClusterBridge:
                 if origins[ban.ip] == self.node and ban.created >= taken - SNAPSHOT_MARGIN:
                     continue  # decided here while the snapshot was read: its stream entry follows
                 if self.signer.enabled:  # a missing entry is an unban only with a signed tombstone
-                    lifted = tombstone_at((unbans or {}).get(ban.ip), ban.ip, self.signer, now)
+                    lifted = tombstone_at(self._tombstones.get(ban.ip), ban.ip, self.signer, now)
                     if lifted is None or lifted < ban.created:
                         continue
                 book.unban([ban.ip], now, FLEET, at=now)

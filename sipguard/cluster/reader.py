@@ -25,7 +25,7 @@ log = logging.getLogger("sipguard.cluster")
 class StreamReader(threading.Thread):
     """Follows the ban stream with its own connection; everything goes to the daemon loop as items:
 
-    ("snapshot", epoch, {ip: json}, taken_at, {ip: tombstone}) on every (re)connect, then ("entries", [(id, fields)]),
+    ("tombstones", {ip: tombstone}) and ("snapshot", epoch, {ip: json}, taken_at) on every (re)connect, then ("entries", [(id, fields)]),
     ("down", reason) when the connection is lost.
     """
 
@@ -69,7 +69,8 @@ class StreamReader(threading.Thread):
                     epoch, top, bans, unbans = pipe.execute()
                 last = top[0][0] if top else "0-0"
                 self.connected = True
-                self._put(("snapshot", epoch, bans, taken, unbans))
+                self._put(("tombstones", unbans))  # the signed unbans the snapshot may drop a ban on
+                self._put(("snapshot", epoch, bans, taken))
                 while not self._stop_ev.is_set():
                     resp = client.xread({P + "stream": last}, count=1000, block=self.block_ms)
                     for _stream, entries in resp or ():
