@@ -8,7 +8,9 @@ Files a root daemon can trust (like sshd's StrictModes): running as root, the co
 root and writable by nobody else, and so must each directory above them (a sticky one such as /tmp
 may be world-writable); the shipped filters are trusted as installed. A program the config names
 (`[sources] journalctl`) must then be an absolute path to such a file. Anyone else could otherwise
-replace a regex or a weight, or the program root runs.
+replace a regex or a weight, or the program root runs. The fleet's secret (`[cluster] secret_file`)
+must also be private: readable by its owner only (and, as root, trusted like the config); a `secret`
+written in the config itself needs a config file that is not world-readable.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 import stat
 import tomllib
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -118,25 +121,34 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
 
 
-def default_logs() -> list[str]:
-    """/var/log/kamailio.log when it exists, else /var/log/syslog (Debian's default target)."""
-    if Path("/var/log/kamailio.log").exists():
-        return ["/var/log/kamailio.log"]
-    return ["/var/log/syslog"]
+DEFAULT_KAMAILIO_EXECUTABLES = ["/usr/sbin/kamailio", "/usr/local/sbin/kamailio"]
+SOURCE_KEYS = frozenset({"logs", "journal", "journal_identifiers"})
+"""Naming any of these in [sources] says which sources to follow; naming none lets the daemon choose
+(sipguard/wiring.py `choose_sources`: /var/log/kamailio.log, else the journal of kamailio.service,
+else /var/log/syslog)."""
 
 
 class SourcesConfig(Section):
-    """Which files to follow and how to read them."""
+    """Which files and journal entries to follow and how to read them."""
 
-    logs: list[str] = Field(default_factory=default_logs)
+    logs: list[str] = []  # none of logs/journal/journal_identifiers set: the daemon chooses (see SOURCE_KEYS)
     format: Literal["auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr"] = "auto"
     from_start: bool = False
-    programs: list[str] = ["kamailio"]
+    programs: list[str] = ["kamailio"]  # syslog program names of files (a path's basename counts too)
     verify_pid: bool = True
     max_line: int = Field(1 << 20, ge=1024)
     journal: list[str] = []  # systemd units to follow through the journal, e.g. ["kamailio.service"]
     journal_identifiers: list[str] = []  # ... or syslog identifiers (journalctl -t), e.g. ["kamailio"]
+    # An entry is Kamailio's only by what journald sets itself (formats/journal.py): its _SYSTEMD_UNIT is
+    # one of `journal`, or its _EXE one of these run as one of `journal_users` (names or uids; [] = any).
+    journal_executables: list[str] = Field(default_factory=lambda: list(DEFAULT_KAMAILIO_EXECUTABLES))
+    journal_users: list[str] = ["kamailio"]
     journalctl: str = "journalctl"  # the journalctl binary (journal sources); as root an absolute path
+
+    @property
+    def chosen(self) -> bool:
+        """Whether the config says which sources to follow (else the daemon chooses)."""
+        return bool(self.model_fields_set & SOURCE_KEYS)
 
     @field_validator("journalctl")
     @classmethod
@@ -368,6 +380,10 @@ class HtableConfig(Section):
     table: str = Field("ipban", pattern=r"^[A-Za-z0-9_]{1,64}$")
     value: int = 2  # what $sht(ipban=>$si) is set to (the script's pike block sets 1: resync leaves those alone)
     timeout: Duration = 2.0  # per RPC call
+    # where Kamailio's replies come back (sipguard's own directory; the FIFO transport needs Kamailio's
+    # jsonrpcs fifo_reply_dir to name it) and the group that lets Kamailio, running as its own user, answer
+    reply_dir: str = Field("/run/sipguard", pattern=r"^/")
+    reply_group: str = "kamailio"  # "" = the directory's own group
 
 
 class BlocklistConfig(Section):
@@ -403,7 +419,7 @@ def _hostname() -> str:
 class ClusterConfig(Section):
     """Fleet mode (sipguard/cluster/): scores and bans shared by every node through one Redis."""
 
-    redis_url: Annotated[str, BeforeValidator(_redis_url)]  # redis://[:pw@]host:6379/0, rediss://, unix://,
+    redis_url: Annotated[str, BeforeValidator(_redis_url), Field(repr=False)]  # redis://[:pw@]host:6379/0, rediss://, unix://,
     #                          redis+sentinel://[:pw@]s1:26379,s2:26379/MASTER[/db]
     node_name: str = Field(default_factory=_hostname, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     key_prefix: str = Field("sipguard:", pattern=r"^[A-Za-z0-9_.:{}-]{0,64}$")
@@ -412,6 +428,62 @@ class ClusterConfig(Section):
     socket_timeout: Duration = 1.0  # per Redis call (and connect); a slow Redis never stalls detection long
     retry_interval: Duration = 1.0  # while Redis is unreachable: how often to try again
     stream_maxlen: int = Field(100_000, ge=100)  # ban stream entries kept (approximate trim)
+    # signing (sipguard/cluster/signing.py): every ban, unban and scored event carries an HMAC-SHA256 under
+    # this secret (never sent to Redis); without one, anyone who can write to the Redis can ban fleet-wide
+    secret: str | None = Field(None, min_length=16, max_length=4096, repr=False)
+    secret_file: Path | None = None  # the secret in a file (first line), root-owned and mode 0600/0400 as root
+    secret_previous: list[str] = Field([], repr=False)  # rotation: still accepted (never signed with) ...
+    secret_previous_until: float | None = None  # ... until this time (epoch seconds or ISO 8601): the overlap
+    # guard rails (sipguard/cluster/guard.py) on every ban from the fleet, manual or not
+    max_prefix_v4: int = Field(16, ge=0, le=32)  # a fleet CIDR wider than /16 is refused
+    max_prefix_v6: int = Field(48, ge=0, le=128)  # ... and wider than /48
+    own_addresses: list[CIDR] = []  # more addresses of this node never banned from the fleet (NAT, VIPs)
+    wait_replicas: int = Field(0, ge=0, le=16)  # publish: keep an entry queued until this many replicas have it
+
+    @field_validator("secret_previous_until", mode="before")
+    @classmethod
+    def _until(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = datetime.fromisoformat(v.strip())
+            except ValueError:
+                raise ValueError(f"bad time {v!r}: expected ISO 8601 like 2026-12-31T00:00:00Z") from None
+        if isinstance(v, datetime):  # a TOML datetime, or the text above; no zone = UTC
+            return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).timestamp()
+        if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            return v
+        raise ValueError("expected a time (ISO 8601 or epoch seconds)")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ClusterConfig:
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("give secret or secret_file, not both")
+        if self.secret_previous and self.secret_previous_until is None:
+            raise ValueError("secret_previous needs secret_previous_until (when the rotation's overlap ends)")
+        if self.secret_previous and self.secret is None and self.secret_file is None:
+            raise ValueError("secret_previous needs the new secret (secret or secret_file) to sign with")
+        return self
+
+    @field_validator("secret_previous")
+    @classmethod
+    def _previous(cls, v: list[str]) -> list[str]:
+        if any(len(s) < 16 for s in v):
+            raise ValueError("a secret is at least 16 characters")
+        return v
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret_file(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            read_secret_file(v)  # readable, not empty, and (as root) trusted and private
+        return v
+
+    def secrets(self) -> tuple[str | None, list[str], float | None]:
+        """(the secret to sign with or None, previous secrets still accepted, until when)."""
+        current = self.secret
+        if current is None and self.secret_file is not None:
+            current = read_secret_file(self.secret_file)
+        return current, list(self.secret_previous), self.secret_previous_until
 
 
 class Config(Section):
@@ -568,6 +640,27 @@ def trusted_program(value: str, default_name: str | None = None) -> str:
     return str(path)
 
 
+def read_secret_file(path: Path) -> str:
+    """The first line of a secret file; ValueError when unreadable, empty, too short, or (as root) not owned
+    by root or readable or writable by anyone else (like ssh's private keys)."""
+    try:
+        st = os.stat(path)
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the secret file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"the secret file {str(path)!r} is readable or writable by others "
+                         f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 it")
+    if running_as_root():
+        why = untrusted(path, "the secret file")
+        if why is not None:
+            raise ValueError(f"{str(path)!r} refused (running as root): {why}")
+    secret = (text.splitlines() or [""])[0].strip()
+    if len(secret) < 16:
+        raise ValueError(f"the secret in {str(path)!r} is shorter than 16 characters")
+    return secret
+
+
 def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     """The text and the parsed table of a TOML file (config or filter); ConfigError on bad input."""
     try:
@@ -608,6 +701,9 @@ def load_config(path: str | Path | None = None, *, required: bool | None = None)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         raise ConfigError(str(p), where, msg) from None
+    if cfg.cluster is not None and cfg.cluster.secret is not None and os.stat(p).st_mode & stat.S_IROTH:
+        raise ConfigError(str(p), "cluster.secret", "the config file holds the fleet's secret and is world-readable "
+                          f"(mode {stat.S_IMODE(os.stat(p).st_mode):04o}): chmod o-r it, or use secret_file")
     cfg.path = p
     return cfg
 

@@ -1,7 +1,8 @@
 """`sipguard scan`: the same formats, filters and policy over whole files, in the log's own time.
 
 Offline and side-effect free: no store, no enforcer, no positions. What it prints is what the
-daemon would have banned had it followed these files as they were written.
+daemon would have banned had it followed these files as they were written. It prints nothing
+itself: the CLI shows the result, and a progress bar from the `progress` callback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .addresses import AllowList
@@ -146,6 +147,14 @@ def _pieces(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], n
     yield 0, pipe.flush(now).events
 
 
+Progress = Callable[[int], None]
+"""Told the bytes done after each piece of a file (how `scan` draws its progress bar)."""
+
+
+def _nothing(_size: int) -> None:
+    return None
+
+
 PARENT_SHARE = 0.48
 """The forking parent scans this share of a split file: it also replays every event through the
 policy, the child's too (piece by piece as they arrive), so both finish at about the same time."""
@@ -237,16 +246,45 @@ def _read_frames(fd: int, out: queue.SimpleQueue) -> None:
         out.put(None)
 
 
+class _Bytes:
+    """The progress of one byte range of a file, piece by piece: every piece but the last of a range
+    is PIECE bytes as read (decompressed), so `piece()` advances that much and `done()` the rest.
+    Sized by the caller (None: unknown, e.g. a bz2 file; then each piece counts PIECE)."""
+
+    def __init__(self, progress: Progress, size: int | None) -> None:
+        self.progress = progress
+        self.left = size
+
+    def piece(self) -> None:
+        if self.left is None:
+            self.progress(PIECE)
+            return
+        step = min(PIECE, self.left)
+        self.left -= step
+        if step:
+            self.progress(step)
+
+    def done(self) -> None:
+        if self.left:
+            self.progress(self.left)
+        self.left = 0
+
+
 def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float, sparse: bool,
-               replay: BanReplay) -> int:
+               replay: BanReplay, progress: Progress | None = None, size: int | None = None) -> int:
     """One file through the pipeline, its events fed to `replay` in file order; a big file read
-    sparsely has its second part scanned by a forked child meanwhile. Returns the number of lines."""
+    sparsely has its second part scanned by a forked child meanwhile. Returns the number of lines.
+    `progress` is told the bytes done after each piece (`size`: the file's, decompressed, if known)."""
+    advance = progress or _nothing
     split = _split_point(path, fmt, programs) if sparse else None
     if split is None:
         total = 0
+        whole = _Bytes(advance, size)
         for n, events in _pieces(path, filters, fmt, programs, now, sparse):
             total += n
             replay.feed(events)
+            whole.piece()
+        whole.done()
         return total
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -262,10 +300,14 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     complete = False
     kinds = {k.value: k for k in EventKind}
     done = False
+    mine = _Bytes(advance, split)  # a file is split only when plain: its size is its length
+    theirs = _Bytes(advance, None if size is None else size - split)
     try:
         for n, events in _pieces(path, filters, fmt, programs, now, True, 0, split):
             total += n
             replay.feed(events)
+            mine.piece()
+        mine.done()
         while (body := frames.get()) is not None:
             try:
                 msg = pickle.loads(body)
@@ -278,6 +320,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
             total += n
             received += 1
             replay.feed([Event(t, ip, f, kinds[k], w) for t, ip, f, k, w in rows])
+            theirs.piece()
         done = True
     finally:
         if not done:  # the parent failed: its child's work is moot
@@ -290,28 +333,32 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
             if i >= received:
                 total += n
                 replay.feed(events)
+                theirs.piece()
+    theirs.done()
     return total
 
 
 def scan_files(paths: list[str], cfg: Config, filters: FilterSet | None = None,
-               allow: AllowList | None = None, fast: bool = True) -> ScanResult:
+               allow: AllowList | None = None, fast: bool = True, progress: Progress | None = None,
+               sizes: dict[str, int | None] | None = None) -> ScanResult:
     """Read every file whole (.gz too) in order and return lines, matches and resulting bans.
 
     Fast path (`fast`): the pipeline reads sparsely (when every filter has prefilter literals and
     none accepts multi-line records, only the lines that can matter are parsed); the result is the
-    same as parsing every line (`fast=False`).
+    same as parsing every line (`fast=False`). `progress`, when given, is called with the number of
+    bytes (decompressed) done after each piece; `sizes` are the files' sizes as read, where known.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived acyclic tuples: collector passes would find nothing
     try:
-        return _scan_files(paths, cfg, filters, allow, fast)
+        return _scan_files(paths, cfg, filters, allow, fast, progress, sizes or {})
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
 def _scan_files(paths: list[str], cfg: Config, filters: FilterSet | None, allow: AllowList | None,
-                fast: bool) -> ScanResult:
+                fast: bool, progress: Progress | None = None, sizes: dict[str, int | None] | None = None) -> ScanResult:
     t0 = time.perf_counter()
     filters = filters or FilterSet.load(cfg.filters.directories, enabled=cfg.filters.enabled,
                                         disabled=cfg.filters.disabled)
@@ -322,7 +369,11 @@ def _scan_files(paths: list[str], cfg: Config, filters: FilterSet | None, allow:
     programs = frozenset(cfg.sources.programs)
     fmt = cfg.sources.format
     for path in paths:
-        result.lines += _scan_file(path, filters, fmt, programs, now, fast, replay)
+        size = (sizes or {}).get(path)
+        if size is None and not path.lower().endswith((".gz", ".bz2", ".xz", ".lzma")):
+            with contextlib.suppress(OSError):
+                size = os.path.getsize(path)
+        result.lines += _scan_file(path, filters, fmt, programs, now, fast, replay, progress, size)
     result.matched = replay.matched
     result.bans = replay.bans()
     result.seconds = time.perf_counter() - t0

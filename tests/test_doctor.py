@@ -134,7 +134,7 @@ def test_journal_sources(tmp_path):
     (p,) = problems(run(Host(cfg, tmp_path / "state", now=now), "logs"))
     assert "no entries at all" in p.message
     rows = [{"MESSAGE": LINES[n].format(ip=f"198.18.0.{i + 10}"), "__REALTIME_TIMESTAMP": str(int((now - 70 + i * 10) * 1e6)),
-             "_PID": "4242", "SYSLOG_IDENTIFIER": "kamailio", "_HOSTNAME": "sip1", "_TRANSPORT": "syslog"}
+             "_PID": "4242", "_SYSTEMD_UNIT": "kamailio.service", "SYSLOG_IDENTIFIER": "kamailio", "_HOSTNAME": "sip1", "_TRANSPORT": "syslog"}
             for i, n in enumerate(LINES)]
     entries.write_text("".join(json.dumps(r) + "\n" for r in rows))
     found = run(Host(cfg, tmp_path / "state", now=now), "logs", "contract", "clock")
@@ -144,6 +144,17 @@ def test_journal_sources(tmp_path):
     fake.unlink()
     (p,) = problems(run(Host(missing, tmp_path / "state", now=now), "logs"))
     assert "cannot be read" in p.message and "journalctl" in p.fix
+
+
+def test_no_sources_configured_reads_what_the_daemon_would_choose(tmp_path):
+    """With no [sources], the doctor looks at the default chain's choice (here <root>/var/log/kamailio.log)."""
+    now = time.time()
+    cfg = Config.model_validate({"enforce": {"backend": "dryrun"}})
+    (tmp_path / "var" / "log").mkdir(parents=True)
+    log = write_log(tmp_path / "var" / "log" / "kamailio.log", now)
+    found = run(Host(cfg, tmp_path / "state", root=tmp_path, now=now), "logs")
+    assert [f.status for f in found] == ["ok"], found
+    assert str(log) in found[0].message, found
 
 
 def test_log_names_are_printed_escaped(tmp_path):

@@ -235,6 +235,7 @@ def test_every_source_caps_records_through_the_daemon(tmp_path: Path) -> None:
     entries = tmp_path / "entries.json"
     now = time.time()  # recent records: the daemon's pruning keeps a day of events
     entries.write_text("".join(json.dumps({"__CURSOR": f"c{i}", "SYSLOG_IDENTIFIER": "kamailio", "_PID": "7",
+                                           "_EXE": "/usr/sbin/kamailio",
                                            "__REALTIME_TIMESTAMP": str(int(now * 1e6)), "MESSAGE": m}) + "\n"
                                for i, m in enumerate([good.format(n=1), big, good.format(n=2)])))
     journalctl = tmp_path / "journalctl"
@@ -244,7 +245,7 @@ def test_every_source_caps_records_through_the_daemon(tmp_path: Path) -> None:
     head = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now)) + " sip1 kamailio[4242]: "
     log.write_text(f"{head}{good.format(n=3)}\n{head}{big}\n{head}{good.format(n=4)}\n")
     cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
-                                 "sources": {"max_line": 65536, "journal_identifiers": ["kamailio"],
+                                 "sources": {"max_line": 65536, "journal_identifiers": ["kamailio"], "journal_users": [],
                                              "journalctl": str(journalctl)}})
     store = Store(":memory:")
     d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)], from_start=True)

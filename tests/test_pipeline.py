@@ -503,13 +503,15 @@ def test_file_beside_journal_keeps_the_sparse_path(tmp_path):
         msg = (f"NOTICE: <script>: unknown user {i} from 198.18.7.1:5060 method OPTIONS" if i % 60 == 0
                else f"INFO: <script>: INVITE relayed {i}")
         jl.append(json.dumps({"__CURSOR": f"s=abc;i={i}", "__REALTIME_TIMESTAMP": "1796008463136064",
-                              "SYSLOG_IDENTIFIER": "kamailio", "_PID": "77", "MESSAGE": msg}))
+                              "SYSLOG_IDENTIFIER": "kamailio", "_PID": "77", "MESSAGE": msg,
+                              "_EXE": "/usr/sbin/kamailio"}))  # what journald sets: Kamailio's entry
     entries.write_text("\n".join(jl) + "\n")
     journalctl = tmp_path / "journalctl"
     journalctl.write_text(f'#!/bin/sh\ncase " $* " in *" --follow "*) cat {entries}; exec sleep 600;; esac\n')
     journalctl.chmod(0o755)
     cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
-                                 "sources": {"journal_identifiers": ["kamailio"], "journalctl": str(journalctl)}})
+                                 "sources": {"journal_identifiers": ["kamailio"], "journal_users": [],
+                                             "journalctl": str(journalctl)}})
     store = Store(":memory:")
     d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)], from_start=True)
     d.setup()

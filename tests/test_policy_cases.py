@@ -28,8 +28,9 @@ Runs, each against the case's expectations:
 
 * `local`: `Policy.observe` per event;
 * `fleet`: the node's real path: `ClusterPolicy.observe` (buffers), `take`, the real `SCORE_LUA`
-  called with `ClusterPolicy.score_args`, `ClusterPolicy.scored` with the bans (so the local
-  `banned` set follows, as `ClusterBridge.on_batch` does);
+  called with `ClusterPolicy.score_args` (every event signed), its candidates recounted on verified
+  events by `ClusterPolicy.verdicts` and claimed with the real `PUBLISH_LUA`, `ClusterPolicy.scored`
+  with the bans (so the local `banned` set follows, as `ClusterBridge.score_batch` does);
 * `script`: `SCORE_LUA` alone on every scored event (no local filtering), so the script's own
   "already banned" check (the shared ban hash, with its expiry) decides.
 
@@ -54,7 +55,8 @@ from pathlib import Path
 import pytest
 
 from sipguard.addresses import AllowList
-from sipguard.cluster import SCORE_LUA, ClusterPolicy, parse_ban
+from sipguard.cluster import PUBLISH_LUA, SCORE_LUA, ClusterPolicy, parse_ban
+from sipguard.cluster.signing import Signer
 from sipguard.config import ClusterConfig, Config, PolicyConfig
 from sipguard.model import Ban, Event, EventKind
 from sipguard.policy import Policy
@@ -150,14 +152,20 @@ class LocalRun(Run):
 
 
 class ScriptRun(Run):
-    """SCORE_LUA through ClusterPolicy.score_args; `fleet` adds the node's own path around it."""
+    """SCORE_LUA through ClusterPolicy.score_args, its candidates recounted on verified (signed)
+    events by ClusterPolicy.verdicts and claimed with PUBLISH_LUA, as the bridge does; `fleet` adds
+    the node's own path around it."""
 
     def __init__(self, cfg: PolicyConfig, client, prefix: str, fleet: bool) -> None:
         super().__init__(cfg)
         self.fleet = fleet
         ccfg = ClusterConfig(redis_url="unix:///unused.sock", node_name="case", key_prefix=prefix)
-        self.cp = ClusterPolicy(Policy(cfg, NO_ALLOW), ccfg, scoring=lambda: True)
+        self.cp = ClusterPolicy(Policy(cfg, NO_ALLOW), ccfg, scoring=lambda: True,
+                                signer=Signer("policy-cases-secret", prefix))
         self.script = client.register_script(SCORE_LUA)
+        self.publish = client.register_script(PUBLISH_LUA)
+        self.jail_csv = ",".join(cfg.jails)
+        self.client, self.prefix = client, prefix
         self.scored_kinds = {EventKind.SUCCESS} | {k for j in cfg.jails.values() for k in j.kinds}
 
     def release(self, ip: str) -> None:
@@ -176,12 +184,18 @@ class ScriptRun(Run):
             return []
         args = self.cp.score_args(events, round(now, 3))
         first = 9 + 5 * len(self.cfg.jails)  # ARGV layout: see sipguard/cluster/lua/score.lua
-        assert len(args) == first + 6 * len(events)
-        by_uid = {args[first + 6 * k + 5]: ev for k, ev in enumerate(events)}
-        payloads, _resets, _skipped = self.script(args=args)
+        assert len(args) == first + 7 * len(events)
+        by_uid = {args[first + 7 * k + 5]: ev for k, ev in enumerate(events)}
+        candidates, _resets, _skipped, _held = self.script(args=args)
+        verdicts, forged = self.cp.verdicts(candidates, round(now, 3))
+        assert not forged  # every event here was signed by this node
         out = []
-        for payload in payloads:
-            ban, ban_id, origin = parse_ban(payload)
+        for v in verdicts:
+            if self.publish(args=self.cp.claim_args(v, round(now, 3), 100_000, 86400.0, self.jail_csv)) != 1:
+                continue
+            stored = self.client.hget(self.prefix + "bans", v.ban.ip)  # what the claim put in the shared set
+            ban, ban_id, origin = parse_ban(stored, self.cp.signer)
+            assert ban == v.ban
             assert origin == "case" and ban_id.startswith("case:")
             ev = by_uid[ban_id.split(":", 1)[1]]
             out.append((index[id(ev)], ev, ban))

@@ -1,19 +1,19 @@
-"""The `sipguard` typer app: the app object, the global options and context, output consoles, the
-streaming column writer and the option parsers every verb module shares.
+"""The `sipguard` typer app: the app object, the global options and context, the output consoles, the
+log format and the option parsers every verb module shares (tables: sipguard/cli/output.py).
 
 Verb modules (`run`, `logs`, `bans`, `ops`, `doctor`, `firewall`) register their commands on `app`; this module
 imports none of them. It holds no logic of sipguard's stages. Values shown to the operator are printed
-literally (never as markup) with control characters escaped, and never cut.
+literally (never as markup) with control characters escaped (sipguard.text), and never cut; so are the
+lines of sipguard's own log (EscapingFormatter).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional, TextIO
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -21,6 +21,8 @@ from .. import __version__
 from ..addresses import AllowList
 from ..config import Config, load_config, parse_duration, resolve_state_dir
 from ..errors import SipguardError
+from ..text import EscapingFormatter, printable
+from .output import OUTPUTS, output_format  # noqa: F401 - the verbs' shared --output parser
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -34,24 +36,32 @@ app = typer.Typer(
 
 
 class _LazyConsole:
-    """A rich Console made on first print: `scan --json` and friends never pay for importing rich."""
+    """A rich Console made on first print (`scan --json` and friends never pay for importing rich)
+    that prints text literally: markup is off unless a caller passes `markup=True` for a string it
+    wrote itself, and every str it is given is escaped with sipguard.text.printable first (a value
+    from data can neither style the output nor reach the terminal as a control sequence). Rich
+    renderables (a Table, a Text) are printed as they are: sipguard/cli/output.py builds them from
+    escaped Text cells."""
 
     def __init__(self, **kw: object) -> None:
-        self._kw = kw
+        self._kw = {"markup": False, "emoji": False, **kw}
         self._console = None
 
-    def print(self, *objects: object, **kw: object) -> None:
+    @property
+    def console(self):  # noqa: ANN201 - rich's Console, made on first use
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._kw)
-        self._console.print(*objects, **kw)
+        return self._console
 
+    def print(self, *objects: object, **kw: object) -> None:
+        self.console.print(*(printable(o) if isinstance(o, str) else o for o in objects), **kw)
 
-def Table(*args, **kw):  # noqa: ANN201, N802 - rich's Table, imported on first use
-    from rich.table import Table as _Table
-
-    return _Table(*args, **kw)
+    def print_lines(self, text: str) -> None:
+        """A message of several lines sipguard wrote (an error naming data): each line escaped."""
+        for line in str(text).split("\n"):
+            self.print(line)
 
 
 out = _LazyConsole(highlight=False, soft_wrap=True)
@@ -115,8 +125,10 @@ def main(
     ctx.config_path = config
     ctx.state_dir = state_dir
     ctx._cfg = None
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    # sipguard's own log: data in a message (a reason, a node name, a path) is escaped, one record a line
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 OUT_OF_RANGE = "out of range"
@@ -134,69 +146,6 @@ def _iso(ts: float | None) -> str | None:
         return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     except (OverflowError, OSError, ValueError, TypeError):
         return OUT_OF_RANGE
-
-
-# -- output: table, plain, json, csv ------------------------------------------------------------
-OUTPUTS = ("table", "plain", "json", "csv")
-
-_ESCAPES = {c: f"\\x{c:02x}" for c in range(32)} | {127: "\\x7f"}
-
-
-def clean(text: object) -> str:
-    """`text` as it may reach a terminal: control characters escaped (ESC as \\x1b, a newline as
-    \\x0a), nothing else changed."""
-    s = "" if text is None else str(text)
-    if s.isprintable():
-        return s
-    return "".join(ch if ch.isprintable() else (_ESCAPES.get(ord(ch)) or ch.encode("unicode_escape").decode())
-                   for ch in s)
-
-
-def output_format(output: str | None, as_json: bool = False) -> str:
-    """--output (or --json, its short form): a table on a terminal, plain columns when piped."""
-    if output is not None and output not in OUTPUTS:
-        raise SipguardError(f"--output: expected one of {', '.join(OUTPUTS)}, not {output!r}")
-    if as_json:
-        if output not in (None, "json"):
-            raise SipguardError(f"--json and --output {output}: choose one")
-        return "json"
-    if output is None:
-        return "table" if sys.stdout.isatty() else "plain"
-    return output
-
-
-class Columns:
-    """Rows written as they come, in columns aligned to widths known up front (so nothing is held
-    in memory and no value is ever cut: a value wider than its column pushes that row's rest right).
-
-    `table` adds a rule under the header (a terminal); `plain` is header and rows only, for grep,
-    awk and sort; `csv` writes RFC 4180 rows. Cells are printed literally (no markup).
-    """
-
-    def __init__(self, headers: Sequence[str], widths: Sequence[int], style: str = "plain",
-                 stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stdout
-        self.style = style
-        self.widths = [max(w, len(h)) for h, w in zip(headers, widths)]
-        if style == "csv":
-            import csv
-
-            self._csv = csv.writer(self.stream, lineterminator="\n")
-            self._csv.writerow(headers)
-            return
-        self._write_line(headers)
-        if style == "table":
-            self._write_line(["-" * w for w in self.widths])
-
-    def _write_line(self, cells: Sequence[str]) -> None:
-        last = len(cells) - 1
-        self.stream.write("  ".join(c if i == last else c.ljust(self.widths[i]) for i, c in enumerate(cells)) + "\n")
-
-    def row(self, cells: Sequence[str]) -> None:
-        if self.style == "csv":
-            self._csv.writerow([clean(c) for c in cells])
-        else:
-            self._write_line([clean(c) for c in cells])
 
 
 def _duration_option(value: str | None) -> float | None | str:
@@ -224,10 +173,10 @@ def entry() -> None:
     try:
         app(standalone_mode=True)
     except SipguardError as exc:
-        err.print(f"sipguard: error: {exc}", markup=False)
+        err.print_lines(f"sipguard: error: {exc}")
         sys.exit(1)
     except OSError as exc:  # permissions, missing files: still one line, not a traceback
-        err.print(f"sipguard: error: {exc}", markup=False)
+        err.print_lines(f"sipguard: error: {exc}")
         sys.exit(1)
     except Exception as exc:  # a database error the store did not name (corrupt file, read-only disk)
         from ..store import database_error
@@ -235,6 +184,6 @@ def entry() -> None:
         msg = database_error(exc)
         if msg is None:
             raise
-        err.print(f"sipguard: error: {msg}", markup=False)
+        err.print_lines(f"sipguard: error: {msg}")
         sys.exit(1)
 

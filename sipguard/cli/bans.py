@@ -1,4 +1,8 @@
-"""`sipguard list`, `ban` and `unban`: the operator's view of the bans and manual changes to them."""
+"""`sipguard list`, `ban` and `unban`: the operator's view of the bans and manual changes to them.
+
+`list` streams the store's bans through its filters (address or CIDR, reason or jail, since, manual or
+automatic; applied here as rows stream, the store only reads) into sipguard/cli/output.py's writer;
+every confirmation line prints the ban's values literally (escaped, never as markup)."""
 
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ from typing import Annotated, Optional
 import typer
 
 from ..addresses import AllowList
-from ..config import format_duration
+from ..config import format_duration, parse_duration
 from ..errors import SipguardError
 from ..model import Ban
-from .app import UNKNOWN, Columns, _duration_option, _iso, _kernel_enforcer, app, ctx, out, output_format
+from .app import UNKNOWN, _duration_option, _iso, _kernel_enforcer, app, ctx, out
+from .output import Column, open_rows, output_format
+
 
 def _left(b: Ban, now: float) -> str:
     """Time left of a ban, as the table shows it (any stored value, even one no clock reaches)."""
@@ -33,21 +39,96 @@ def _json_number(v: object) -> object:
     return v
 
 
+def _since_option(value: str | None, now: float) -> float | None:
+    """--since: a duration back from now (30m, 2h, 7d) or an ISO 8601 time (UTC unless it says)."""
+    if value is None:
+        return None
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        pass
+    from datetime import datetime, timezone
+
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise SipguardError(f"--since: expected a duration (30m, 2h, 7d) or an ISO 8601 time, not {value!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp()
+
+
+def _ban_filter(target: str | None, reason: str | None, since: float | None, manual: bool | None):
+    """The test `list`'s filters make of a ban (None: every ban is shown). `target`: the bans whose
+    address or network overlaps it; `reason`: that reason, or every reason of that jail or kind
+    (`sip` matches `sip:auth`, `blocklist` every `blocklist:NAME`); `since`: created at or after."""
+    from ..addresses import network
+
+    net = None
+    if target is not None:
+        from ..addresses import parse_target
+
+        try:
+            net = network(parse_target(target))
+        except ValueError as exc:
+            raise SipguardError(f"list: {exc}") from None
+    if net is None and reason is None and since is None and manual is None:
+        return None
+
+    def keep(b: Ban) -> bool:
+        if manual is not None and bool(b.manual) != manual:
+            return False
+        if since is not None and not (b.created == b.created and b.created >= since):
+            return False
+        if reason is not None and b.reason != reason and (b.reason or "").partition(":")[0] != reason:
+            return False
+        if net is not None:
+            try:
+                other = network(b.ip)
+            except ValueError:
+                return False
+            if other.version != net.version or not net.overlaps(other):
+                return False
+        return True
+
+    return keep
+
+
 @app.command("list")
 def list_(
+    target: Annotated[Optional[str], typer.Argument(
+        help="only the bans of this address or inside/around this CIDR")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON array of bans (short for --output json)")] = False,
     kernel: Annotated[bool, typer.Option("--kernel", help="also show what the kernel's sets hold")] = False,
     output: Annotated[Optional[str], typer.Option(
         "--output", help="table | plain | json | csv (default: table on a terminal, plain columns when piped)")] = None,
+    reason: Annotated[Optional[str], typer.Option(
+        "--reason", "--jail", help="only this reason, or every reason of this jail (sip matches sip:auth, "
+                                   "blocklist every blocklist:NAME)")] = None,
+    since: Annotated[Optional[str], typer.Option(
+        "--since", help="only bans made since: a duration back (30m, 2h, 7d) or an ISO 8601 time")] = None,
+    manual: Annotated[Optional[bool], typer.Option(
+        "--manual/--auto", help="only the bans made by hand / only those the policy or a list made")] = None,
+    count: Annotated[bool, typer.Option("--count", help="print only the number of bans that match")] = False,
 ) -> None:
     """Bans in force (with --kernel: beside the kernel's own entries and their timeouts).
 
     Rows stream from the database as they are printed (bounded memory at any number of bans);
-    no value is ever cut.
+    no value is ever cut, and reasons are printed literally (escaped, never as markup).
     """
     fmt = output_format(output, as_json)
     store = ctx.store(readonly=True)
     now = time.time()
+    keep = _ban_filter(target, reason, _since_option(since, now), manual)
+    if count:
+        if kernel:
+            raise SipguardError("--count and --kernel: choose one")
+        n = store.count_active_bans(now) if keep is None else sum(1 for b in store.iter_active_bans(now) if keep(b))
+        print(json.dumps({"count": n}) if fmt == "json" else n)
+        return
+    bans = store.iter_active_bans(now)
+    if keep is not None:
+        bans = (b for b in bans if keep(b))
     held: dict[str, float | None] = {}
     if kernel:
         enforcer = _kernel_enforcer()
@@ -57,37 +138,34 @@ def list_(
             held = {e.ip: e.timeout for e in enforcer.entries()}
         finally:
             enforcer.close()
+        if keep is not None:  # the kernel's own entries go through the address filter only
+            only = _ban_filter(target, None, None, None)
+            held = {ip: t for ip, t in held.items() if only is None or only(Ban(ip, "", now, None))}
     n_kernel = len(held)
-    write = sys.stdout.write
     if fmt == "json":
-        sep = ""
-        write("[")
-        for b in store.iter_active_bans(now):
-            row = {"ip": b.ip, "reason": b.reason, "created": _iso(b.created), "expires": _iso(b.expires),
-                   "manual": b.manual, "score": _json_number(b.score), "offence": _json_number(b.offence),
-                   "refused": b.refused}
-            if kernel:
-                row["kernel"] = {"timeout": held.pop(b.ip)} if b.ip in held else None
-            write(sep + json.dumps(row))
-            sep = ", "
-        for ip in sorted(held):
-            write(sep + json.dumps({"ip": ip, "reason": None, "created": None, "expires": None, "manual": None,
-                                    "score": None, "offence": None, "kernel": {"timeout": held[ip]},
-                                    "kernel_only": True}))
-            sep = ", "
-        write("]\n")
+        cols = [Column(k) for k in ("ip", "reason", "created", "expires", "manual", "score", "offence", "refused")] \
+            + ([Column("kernel"), Column("kernel_only")] if kernel else [])
+        with open_rows(cols, fmt) as rows:
+            for b in bans:
+                extra = [{"timeout": held.pop(b.ip)} if b.ip in held else None, False] if kernel else []
+                rows.row([b.ip, b.reason, _iso(b.created), _iso(b.expires), b.manual, _json_number(b.score),
+                          _json_number(b.offence), b.refused, *extra])
+            for ip in sorted(held):
+                rows.row([ip, None, None, None, None, None, None, None, {"timeout": held[ip]}, True])
         return
 
     summary = store.active_bans_summary(now)
     refused = summary.refused or fmt == "csv"
-    headers = ["ip", "reason", "created", "expires", "left", "offence", "by"] + (["kernel"] if kernel else []) \
-        + (["refused by the enforcer"] if refused else [])
-    ip_width = max([summary.ip_width, *map(len, held)])
-    widths = [ip_width, max(summary.reason_width, len("(kernel only)")), 20, 20, 12, summary.offence_width, 6] \
-        + ([12] if kernel else []) + ([0] if refused else [])
+    cols = [Column("ip", width=max([summary.ip_width, *map(len, held)]), whole=True),
+            Column("reason", width=max(summary.reason_width, len("(kernel only)"))),
+            Column("created", width=20, whole=True), Column("expires", width=20, whole=True),
+            Column("left", width=12, whole=True), Column("offence", width=summary.offence_width, right=True),
+            Column("by", width=6)] \
+        + ([Column("kernel", width=12, whole=True)] if kernel else []) \
+        + ([Column("refused", "refused by the enforcer")] if refused else [])
     if fmt == "table":
-        write(f"{summary.count} bans in force" + (f", {n_kernel} kernel entries" if kernel else "") + "\n")
-    cols = Columns(headers, widths, fmt)
+        out.print((f"{summary.count} bans in force" if keep is None else "bans in force that match")
+                  + (f", {n_kernel} kernel entries" if kernel else ""))
 
     def k(ip: str) -> str:
         if ip not in held:
@@ -95,14 +173,15 @@ def list_(
         t = held.pop(ip)
         return "permanent" if t is None else format_duration(t)
 
-    for b in store.iter_active_bans(now):
-        cols.row([b.ip, "" if b.reason is None else b.reason, _iso(b.created), _iso(b.expires) or "never",
-                  _left(b, now), str(b.offence), "manual" if b.manual else "auto",
-                  *([k(b.ip)] if kernel else []), *([b.refused or ""] if refused else [])])
-    for ip in sorted(held):
-        t = held[ip]
-        cols.row([ip, "(kernel only)", "", "", "", "", "", "permanent" if t is None else format_duration(t),
-                  *([""] if refused else [])])
+    with open_rows(cols, fmt) as rows:
+        for b in bans:
+            rows.row([b.ip, "" if b.reason is None else b.reason, _iso(b.created), _iso(b.expires) or "never",
+                      _left(b, now), str(b.offence), "manual" if b.manual else "auto",
+                      *([k(b.ip)] if kernel else []), *([b.refused or ""] if refused else [])])
+        for ip in sorted(held):
+            t = held[ip]
+            rows.row([ip, "(kernel only)", "", "", "", "", "", "permanent" if t is None else format_duration(t),
+                      *([""] if refused else [])])
 
 
 def _whole_internet(ip: str) -> str | None:

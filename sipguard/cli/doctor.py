@@ -14,7 +14,8 @@ import typer
 
 from ..config import resolve_state_dir
 from ..errors import SipguardError
-from .app import app, clean, ctx
+from ..text import printable
+from .app import app, ctx
 
 _MARK = {"ok": "OK", "problem": "PROBLEM", "warning": "WARNING", "skipped": "skipped"}
 
@@ -46,9 +47,9 @@ def doctor(
         print(json.dumps(to_json(findings)))
         raise typer.Exit(code)
     for f in findings:  # plain lines (no rich: no markup, no emoji codes, nothing wrapped or cut)
-        print(f"{_MARK[f.status]:8} {f.check:10} {clean(f.message)}")
+        print(f"{_MARK[f.status]:8} {f.check:10} {printable(f.message)}")
         if f.fix and f.status in ("problem", "warning"):
-            print(f"{'':8} {'':10} fix: {clean(f.fix)}")
+            print(f"{'':8} {'':10} fix: {printable(f.fix)}")
     c = summary(findings)
     print(f"{c['problem']} problem{'s' if c['problem'] != 1 else ''}, {c['warning']} warning"
           f"{'s' if c['warning'] != 1 else ''}, {c['ok']} ok, {c['skipped']} skipped")

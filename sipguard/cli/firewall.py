@@ -3,6 +3,8 @@
 `remove` undoes both sides: the firewall's tables (sipguard.firewall.remove), then the enforcer's sets and
 hook (sipguard.enforce.remove_all); the firewall package itself never deletes the enforcer's sets.
 
+Everything printed goes out line by line escaped (`_lines`), and is never cut.
+
 Registered by sipguard/cli/__init__.py with `app.add_typer(firewall_app, name="firewall")`; the global
 options (--config, --state-dir) live in sipguard/cli/app.py's `ctx`.
 """
@@ -36,12 +38,20 @@ def _state_dir() -> Path:
     return resolve_state_dir(c.cfg, c.state_dir)
 
 
+def _lines(text: str) -> str:
+    """Text for the operator, each line escaped (sipguard.text.printable): rules read back from the
+    kernel and names from the config reach the terminal as text, never as control sequences."""
+    from ..text import printable
+
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
 def _warn(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(_lines(msg), file=sys.stderr, flush=True)
 
 
 def _echo(msg: str) -> None:
-    print(msg, flush=True)
+    print(_lines(msg), flush=True)
 
 
 @firewall_app.command("apply")
@@ -59,7 +69,7 @@ def apply_cmd(
     c = _ctx()
     cfg = c.cfg
     if dry_run:
-        sys.stdout.write(firewall.dry_run(cfg))
+        sys.stdout.write(_lines(firewall.dry_run(cfg)))
         return
     firewall.apply(cfg, _state_dir(), force=force, confirm_timeout=confirm_timeout,
                    ssh_connection=os.environ.get("SSH_CONNECTION"), echo=_echo, warn=_warn,
@@ -72,7 +82,7 @@ def show_cmd() -> None:
     from .. import firewall
 
     in_sync, text = firewall.show(_ctx().cfg)
-    print(text)
+    _echo(text)
     if not in_sync:
         raise typer.Exit(1)
 
@@ -94,7 +104,7 @@ def confirm_cmd() -> None:
     """Keep the rules of an `apply --confirm-timeout` (cancels the automatic revert)."""
     from .. import firewall
 
-    print(firewall.confirm(_state_dir()))
+    _echo(firewall.confirm(_state_dir()))
 
 
 @firewall_app.command("revert-if-unconfirmed", hidden=True)

@@ -1,42 +1,101 @@
 """`sipguard scan` and `sipguard test-filter`: the filters and the policy over whole log files, offline;
-`test-filter --corpus` checks a filter corpus (sipguard.filters.corpus). Prints log text escaped."""
+`test-filter --corpus` checks a filter corpus (sipguard.filters.corpus). Prints log text escaped
+(sipguard.text), tables through sipguard/cli/output.py, and `scan`'s progress bar on a terminal's stderr."""
 
 from __future__ import annotations
 
 import json
-import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import SipguardError
-from .app import Table, _iso, app, ctx, out
+from ..text import clip, printable
+from .app import _iso, app, ctx, err, out
+from .output import Column, open_rows, output_format
+
 
 # -- scan --------------------------------------------------------------------------------------
+PROGRESS_MIN = 16 << 20
+"""A plain file set at least this big (or any compressed file) shows a progress bar on a terminal."""
+_COMPRESSED = (".gz", ".bz2", ".xz", ".lzma")
+
+
+def _sizes(paths: list[Path]) -> dict[str, int | None]:
+    """Each file's size as the scan reads it (decompressed): a plain file's length, a gzip file's
+    trailer (when it is plausible: one member under 4 GiB), None for other compressed files."""
+    sizes: dict[str, int | None] = {}
+    for p in paths:
+        size = p.stat().st_size
+        ext = p.suffix.lower()
+        n: int | None = size
+        if ext in _COMPRESSED:
+            n = None
+            if ext == ".gz" and size >= 18:
+                with open(p, "rb") as f:
+                    f.seek(-4, 2)
+                    n = int.from_bytes(f.read(4), "little")
+                if n < size:  # over 4 GiB, or not what the trailer says: unknown
+                    n = None
+        sizes[str(p)] = n
+    return sizes
+
+
+@contextmanager
+def _progress(paths: list[Path], sizes: dict[str, int | None]):
+    """A callback that advances a rich progress bar on stderr by the bytes scanned, when stderr is a
+    terminal and the files are big or compressed; None otherwise (nothing is printed when piped)."""
+    import sys
+
+    known = [n for n in sizes.values() if n is not None]
+    total = sum(known) if len(known) == len(sizes) else None
+    worth = any(p.suffix.lower() in _COMPRESSED for p in paths) or sum(known) >= PROGRESS_MIN
+    if not worth or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("scanning"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  console=err.console, transient=False) as bar:
+        task = bar.add_task("scan", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 @app.command()
 def scan(
     logs: Annotated[list[Path], typer.Argument(help="log files (.gz too)", exists=False)],
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output (short for --output json)")] = False,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", help="table | plain | json | csv (default: table on a terminal, plain columns when piped)")] = None,
 ) -> None:
-    """Offline: apply filters and policy to whole files in their own time; print the bans."""
+    """Offline: apply filters and policy to whole files in their own time; print the bans.
+
+    A big or compressed file shows a progress bar on stderr when it is a terminal."""
     from ..scan import scan_files
 
+    fmt = output_format(output, as_json)
     for p in logs:
         if not p.is_file():
             raise SipguardError(f"{p}: no such file")
-    result = scan_files([str(p) for p in logs], ctx.cfg)
-    if as_json:
+    sizes = _sizes(logs)
+    with _progress(logs, sizes) as advance:
+        result = scan_files([str(p) for p in logs], ctx.cfg, progress=advance, sizes=sizes)
+    if fmt == "json":
         print(json.dumps(result.as_json()))
         return
-    table = Table(title=f"{len(result.bans)} bans from {result.lines} lines ({result.matched} matched, "
-                        f"{result.seconds:.2f}s)")
-    for col in ("ip", "filters", "events", "score", "first ban (log time)"):
-        table.add_column(col)
-    for b in result.bans:
-        table.add_row(b.ip, ", ".join(b.filters), str(b.events), f"{b.score:g}", _iso(b.first_ban) or "")
-    out.print(table)
+    if fmt in ("table", "plain"):
+        out.print(f"{len(result.bans)} bans from {result.lines} lines ({result.matched} matched, "
+                  f"{result.seconds:.2f}s)")
+    cols = [Column("ip", width=max([2, *(len(b.ip) for b in result.bans)]), whole=True),
+            Column("filters", width=max([7, *(len(", ".join(b.filters)) for b in result.bans)])),
+            Column("events", width=6, right=True), Column("score", width=5, right=True),
+            Column("first_ban", "first ban (log time)", width=20, whole=True)]
+    with open_rows(cols, fmt) as rows:
+        for b in result.bans:
+            rows.row([b.ip, b.filters, b.events, f"{b.score:g}", _iso(b.first_ban) or ""])
 
 
 
@@ -53,6 +112,9 @@ def test_filter(
         "--corpus", help="check a corpus file of sample lines and their expected events "
                          "(grammar: tests/corpus/README.md) instead of reading a log")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="with --corpus: machine-readable output")] = False,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", help="a LOG file's per-filter table: table | plain | json | csv (json and csv: only "
+                         "the table; default: table on a terminal, plain columns when piped)")] = None,
 ) -> None:
     """Like fail2ban-regex: per filter, lines matched and missed, samples, ignored lines, time.
 
@@ -65,10 +127,14 @@ def test_filter(
     if corpus is not None:
         if show_missed:
             raise SipguardError("--show-missed is for a LOG file, not --corpus")
+        if output is not None:
+            raise SipguardError("--output is for a LOG file's table (--corpus has --json)")
         _test_corpus(corpus, filter_name, as_json)
         return
     if as_json:
-        raise SipguardError("--json goes with --corpus (a LOG file's report is for reading)")
+        raise SipguardError("--json goes with --corpus (a LOG file's report is for reading; "
+                            "--output json gives its per-filter table)")
+    fmt = output_format(output)
     from ..filters import FilterSet
     from ..formats import RecordParser
     from ..pipeline import Pipeline
@@ -99,41 +165,46 @@ def test_filter(
                 matched[name] += 1
                 hit = True
                 if len(sample[name]) < samples:
-                    sample[name].append(f"{ip}  <-  {rec.text[:160]}")
+                    sample[name].append(f"{ip}  <-  {clip(rec.text, SAMPLE_CHARS)}")
             elif outcome == "ignored":
                 ignored[name] += 1
         if not hit and show_missed and len(missed) < 50:
-            missed.append(rec.text[:200])
+            missed.append(clip(rec.text, MISSED_CHARS))
     lines, records = pipe.n_lines, pipe.n_records
     took = time.perf_counter() - t0
+    cols = [Column("filter", width=max(len(n) for n in names) if names else 6), Column("matched", right=True),
+            Column("missed", right=True), Column("ignored", right=True)]
+    rows = [[n, matched[n], records - matched[n] - ignored[n], ignored[n]] for n in names]
+    if fmt in ("json", "csv"):  # the table alone, for programs
+        with open_rows(cols, fmt) as w:
+            w.rows(rows)
+        return
     out.print(f"Lines: {lines}, records: {records}, time: {took:.3f}s")
     pstats = dict(parser.stats)
     if pstats:
         out.print("Parser: " + ", ".join(f"{k}={v}" for k, v in sorted(pstats.items())))
-    table = Table()
-    for col in ("filter", "matched", "missed", "ignored"):
-        table.add_column(col)
-    for n in names:
-        table.add_row(n, str(matched[n]), str(records - matched[n] - ignored[n]), str(ignored[n]))
-    out.print(table)
+    with open_rows(cols, fmt) as w:
+        w.rows(rows)
     for n in names:
         if sample[n]:
-            out.print(f"[bold]{n}[/bold] samples:")
+            out.print(f"{n} samples:")
             for s in sample[n]:
-                out.print(f"  {_printable(s)}", markup=False)
+                out.print(f"  {s}")
     if missed:
-        out.print("[bold]missed[/bold] (no filter matched):")
+        out.print("missed (no filter matched):")
         for m in missed:
-            out.print(f"  {_printable(m)}", markup=False)
+            out.print(f"  {m}")
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+SAMPLE_CHARS = 400
+"""A sample line is shown up to this many (escaped) characters, then marked with how many more it has."""
+MISSED_CHARS = 400
 
 
 def _printable(text: str) -> str:
-    """`text` with every control character (C0, DEL, C1) as `\\xNN`: log and corpus lines are attacker
-    text, and an escape sequence in them must never reach the operator's terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """`text` with every control character (C0, DEL, C1, bidi overrides) as a visible escape
+    (sipguard.text.printable): log and corpus lines are attacker text."""
+    return printable(text)
 
 
 def _test_corpus(path: Path, own: str | None, as_json: bool) -> None:
@@ -168,7 +239,7 @@ def _test_corpus(path: Path, own: str | None, as_json: bool) -> None:
     for r in failures:
         text = "\n".join(r.case.lines)  # printed as \x0a: one line per case
         print(_printable(f"{r.case.id}: expected {r.case.expected}; got {r.got} ({'; '.join(r.problems)}): "
-                         f"{text[:200]}"))
+                         f"{clip(text, MISSED_CHARS)}"))
     rows = [(c.filter, f"{c.what}[{c.index}]", str(len(c.cases)), c.pattern) for c in report.coverage]
     if rows:
         head = ("filter", "entry", "cases", "pattern")

@@ -78,6 +78,9 @@ def import_(
               f"{'until delisted' if bantime is None else format_duration(float(bantime))} ({took:.2f}s)")
     for ip in res.skipped_allowlisted[:20]:
         out.print(f"  skipped (allow-listed): {ip}")
+    if len(res.skipped_allowlisted) > 20:
+        out.print(f"  ... and {len(res.skipped_allowlisted) - 20} more allow-listed entries skipped "
+                  f"(--json lists the count)")
 
 
 @app.command()

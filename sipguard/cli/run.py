@@ -46,6 +46,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     stored = store.stats()  # its "bans" counts every row, expired ones not yet pruned too
     info = {"daemon": "running" if alive else "not running", "database": store.path, **stored,
             "bans": len(store.active_bans(now)), "ban_rows": stored["bans"], "last_status": st}
+    info["source_choice"] = _source_choice(store)
     if ctx.cfg.cluster is not None:  # fleet mode: the nodes Redis has seen and whether this one is in sync
         from ..cluster import cluster_status
 
@@ -60,6 +61,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             vals = st.get(part) or {}
             if vals:
                 out.print(f"{part}: " + ", ".join(f"{k}={v}" for k, v in vals.items() if k != "started"))
+    sc = info["source_choice"]
+    out.print(f"sources{'' if sc.get('saved') else ' (the daemon would choose)'}: {sc['described']} "
+              f"({sc['reason']})", markup=False)
     out.print(f"bans in force: {info['bans']}" + (f" ({info['refused']} refused by the enforcer)" if info["refused"] else "")
               + f"; events stored: {info['events']}; database: {store.path}")
     if "cluster" in info:
@@ -67,6 +71,19 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
         for line in cluster_lines(info["cluster"]):
             out.print(line, markup=False)
+
+
+def _source_choice(store) -> dict:  # type: ignore[no-untyped-def]
+    """What the daemon chose to follow and why (saved at its start), else what it would choose now."""
+    raw = store.get_meta("sources")
+    if raw:
+        return {**json.loads(raw), "saved": True}
+    from dataclasses import asdict
+
+    from ..wiring import SourceRoots, choose_sources
+
+    choice = choose_sources(ctx.cfg.sources, SourceRoots.from_env())
+    return {**asdict(choice), "described": choice.describe(), "saved": False}
 
 
 @app.command("check-config")

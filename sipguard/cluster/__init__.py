@@ -2,7 +2,8 @@
 
 Without a `[cluster]` section nothing here is imported and sipguard stays standalone. The design
 (scoring, sharing, failure, the Redis layout) is in README.md next to this file; each idea is one
-module (connection, wire, reader, scoring, bridge, status; the Redis scripts are lua/*.lua).
+module (connection, signing, wire, guard, reader, scoring, bridge, status; the Redis scripts are
+lua/*.lua).
 
 This file only re-exports the names other modules and tests use; it holds no code, and the
 modules of this package never import it (they import each other directly).

@@ -13,9 +13,14 @@
   shared hashes.
 
 It reaches SQLite only through the store's named methods, the policy only through methods (the
-`Scorer` interface, and ClusterPolicy's take / score_args / scored / decide_locally), and bans only
-through the ban book; it never decides a ban itself (Redis's score script or the local Policy does).
-The design (scoring, sharing, failure, the Redis layout) is in README.md next to this file.
+`Scorer` interface, and ClusterPolicy's take / score_args / verdicts / claim_args / scored /
+decide_locally), and bans only through the ban book; it never decides a ban itself (the cluster score
+on verified events, or the local Policy, does).
+
+What it writes to Redis is signed (`signing.py`), what it reads is verified and bounds-checked
+(`wire.py`) and passed through this node's guard rails (`guard.py`) before the ban book sees it;
+everything refused is counted in `ClusterStats` and logged rate-limited.
+The design (scoring, sharing, signatures, failure, the Redis layout) is in README.md next to this file.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ from typing import TYPE_CHECKING
 
 from ..bans import BLOCKLIST, EXPIRY, FLEET, FLEET_SCORE, POLICY, BanBook, ban_from_decision
 from ..model import Ban
-from .connection import connect, redacted, redis_errors
+from .connection import connect, describe_error, redacted, redis_errors, sentinel_servers, server_hosts
+from .guard import FleetGuard, Throttle, resolve
 from .reader import StreamReader
 from .scoring import ClusterPolicy
 from .scripts import HDEL_IF_LUA, PUBLISH_LUA, SCORE_LUA
+from .signing import Signer, offence_parts, unban_parts
 from .status import STATUS_META
-from .wire import ban_payload, canonical_ip, checked_number, parse_ban
+from .wire import Unverified, ban_payload, canonical_ip, parse_ban, parse_unban, plain_text, tombstone_at
 
 if TYPE_CHECKING:
     from ..addresses import AllowList
@@ -53,6 +60,9 @@ SNAPSHOT_MARGIN = 2.0  # seconds: bans created this close to a snapshot are neve
 UNBAN_MEMORY = 86400.0  # how long Redis remembers an unban (so a stale ban published later loses)
 FLUSH_BATCH = 500
 SCORE_CHUNK = 2000  # events per score script call
+REFUSALS = {"too_wide": "a network wider than [cluster] max_prefix_v4 / max_prefix_v6",
+            "allowlisted": "in (or overlapping) this node's allow-list",
+            "own_address": "it covers this node's own address", "redis_server": "it covers this node's Redis server"}
 
 
 @dataclass
@@ -66,8 +76,14 @@ class ClusterStats:
     applied_unbans: int = 0
     duplicates: int = 0  # entries this node already held (idempotent skip)
     superseded: int = 0  # entries older than what this node holds
-    malformed: int = 0  # stream entries that could not be parsed (skipped)
-    allowlisted: int = 0  # automatic bans from other nodes of addresses allow-listed here
+    malformed: int = 0  # stream entries or shared bans that could not be parsed or are out of bounds (skipped)
+    unverified: int = 0  # stream entries or shared bans no node of this fleet signed (skipped)
+    allowlisted: int = 0  # bans from the fleet of addresses (or overlapping networks) allow-listed here
+    too_wide: int = 0  # fleet networks wider than max_prefix_v4 / max_prefix_v6 (refused)
+    own_address: int = 0  # fleet bans covering this node's own addresses (refused)
+    redis_server: int = 0  # fleet bans covering this node's Redis / Sentinel servers (refused)
+    forged_events: int = 0  # unsigned or wrongly signed members found behind a score decision (removed)
+    claims_lost: int = 0  # decisions another node (or a forged shared ban) claimed first
     snapshots: int = 0
     dropped_by_snapshot: int = 0
     reseeds: int = 0
@@ -93,6 +109,14 @@ class ClusterBridge:
         self.prefix = cfg.key_prefix
         self.stats = ClusterStats()
         self.client = connect(cfg)
+        current, previous, until = cfg.secrets()
+        self.signer = Signer(current, cfg.key_prefix, previous, until)
+        self.guard = FleetGuard(cfg, allow, servers=resolve(server_hosts(cfg.redis_url)))
+        self.throttle = Throttle(log)
+        if not self.signer.enabled:
+            log.warning("cluster: no [cluster] secret: bans, unbans and scored events are not signed, so "
+                        "anyone who can write to the Redis at %s can ban or unban addresses on every node",
+                        redacted(cfg.redis_url))
         self._score = self.client.register_script(SCORE_LUA)
         self._publish = self.client.register_script(PUBLISH_LUA)
         self._hdel_if = self.client.register_script(HDEL_IF_LUA)
@@ -106,9 +130,12 @@ class ClusterBridge:
         self._last_gc = time.monotonic()
         self._errors = redis_errors()
         self._jail_csv = ",".join(j for j in policy_cfg.jails)
-        self.policy = ClusterPolicy(local, cfg, lambda: self.scoring)
+        self.policy = ClusterPolicy(local, cfg, lambda: self.scoring, self.signer)
         # fleet ids of the bans handed to the ban book and not yet stored: ip -> (id, origin, created)
         self._ids: dict[str, tuple[str, str, float]] = {}
+        self._flush_at = 0.0  # monotonic: publish again after a WAIT found too few replicas
+        self._unreplicated: dict[str, str] = {}
+        self._tombstones: dict[str, str] = {}  # the unbans hash as read with the latest snapshot  # claimed bans no replica acknowledged: ip -> id (re-published)
 
     def outbox_size(self) -> int:
         return self.store.outbox_size()
@@ -124,7 +151,7 @@ class ClusterBridge:
         """Queue a ban this node made (or holds) for the cluster; it becomes the ban's id here."""
         ban_id = ban_id or self._new_id()
         self.store.hold(ban.ip, ban_id, self.node, ban.created)
-        self.store.outbox_add("ban", ban.ip, ban_id, ban_payload(ban, ban_id, self.node))
+        self.store.outbox_add("ban", ban.ip, ban_id, ban_payload(ban, ban_id, self.node, self.signer))
         return ban_id
 
     def publish_unban(self, ip: str, at: float, op: str = "unban") -> None:
@@ -147,7 +174,7 @@ class ClusterBridge:
         self.tick(time.time(), book)
         book.commit(time.time())
         if not self.synced:
-            self._down("no answer at start")
+            self._down(self.reader.last_error or "no answer at start")
 
     def close(self) -> None:
         self.reader.stop()
@@ -162,7 +189,8 @@ class ClusterBridge:
         except Exception:  # noqa: BLE001
             pass
 
-    def _down(self, why: str) -> None:
+    def _down(self, why: str | BaseException) -> None:
+        why = describe_error(why, self.cfg.redis_url) if isinstance(why, BaseException) else why
         self.redis_ok = False
         self._retry_at = time.monotonic() + self.cfg.retry_interval
         if not self._warned:
@@ -172,6 +200,7 @@ class ClusterBridge:
                         "queuing bans to publish until it is back", redacted(self.cfg.redis_url), why)
 
     def _up(self) -> None:
+        self.guard.add_servers(resolve(sentinel_servers(self.client)))  # the master (and replicas) now
         self.redis_ok = True
         if self._warned:
             self._warned = False
@@ -180,39 +209,87 @@ class ClusterBridge:
 
     # -- the daemon's batch -----------------------------------------------------------------
     def score_batch(self, now: float) -> list[tuple[str, list[Ban]]]:
-        """Score the buffered events in Redis: the bans the script decided (cause FLEET_SCORE), or,
-        when Redis fails now, the local Policy's (cause POLICY), for the ban book."""
+        """Score the buffered events in Redis: the bans decided on verified events and claimed for the
+        fleet (cause FLEET_SCORE), and those this node must decide itself (cause POLICY): when Redis fails
+        now, when a forged shared ban stands in the way of a decision or of scoring a source at all."""
         pol = self.policy
         events = pol.take()
         if not events:
             return []
+        at = round(now, 3)
+        P = self.prefix
         try:
             if len(events) <= SCORE_CHUNK:
-                results = [self._score(args=pol.score_args(events, round(now, 3)))]
+                results = [self._score(args=pol.score_args(events, at))]
             else:  # short scripts, so Redis never blocks the other nodes long; still one round trip
                 with self.client.pipeline(transaction=False) as pipe:
                     for k in range(0, len(events), SCORE_CHUNK):
-                        self._score(args=pol.score_args(events[k:k + SCORE_CHUNK], round(now, 3)), client=pipe)
+                        self._score(args=pol.score_args(events[k:k + SCORE_CHUNK], at), client=pipe)
                     results = pipe.execute()
-            payloads = [p for r in results for p in r[0]]
+            candidates = [c for r in results for c in r[0]]
+            held = [x for r in results for x in r[3]]
+            verdicts, forged = pol.verdicts(candidates, at)
+            claims: list = []
+            if verdicts or forged:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for key, members in forged.items():
+                        pipe.zrem(P + key, *members)
+                    for v in verdicts:
+                        self._publish(args=pol.claim_args(v, at, self.cfg.stream_maxlen, UNBAN_MEMORY,
+                                                          self._jail_csv), client=pipe)
+                    if verdicts and self.cfg.wait_replicas:
+                        pipe.wait(self.cfg.wait_replicas, int(self.cfg.socket_timeout * 500))
+                    out = pipe.execute()
+                claims = out[len(forged):len(forged) + len(verdicts)]
+                if verdicts and self.cfg.wait_replicas and out[-1] < self.cfg.wait_replicas:
+                    for v, won in zip(verdicts, claims):
+                        if won == 1:  # re-published from the outbox until a replica has it
+                            self._unreplicated[v.ban.ip] = v.ban_id
+            lost = [v for v, won in zip(verdicts, claims) if won != 1]
+            in_force = self._verified_in_force([v.ban.ip for v in lost], now) if lost else set()
         except self._errors as exc:
-            self._down(str(exc) or type(exc).__name__)
+            self._down(exc)
             local = [ban_from_decision(d, now) for d in pol.decide_locally(events)]  # counted once
             return [(POLICY, local)]
         self.stats.scored += len(events)
-        bans = []
-        for payload in payloads:
-            try:
-                ban, ban_id, origin = parse_ban(payload)
-            except (ValueError, TypeError) as exc:
-                self.stats.errors += 1
-                log.error("cluster: bad ban from the score script: %s", exc)
-                continue
-            bans.append(ban)
-            self._ids[ban.ip] = (ban_id, origin, ban.created)
-        pol.scored(events, [b.ip for b in bans])  # keeps the local windows warm for when Redis goes away
+        n_forged = sum(len(m) for m in forged.values())
+        if n_forged:
+            self.stats.forged_events += n_forged
+            self.throttle.warn("forged_events", "cluster: removed %d unsigned or wrongly signed events behind a "
+                               "score decision (forged: they decide nothing)", n_forged)
+        bans, mine = [], []
+        for v, won in zip(verdicts, claims):
+            if won == 1:
+                bans.append(v.ban)
+                self._ids[v.ban.ip] = (v.ban_id, self.node, v.ban.created)
+            elif v.ban.ip not in in_force and v.ban.ip not in self.policy.banned:
+                mine.append(v.ban)  # a forged shared ban (or tombstone) refused the claim: ban here, publish
+            else:
+                self.stats.claims_lost += 1
+        # a source the script skipped as banned while this node holds no ban on it: what stands in the
+        # shared set must verify, else this node scores those events itself (a forged ban stops no one)
+        skipped = {ip for ip, payload in zip(held[0::2], held[1::2]) if not self._verifies_in_force(payload, now)}
+        skipped -= self.policy.banned
+        skipped_events = [ev for ev in events if ev.ip in skipped]
+        if skipped:
+            self.throttle.warn("unverified", "cluster: %d sources stood as banned in the shared set without a "
+                               "valid signature; scored on this node", len(skipped))
+        pol.scored([ev for ev in events if ev.ip not in skipped], [b.ip for b in bans + mine])
+        local = [ban_from_decision(d, now) for d in pol.decide_locally(skipped_events)] if skipped_events else []
         self.stats.cluster_bans += len(bans)
-        return [(FLEET_SCORE, bans)]
+        return [(FLEET_SCORE, bans), (POLICY, mine + local)]
+
+    def _verifies_in_force(self, payload: str, now: float) -> bool:
+        try:
+            ban, _, _ = parse_ban(payload, self.signer, now)
+        except (ValueError, TypeError):
+            return False
+        return ban.expires is None or ban.expires > now
+
+    def _verified_in_force(self, ips: list[str], now: float) -> set[str]:
+        """Which of `ips` the shared set holds a verified ban in force on (Redis errors propagate)."""
+        values = self.client.hmget(self.prefix + "bans", ips)
+        return {ip for ip, v in zip(ips, values) if v is not None and self._verifies_in_force(v, now)}
 
     # -- the ban book's listener (inside the transaction that stores each change) -------------
     def on_bans(self, bans: list[Ban], cause: str, now: float) -> None:
@@ -221,6 +298,8 @@ class ClusterBridge:
                 ident = self._ids.get(ban.ip)
                 if ident is not None:
                     self.store.hold(ban.ip, ident[0], ident[1], ident[2])
+                if cause == FLEET_SCORE and self._unreplicated.get(ban.ip) is not None:
+                    self.publish_ban(ban, self._unreplicated.pop(ban.ip))  # until a replica acknowledges it
             return
         if cause == BLOCKLIST:  # every node refreshes its own lists
             return
@@ -258,8 +337,8 @@ class ClusterBridge:
                 self.client.ping()
                 self._up()
             except self._errors as exc:
-                self._down(str(exc) or type(exc).__name__)
-        if self.redis_ok:
+                self._down(exc)
+        if self.redis_ok and time.monotonic() >= self._flush_at:
             self._flush()
         mono = time.monotonic()
         if mono - self._last_heartbeat >= self.cfg.heartbeat_interval:
@@ -274,19 +353,42 @@ class ClusterBridge:
             if not entries:
                 return
             pcfg = self.policy_cfg
+            need = self.cfg.wait_replicas
             try:
                 with self.client.pipeline(transaction=False) as pipe:
                     for e in entries:
+                        sig, member, at = self._signatures(e.op, e.ip, e.id, e.payload)
                         self._publish(args=[self.prefix, self.cfg.stream_maxlen, e.op, e.ip, e.id, self.node,
-                                            e.payload, pcfg.offence_memory, UNBAN_MEMORY, self._jail_csv],
-                                      client=pipe)
+                                            e.payload, pcfg.offence_memory, UNBAN_MEMORY, self._jail_csv, sig,
+                                            member, at, "0", repr(time.time())], client=pipe)
+                    if need:
+                        pipe.wait(need, int(self.cfg.socket_timeout * 500))
                     results = pipe.execute()
             except self._errors as exc:
-                self._down(str(exc) or type(exc).__name__)
+                self._down(exc)
                 return
+            if need:
+                if results.pop() < need:  # not on enough replicas yet: keep them queued (publishing is idempotent)
+                    self._flush_at = time.monotonic() + self.cfg.retry_interval
+                    self.throttle.warn("replicas", "cluster: fewer than %d replicas acknowledged what this node "
+                                       "published; kept queued and published again", need)
+                    return
             self.stats.published += sum(1 for r in results if r == 1)
             self.stats.stale += sum(1 for r in results if r != 1)
             self.store.outbox_delete_upto(entries[-1].seq)
+
+    def _signatures(self, op: str, ip: str, ban_id: str, payload: str) -> tuple[str, str, str]:
+        """(the unban's tag, the offence member and time of an automatic ban) for one outbox entry."""
+        if op != "ban":
+            return self.signer.tag(op, *unban_parts(op, ip, ban_id, self.node, payload)), "", ""
+        try:
+            d = json.loads(payload)
+            at = f"{float(d['created']):.6f}"
+        except (ValueError, KeyError, TypeError):
+            return "", "", ""
+        if d.get("manual") is not False or not self.signer.enabled:
+            return "", "", at
+        return "", f"{ban_id}|{self.signer.tag('off', *offence_parts(ip, ban_id, at))}", at
 
     def _drain(self, book: BanBook) -> None:
         """Hand what the reader delivered, in order, to the ban book; stored in one transaction."""
@@ -305,6 +407,8 @@ class ClusterBridge:
                     kind = item[0]
                     if kind == "snapshot":
                         self._apply_snapshot(book, item[1], item[2], item[3], now)
+                    elif kind == "tombstones":  # (sent just before its snapshot)
+                        self._tombstones = item[1]
                     elif kind == "entries":
                         for entry_id, fields in item[1]:
                             self._apply_entry(book, entry_id, fields, now)
@@ -332,9 +436,9 @@ class ClusterBridge:
         cluster: dict[str, tuple[Ban, str, str]] = {}
         for ip, payload in bans.items():
             try:
-                cluster[ip] = parse_ban(payload)
-            except (ValueError, TypeError):
-                self.stats.malformed += 1
+                cluster[ip] = parse_ban(payload, self.signer, now)
+            except (ValueError, TypeError) as exc:
+                self._skipped(exc, f"shared ban of {plain_text(ip, 64)}")
         for ban, ban_id, origin in cluster.values():
             self._apply_ban(book, ban, ban_id, origin, now)
         pending = self.store.outbox_ips()
@@ -354,10 +458,15 @@ class ClusterBridge:
             # same Redis: a ban it no longer has was lifted while this node was away
             origins = self.store.held_origins()
             for ban in book.held(now):
-                if ban.ip in cluster or ban.ip in pending or ban.ip not in origins:
-                    continue  # (not in origins: never shared, made before fleet mode: keep)
+                if ban.ip in bans or ban.ip in pending or ban.ip not in origins:
+                    continue  # (not in origins: never shared, made before fleet mode: keep; in bans but
+                    # unverifiable: a forged value over it is no unban)
                 if origins[ban.ip] == self.node and ban.created >= taken - SNAPSHOT_MARGIN:
                     continue  # decided here while the snapshot was read: its stream entry follows
+                if self.signer.enabled:  # a missing entry is an unban only with a signed tombstone
+                    lifted = tombstone_at(self._tombstones.get(ban.ip), ban.ip, self.signer, now)
+                    if lifted is None or lifted < ban.created:
+                        continue
                 book.unban([ban.ip], now, FLEET, at=now)
                 self.stats.dropped_by_snapshot += 1
         self.store.set_meta(EPOCH_META, epoch or "")
@@ -367,36 +476,44 @@ class ClusterBridge:
                 self.client.ping()
                 self._up()
             except self._errors as exc:
-                self._down(str(exc) or type(exc).__name__)
+                self._down(exc)
 
     def _apply_entry(self, book: BanBook, entry_id: str, fields: dict, now: float) -> None:
         try:
             op = fields.get("op")
             if op == "ban":
-                ban, ban_id, origin = parse_ban(fields["ban"])
+                ban, ban_id, origin = parse_ban(fields["ban"], self.signer, now)
                 if ban.ip != canonical_ip(fields.get("ip")):
                     raise ValueError("ip mismatch")
                 self._apply_ban(book, ban, ban_id, origin, now)
             elif op in ("unban", "unban_all"):
-                at = checked_number(float(fields["at"]), "at")
+                op, ip, _, _, at = parse_unban(fields, self.signer, now)
                 if op == "unban":
-                    self._apply_unban(book, canonical_ip(fields.get("ip")), at, now)
+                    self._apply_unban(book, ip, at, now)
                 else:
                     for ban in book.held(now):
                         self._apply_unban(book, ban.ip, at, now)
             else:
-                raise ValueError(f"unknown op {op!r}")
+                raise ValueError("unknown op")
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            self._skipped(exc, f"stream entry {plain_text(entry_id, 40)}")
+
+    def _skipped(self, exc: BaseException, what: str) -> None:
+        """Count and (rate-limited) log a value from Redis that is not applied."""
+        if isinstance(exc, Unverified):
+            self.stats.unverified += 1
+            self.throttle.warn("unverified", "cluster: skipped %s: not signed by this fleet's secret", what)
+        else:
             self.stats.malformed += 1
-            if self.stats.malformed <= 10 or self.stats.malformed % 1000 == 0:
-                log.warning("cluster: skipped malformed stream entry %s (%s; %d so far)", entry_id, exc,
-                            self.stats.malformed)
+            self.throttle.warn("malformed", "cluster: skipped malformed %s (%s)", what,
+                               plain_text(f"no {exc}" if isinstance(exc, KeyError) else exc, 120))
 
     def _apply_ban(self, book: BanBook, ban: Ban, ban_id: str, origin: str, now: float) -> None:
         if ban.expires is not None and ban.expires <= now:
             return
-        if not ban.manual and ban.ip in self.allow:  # this node's allow-list (loopback, own host)
-            self.stats.allowlisted += 1
+        refusal = self.guard.refusal(ban.ip)  # the local guard rails win over every fleet ban, manual or not
+        if refusal is not None:
+            self._refused(refusal, ban.ip, origin)
             return
         held = self._held(ban.ip)
         local = book.current(ban.ip)
@@ -412,6 +529,20 @@ class ClusterBridge:
         log.info("cluster: %s banned %s until %s (%s)", origin, ban.ip,
                  "forever" if ban.expires is None else time.strftime("%H:%M:%S", time.localtime(ban.expires)),
                  ban.reason)
+
+    def _refused(self, reason: str, ip: str, origin: str) -> None:
+        if reason == "too_wide":
+            self.stats.too_wide += 1
+        elif reason == "allowlisted":
+            self.stats.allowlisted += 1
+        elif reason == "own_address":
+            self.stats.own_address += 1
+        elif reason == "redis_server":
+            self.stats.redis_server += 1
+        else:
+            self.stats.malformed += 1
+        self.throttle.warn("refused:" + reason, "cluster: refused a ban of %s from %s: %s", ip, origin,
+                           REFUSALS.get(reason, reason))
 
     def _apply_unban(self, book: BanBook, ip: str, at: float, now: float) -> None:
         local = book.current(ip)
@@ -450,7 +581,7 @@ class ClusterBridge:
                 pipe.zremrangebyscore(self.prefix + "nodes", "-inf", now - 7 * 86400)
                 pipe.execute()
         except self._errors as exc:
-            self._down(str(exc) or type(exc).__name__)
+            self._down(exc)
 
     def _gc(self, now: float) -> None:
         """Expired bans and old unbans leave the shared hashes (compare-and-delete, so no race)."""
@@ -459,19 +590,20 @@ class ClusterBridge:
         try:
             P = self.prefix
             for ip, payload in self.client.hscan_iter(P + "bans", count=1000):
-                try:
-                    exp = json.loads(payload).get("expires")
-                except (ValueError, AttributeError):
-                    exp = 0
-                if exp is not None and not (isinstance(exp, (int, float)) and exp > now):
+                try:  # expired, malformed or (with a secret) forged values go; compare-and-delete
+                    ban = parse_ban(payload, self.signer, now)[0]
+                    gone = ban.expires is not None and ban.expires <= now
+                except (ValueError, TypeError):
+                    gone = True
+                if gone:
                     self._hdel_if(keys=[P + "bans"], args=[ip, payload])
             for ip, at in self.client.hscan_iter(P + "unbans", count=1000):
                 try:
-                    old = float(at) < now - UNBAN_MEMORY
+                    old = float(at.split("|", 1)[0]) < now - UNBAN_MEMORY
                 except ValueError:
                     old = True
                 if old:
                     self._hdel_if(keys=[P + "unbans"], args=[ip, at])
         except self._errors as exc:
-            self._down(str(exc) or type(exc).__name__)
+            self._down(exc)
         self.store.gc_held()

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from .connection import connect, redis_errors
+from .connection import connect, describe_error, redis_errors
 
 if TYPE_CHECKING:
     from ..config import ClusterConfig
@@ -25,7 +25,7 @@ log = logging.getLogger("sipguard.cluster")
 class StreamReader(threading.Thread):
     """Follows the ban stream with its own connection; everything goes to the daemon loop as items:
 
-    ("snapshot", epoch, {ip: json}, taken_at) on every (re)connect, then ("entries", [(id, fields)]),
+    ("tombstones", {ip: tombstone}) and ("snapshot", epoch, {ip: json}, taken_at) on every (re)connect, then ("entries", [(id, fields)]),
     ("down", reason) when the connection is lost.
     """
 
@@ -36,6 +36,7 @@ class StreamReader(threading.Thread):
         self.wake = wake
         self._stop_ev = threading.Event()
         self.connected = False
+        self.last_error: str | None = None  # why the last connection failed (passwords scrubbed)
         self.block_ms = 1000
         self.client = None
 
@@ -64,10 +65,11 @@ class StreamReader(threading.Thread):
                 client.set(P + "epoch", uuid.uuid4().hex, nx=True)
                 taken = time.time()
                 with client.pipeline(transaction=True) as pipe:  # atomic: top id and the hash agree
-                    pipe.get(P + "epoch").xrevrange(P + "stream", count=1).hgetall(P + "bans")
-                    epoch, top, bans = pipe.execute()
+                    pipe.get(P + "epoch").xrevrange(P + "stream", count=1).hgetall(P + "bans").hgetall(P + "unbans")
+                    epoch, top, bans, unbans = pipe.execute()
                 last = top[0][0] if top else "0-0"
                 self.connected = True
+                self._put(("tombstones", unbans))  # the signed unbans the snapshot may drop a ban on
                 self._put(("snapshot", epoch, bans, taken))
                 while not self._stop_ev.is_set():
                     resp = client.xread({P + "stream": last}, count=1000, block=self.block_ms)
@@ -76,8 +78,9 @@ class StreamReader(threading.Thread):
                             last = entries[-1][0]
                             self._put(("entries", entries))
             except errors as exc:
+                self.last_error = describe_error(exc, self.cfg.redis_url)
                 if self.connected:
-                    self._put(("down", str(exc) or type(exc).__name__))
+                    self._put(("down", self.last_error))
                 self.connected = False
                 try:
                     if client is not None:

@@ -7,22 +7,41 @@ buffers the event and decides nothing; the bridge scores the buffer in one Redis
 `decide_locally`. Otherwise it is the local Policy. It keeps its own counters and reads the local
 Policy's; it never edits the local Policy's state except through that Policy's own methods, and it
 never talks to Redis itself.
+
+Signed evidence: every event it sends carries a tag per jail (`Signer`, sipguard/cluster/signing.py);
+the script only returns candidates (a window at its threshold, with the members behind it and the
+source's offences), and `verdicts` recounts each from the members whose tags verify: a candidate
+that reaches the threshold on verified events alone becomes a ban (its id, score and escalation from
+verified members only); forged members are named so the bridge can remove them. `claim_args` builds
+the PUBLISH_LUA call that claims that ban once for the fleet.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from ..model import Decision, Event, EventKind
+from ..model import Ban, Decision, Event, EventKind
 from ..policy import PolicyStats
+from .signing import Signer, event_parts, offence_parts
+from .wire import ban_payload, plain_text
 
 if TYPE_CHECKING:
     from ..config import ClusterConfig
     from ..policy import Policy
+
+
+class Verdict(NamedTuple):
+    """A ban the cluster score decided on verified events, with its fleet id and its offence entry."""
+
+    ban: Ban
+    ban_id: str
+    offence_member: str  # id|tag, stored in the source's offence key when the claim wins
+    offence_at: str  # the deciding event's time ("%.6f"), the offence's score
 
 
 class ClusterPolicy:
@@ -34,8 +53,10 @@ class ClusterPolicy:
     `scoring()` is false it is the local Policy, unchanged.
     """
 
-    def __init__(self, local: Policy, cfg: ClusterConfig, scoring: Callable[[], bool]) -> None:
+    def __init__(self, local: Policy, cfg: ClusterConfig, scoring: Callable[[], bool],
+                 signer: Signer | None = None) -> None:
         self.local = local
+        self.signer = signer if signer is not None else Signer(None, cfg.key_prefix)
         self.scoring = scoring
         self._prefix = cfg.key_prefix
         self._node = cfg.node_name
@@ -44,6 +65,9 @@ class ClusterPolicy:
         self._buffer: list[Event] = []
         self._own = PolicyStats()  # counted here while the fleet scores; `stats` adds the local ones
         self._jail_index = {j.name: n + 1 for n, j in enumerate(local.jails)}
+        self._jails = {j.name: j for j in local.jails}
+        self._kind_names: dict[EventKind, list[str]] = {
+            kind: [j.name for j in local.jails if kind in j.kinds] for kind in EventKind}
         self._kind_jails: dict[EventKind, str] = {}
         for kind in EventKind:
             idx = [str(self._jail_index[j.name]) for j in local.jails if kind in j.kinds]
@@ -121,10 +145,77 @@ class ClusterPolicy:
                 bt = ""
             args += [j.name, j.cfg.findtime, j.cfg.threshold, bt, "1" if j.cfg.reset_on_success else "0"]
         seq = self._seq
+        tag = self.signer.tag
         for ev in events:
-            args += [ev.ip, self._kind_jails[ev.kind], f"{ev.time:.6f}", repr(float(ev.weight)), ev.filter,
-                     f"{self._node}.{next(seq)}"]
+            uid, at, w = f"{self._node}.{next(seq)}", f"{ev.time:.6f}", repr(float(ev.weight))
+            js = self._kind_jails[ev.kind]
+            tags = "" if js == "S" or not self.signer.enabled else ",".join(
+                tag("ev", *event_parts(ev.ip, name, uid, w, at)) for name in self._kind_names[ev.kind])
+            args += [ev.ip, js, at, w, ev.filter, uid, tags]
         return args
+
+    def verdicts(self, candidates: Iterable[str], now: float) -> tuple[list[Verdict], dict[str, list[str]]]:
+        """The script's candidates, recounted on verified evidence: (the bans they make, {key suffix
+        (`s:IP:JAIL`, `off:IP`): forged members}). A candidate whose verified events do not reach the
+        threshold makes no ban; its forged members are listed for removal. Escalation counts verified
+        offences only."""
+        out: list[Verdict] = []
+        forged: dict[str, list[str]] = {}
+        verify, signed = self.signer.verify, self.signer.enabled
+        for raw in candidates:
+            try:
+                c = json.loads(raw)
+                ip, name, uid, at = c["ip"], c["jail"], c["uid"], c["t"]
+                jail = self._jails[name]
+            except (ValueError, KeyError, TypeError):
+                continue
+            members = c.get("ev") if isinstance(c.get("ev"), list) else []  # Lua's empty table is {}
+            offs = c.get("off") if isinstance(c.get("off"), list) else []
+            score, bad = 0.0, []
+            for m, sc in zip(members[0::2], members[1::2]):
+                parts = str(m).split("|")
+                try:
+                    w, t = float(parts[1]), f"{float(sc):.6f}"
+                except (IndexError, ValueError):
+                    bad.append(m)
+                    continue
+                if len(parts) == 3 and verify(parts[2], "ev", *event_parts(ip, name, parts[0], parts[1], t), now=now) \
+                        or len(parts) == 2 and not signed:  # an untagged event counts in an unsigned fleet only
+                    score += w
+                else:
+                    bad.append(m)
+            if bad:
+                forged[f"s:{ip}:{name}"] = bad
+            if score < jail.cfg.threshold:
+                continue
+            offence, bad = 1, []
+            for m, sc in zip(offs[0::2], offs[1::2]):
+                parts = str(m).split("|")
+                try:
+                    t = f"{float(sc):.6f}"
+                except ValueError:
+                    bad.append(m)
+                    continue
+                if len(parts) == 2 and verify(parts[1], "off", *offence_parts(ip, parts[0], t), now=now) \
+                        or len(parts) == 1 and not signed:  # an untagged offence counts in an unsigned fleet only
+                    offence += 1
+                else:
+                    bad.append(m)
+            if bad:
+                forged[f"off:{ip}"] = bad
+            duration = jail.cfg.bantime if "bantime" in jail.cfg.model_fields_set else self.local.ban_duration(offence)
+            ban = Ban(ip=ip, reason=plain_text(f"{name}:{c.get('filter')}"), created=now,
+                      expires=None if duration is None else now + duration, score=score, offence=offence)
+            ban_id = f"{self._node}:{uid}"
+            member = f"{ban_id}|{self.signer.tag('off', *offence_parts(ip, ban_id, at))}" if signed else ban_id
+            out.append(Verdict(ban, ban_id, member, at))
+        return out, forged
+
+    def claim_args(self, v: Verdict, now: float, maxlen: int, unban_memory: float, jail_csv: str) -> list:
+        """ARGV of the PUBLISH_LUA call that claims a verdict's ban (once for the whole fleet)."""
+        return [self._prefix, maxlen, "ban", v.ban.ip, v.ban_id, self._node,
+                ban_payload(v.ban, v.ban_id, self._node, self.signer), self.local.cfg.offence_memory,
+                unban_memory, jail_csv, "", v.offence_member, v.offence_at, "1", f"{now:.6f}"]
 
     def scored(self, events: list[Event], banned: Iterable[str]) -> None:
         """Redis scored `events` and decided bans on `banned`: keep the local windows warm (for when

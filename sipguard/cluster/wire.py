@@ -2,24 +2,64 @@
 
 Pure conversion with bounds checks: what comes from Redis is untrusted (any node, or anyone with
 access to it, can write there), so `parse_ban` refuses what is not a well-formed ban (ValueError)
-rather than guessing. Nothing here talks to Redis or touches the store.
+rather than guessing, and with a `Signer` that has a secret, what no node signed (`Unverified`).
+The bounds are the CLI's and the config's: `created` at most a day ahead of this node's clock, a ban time
+of at most 100 years (MAX_DURATION) or permanent, finite scores, whole offence counts, ids and node
+names in the node-name alphabet; reasons are plain text (control characters removed) of bounded
+length (`plain_text`) before they reach a log, the store or a terminal. Nothing here talks to Redis
+or touches the store.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import unicodedata
 from typing import Any
 
 from ..addresses import parse_target
+from ..config import MAX_DURATION
 from ..model import Ban
+from .signing import Signer, ban_parts, unban_parts
+
+CREATED_SKEW = 86400.0  # a ban's `created` is at most a day away from this node's clock
+MAX_SCORE = 1e12
+MAX_OFFENCE = 1_000_000
+REASON_CHARS = 200
+NAME_CHARS = 64
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # [cluster] node_name's alphabet
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,160}$")
 
 
-def ban_payload(ban: Ban, ban_id: str, origin: str) -> str:
-    """The ban json for Redis: the ban's fields, its fleet id and the node it came from."""
-    return json.dumps({"ip": ban.ip, "reason": ban.reason, "created": ban.created, "expires": ban.expires,
-                       "score": ban.score, "offence": ban.offence, "manual": ban.manual, "id": ban_id,
-                       "origin": origin}, separators=(",", ":"))
+class Unverified(ValueError):
+    """A value whose tag does not verify under any accepted secret (forged, or another fleet's)."""
+
+
+def plain_text(v: Any, limit: int = REASON_CHARS) -> str:
+    """`v` as one line of plain text: control and format characters (CR, LF, ESC, bidi overrides)
+    removed, at most `limit` characters."""
+    s = v if isinstance(v, str) else str(v)
+    s = "".join(c for c in s[: limit * 4] if unicodedata.category(c)[0] != "C")
+    return s[:limit]
+
+
+def node_name(v: Any) -> str:
+    """A node name as it may be shown: plain text of at most NAME_CHARS characters."""
+    return plain_text(v, NAME_CHARS)
+
+
+def ban_dict(ban: Ban, ban_id: str, origin: str) -> dict:
+    return {"ip": ban.ip, "reason": plain_text(ban.reason), "created": ban.created, "expires": ban.expires,
+            "score": ban.score, "offence": ban.offence, "manual": ban.manual, "id": ban_id, "origin": origin}
+
+
+def ban_payload(ban: Ban, ban_id: str, origin: str, signer: Signer | None = None) -> str:
+    """The ban json for Redis: the ban's fields, its fleet id, the node it came from and its tag."""
+    d = ban_dict(ban, ban_id, origin)
+    if signer is not None and signer.enabled:
+        d["sig"] = signer.tag("ban", *ban_parts(d))
+    return json.dumps(d, separators=(",", ":"))
 
 
 def checked_number(v: Any, what: str) -> float:
@@ -29,6 +69,18 @@ def checked_number(v: Any, what: str) -> float:
     return float(v)
 
 
+def checked_time(v: Any, what: str, now: float | None) -> float:
+    """A finite time at most CREATED_SKEW (a day) ahead of `now` and at most MAX_DURATION (100 years)
+    behind it (when `now` is given: a ban re-published after an outage or a Redis restart was made
+    before, never after); else ValueError."""
+    t = checked_number(v, what)
+    if now is not None and t > now + CREATED_SKEW:
+        raise ValueError(f"{what} more than a day ahead of this node's clock")
+    if now is not None and t < now - MAX_DURATION:
+        raise ValueError(f"{what} more than 100 years ago")
+    return t
+
+
 def canonical_ip(ip: Any) -> str:
     """The address or CIDR as the CLI and the filters write it (so one source is one key)."""
     if not isinstance(ip, str) or len(ip) > 64:
@@ -36,20 +88,90 @@ def canonical_ip(ip: Any) -> str:
     return parse_target(ip)
 
 
-def parse_ban(payload: str) -> tuple[Ban, str, str]:
-    """A ban json from Redis → (Ban, id, origin); ValueError when malformed."""
+def checked_id(v: Any) -> str:
+    if not isinstance(v, str) or not _ID.match(v):
+        raise ValueError("bad id")
+    return v
+
+
+def checked_origin(v: Any) -> str:
+    if not isinstance(v, str) or not _NAME.match(v):
+        raise ValueError("bad origin")
+    return v
+
+
+def parse_ban(payload: str, signer: Signer | None = None, now: float | None = None) -> tuple[Ban, str, str]:
+    """A ban json from Redis → (Ban, id, origin); ValueError when malformed or out of bounds,
+    Unverified when `signer` has a secret and no accepted one signed it. With `now`, `created` must be
+    within a day of it."""
+    if not isinstance(payload, str) or len(payload) > 4096:
+        raise ValueError("bad ban json")
     d = json.loads(payload)
     if not isinstance(d, dict):
         raise ValueError("ban is not an object")
+    if signer is not None and signer.enabled and not signer.verify(d.get("sig"), "ban", *ban_parts(d), now=now):
+        raise Unverified("ban not signed by this fleet")
     ip = canonical_ip(d.get("ip"))
+    created = checked_time(d.get("created"), "created", now)
     expires = d.get("expires")
-    ban = Ban(ip=ip, reason=str(d.get("reason") or "cluster")[:200],
-              created=checked_number(d.get("created"), "created"),
-              expires=None if expires is None else checked_number(expires, "expires"),
-              score=checked_number(d.get("score", 0.0) or 0.0, "score"),
-              offence=int(checked_number(d.get("offence", 1) or 1, "offence")),
-              manual=bool(d.get("manual", False)))
-    ban_id, origin = d.get("id"), d.get("origin")
-    if not isinstance(ban_id, str) or not ban_id or not isinstance(origin, str):
+    if expires is not None:
+        expires = checked_number(expires, "expires")
+        if not created < expires <= created + MAX_DURATION + 1:
+            raise ValueError("expires out of bounds (after created, at most 100 years)")
+    score = checked_number(d.get("score", 0.0) or 0.0, "score")
+    if not 0 <= score <= MAX_SCORE:
+        raise ValueError("score out of bounds")
+    offence = checked_number(d.get("offence", 1) or 1, "offence")
+    if offence != int(offence) or not 1 <= offence <= MAX_OFFENCE:
+        raise ValueError("offence out of bounds")
+    manual = d.get("manual", False)
+    if not isinstance(manual, bool):
+        raise ValueError("bad manual")
+    if d.get("id") is None or d.get("origin") is None:
         raise ValueError("ban without id/origin")
+    ban_id, origin = checked_id(d.get("id")), checked_origin(d.get("origin"))
+    ban = Ban(ip=ip, reason=plain_text(d.get("reason") or "cluster"), created=created, expires=expires,
+              score=score, offence=int(offence), manual=manual)
     return ban, ban_id, origin
+
+
+def parse_unban(fields: dict, signer: Signer | None = None, now: float | None = None) -> tuple[str, str, str, str, float]:
+    """An unban stream entry → (op, ip or "*", id, origin, at); ValueError when malformed (`at` a finite
+    time at most a day ahead), Unverified when `signer` has a secret and no accepted one signed it."""
+    op, ip, ban_id, origin, at = (fields.get(k) for k in ("op", "ip", "id", "origin", "at"))
+    if op not in ("unban", "unban_all") or not isinstance(at, str) or len(at) > 40:
+        raise ValueError("bad unban")
+    if signer is not None and signer.enabled and not signer.verify(
+            fields.get("sig"), op, *unban_parts(op, ip, ban_id, origin, at), now=now):
+        raise Unverified("unban not signed by this fleet")
+    try:
+        t = float(at)
+    except ValueError:
+        raise ValueError("bad at") from None
+    t = checked_time(t, "at", now)
+    target = "*" if op == "unban_all" else canonical_ip(ip)
+    return op, target, checked_id(ban_id), checked_origin(origin), t
+
+
+def tombstone_at(value: Any, ip: str, signer: Signer, now: float | None = None) -> float | None:
+    """The time of a verified unban of `ip` from its tombstone in the unbans hash (publish.lua writes
+    "at|op|id|origin|sig"), else None."""
+    if not isinstance(value, str) or len(value) > 512:
+        return None
+    parts = value.split("|")
+    if len(parts) != 5:
+        return None if signer.enabled else _float(parts[0])
+    at, op, ban_id, origin, sig = parts
+    target = "*" if op == "unban_all" else ip
+    if op not in ("unban", "unban_all") or not signer.verify(sig, op, *unban_parts(op, target, ban_id, origin, at),
+                                                             now=now):
+        return None
+    return _float(at)
+
+
+def _float(v: str) -> float | None:
+    try:
+        t = float(v)
+    except ValueError:
+        return None
+    return t if math.isfinite(t) else None

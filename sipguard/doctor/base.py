@@ -15,19 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import Config
-
-_ESCAPES = {c: f"\\x{c:02x}" for c in range(32)} | {127: "\\x7f"}
-
+from ..text import printable as _printable
 
 def printable(text: object) -> str:
-    """`text` (a path, a log line, an error) as it may reach a terminal: control characters escaped.
-
-    A private stand-in for sipguard/text.py's `printable` until that module is on main."""
-    s = "" if text is None else str(text)
-    if s.isprintable():
-        return s
-    return "".join(ch if ch.isprintable() else (_ESCAPES.get(ord(ch)) or ch.encode("unicode_escape").decode())
-                   for ch in s)
+    """`text` (a path, a log line, an error) as it may reach a terminal: sipguard.text's escaping rule."""
+    return _printable("" if text is None else str(text))
 
 
 Status = Literal["ok", "problem", "warning", "skipped"]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from ..config import format_duration
 from ..filters import FilterSet
-from ..formats import JournalParser, RecordParser
+from ..formats import JournalParser, JournalTrust, RecordParser
 from ..model import Line
 from ..pipeline import Pipeline
 from ..sources import LineBatch
+from ..wiring import SourceChoice, SourceRoots, choose_sources, journal_trust
 from .base import CLOCK_TOLERANCE, FRESH, Finding, Host, ok, printable, problem, skipped, warning
 
 CONTRACT = {
@@ -133,7 +134,7 @@ def sample_file(host: Host, filters: FilterSet, path: str) -> LogSample:
     return s
 
 
-def sample_journal(host: Host, filters: FilterSet, unit: str, identifier: bool) -> LogSample:
+def sample_journal(host: Host, filters: FilterSet, unit: str, identifier: bool, trust: JournalTrust) -> LogSample:
     """The newest entries of one journal unit (or syslog identifier), read with journalctl."""
     s = LogSample(("identifier " if identifier else "unit ") + unit, kind="journal")
     exe = shutil.which(host.cfg.sources.journalctl) or (host.cfg.sources.journalctl
@@ -160,7 +161,7 @@ def sample_journal(host: Host, filters: FilterSet, unit: str, identifier: bool) 
         except (ValueError, TypeError, AttributeError):
             s.mtime = None
     s.exists = bool(raw)
-    _judge(host, filters, s, b"\n".join(raw), lambda: JournalParser(programs=None, max_line=host.cfg.sources.max_line))
+    _judge(host, filters, s, b"\n".join(raw), lambda: JournalParser(max_line=host.cfg.sources.max_line, trust=trust))
     return s
 
 
@@ -169,13 +170,23 @@ def load_filters(host: Host) -> FilterSet:
     return FilterSet.load(c.directories, enabled=c.enabled, disabled=c.disabled)
 
 
+def chosen_sources(host: Host) -> SourceChoice:
+    """What the daemon follows on this host: the config's [sources], or the default chain it would choose."""
+    def make() -> SourceChoice:
+        roots = SourceRoots.from_env() if host.root == Path("/") else SourceRoots(host.path("/var/log"))
+        return choose_sources(host.cfg.sources, roots)
+    return host.cached("sources", make)
+
+
 def samples(host: Host) -> list[LogSample]:
     """Every followed source's sample, read once per host."""
     def make() -> list[LogSample]:
         filters = load_filters(host)
-        out = [sample_file(host, filters, p) for p in host.cfg.sources.logs]
-        out += [sample_journal(host, filters, u, False) for u in host.cfg.sources.journal]
-        out += [sample_journal(host, filters, u, True) for u in host.cfg.sources.journal_identifiers]
+        choice = chosen_sources(host)
+        trust = journal_trust(host.cfg.sources, choice.journal)
+        out = [sample_file(host, filters, p) for p in choice.logs]
+        out += [sample_journal(host, filters, u, False, trust) for u in choice.journal]
+        out += [sample_journal(host, filters, u, True, trust) for u in choice.identifiers]
         return out
     return host.cached("samples", make)
 

@@ -13,17 +13,25 @@ through xhttp (`http://HOST:PORT/RPC`). Kamailio 5.6 commands used (htable modul
   no longer bans are deleted (Kamailio's own pike entries, set to 1 by the script, are left alone
   unless `value` is 1 too), and every ban is set again with its remaining time.
 
+Replies come back into `[htable] reply_dir` (default /run/sipguard: the unit's RuntimeDirectory),
+a directory only sipguard writes, whose group (`reply_group`, default kamailio) lets a Kamailio
+running as its own user answer; reply paths have random names and the group's mode bits only, never
+a predictable name in /tmp (which a PrivateTmp unit would not even share with Kamailio). For the
+FIFO transport Kamailio's `modparam("jsonrpcs", "fifo_reply_dir", "/run/sipguard/")` must name it.
+
 Only single addresses go into the table: `$sht(ipban=>$si)` is an exact-key lookup, so network
 bans (CIDRs) are left to the kernel enforcer and counted as skipped.
 """
 
 from __future__ import annotations
 
+import grp
 import itertools
 import json
 import logging
 import math
 import os
+import secrets
 import socket
 import stat
 import tempfile
@@ -48,12 +56,100 @@ class RpcError(SipguardError):
     pass
 
 
-class JsonRpc:
-    """A minimal Kamailio JSON-RPC client (one request at a time)."""
+def _unlink(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        os.unlink(path)
 
-    def __init__(self, url: str, timeout: float = 2.0) -> None:
+
+class ReplyDir:
+    """Where Kamailio's answers come back: a directory sipguard owns, writable by nobody else, whose
+    group (`group`, e.g. kamailio; setgid so every reply path inherits it) lets Kamailio reach it.
+
+    Reply paths get unpredictable names (96 random bits), are created exclusively (a FIFO's name
+    cannot be pre-created by anyone, the directory being sipguard's alone), carry the group's mode
+    bits only (0660 socket, 0620 FIFO) and are removed after each call. Prepared on first use: a
+    missing directory is created 0750; a directory that is not sipguard's, a symlink, or writable
+    by its group or others is refused.
+    """
+
+    def __init__(self, path: str | None, group: str = "") -> None:
+        self.given = path
+        self.group = group
+        self.path = path or ""
+        self._gid: int | None = None
+        self._ready = False
+        self._private: str | None = None
+
+    def prepare(self) -> None:
+        if self._ready:
+            return
+        if not self.given:  # no directory named: a private one, answerable only by our own user
+            self._private = self.path = tempfile.mkdtemp(prefix="sipguard-rpc-")
+            self._ready = True
+            return
+        path = self.path
+        try:
+            os.makedirs(path, mode=0o750, exist_ok=True)
+            st = os.lstat(path)
+        except OSError as exc:
+            raise RpcError(f"[htable] reply_dir {path}: {exc}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise RpcError(f"[htable] reply_dir {path}: not a directory (or a symlink)")
+        if st.st_uid != os.geteuid():
+            raise RpcError(f"[htable] reply_dir {path}: owned by uid {st.st_uid}, not by sipguard (uid {os.geteuid()})")
+        if st.st_mode & 0o022:
+            raise RpcError(f"[htable] reply_dir {path}: mode {stat.S_IMODE(st.st_mode):04o}: writable by others")
+        gid = None
+        if self.group:
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                log.warning("[htable] reply_group %r: no such group; reply paths keep the group of %s",
+                            self.group, path)
+        if gid is not None and st.st_gid != gid:
+            try:
+                os.chown(path, -1, gid)
+            except PermissionError:
+                raise RpcError(f"[htable] reply_dir {path}: cannot give it group {self.group} (sipguard must be in "
+                               f"that group, e.g. SupplementaryGroups={self.group} in its unit)") from None
+        self._gid = gid if gid is not None else st.st_gid
+        os.chmod(path, 0o2750)  # group may enter, never write; new reply paths inherit the group
+        self._ready = True
+
+    def new_path(self, kind: str) -> str:
+        self.prepare()
+        # letters, digits and _ only (jsonrpcs refuses other reply names); short: AF_UNIX paths < 108 bytes
+        return os.path.join(self.path, f"sg_{secrets.token_hex(12)}_{kind}")
+
+    def hand_over(self, path: str, mode: int) -> None:
+        """Give a fresh reply path the directory's group and `mode`."""
+        if self._gid is not None and os.lstat(path).st_gid != self._gid:
+            os.chown(path, -1, self._gid)
+        os.chmod(path, mode)
+
+    def close(self) -> None:
+        if self._private:
+            try:
+                os.rmdir(self._private)
+            except OSError:
+                pass
+            self._private = None
+            self._ready = False
+
+
+class JsonRpc:
+    """A minimal Kamailio JSON-RPC client (one request at a time). Replies over the datagram socket
+    and the FIFO come back into `reply_dir` (see ReplyDir); without one, into a private directory
+    only a Kamailio running as sipguard's own user can reach."""
+
+    def __init__(self, url: str, timeout: float = 2.0, reply_dir: str | None = None, reply_group: str = "") -> None:
         self.url = url
         self.timeout = timeout
+        self.replies = ReplyDir(reply_dir, reply_group)
         self._ids = itertools.count(1)
         if url.startswith("unix:"):
             self.kind, self.path = "unix", url[5:]
@@ -82,30 +178,25 @@ class JsonRpc:
         return reply.get("result")
 
     def _unix(self, req: dict) -> bytes:
-        tmp = tempfile.mkdtemp(prefix="sipguard-rpc-")
-        me = os.path.join(tmp, "c.sock")
+        me = self.replies.new_path("sock")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             s.bind(me)
-            os.chmod(me, 0o666)  # kamailio may run as another user: it must be able to answer
+            self.replies.hand_over(me, 0o660)  # Kamailio (its group) may answer; nobody else
             s.settimeout(self.timeout)
             s.sendto(json.dumps(req).encode(), self.path)
             data, _ = s.recvfrom(DGRAM_MAX)
             return data
         finally:
             s.close()
-            try:
-                os.unlink(me)
-            finally:
-                os.rmdir(tmp)
+            _unlink(me)
 
     def _fifo(self, req: dict) -> bytes:
-        reply_name = f"sipguard_reply_{os.getpid()}_{req['id']}"
-        reply_path = os.path.join("/tmp", reply_name)  # jsonrpcs' fifo_reply_dir default
-        os.mkfifo(reply_path, 0o666)
-        os.chmod(reply_path, 0o666)
+        reply_path = self.replies.new_path("fifo")
+        os.mkfifo(reply_path, 0o600)  # fails if the name exists: nobody can pre-create it
         try:
-            body = json.dumps({**req, "reply_name": reply_name}).encode() + b"\n"
+            self.replies.hand_over(reply_path, 0o620)  # we read, Kamailio (its group) writes
+            body = json.dumps({**req, "reply_name": os.path.basename(reply_path)}).encode() + b"\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
             try:
                 os.write(fd, body)
@@ -131,11 +222,12 @@ class JsonRpc:
             finally:
                 os.close(rfd)
             if not chunks:
-                raise RpcError(f"kamailio rpc {self.url}: no reply in {self.timeout:.1f}s")
+                raise RpcError(f"kamailio rpc {self.url}: no reply in {self.timeout:.1f}s (Kamailio's jsonrpcs "
+                               f"fifo_reply_dir must be {self.replies.path}/ and its user in group "
+                               f"{self.replies.group or 'of that directory'})")
             return b"".join(chunks)
         finally:
-            if stat.S_ISFIFO(os.lstat(reply_path).st_mode):
-                os.unlink(reply_path)
+            _unlink(reply_path)
 
     def _http(self, req: dict) -> bytes:
         r = urllib.request.Request(self.path, data=json.dumps(req).encode(),
@@ -164,7 +256,7 @@ class HtableEnforcer:
 
     def __init__(self, cfg: HtableConfig, rpc: JsonRpc | None = None) -> None:
         self.cfg = cfg
-        self.rpc = rpc or JsonRpc(cfg.rpc, cfg.timeout)
+        self.rpc = rpc or JsonRpc(cfg.rpc, cfg.timeout, cfg.reply_dir, cfg.reply_group)
         self.table = cfg.table
         self.skipped_networks = 0
 
@@ -222,4 +314,4 @@ class HtableEnforcer:
         return [EnforcedEntry(k, None) for k in sorted(self.current())]
 
     def close(self) -> None:
-        pass
+        self.rpc.replies.close()

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ..model import Line, Record
-from .journal import JournalParser, message_text
+from .journal import JournalParser, JournalTrust, message_text
 from .records import FORMATS, MAX_RANKS, MAX_RECORD_CHARS, ParserStats, RecordParser
 
-__all__ = ["FORMATS", "MAX_RANKS", "MAX_RECORD_CHARS", "JournalParser", "Parser", "ParserStats", "RecordParser",
+__all__ = ["FORMATS", "MAX_RANKS", "MAX_RECORD_CHARS", "JournalParser", "JournalTrust", "Parser", "ParserStats", "RecordParser",
            "message_text"]
 
 

@@ -302,11 +302,16 @@ class RecordParser:
         self.stats.other_program += 1
         return self._start(st, _DROPPED, "syslog", fmt)
 
+    def _is_kamailio(self, prog: str) -> bool:
+        """A path-like program name (Debian 13's stock unit logs as `/usr/sbin/kamailio`, its argv[0])
+        whose basename is one of the configured programs."""
+        return "/" in prog and prog.rpartition("/")[2] in self.programs
+
     def _syslog_trad(self, st: _SourceState, m: re.Match, text: str, source: str) -> list[Record]:
         if st.family == "stderr":
             return self._forged_into_pending(st, text)
         host, prog, pid, msg = m.group(6, 7, 8, 9)
-        if prog not in self.programs:
+        if prog not in self.programs and not self._is_kamailio(prog):
             return self._other_program(st, "traditional")
         st.indent = m.start(9)
         return self._start(st, [msg, self._trad_time(text, m), host, prog, int(pid) if pid else None, None,
@@ -317,7 +322,7 @@ class RecordParser:
             return self._forged_into_pending(st, text)
         minute, ss, frac, off, host, prog, pid, msg = m.groups()
         fmt = "short-iso" if len(off) == 5 else "iso"  # journalctl prints +0000, rsyslog +00:00
-        if prog not in self.programs:
+        if prog not in self.programs and not self._is_kamailio(prog):
             return self._other_program(st, fmt)
         ts = self._iso_time(minute, ss, frac, off)
         st.indent = m.start(8)
@@ -328,7 +333,7 @@ class RecordParser:
         if st.family == "stderr":
             return self._forged_into_pending(st, text)
         stamp, host, prog, procid, msg = m.groups()
-        if prog not in self.programs:
+        if prog not in self.programs and not self._is_kamailio(prog):
             return self._other_program(st, "rfc5424")
         ts = None
         if stamp != "-":

@@ -1,6 +1,8 @@
-"""The journal as a source: one `journalctl --follow --output=json --all` child process, matching the
+"""The journal as a source: one `journalctl --follow --output=json --all` child process, selecting the
 configured units (`-u`) and syslog identifiers (`-t`), read on a thread; its JSON lines (one entry
-per line) are handed out as whole lines of the source `journal:<matches>`.
+per line) are handed out as whole lines of the source `journal:<matches>`. Selecting is not trusting:
+`-t` matches what any sender writes, and `-u` also shows systemd's own messages about the unit; which
+entries are Kamailio's is decided from journald's own fields by formats/journal.py (JournalTrust).
 
 A restart resumes exactly after the last entry handed out (`--after-cursor`): the caller gives the
 saved cursors at construction and saves what `cursors()` returns together with what it derived from

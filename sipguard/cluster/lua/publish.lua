@@ -1,32 +1,50 @@
--- Publishing one outbox entry (sipguard/cluster/bridge.py, ClusterBridge._flush): a ban wins only
--- over older ones (created, id) and over no later unban; unbans are deduplicated by id.
+-- Publishing one ban or unban (sipguard/cluster/bridge.py: ClusterBridge._flush for the outbox, and
+-- the claim of a ban the cluster score decided, ClusterPolicy.claim_args): a ban wins only over older
+-- ones (created, id) and over no later unban; unbans are deduplicated by id. Every value arrives
+-- signed by the node (the ban json carries its tag, an unban its `sig`); this script only stores and
+-- appends what it is given and never computes a tag (the secret never reaches Redis).
 -- ARGV: prefix, stream maxlen, op ('ban' | 'unban' | 'unban_all'), ip, id, origin,
---       payload (the ban json, or the unban time), offence_memory, unban memory, jail names "a,b".
--- Returns 1 when applied (and appended to the stream), 0 when stale or a duplicate.
+--       payload (the ban json, or the unban time), offence_memory, unban memory, jail names "a,b",
+--       sig (of an unban), offence member (id|tag of an automatic ban, '' = the id), offence time,
+--       claim ('1': a ban is refused while the shared set holds one in force: the score's
+--       decision is claimed once for the whole fleet), now.
+-- Returns 1 when applied (and appended to the stream), 0 when stale, a duplicate or refused.
 local P, maxlen, op, ip, id, origin, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local memory, unban_memory = tonumber(ARGV[8]), tonumber(ARGV[9])
+local sig, offmember, offtime = ARGV[11] or '', ARGV[12] or '', ARGV[13] or ''
+local claim, now = ARGV[14] == '1', tonumber(ARGV[15] or '0')
 local function clear(addr)
   for name in string.gmatch(ARGV[10], '[^,]+') do redis.call('DEL', P .. 's:' .. addr .. ':' .. name) end
 end
-local function created_of(v)
+local function tomb_at(addr)  -- an unban's tombstone: "at|op|id|origin|sig" (older versions: "at")
+  local v = redis.call('HGET', P .. 'unbans', addr)
+  if not v then return -1 end
+  return tonumber(string.match(v, '^[^|]*')) or -1
+end
+local function fields_of(v)
   local ok, b = pcall(cjson.decode, v)
-  if ok and type(b) == 'table' then return tonumber(b.created) or 0, tostring(b.id or '') end
-  return 0, ''
+  if ok and type(b) == 'table' then return tonumber(b.created) or 0, tostring(b.id or ''), b end
+  return 0, '', nil
 end
 if op == 'ban' then
   local nb = cjson.decode(payload)
   local c = tonumber(nb.created)
   local cur = redis.call('HGET', P .. 'bans', ip)
   if cur then
-    local oc, oid = created_of(cur)
+    local oc, oid, ob = fields_of(cur)
+    if claim and ob ~= nil then
+      local e = tonumber(ob.expires)
+      if e == nil or e > now then return 0 end
+    end
     if oc > c or (oc == c and oid >= id) then return 0 end
   end
-  local tomb = tonumber(redis.call('HGET', P .. 'unbans', ip) or '-1')
-  if tomb >= c then return 0 end
+  if tomb_at(ip) >= c then return 0 end
   redis.call('HSET', P .. 'bans', ip, payload)
   clear(ip)
   if nb.manual == false then
-    redis.call('ZADD', P .. 'off:' .. ip, string.format('%.6f', c), id)
+    if offmember == '' then offmember = id end
+    if offtime == '' then offtime = string.format('%.6f', c) end
+    redis.call('ZADD', P .. 'off:' .. ip, offtime, offmember)
     redis.call('PEXPIRE', P .. 'off:' .. ip, math.ceil(memory * 1000))
   end
   redis.call('XADD', P .. 'stream', 'MAXLEN', '~', maxlen, '*', 'op', 'ban', 'ip', ip, 'id', id,
@@ -37,11 +55,12 @@ if not redis.call('SET', P .. 'done:' .. id, '1', 'NX', 'PX', math.ceil(unban_me
 local at = tonumber(payload)
 local function unban(addr, cur)
   if cur then
-    if created_of(cur) > at then return end
+    if fields_of(cur) > at then return end
     redis.call('HDEL', P .. 'bans', addr)
   end
-  local tomb = tonumber(redis.call('HGET', P .. 'unbans', addr) or '-1')
-  if at > tomb then redis.call('HSET', P .. 'unbans', addr, payload) end
+  if at > tomb_at(addr) then
+    redis.call('HSET', P .. 'unbans', addr, payload .. '|' .. op .. '|' .. id .. '|' .. origin .. '|' .. sig)
+  end
   clear(addr)
 end
 if op == 'unban' then
@@ -53,5 +72,5 @@ else
   return 0
 end
 redis.call('XADD', P .. 'stream', 'MAXLEN', '~', maxlen, '*', 'op', op, 'ip', ip, 'id', id,
-           'origin', origin, 'at', payload)
+           'origin', origin, 'at', payload, 'sig', sig)
 return 1

@@ -1,0 +1,125 @@
+"""The fleet's signatures: an HMAC-SHA256 tag on everything a node writes to Redis that another node acts on.
+
+Bans and unbans (the stream entries and the values of the shared ban set), the weighted events a node
+adds to the score keys and the offences behind an escalation each carry a tag computed here, by a
+node, under `[cluster] secret` (or `secret_file`). The secret never goes to Redis and no Redis script
+ever computes a tag: whoever can only write to Redis cannot make one, so what they write decides
+nothing (`sipguard/cluster/README.md`, "Signatures").
+
+Every tag covers the key prefix and what the value means (its kind and every field), in one canonical
+encoding (each part typed and length-prefixed), so a tag can never be moved to another fleet, another
+address, another jail or another kind of entry. Tags are HMAC-SHA-256 truncated to 128 bits, base64url (22 characters).
+
+Rotation: a node signs with the current secret and also accepts tags made with `secret_previous`
+until `secret_previous_until` (the overlap while the fleet's nodes get the new secret one by one).
+
+Pure: nothing here talks to Redis, the store or the kernel.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Sequence
+
+TAG_CHARS = 22  # 16 bytes, base64url without padding
+
+
+class Signer:
+    """Signs and verifies the fleet's values under one secret (and, during a rotation, older ones).
+
+    Without a secret (`secret=None`) it signs nothing (`tag` returns "") and `verify` accepts every
+    value: the fleet works as before and the bridge warns at start that any Redis writer can ban.
+    """
+
+    def __init__(self, secret: str | None, prefix: str, previous: Sequence[str] = (),
+                 previous_until: float | None = None) -> None:
+        self._key = None if secret is None else secret.encode("utf-8")
+        self._previous = [p.encode("utf-8") for p in previous]
+        # keyed once: each tag copies the state (two SHA-256 blocks saved per tag; scoring signs every event)
+        self._macs = {k: hmac.new(k, digestmod=hashlib.sha256) for k in
+                      ([] if self._key is None else [self._key, *self._previous])}
+        self._until = previous_until
+        self.prefix = prefix
+
+    @property
+    def enabled(self) -> bool:
+        return self._key is not None
+
+    def _message(self, kind: str, parts: Sequence[object]) -> bytes:
+        out = []
+        for p in (self.prefix, kind, *parts):
+            t = _encode(p)
+            out.append(f"{len(t)}:{t}")
+        return ",".join(out).encode("utf-8", "surrogatepass")
+
+    def _tag(self, key: bytes, msg: bytes) -> str:
+        mac = self._macs[key].copy()
+        mac.update(msg)
+        return base64.urlsafe_b64encode(mac.digest()[:16]).decode("ascii").rstrip("=")
+
+    def tag(self, kind: str, *parts: object) -> str:
+        """The tag of a value of `kind` made of `parts` (strings and numbers), or "" without a secret."""
+        if self._key is None:
+            return ""
+        return self._tag(self._key, self._message(kind, parts))
+
+    def keys_now(self, now: float | None = None) -> list[bytes]:
+        """The secrets whose tags are accepted at `now`: the current one, and the previous ones
+        during the overlap."""
+        if self._key is None:
+            return []
+        now = time.time() if now is None else now
+        if self._previous and self._until is not None and now <= self._until:
+            return [self._key, *self._previous]
+        return [self._key]
+
+    def verify(self, tag: object, kind: str, *parts: object, now: float | None = None) -> bool:
+        """True when `tag` was made by a node holding an accepted secret for exactly this value
+        (always True without a secret)."""
+        if self._key is None:
+            return True
+        if not isinstance(tag, str) or len(tag) != TAG_CHARS:
+            return False
+        msg = self._message(kind, parts)
+        return any(hmac.compare_digest(self._tag(k, msg), tag) for k in self.keys_now(now))
+
+
+def _encode(p: object) -> str:
+    """One part of a signed message, typed so that "1.0", 1.0, 1 and true never sign alike."""
+    if isinstance(p, str):
+        return "s" + p
+    if p is None:
+        return "n"
+    if p is True or p is False:
+        return "t" if p else "f"
+    if type(p) is int:
+        return "i" + str(p)
+    if type(p) is float:
+        return "d" + repr(p)
+    return "j" + json.dumps(p, allow_nan=True, sort_keys=True)
+
+
+# -- what is signed, one function per kind (the same on the signing and the verifying side) ---------------
+def ban_parts(d: dict) -> tuple:
+    """The signed fields of a ban json (everything but its tag), in a fixed order."""
+    return (d.get("ip"), d.get("reason"), d.get("created"), d.get("expires"), d.get("score"), d.get("offence"),
+            d.get("manual"), d.get("id"), d.get("origin"))
+
+
+def unban_parts(op: str, ip: str, ban_id: str, origin: str, at: str) -> tuple:
+    """The signed fields of an unban stream entry (`at` as the text carried on the stream)."""
+    return (op, ip, ban_id, origin, at)
+
+
+def event_parts(ip: str, jail: str, uid: str, weight: str, at: str) -> tuple:
+    """The signed fields of one scored event in a score key (`at`: its time as "%.6f")."""
+    return (ip, jail, uid, weight, at)
+
+
+def offence_parts(ip: str, ban_id: str, at: str) -> tuple:
+    """The signed fields of one offence (an automatic ban) in an offence key (`at`: "%.6f")."""
+    return (ip, ban_id, at)
