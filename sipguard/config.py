@@ -502,17 +502,6 @@ class Config(Section):
     blocklists: list[BlocklistConfig] = []
     path: Path | None = Field(None, exclude=True)
 
-    @model_validator(mode="after")
-    def _distinct_jails_are_local(self) -> "Config":
-        """The fleet's Redis script counts events, not distinct values: a distinct jail scored there would
-        ban at the wrong count, so fleet mode refuses one (issue 12: until the script scores them)."""
-        if self.cluster is not None:
-            names = [n for n, j in self.policy.jails.items() if j.distinct is not None]
-            if names:
-                raise ValueError(f"distinct jails ({', '.join(names)}) are scored by the local policy only, not "
-                                 "yet by the fleet's Redis script: drop [cluster] or the distinct jails")
-        return self
-
     @field_validator("state_dir", mode="before")
     @classmethod
     def _state_dir(cls, v: Any) -> Any:

@@ -92,6 +92,15 @@ class _Jail:
         self.distinct = self.cfg.distinct
         self.prefixes = tuple(self.cfg.prefixes)
 
+    def value(self, ev: Event) -> str | None:
+        """A distinct jail: the value `ev` counts with (its capture, inside `prefixes`), or None when it
+        does not count here (no such capture, another prefix, weight 0). The fleet's scorer asks the same."""
+        name = self.distinct
+        value = next((v for k, v in ev.captures if k == name), None)
+        if value is None or ev.weight <= 0 or (self.prefixes and not value.startswith(self.prefixes)):
+            return None
+        return value
+
 
 class Policy:
     """Keeps, per (source, jail), the weighted events inside that jail's findtime.
@@ -212,9 +221,8 @@ class Policy:
     def _count_distinct(self, jail: _Jail, ev: Event, decide: bool) -> Decision | None:
         """Count `ev` in a distinct jail: its capture's value, hashed, as seen now; a Decision when the
         source's distinct values inside findtime reach the threshold."""
-        name = jail.distinct
-        value = next((v for k, v in ev.captures if k == name), None)
-        if value is None or ev.weight <= 0 or (jail.prefixes and not value.startswith(jail.prefixes)):
+        value = jail.value(ev)
+        if value is None:
             return None
         srcs = self._dist[jail.name]
         t = ev.time
