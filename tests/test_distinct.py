@@ -204,3 +204,47 @@ def test_the_real_fraud_prober_is_banned_and_the_phone_is_not(tmp_path: Path) ->
     plain = scan_files([str(REAL / "fraud-traditional.log")],
                        Config.model_validate({"allowlist": {"include_host_addresses": False}}))
     assert "198.18.0.40" not in {b.ip for b in plain.bans}
+
+
+# -- the e2e scenario's senders against a real Kamailio (the scenario itself runs in tests/e2e) ----------
+
+def test_the_scenario_senders_against_a_real_kamailio(tmp_path: Path) -> None:
+    """tests/e2e/scenario.py's fraud prober and its phone's calls, played against Debian's Kamailio with
+    the example config in namespaces of this test's own (PID-unique names): read back from the real
+    log, the distinct jail bans the prober, nothing else does, and the phone, its calls answered, is
+    banned by nothing."""
+    import os
+    import shutil
+    import time
+
+    if os.geteuid() != 0 or shutil.which("kamailio") is None:
+        if os.environ.get("CI") or os.geteuid() == 0:
+            pytest.fail("needs root and kamailio (the Makefile's APT_PACKAGES install it)", pytrace=False)
+        pytest.skip("needs root and kamailio")
+    from tests.e2e.scenario import DOMAIN, FRAUD_NUMBERS, PHONE_CALLS, PROXY, SG_CONFIG, Phone, a_fraud
+    from tests.lab.kamailio import Kamailio
+    from tests.lab.netns import Lab
+
+    log = tmp_path / "kamailio.log"
+    with Lab(f"ds{os.getpid() % 100000}", proxy_ip=PROXY) as lab:
+        with Kamailio(lab.hub, PROXY, logmode="rsyslog", template="RSYSLOG_FileFormat", logfile=log, domain=DOMAIN):
+            phone = Phone(lab.add_client("198.18.0.50"), "198.18.0.50", max_seconds=20, call_every=1.0)
+            phone.start()
+            assert phone.registered.wait(8), phone.results
+            out = a_fraud(None, lab.add_client("198.18.0.20"), "198.18.0.20")
+            deadline = time.monotonic() + 10
+            while phone.calls and time.monotonic() < deadline:
+                time.sleep(0.2)
+            phone.stop()
+            time.sleep(0.5)
+    assert phone.error is None, phone.error
+    assert [n for _t, n, _s in phone.call_results] == list(PHONE_CALLS)
+    assert all(st == "404" for _t, _n, st in phone.call_results), phone.call_results  # not served here
+    assert out == "fraud:" + " ".join(["407"] * len(FRAUD_NUMBERS)), out  # challenged each time
+    sg = Config.model_validate(__import__("tomllib").loads(SG_CONFIG.format(state=tmp_path, log=log)))
+    sg = sg.model_copy(update={"allowlist": sg.allowlist.model_copy(update={"include_host_addresses": False})})
+    bans = {b.ip: b for b in scan_files([str(log)], sg).bans}
+    assert set(bans) == {"198.18.0.20"} and bans["198.18.0.20"].reason.startswith("fraud:"), bans
+    assert bans["198.18.0.20"].score == 5.0
+    plain = Config.model_validate({"allowlist": {"include_host_addresses": False}})
+    assert scan_files([str(log)], plain).bans == []  # under every per-event threshold
