@@ -61,6 +61,11 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             vals = st.get(part) or {}
             if vals:
                 out.print(f"{part}: " + ", ".join(f"{k}={v}" for k, v in vals.items() if k != "started"))
+        lost = st.get("losses") or {}
+        if lost.get("notices"):
+            out.print(f"lines lost before sipguard read them: {lost.get('lost', 0)} by {lost['notices']} notices "
+                      f"(journald {lost.get('journald', 0)}, rsyslog {lost.get('rsyslog', 0)}): lift the limits, "
+                      "see README 'Lines lost in a storm'")
     sc = info["source_choice"]
     out.print(f"sources{'' if sc.get('saved') else ' (the daemon would choose)'}: {sc['described']} "
               f"({sc['reason']})", markup=False)

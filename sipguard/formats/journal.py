@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model import Line, Record
+from .losses import JOURNAL_DROPPED
 
 log = logging.getLogger("sipguard.formats")
 
@@ -112,7 +113,7 @@ class JournalParser:
         self._max_json = JSON_PER_BYTE * max_line + JSON_SLACK
         self.stats: Counter[str] = Counter({"lines": 0, "records": 0, "garbage": 0, "forged": 0,
                                             "other_program": 0, "untrusted": 0, "binary_message": 0,
-                                            "too_long": 0})
+                                            "too_long": 0, "loss_notice": 0})
 
     def feed(self, line: Line) -> list[Record]:
         st = self.stats
@@ -143,6 +144,9 @@ class JournalParser:
             st["binary_message"] += 1
         text = text.rstrip("\r\n")
         program = entry.get("SYSLOG_IDENTIFIER") or entry.get("_COMM")
+        if entry.get("_TRANSPORT") == "driver" and entry.get("MESSAGE_ID") == JOURNAL_DROPPED:
+            st["loss_notice"] += 1  # journald's own "Suppressed N messages": counted by formats/losses.py
+            return []
         if self.trust is not None:
             if not self.trust.trusts(entry):
                 st["other_program"] += 1
