@@ -18,14 +18,10 @@ The long measurement of where the limits start is bench/storm.py, not here.
 
 from __future__ import annotations
 
-import contextlib
+import ipaddress
 import json
 import logging
 import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,11 +34,10 @@ from sipguard.config import Config
 from sipguard.extras.metrics import Metrics
 from sipguard.formats.losses import JOURNAL_DROPPED, LossNotices
 from tests.lab import journald as lab_journald
+from tests.lab.kamailio_unit import available, kamailio_unit, storm
 
-KAMAILIO_BIN = "/usr/sbin/kamailio"
-PROXY = "198.18.0.1"
-NOBODY = pwd.getpwnam("nobody").pw_uid
-STORM = 200  # scanner requests, one from each address 198.18.8.1 ... (bounded)
+NET = "198.18.8.0/24"
+STORM = 200  # scanner requests, one from each of the first addresses of NET (bounded)
 
 
 def _driver(n: int = 25, unit: str = "kamailio.service", **extra) -> bytes:
@@ -122,71 +117,12 @@ def test_the_drop_in_says_what_lifts_the_limit() -> None:
 
 # -- a real journald past its limit ----------------------------------------------------------------
 
-needs_host = pytest.mark.skipif(not (lab_journald.available() and os.path.exists(KAMAILIO_BIN))
-                                and not (os.environ.get("CI") or os.geteuid() == 0),
+needs_host = pytest.mark.skipif(not available() and not (os.environ.get("CI") or os.geteuid() == 0),
                                 reason="needs root, systemd-journald, unshare/nsenter/setpriv and kamailio")
 LIMITED = lab_journald.CONF.replace("RateLimitIntervalSec=0", "RateLimitIntervalSec=2s\nRateLimitBurst=20")
 
-_STORM = """
-import socket, sys, time
-n, proxy = int(sys.argv[1]), sys.argv[2]
-for i in range(n):
-    ip = f"198.18.8.{i % 250 + 1}" if i < 250 else f"198.18.9.{i - 249}"
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((ip, 5060))
-    s.sendto((f"OPTIONS sip:100@{proxy} SIP/2.0\\r\\nVia: SIP/2.0/UDP {ip}:5060;branch=z9hG4bK{i}x\\r\\n"
-              f"From: <sip:100@{proxy}>;tag={i}\\r\\nTo: <sip:100@{proxy}>\\r\\nCall-ID: storm{i}@{ip}\\r\\n"
-              f"CSeq: 1 OPTIONS\\r\\nMax-Forwards: 70\\r\\nUser-Agent: friendly-scanner\\r\\n"
-              f"Content-Length: 0\\r\\n\\r\\n").encode(), (proxy, 5060))
-    s.close()
-"""
-
-
 def _addresses(n: int) -> list[str]:
-    return [f"198.18.8.{i % 250 + 1}" if i < 250 else f"198.18.9.{i - 249}" for i in range(n)]
-
-
-def _wait_udp(j, addr: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if addr in j.run("ss", "-lunH", check=False).stdout.decode():
-            time.sleep(0.3)
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listening on {addr}")
-
-
-@contextlib.contextmanager
-def _kamailio_unit(conf: str, lifted: bool):
-    """A private journald (`conf`) and a real Kamailio (example config, logging to syslog) as user
-    kamailio inside the cgroup of kamailio.service; `lifted`: LogRateLimitIntervalSec=0 for the unit,
-    as systemd hands it to journald."""
-    from tests.lab.kamailio import prepare_config
-
-    work = Path(tempfile.mkdtemp(prefix="sgd-storm-", dir="/tmp"))
-    kam = None
-    try:
-        work.chmod(0o755)
-        cfg_path = prepare_config(work, PROXY)
-        text = cfg_path.read_text()
-        cfg_path.write_text("".join(ln for ln in text.splitlines(keepends=True) if not ln.startswith("log_name=")))
-        run_dir = work / "run"
-        run_dir.mkdir()
-        os.chown(run_dir, pwd.getpwnam("kamailio").pw_uid, -1)
-        with lab_journald.PrivateJournald(conf=conf, prefix="sgd-jd-", units=True) as j:
-            if lifted:  # what systemd writes for the drop-in's LogRateLimitIntervalSec=0 (read by journald)
-                j.run("sh", "-c", "mkdir -p /run/systemd/units && "
-                      "ln -s 0 /run/systemd/units/log-rate-limit-interval:kamailio.service")
-            j.run("sh", "-c", "for i in $(seq 1 250); do ip addr add 198.18.8.$i/32 dev lo; done")
-            kam = j.popen(KAMAILIO_BIN, "-DD", "-f", str(cfg_path), "-Y", str(run_dir), "-P", str(run_dir / "k.pid"),
-                          "-w", str(work), user="kamailio", unit="kamailio.service", stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _wait_udp(j, f"{PROXY}:5060")
-            yield j
-            kam.kill()
-            kam.wait(5)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return [str(ip) for ip, _ in zip(ipaddress.ip_network(NET).hosts(), range(n))]
 
 
 def _storm(tmp_path: Path, lifted: bool, caplog) -> tuple[dict, set[str], list[dict], list[str]]:
@@ -197,10 +133,10 @@ def _storm(tmp_path: Path, lifted: bool, caplog) -> tuple[dict, set[str], list[d
     from sipguard.wiring import build_daemon
     from waiting import wait_for
 
-    if not lab_journald.available() or not os.path.exists(KAMAILIO_BIN):
+    if not available():
         pytest.fail("needs root, systemd-journald, unshare/nsenter/setpriv and kamailio "
                     "(the Makefile's APT_PACKAGES install them)", pytrace=False)
-    with _kamailio_unit(LIMITED, lifted) as j:
+    with kamailio_unit(LIMITED, lifted, sources=NET) as j:
         time.sleep(2.5)  # Kamailio's start-up lines fall in a rate-limit interval of their own
         cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
                                      "daemon": {"control_interval": 0.05},
@@ -215,10 +151,9 @@ def _storm(tmp_path: Path, lifted: bool, caplog) -> tuple[dict, set[str], list[d
             th.start()
             try:
                 wait_for(lambda: d.ready.is_set(), timeout=10.0)
-                r = j.run("/usr/bin/python3", "-c", _STORM, str(STORM), PROXY, user=NOBODY, timeout=60, check=False)
-                assert r.returncode == 0, r.stderr.decode()[-2000:]
+                storm(j, STORM, NET)
                 time.sleep(2.5)  # the rate-limit interval ends: the next line makes journald say what it dropped
-                j.run("/usr/bin/python3", "-c", _STORM.replace("198.18.8.", "198.18.0.5"), "1", PROXY, user=NOBODY)
+                storm(j, 1, "198.18.0.51/32")
                 wait_for(lambda: "198.18.0.51" in {e.ip for e in enf.entries()}, timeout=15.0)
                 time.sleep(0.5)
                 notices = [e for e in j.entries("-u", "kamailio.service") if e.get("MESSAGE_ID") == JOURNAL_DROPPED]
