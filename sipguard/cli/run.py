@@ -102,5 +102,7 @@ def check_config() -> None:
     out.print(f"filters: {', '.join(fs.names)}")
     for name, j in cfg.policy.jails.items():
         out.print(f"jail {name}: {'+'.join(k.value for k in j.kinds)} >= {j.threshold:g} in "
-                  f"{format_duration(j.findtime)}" + (", reset on success" if j.reset_on_success else ""))
+                  f"{format_duration(j.findtime)}" + (", reset on success" if j.reset_on_success else "")
+                  + ("" if j.distinct is None else f", distinct values of {j.distinct!r}"
+                     + (f" starting {' / '.join(j.prefixes)}" if j.prefixes else "") + f" (at most {j.max_values} kept)"))
 
