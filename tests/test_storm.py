@@ -188,3 +188,29 @@ def test_journald_loss_is_reported_and_none_with_the_drop_in(tmp_path: Path, cap
     losses, banned, notices, warnings = _storm(tmp_path, lifted=True, caplog=caplog)
     assert notices == [] and losses["notices"] == 0 and losses["lost"] == 0 and warnings == []
     assert banned == set(_addresses(STORM))
+
+
+def test_status_says_how_many_lines_were_lost(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from sipguard.store import Store
+
+    state = tmp_path / "state"
+    store = Store.open_state_dir(state)
+    losses = {"notices": 2, "lost": 12500, "journald": 1, "rsyslog": 1, "untrusted": 0}
+    store.set_meta("status", json.dumps({"pid": 1, "running": False, "heartbeat": time.time(), "logs": [],
+                                         "losses": losses}))
+    store.conn.commit()
+    store.close()
+    cfg = tmp_path / "empty.toml"
+    cfg.write_text("")
+    r = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(cfg), "--state-dir", str(state), "status"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "SIPGUARD_LOG_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "lines lost before sipguard read them: 12500 by 2 notices (journald 1, rsyslog 1)" in out, out
+    r = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(cfg), "--state-dir", str(state), "status",
+                        "--json"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SIPGUARD_LOG_DIR": str(tmp_path)})
+    assert json.loads(r.stdout)["last_status"]["losses"] == losses
