@@ -267,6 +267,9 @@ def test_real_capture(path: Path, filters: FilterSet) -> None:
     events = [e for r in records if (e := filters.match(r, NOW)) is not None]
     got = {(e.filter, e.ip) for e in events}
     assert all(ip != INJECTED for _, ip in got), got
+    if path.name.startswith("rsyslog-"):  # rsyslog's own rate-limit notices (tests/test_storm.py): no event
+        assert got == set()
+        return
     if path.name.startswith("fraud-"):
         assert got == EXPECTED_FRAUD
         return

@@ -69,7 +69,13 @@ def test_journald_entry_counts_only_with_journalds_own_fields(caplog) -> None:
      b"seconds)", 9, "rsyslog"),
     (b"Dec  1 20:00:00 vm rsyslogd: imuxsock from <vm:kamailio[87]>: begin to drop messages due to rate-limiting",
      0, "rsyslog"),
-    (b"Dec  1 20:00:00 vm rsyslogd-2177: imuxsock begins to drop messages from pid 87 due to rate-limiting", 0, None),
+    (b"Dec  1 20:00:00 vm rsyslogd-2177: imuxsock begins to drop messages from pid 87 due to rate-limiting", 0,
+     "rsyslog"),
+    (b"Dec  1 21:03:59 vm rsyslogd-2177: imuxsock[pid: 12127, name: /usr/sbin/kamailio]: 90 messages lost due to "
+     b"rate-limiting (10 allowed within 2 seconds)", 90, "rsyslog"),
+    (b"Dec  1 21:03:56 vm rsyslogd-2177: imuxsock[pid: 12127, name: /usr/sbin/kamailio] from <vm:kamailio>: begin "
+     b"to drop messages due to rate-limiting", 0, "rsyslog"),
+    (b"Dec  1 20:00:00 vm rsyslogd2: imuxsock lost 40 messages from pid 87 due to rate-limiting", 0, None),
     (b"Dec  1 20:00:00 vm rsyslogd[5]: imuxsock begins to drop messages from pid 87 due to rate-limiting", 0,
      "rsyslog"),
     (b"Dec  1 20:00:00 vm rsyslogd: imuxsock lost 40 messages from pid 87 due to rate-limiting", 40, "rsyslog"),
@@ -214,3 +220,75 @@ def test_status_says_how_many_lines_were_lost(tmp_path: Path) -> None:
                         "--json"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "SIPGUARD_LOG_DIR": str(tmp_path)})
     assert json.loads(r.stdout)["last_status"]["losses"] == losses
+
+
+RSYSLOG_CONF = """global(workDirectory="{w}" maxMessageSize="64k" processInternalMessages="on")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{w}/log.sock" CreatePath="on" RateLimit.Interval="2" RateLimit.Burst="10")
+*.* action(type="omfile" file="{w}/kamailio.log" template="RSYSLOG_TraditionalFileFormat")
+"""
+_SYSLOG_BURST = r"""
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+def say(text):
+    s.sendto(f"<133>{time.strftime('%b %d %H:%M:%S')} kamailio[{os.getpid()}]: NOTICE: <script>: {text}".encode(),
+             sys.argv[1])
+for i in range(100):
+    say(f"auth failed for user 1000 from 198.18.7.{i + 1}:5060 method REGISTER")
+time.sleep(2.5)  # the interval ends: rsyslog says how many it dropped with the next line
+say("auth failed for user 1000 from 198.18.7.200:5060 method REGISTER")
+time.sleep(0.5)
+"""
+
+
+def test_a_real_rsyslogd_past_its_limit_is_reported(tmp_path: Path, caplog) -> None:
+    """A private rsyslogd (its own socket and file, no network) with imuxsock limited to 10 lines per 2 s,
+    100 lines in a burst from one process: rsyslog writes its own two notices into the file (the shipped
+    snippet copies them into Kamailio's file, `$inputname == 'rsyslogd'`), and the daemon following that
+    file counts 90 lines lost and warns once with the fix."""
+    import shutil
+    import subprocess
+    import sys
+
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+    from waiting import wait_for
+
+    if shutil.which("rsyslogd") is None:
+        if os.environ.get("CI") or os.geteuid() == 0:
+            pytest.fail("rsyslogd is not installed (the Makefile's APT_PACKAGES install it)", pytrace=False)
+        pytest.skip("needs rsyslogd")
+    import tempfile
+
+    w = Path(tempfile.mkdtemp(prefix="sgd-rs-", dir="/tmp"))  # a socket path fits in sockaddr_un
+    (w / "rs.conf").write_text(RSYSLOG_CONF.format(w=w))
+    rs = subprocess.Popen(["rsyslogd", "-n", "-f", str(w / "rs.conf"), "-i", str(w / "rs.pid")],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (w / "log.sock").exists(), timeout=10.0)
+        subprocess.run([sys.executable, "-c", _SYSLOG_BURST, str(w / "log.sock")], check=True, timeout=30)
+        wait_for(lambda: b"messages lost due to rate-limiting" in (w / "kamailio.log").read_bytes(), timeout=10.0)
+        shutil.copyfile(w / "kamailio.log", tmp_path / "kamailio.log")
+    finally:
+        rs.terminate()
+        rs.wait(10)
+        shutil.rmtree(w, ignore_errors=True)
+    w = tmp_path
+    cfg = Config.model_validate({"allowlist": {"include_host_addresses": False}, "daemon": {"control_interval": 0.05},
+                                 "sources": {"logs": [str(w / "kamailio.log")], "from_start": True}})
+    store = Store.open_state_dir(tmp_path / "st")
+    d = build_daemon(cfg, store, DryRunEnforcer())
+    with caplog.at_level(logging.WARNING, logger="sipguard"):
+        th = threading.Thread(target=d.run, daemon=True)
+        th.start()
+        try:
+            wait_for(lambda: d.parts.pipeline.losses.stats.notices >= 2, timeout=10.0)
+            stats = d.parts.pipeline.losses.stats.as_dict()
+        finally:
+            d.stop()
+            th.join(10)
+            store.close()
+    assert stats == {"notices": 2, "lost": 90, "journald": 0, "rsyslog": 2, "untrusted": 0}, stats
+    warned = [r.getMessage() for r in caplog.records if "lines lost" in r.getMessage()]
+    assert len(warned) == 1 and "SysSock.RateLimit.Interval" in warned[0], warned

@@ -10,10 +10,12 @@ per-service limit (`RateLimitIntervalSec`/`RateLimitBurst`, lifted for one unit 
   shows beside the unit's lines: ``Suppressed 25 messages from kamailio.service``. In the journal's
   JSON only an entry with journald's own fields counts; a lookalike is counted as `untrusted`.
   Through syslog (a file): ``systemd-journald[26]: Suppressed 25 messages from kamailio.service``.
-* rsyslog, an internal message (`rsyslogd:` in a file): ``imuxsock: 123 messages lost due to
-  rate-limiting (200 allowed within 5 seconds)``, ``imuxsock from <host:kamailio[87]>: begin to drop
-  messages due to rate-limiting`` (8.2302), and the older ``imuxsock begins to drop messages from pid 87
-  due to rate-limiting`` / ``imuxsock lost 123 messages from pid 87 due to rate-limiting``.
+* rsyslog, an internal message (`rsyslogd-2177:` in a file), as 8.2302 writes it:
+  ``imuxsock[pid: 87, name: /usr/sbin/kamailio]: 90 messages lost due to rate-limiting (10 allowed
+  within 2 seconds)`` and ``imuxsock[pid: 87, name: ...] from <host:kamailio>: begin to drop messages due
+  to rate-limiting`` (tests/data/real/rsyslog-ratelimit.log), and the older ``imuxsock begins to drop
+  messages from pid 87 due to rate-limiting`` / ``imuxsock lost 123 messages from pid 87 due to
+  rate-limiting``; imjournal's alike.
 
 A text line cannot prove who wrote it (see the README: what a file source cannot prove); the shipped
 rsyslog snippet writes only rsyslog's own internal messages and journald's (by its credentials) beside
@@ -42,12 +44,13 @@ _HEAD = r"^(?:[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d|\d{4}-\d\d-\d\dT[0-9:.]{8,20}
 """A syslog line's head (traditional or ISO time, host): the program that follows is the line's own."""
 _JOURNALD_TEXT = re.compile(_HEAD + r"systemd-journald(?:\[\d{1,10}\])?: Suppressed (\d{1,12}) messages from "
                             r"(\S{1,256})$")
-_RSYSLOG_LOST = re.compile(_HEAD + r"rsyslogd(?:\[\d{1,10}\])?: (?:(imuxsock|imjournal)(?:\[\d{1,10}\])?: (\d{1,12}) "
-                           r"messages lost due to rate-limiting(?: \(\d{1,12} allowed within \d{1,12} seconds\))?|"
+_RSYSLOGD = r"rsyslogd(?:-\d{1,6})?(?:\[\d{1,10}\])?: "  # rsyslogd, rsyslogd-2177 (the message's error code)
+_MODULE = r"(imuxsock|imjournal)(?:\[[^\]\n]{0,600}\])?"  # imuxsock[pid: 87, name: /usr/sbin/kamailio] (8.2302)
+_RSYSLOG_LOST = re.compile(_HEAD + _RSYSLOGD + r"(?:" + _MODULE + r": (\d{1,12}) messages lost due to rate-limiting"
+                           r"(?: \(\d{1,12} allowed within \d{1,12} seconds\))?|"
                            r"(imuxsock|imjournal) lost (\d{1,12}) messages from pid \d{1,10} due to rate-limiting)$")
-_RSYSLOG_BEGIN = re.compile(_HEAD + r"rsyslogd(?:\[\d{1,10}\])?: (imuxsock|imjournal)(?:\[\d{1,10}\])?"
-                            r"(?: from <[^>]{0,300}>)?:? begins? to drop messages(?: from pid \d{1,10})? "
-                            r"due to rate-limiting$")
+_RSYSLOG_BEGIN = re.compile(_HEAD + _RSYSLOGD + _MODULE + r"(?: from <[^>\n]{0,600}>)?:? begins? to drop messages"
+                            r"(?: from pid \d{1,10})? due to rate-limiting$")
 
 FIXES = {
     "journald": ("journald's rate limit dropped lines of %s: install examples/systemd/kamailio.service.d/"
