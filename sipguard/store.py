@@ -452,19 +452,40 @@ class Store:
     def active_bans(self, now: float | None = None) -> list[Ban]:
         return list(self.iter_active_bans(now))
 
-    def iter_active_bans(self, now: float | None = None) -> Iterator[Ban]:
-        """The bans in force, oldest first, read as they are consumed (bounded memory at any count)."""
+    @staticmethod
+    def _ban_where(reason: str | None, since: float | None, manual: bool | None) -> tuple[str, tuple]:
+        """The SQL of `list`'s filters: a reason, or every reason of a jail or kind (`sip` matches `sip:auth`);
+        created at or after `since`; made by hand or not."""
+        where, args = [_ACTIVE], []
+        if reason is not None:
+            where.append("(reason = ? OR substr(reason, 1, length(?) + 1) = ? || ':')")
+            args += [reason, reason, reason]
+        if since is not None:
+            where.append("created >= ?")
+            args.append(since)
+        if manual is not None:
+            where.append("manual = ?" if manual else "(manual = ? OR manual IS NULL)")
+            args.append(1 if manual else 0)
+        return " AND ".join(where), tuple(args)
+
+    def iter_active_bans(self, now: float | None = None, *, reason: str | None = None, since: float | None = None,
+                         manual: bool | None = None) -> Iterator[Ban]:
+        """The bans in force, oldest first, read as they are consumed (bounded memory at any count);
+        `reason`, `since`, `manual` narrow them (see `_ban_where`)."""
         now = time.time() if now is None else now
-        cur = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE {_ACTIVE} ORDER BY created, ip", (now,))
+        where, args = self._ban_where(reason, since, manual)
+        cur = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE {where} ORDER BY created, ip", (now, *args))
         try:
             for row in cur:
                 yield _ban(row)
         finally:
             cur.close()
 
-    def count_active_bans(self, now: float | None = None) -> int:
+    def count_active_bans(self, now: float | None = None, *, reason: str | None = None, since: float | None = None,
+                          manual: bool | None = None) -> int:
         now = time.time() if now is None else now
-        return self.conn.execute(f"SELECT count(*) FROM bans WHERE {_ACTIVE}", (now,)).fetchone()[0]
+        where, args = self._ban_where(reason, since, manual)
+        return self.conn.execute(f"SELECT count(*) FROM bans WHERE {where}", (now, *args)).fetchone()[0]
 
     def active_bans_summary(self, now: float) -> BanSummary:
         """Count and widest address, reason and offence of the bans in force (one pass in SQLite)."""
