@@ -387,6 +387,19 @@ def test_status_prints_stored_values_literally(cli, tmp_path):
         assert f"evil{printable(OSC)}=1" in text
 
 
+def test_status_output_modes(cli, tmp_path):
+    """`status --output json|csv|plain`: the same facts; csv rows are the JSON's leaves, values whole."""
+    cli("ban", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "--reason", HOSTILE)
+    info = json.loads(cli("status", "--output", "json").stdout)
+    assert set(info) == set(json.loads(cli("status", "--json").stdout)) and info["bans"] == 1
+    rows = dict(csv.reader(io.StringIO(cli("status", "--output", "csv").stdout)))
+    assert rows.pop("key") == "value" and rows["bans"] == "1" and rows["daemon"] == "not running"
+    assert rows["database"] == info["database"] and "source_choice.reason" in rows
+    assert "bans in force: 1" in cli("status", "--output", "plain").stdout
+    p = cli("status", "--output", "xml", check=False)
+    assert p.returncode == 1 and "--output" in p.stderr
+
+
 def test_fleet_status_lines_print_node_names_literally(capsys):
     from sipguard.cli.app import out
     from sipguard.cluster.status import cluster_lines
