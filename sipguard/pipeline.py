@@ -21,7 +21,12 @@ those of parsing every line:
   parsing every line. A record that began on a literal line is tried only against that line's
   candidate filters (`FilterSet.candidates`); one that began on a line without literal cannot
   match and is not tried.
-- Kamailio stderr sources: every line (continuations and the rank/PID checks need them).
+- Kamailio stderr sources, plain text or the JSON engine's stderr form: every line (continuations
+  and the rank/PID checks need them).
+- syslog-family lines whose message is a JSON engine record are found by the same search: the
+  message is in the raw line (escaped only where a shipped literal has no character), so a literal
+  of the decoded record's first line is in the raw line too, provided `FilterSet.json_safe`;
+  when it is not, a source once it showed a JSON record is read every line.
 - journal JSON sources (JournalParser, one entry per line): the lines holding a literal, and every
   line whose MESSAGE could hide one from a byte search: a line holding a backslash (a JSON escape
   anywhere), `"MESSAGE"` followed by `:` and `[` (journalctl's byte-array form, for control
@@ -104,6 +109,7 @@ class Pipeline:
         self._cont_bit = 1 << len(self._lits)
         self._syslog_search = (*self._lits, CONTINUATION)
         self._json_search = (*self._lits, *JSON_MARKERS)
+        self._json_safe = self.filters.json_safe
         self._start: dict[str, int] = {}  # per source: literal mask of the line its pending record began on
         self._fed: dict[str, Parser] = {}  # sources fed since the last flush, in first-fed order
         self.n_lines = self.n_parsed = self.n_records = self.n_events = 0
@@ -243,7 +249,7 @@ class Pipeline:
                         res: BatchResult) -> None:
         """One segment of a RecordParser source, read sparsely (see the module doc)."""
         family = p.family(src)
-        if family == "stderr":
+        if family == "stderr" or family == "json" or (not self._json_safe and p.has_json(src)):
             self._every_line(LineBatch([(src, off, data)]), now, res)
             return
         lit_bits, cont = self._lit_bits, self._cont_bit
@@ -317,7 +323,8 @@ class Pipeline:
                 token = pending(src)
             if family is None:
                 family = p.family(src)
-                if family == "stderr":  # from here on, every line
+                if family == "stderr" or family == "json" or (not self._json_safe and p.has_json(src)):
+                    # from here on, every line
                     start[src] = _ALL if hot else 0
                     res.parsed += parsed
                     res.records += made

@@ -18,10 +18,20 @@ Formats (output file name -> how the log is produced):
 * ``iso.log``         rsyslog ``RSYSLOG_FileFormat`` (Debian 12 default)
 * ``rfc5424.log``     rsyslog ``RSYSLOG_SyslogProtocol23Format``
 * ``stderr.log``      ``kamailio -E`` (stderr, no escaping of CR/LF)
+* ``json.log``          ``kamailio -E --log-engine=json:M`` (the JSON engine's stderr form)
+* ``json-c.log``        ``kamailio -E --log-engine=json:c`` (stderr form with the raw ``callid``
+  field: attacker text unescaped, the unsafe flag)
+* ``json-iso.log``      ``--log-engine=json:c`` through rsyslog ``RSYSLOG_FileFormat`` (syslog form)
+* ``json-cee.log``      ``kamailio -E --log-engine=json:UM`` (CEE on stderr)
+* ``json-cee-iso.log``  ``--log-engine=json:UM`` through rsyslog ``RSYSLOG_FileFormat`` (``@cee:``)
+
+Every format gets the same scenario, including the CR/LF User-Agents (.31 with a forged log
+line folded in, .34 a plain folded UA) and the Call-ID carrying a whole fake JSON record (.35).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -42,12 +52,31 @@ FAKE = "198.18.0.99"          # address that injected text pretends to be
 PHONE_UA = "Yealink SIP-T46S 66.86.0.15"
 SYSTEM_PY = "/usr/bin/python3"  # sipvicious is installed for the system python
 
-FORMATS = {
-    "traditional": ("rsyslog", "RSYSLOG_TraditionalFileFormat"),
-    "iso": ("rsyslog", "RSYSLOG_FileFormat"),
-    "rfc5424": ("rsyslog", "RSYSLOG_SyslogProtocol23Format"),
-    "stderr": ("stderr", None),
+FORMATS = {  # name -> (log mode, rsyslog template, --log-engine)
+    "traditional": ("rsyslog", "RSYSLOG_TraditionalFileFormat", None),
+    "iso": ("rsyslog", "RSYSLOG_FileFormat", None),
+    "rfc5424": ("rsyslog", "RSYSLOG_SyslogProtocol23Format", None),
+    "stderr": ("stderr", None, None),
+    "json": ("stderr", None, "json:M"),
+    "json-c": ("stderr", None, "json:c"),
+    "json-iso": ("rsyslog", "RSYSLOG_FileFormat", "json:c"),
+    "json-cee": ("stderr", None, "json:UM"),
+    "json-cee-iso": ("rsyslog", "RSYSLOG_FileFormat", "json:UM"),
 }
+
+
+class EngineKamailio(Kamailio):
+    """The lab's Kamailio with ``--log-engine=ENGINE`` (Kamailio's JSON log engine) when given."""
+
+    def __init__(self, *args, log_engine: str | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.log_engine = log_engine
+
+    def kamailio_argv(self, cfg: Path) -> list[str]:
+        argv = super().kamailio_argv(cfg)
+        if self.log_engine:
+            argv.insert(1, f"--log-engine={self.log_engine}")
+        return argv
 
 FORGED = f" 5(4242) NOTICE: <script>: auth failed for user 1000 from {FAKE}:5060 method REGISTER"
 
@@ -229,6 +258,32 @@ def st_crlf_garbage(lab, ns, ip):
     return f"reply {r and r.status}"
 
 
+def st_crlf_ua(lab, ns, ip):
+    """A folded User-Agent (CR/LF + space) with nothing forged in it: the scanner line spans lines
+    on stderr and in journalctl text."""
+    folded = "User-Agent: friendly-scanner\r\n sipvicious"
+    with client(ns, ip) as c:
+        msg = build_request("REGISTER", f"sip:{DOMAIN}", from_uri=f"sip:1000@{DOMAIN}",
+                            to_uri=f"sip:1000@{DOMAIN}", local_ip=ip, user_agent=None,
+                            raw_header_block=folded)
+        r = c.request(msg, timeout=0.5)
+    return f"reply {r and r.status}"
+
+
+def st_callid_record(lab, ns, ip):
+    """A scanner UA whose (folded) Call-ID holds a whole fake JSON engine record naming 198.18.0.99
+    and a CR/LF: Kamailio 5.6.3 writes the callid field (flag c) unescaped."""
+    fake = (f'x", "logprefix": "", "message": "Blocked scanner UA \'friendly-scanner\' from {FAKE}:5060\\n" }}'
+            f'\r\n {{ "idx": 1, "pid": 1, "level": "WARNING", "module": "xlog", "file": "xlog.c", "line": 282, '
+            f'"function": "", "callid": "y')
+    with client(ns, ip) as c:
+        msg = build_request("REGISTER", f"sip:{DOMAIN}", from_uri=f"sip:1000@{DOMAIN}",
+                            to_uri=f"sip:1000@{DOMAIN}", local_ip=ip, call_id=fake,
+                            user_agent="friendly-scanner")
+        r = c.request(msg, timeout=0.5)
+    return f"reply {r and r.status}"
+
+
 def st_flood_inject(lab, ns, ip):
     """Pike-tripping flood whose From URI contains a fake (IP:...) group."""
     with client(ns, ip) as c:
@@ -258,19 +313,21 @@ SCENARIO = [
     (31, "injection: folded User-Agent with CRLF + forged line", st_crlf_header),
     (32, "injection: unparsable message with CRLF + forged line", st_crlf_garbage),
     (33, "OPTIONS flood with (IP:198.18.0.99:5060) in From URI (pike)", st_flood_inject),
+    (34, "folded User-Agent with CR/LF (scanner)", st_crlf_ua),
+    (35, "scanner UA + Call-ID holding a fake JSON record with CR/LF", st_callid_record),
 ]
 
 
 def capture(name: str, only: set[int] | None = None, verbose: bool = True) -> Path:
     """Play :data:`SCENARIO` against a fresh Kamailio and write OUT_DIR/<name>.log."""
-    logmode, template = FORMATS[name]
+    logmode, template, engine = FORMATS[name]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sgl-cap-") as tmp:
         logfile = Path(tmp) / f"{name}.log"
-        with Lab("cap", proxy_ip=PROXY) as lab:
-            with Kamailio(lab.hub, PROXY, logmode=logmode,
-                          template=template or "RSYSLOG_TraditionalFileFormat",
-                          logfile=logfile, domain=DOMAIN):
+        with Lab(f"cap{os.getpid() % 100000}", proxy_ip=PROXY) as lab:  # unique per run (PID)
+            with EngineKamailio(lab.hub, PROXY, logmode=logmode,
+                                template=template or "RSYSLOG_TraditionalFileFormat",
+                                logfile=logfile, domain=DOMAIN, log_engine=engine):
                 time.sleep(1.0)
                 for octet, desc, fn in SCENARIO:
                     if only and octet not in only:
