@@ -128,8 +128,9 @@ class ParserStats:
 _DROPPED = object()  # pending marker: the current record belongs to another program (or is never read)
 # the kind of a pending record (its 8th element): plain text, a JSON record after a syslog header,
 # a JSON record on stderr
-# stderr
-_PLAIN, _JSYSLOG, _JSTDERR = None, "j", "s"
+# stderr, a JSON record on stderr that absorbed a forged head (never read: its last message may be
+# the forger's)
+_PLAIN, _JSYSLOG, _JSTDERR, _JFORGED = None, "j", "s", "f"
 
 
 class _SourceState:
@@ -328,6 +329,10 @@ class RecordParser:
         if kind is _PLAIN:
             self.stats.records += 1
             return Record(p[0], p[1], p[2], p[3], p[4], p[5], p[6])
+        if kind is _JFORGED:
+            st.raw = True
+            self.stats.unsafe_json += 1
+            return None
         if kind is _JSYSLOG and "\n" in p[0]:
             # a raw field's CR/LF cut it (journalctl text): its message, on the last line, may hold
             # literals its first line does not show, which a sparse reader skips: never read
@@ -369,12 +374,17 @@ class RecordParser:
                 "trust_plain_stderr = true to accept the risk", source or "?")
 
     def _forged_into_pending(self, st: _SourceState, text: str) -> list[Record]:
-        """A header that must not start a record (forged or of the other family): continuation."""
+        """A header that must not start a record (forged or of the other family): continuation.
+
+        In Kamailio's JSON engine a record's message ends it, so a whole forged line in a record
+        would be read as its message: such a record is never read (`unsafe_json`)."""
         self.stats.forged += 1
         pending = st.pending
         if pending is None or pending is _DROPPED:
             self.stats.garbage += 1
             return []
+        if st.family == "json":
+            pending[7] = _JFORGED  # type: ignore[index]
         return self._append(pending, text)  # type: ignore[arg-type]
 
     def _append(self, pending: list, text: str) -> list[Record]:
