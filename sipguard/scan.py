@@ -133,11 +133,11 @@ def _family(path: str, fmt: str, programs: frozenset[str]) -> str | None:
 
 
 def _pieces(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float, sparse: bool,
-            start: int = 0, end: int | None = None) -> Iterator[tuple[int, list[Event]]]:
+            start: int = 0, end: int | None = None, trust: bool = False) -> Iterator[tuple[int, list[Event]]]:
     """(lines, events) of each big piece of one byte range of `path`, in order, through one
     pipeline (sparse: only the lines that can matter are parsed); the last item is what the flush
     at the end of the range gives (0 lines)."""
-    pipe = Pipeline(RecordParser(fmt, programs=programs), filters, sparse=sparse)
+    pipe = Pipeline(RecordParser(fmt, programs=programs, trust_plain_stderr=trust), filters, sparse=sparse)
     off = start
     for chunk in read_chunks(path, chunk_size=PIECE, start=start, end=end):
         res = pipe.batch(LineBatch([(path, off, chunk)]), now, flush=False)
@@ -201,13 +201,13 @@ _FRAME = struct.Struct("<Q")  # each child message: its length, then the pickle
 
 
 def _child_scan(wfd: int, path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float,
-                start: int) -> None:
+                start: int, trust: bool = False) -> None:
     """In the forked child: scan from `start` to the end, one framed pickle of (lines, event rows)
     per piece as soon as it is done, then a framed None. Never returns."""
     code = 1
     try:
         with os.fdopen(wfd, "wb") as w:
-            for n, evs in _pieces(path, filters, fmt, programs, now, True, start, None):
+            for n, evs in _pieces(path, filters, fmt, programs, now, True, start, None, trust):
                 msg = pickle.dumps((n, [(e.time, e.ip, e.filter, e.kind.value, e.weight) for e in evs]),
                                    protocol=pickle.HIGHEST_PROTOCOL)
                 w.write(_FRAME.pack(len(msg)) + msg)
@@ -238,13 +238,13 @@ def _read_frames(fd: int, out: queue.SimpleQueue) -> None:
 
 
 def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float, sparse: bool,
-               replay: BanReplay) -> int:
+               replay: BanReplay, trust: bool = False) -> int:
     """One file through the pipeline, its events fed to `replay` in file order; a big file read
     sparsely has its second part scanned by a forked child meanwhile. Returns the number of lines."""
     split = _split_point(path, fmt, programs) if sparse else None
     if split is None:
         total = 0
-        for n, events in _pieces(path, filters, fmt, programs, now, sparse):
+        for n, events in _pieces(path, filters, fmt, programs, now, sparse, trust=trust):
             total += n
             replay.feed(events)
         return total
@@ -252,7 +252,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _child_scan(wfd, path, filters, fmt, programs, now, split)
+        _child_scan(wfd, path, filters, fmt, programs, now, split, trust)
     os.close(wfd)
     frames: queue.SimpleQueue = queue.SimpleQueue()
     reader = threading.Thread(target=_read_frames, args=(rfd, frames), name="scan-child-reader", daemon=True)
@@ -263,7 +263,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     kinds = {k.value: k for k in EventKind}
     done = False
     try:
-        for n, events in _pieces(path, filters, fmt, programs, now, True, 0, split):
+        for n, events in _pieces(path, filters, fmt, programs, now, True, 0, split, trust):
             total += n
             replay.feed(events)
         while (body := frames.get()) is not None:
@@ -286,7 +286,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
         _, status = os.waitpid(pid, 0)
         reader.join()
     if not complete or status != 0:  # the child failed: same pieces, same order, skip those fed
-        for i, (n, events) in enumerate(_pieces(path, filters, fmt, programs, now, True, split, None)):
+        for i, (n, events) in enumerate(_pieces(path, filters, fmt, programs, now, True, split, None, trust)):
             if i >= received:
                 total += n
                 replay.feed(events)
@@ -322,7 +322,7 @@ def _scan_files(paths: list[str], cfg: Config, filters: FilterSet | None, allow:
     programs = frozenset(cfg.sources.programs)
     fmt = cfg.sources.format
     for path in paths:
-        result.lines += _scan_file(path, filters, fmt, programs, now, fast, replay)
+        result.lines += _scan_file(path, filters, fmt, programs, now, fast, replay, cfg.sources.trust_plain_stderr)
     result.matched = replay.matched
     result.bans = replay.bans()
     result.seconds = time.perf_counter() - t0

@@ -60,7 +60,8 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
     allow = allow_list(cfg)
     programs = frozenset(cfg.sources.programs)
     pid_alive = (lambda pid: kamailio_pid_alive(pid, programs)) if cfg.sources.verify_pid else None
-    parsers: dict = {path: RecordParser(cfg.sources.format, pid_alive=pid_alive, programs=programs)
+    parsers: dict = {path: RecordParser(cfg.sources.format, pid_alive=pid_alive, programs=programs,
+                                        trust_plain_stderr=cfg.sources.trust_plain_stderr)
                      for path in logs}
     warnings = [STDERR_WARNING] if cfg.sources.format == "stderr" else []
 
@@ -115,7 +116,8 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
         journal = JournalFollower(sc.journal, sc.journal_identifiers, cursors=store.journal_cursors(),
                                   journalctl=sc.journalctl, from_start=from_start)
         for key in journal.sources:
-            parsers[key] = JournalParser(programs=None, max_line=sc.max_line)
+            parsers[key] = JournalParser(programs=None, max_line=sc.max_line,
+                                         trust_plain_stderr=sc.trust_plain_stderr)
         follower = MultiFollower(follower, journal)
 
         def save_extra() -> None:  # the journal's cursors, in the batch's transaction
