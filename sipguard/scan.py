@@ -132,6 +132,11 @@ def _family(path: str, fmt: str, programs: frozenset[str]) -> str | None:
     return None
 
 
+def _trusting(trust: bool) -> dict[str, bool]:
+    """`trust=True` as a keyword argument when set ([sources] trust_plain_stderr), nothing otherwise."""
+    return {"trust": True} if trust else {}
+
+
 def _pieces(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float, sparse: bool,
             start: int = 0, end: int | None = None, trust: bool = False) -> Iterator[tuple[int, list[Event]]]:
     """(lines, events) of each big piece of one byte range of `path`, in order, through one
@@ -207,7 +212,7 @@ def _child_scan(wfd: int, path: str, filters: FilterSet, fmt: str, programs: fro
     code = 1
     try:
         with os.fdopen(wfd, "wb") as w:
-            for n, evs in _pieces(path, filters, fmt, programs, now, True, start, None, trust):
+            for n, evs in _pieces(path, filters, fmt, programs, now, True, start, None, **_trusting(trust)):
                 msg = pickle.dumps((n, [(e.time, e.ip, e.filter, e.kind.value, e.weight) for e in evs]),
                                    protocol=pickle.HIGHEST_PROTOCOL)
                 w.write(_FRAME.pack(len(msg)) + msg)
@@ -244,7 +249,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     split = _split_point(path, fmt, programs) if sparse else None
     if split is None:
         total = 0
-        for n, events in _pieces(path, filters, fmt, programs, now, sparse, trust=trust):
+        for n, events in _pieces(path, filters, fmt, programs, now, sparse, **_trusting(trust)):
             total += n
             replay.feed(events)
         return total
@@ -252,7 +257,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _child_scan(wfd, path, filters, fmt, programs, now, split, trust)
+        _child_scan(wfd, path, filters, fmt, programs, now, split, **_trusting(trust))
     os.close(wfd)
     frames: queue.SimpleQueue = queue.SimpleQueue()
     reader = threading.Thread(target=_read_frames, args=(rfd, frames), name="scan-child-reader", daemon=True)
@@ -263,7 +268,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     kinds = {k.value: k for k in EventKind}
     done = False
     try:
-        for n, events in _pieces(path, filters, fmt, programs, now, True, 0, split, trust):
+        for n, events in _pieces(path, filters, fmt, programs, now, True, 0, split, **_trusting(trust)):
             total += n
             replay.feed(events)
         while (body := frames.get()) is not None:
@@ -286,7 +291,8 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
         _, status = os.waitpid(pid, 0)
         reader.join()
     if not complete or status != 0:  # the child failed: same pieces, same order, skip those fed
-        for i, (n, events) in enumerate(_pieces(path, filters, fmt, programs, now, True, split, None, trust)):
+        for i, (n, events) in enumerate(_pieces(path, filters, fmt, programs, now, True, split, None,
+                                                **_trusting(trust))):
             if i >= received:
                 total += n
                 replay.feed(events)

@@ -243,23 +243,50 @@ EXPECTED = {
     ("unknown-user", "198.18.0.27"), ("scanner-ua", "198.18.0.30"), ("auth-challenge", "198.18.0.30"),
     ("auth-failure", "198.18.0.30"), ("unknown-user", "198.18.0.30"), ("scanner-ua", "198.18.0.31"),
     ("malformed", "198.18.0.32"), ("pike-block", "198.18.0.33"),
+    # issue 12: a plain folded (CR/LF) scanner UA, and a scanner whose Call-ID holds a fake JSON record
+    ("scanner-ua", "198.18.0.34"), ("scanner-ua", "198.18.0.35"),
 }
 # No documented misses since issue 12: a UA with CR/LF splits the scanner line over several
 # physical lines on stderr, and the whole record is matched, the address taken from its end.
 KNOWN_MISSES: dict[str, set[tuple[str, str]]] = {}
 
 
-@pytest.mark.parametrize("path", REAL_FILES, ids=[p.name for p in REAL_FILES])
-def test_real_capture(path: Path, filters: FilterSet) -> None:
+# The captures an attacker can forge records in (plain stderr text; the JSON engine's stderr form with
+# flag c, whose raw Call-ID holds a CR/LF): without [sources] trust_plain_stderr nothing of them is read.
+FORGEABLE = {"stderr.log", "json-c.log"}
+
+
+def _real_events(path: Path, filters: FilterSet, trust: bool) -> tuple[set[tuple[str, str]], RecordParser]:
     lines = path.read_bytes().split(b"\n")
-    parser = RecordParser(now=lambda: NOW, trust_plain_stderr=True)  # stderr.log is plain stderr text
+    parser = RecordParser(now=lambda: NOW, trust_plain_stderr=trust, on_stderr=lambda _s: None)
     records = Pipeline(parser).records(Line(path.name, b, i) for i, b in enumerate(lines) if b)
     events = [e for r in records if (e := filters.match(r, NOW)) is not None]
-    got = {(e.filter, e.ip) for e in events}
+    return {(e.filter, e.ip) for e in events}, parser
+
+
+@pytest.mark.parametrize("path", REAL_FILES, ids=[p.name for p in REAL_FILES])
+def test_real_capture(path: Path, filters: FilterSet) -> None:
+    got, _ = _real_events(path, filters, trust=True)  # the filters on every format Kamailio writes
     assert all(ip != INJECTED for _, ip in got), got
     assert got == EXPECTED - KNOWN_MISSES.get(path.name, set())
+    got, parser = _real_events(path, filters, trust=False)  # the default
+    assert all(ip != INJECTED for _, ip in got), got
+    if path.name in FORGEABLE:
+        assert got == set() and parser.stats.untrusted_stderr + parser.stats.unsafe_json > 100
+    else:
+        assert got == EXPECTED - KNOWN_MISSES.get(path.name, set())
+
+
+def test_real_json_captures_are_read_as_json(filters: FilterSet) -> None:
+    """Each capture of the JSON engine is read as such (not as text that happens to match)."""
+    for name, fmt in (("json.log", "json"), ("json-c.log", "json"), ("json-cee.log", "json"),
+                      ("json-iso.log", "iso"), ("json-cee-iso.log", "iso")):
+        _, parser = _real_events(REAL / name, filters, trust=True)
+        assert parser.stats.by_format.get(fmt, 0) > 100 and parser.has_json(name), name
+        assert parser.stats.json_invalid <= 2, (name, parser.stats)  # the -E banner joins one record
 
 
 def test_real_captures_present() -> None:
     names = {p.name for p in REAL_FILES}
-    assert {"traditional.log", "iso.log", "rfc5424.log", "stderr.log"} <= names, names
+    assert {"traditional.log", "iso.log", "rfc5424.log", "stderr.log", "json.log", "json-c.log", "json-iso.log",
+            "json-cee.log", "json-cee-iso.log"} <= names, names

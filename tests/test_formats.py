@@ -613,3 +613,29 @@ def test_kjson_random_bytes_never_raise(data: bytes, head: bytes) -> None:
     p.feed(Line("h", head + data))
     p.feed(Line("h", b"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: " + head + data))
     p.flush()
+
+
+def test_journal_entries_holding_json_engine_records() -> None:
+    from sipguard.formats import JournalParser
+
+    def entry(message: object, transport: str, pid: str = "21638") -> Line:
+        return Line("journal:k", json.dumps({"MESSAGE": message, "_PID": pid, "SYSLOG_IDENTIFIER": "kamailio",
+                                             "_TRANSPORT": transport, "__REALTIME_TIMESTAMP": "1796155718000000"}).encode())
+    syslog_form = JSON_SCANNER.replace('"idx": 3, "pid": 21638, ', "")
+    jp = JournalParser()
+    (a,) = jp.feed(entry(syslog_form, "syslog"))
+    (b,) = jp.feed(entry("@cee: " + CEE, "syslog"))
+    (c,) = jp.feed(entry(JSON_SCANNER, "stdout"))  # -E under systemd: one record per entry
+    assert (a.text, a.pid, a.time) == (SCANNER_TEXT, 21638, 1796155718.0)
+    assert (b.text, b.pid) == (MSG, 24653) and (c.text, c.rank, c.pid) == (SCANNER_TEXT, 3, 21638)
+    assert jp.feed(entry(JSON_SCANNER, "stdout", pid="999")) == [] and jp.stats["forged"] == 1
+    assert jp.feed(entry(syslog_form[:100], "syslog")) == [] and jp.stats["json_invalid"] == 1
+    # plain -E text on stdout: not read without the switch
+    assert jp.feed(entry(f" 1(21638) {MSG}", "stdout")) == [] and jp.stats["untrusted_stderr"] == 1
+    # a stdout record with a raw field (flag c): that journal source is forgeable from then on
+    raw = JSON_SCANNER.replace('"logprefix": ""', '"callid": "x", "logprefix": ""')
+    assert jp.feed(entry(raw, "stdout")) == [] and jp.feed(entry(JSON_SCANNER, "stdout")) == []
+    assert jp.stats["unsafe_json"] == 2
+    trusting = JournalParser(trust_plain_stderr=True)
+    assert [r.text for r in trusting.feed(entry(raw, "stdout"))] == [SCANNER_TEXT]
+    assert [r.text for r in trusting.feed(entry(f" 1(21638) {MSG}", "stdout"))] == [MSG]
