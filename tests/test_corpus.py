@@ -111,7 +111,8 @@ def test_every_regex_is_hit_by_a_corpus_line(filters: FilterSet, report: CorpusR
 
 def test_corpus_as_one_stream(filters: FilterSet) -> None:
     """Every single-line syslog entry in one stream: records end where the next begins."""
-    picked = [e for e in ENTRIES if len(e.lines) == 1 and e.op != "~" and not _STDERR.match(e.lines[0])]
+    picked = [e for e in ENTRIES if len(e.lines) == 1 and e.op != "~" and not _STDERR.match(e.lines[0])
+              and not e.lines[0].startswith("{")]  # (the JSON engine's stderr form: a stream of its own)
     got = sorted((e.filter, e.ip) for e in run([e.lines[0] for e in picked], filters))
     want = sorted((e.filter, e.ip) for e in picked if e.op in "+=")
     assert got == want
@@ -123,6 +124,16 @@ def test_stderr_entries_as_one_stream(filters: FilterSet) -> None:
     events = run([s for e in picked for s in e.lines], filters)
     want = {(e.filter, e.ip) for e in picked if e.op in "+="}
     assert events and {(e.filter, e.ip) for e in events} <= want
+
+
+def test_json_stderr_entries_as_one_stream(filters: FilterSet) -> None:
+    """Every entry of the JSON engine's stderr form in one stream: the idx/PID map spans entries (a
+    head that contradicts it is forged, and its record is never read); nothing injected leaks."""
+    picked = [e for e in ENTRIES if e.op != "~" and e.lines[0].startswith("{")]
+    assert len(picked) >= 8
+    events = run([s for e in picked for s in e.lines], filters)
+    want = {(e.filter, e.ip) for e in picked if e.op in "+="}
+    assert events and {(e.filter, e.ip) for e in events} <= want and INJECTED not in {e.ip for e in events}
 
 
 # -- the runner itself (sipguard/filters/corpus.py) on small corpora ------------------------------------
