@@ -301,3 +301,27 @@ def test_real_captures_present() -> None:
     names = {p.name for p in REAL_FILES}
     assert {"traditional.log", "iso.log", "rfc5424.log", "stderr.log", "json.log", "json-c.log", "json-iso.log",
             "json-cee.log", "json-cee-iso.log"} <= names, names
+
+
+JOURNAL_JSON = sorted(REAL.glob("journal*.json")) if REAL.is_dir() else []
+
+
+@pytest.mark.parametrize("path", JOURNAL_JSON, ids=[p.name for p in JOURNAL_JSON])
+def test_real_journal_json_capture(path: Path, filters: FilterSet) -> None:
+    """`journalctl -o json` of a private journald Kamailio logged to (classic engine and json:UM):
+    one entry per record, a CR/LF in a UA inside MESSAGE (the byte-array form when it holds a CR)."""
+    from sipguard.formats import JournalParser
+    parser = JournalParser()
+    records = Pipeline({path.name: parser}).records(
+        Line(path.name, b, i) for i, b in enumerate(path.read_bytes().split(b"\n")) if b)
+    got = {(e.filter, e.ip) for r in records if (e := filters.match(r, NOW)) is not None}
+    assert all(ip != INJECTED for _, ip in got), got
+    assert got == EXPECTED
+    assert parser.stats["garbage"] == 0 and parser.stats["json_invalid"] == 0
+    # the classic engine's raw CR makes journalctl print MESSAGE as bytes; the JSON engine escapes it
+    assert (parser.stats["binary_message"] >= 1) == (path.name == "journal.json")
+
+
+def test_real_journal_captures_present() -> None:
+    names = {p.name for p in JOURNAL_JSON} | {p.name for p in REAL_FILES}
+    assert {"journal.json", "journal-kjson.json", "journal-short-iso.log", "journal-kjson-short-iso.log"} <= names
