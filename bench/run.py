@@ -316,6 +316,10 @@ METHOD = """## How each figure is measured
 - **Daemon**: `sipguard run --dry-run` follows a file a writer appends to at a fixed rate (a 200,000-line
   generated log replayed); lines/s = lines written / time until the daemon's committed position reached the
   end; the lag is read from the committed position at mid-run and when the writer stops.
+- **JSON-log scan**: the scan throughput log converted line by line to what Kamailio's JSON log engine
+  writes through rsyslog with the recommended `--log-engine=json:UM` (`@cee: {...}` after the same syslog
+  header, `bench/throughput.py` `json_line`), scanned alternately with the syslog log (one untimed round
+  first); the ratio is the median of the per-round JSON / syslog times, and both must give the same events.
 - **Big scan**: `bench/genlog.py`'s log at 5,000,000 lines (as the 500,000-line one: same generator, same
   seed), `python -m sipguard scan --json LOG` beside the floor, GNU grep counting the lines that hold any of
   sipguard's search literals (`FilterSet.search_literals` of the benchmark's config, the set its reader
