@@ -5,10 +5,11 @@ end), `sipguard test-filter` (`verdicts`: every record with what each filter say
 tests all read through here, so they parse alike. Input is a LineBatch (segments of whole lines,
 sources/) or plain Lines; each source has its parser (a Parser of formats/).
 
-Sparse reading. When every active filter has prefilter literals and refuses multi-line records
-(`FilterSet.search_literals` is not None), only a one-line record holding a literal can yield an
-event. Then only the lines of a LineBatch that can matter are parsed, and the events are exactly
-those of parsing every line:
+Sparse reading. When every active filter has prefilter literals (`FilterSet.search_literals` is
+not None), only a record whose first line holds a literal can yield an event (prefilters are looked
+for on a record's first line; the record itself may span lines and is matched whole). Then only the
+lines of a LineBatch that can matter are parsed, and the events are exactly those of parsing every
+line:
 
 - syslog-family sources (RecordParser): the lines holding a literal, found by one search pass
   (`trigger_lines`) that also marks the lines starting with a space, in the syslog family the only
