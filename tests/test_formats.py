@@ -639,3 +639,34 @@ def test_journal_entries_holding_json_engine_records() -> None:
     trusting = JournalParser(trust_plain_stderr=True)
     assert [r.text for r in trusting.feed(entry(raw, "stdout"))] == [SCANNER_TEXT]
     assert [r.text for r in trusting.feed(entry(f" 1(21638) {MSG}", "stdout"))] == [MSG]
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_the_switch_reaches_the_daemon(tmp_path, trust: bool) -> None:
+    """[sources] trust_plain_stderr as the daemon reads it: off, a plain stderr scanner line is
+    counted and bans nobody; on, it bans its sender. A JSON engine line bans its sender either way."""
+    from sipguard.config import Config
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+    log = tmp_path / "k.log"
+    log.touch()
+    cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                 "sources": {"trust_plain_stderr": trust, "verify_pid": False}})
+    store = Store.open_state_dir(tmp_path / "state")
+    try:
+        d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
+        plain = Line(str(log), b" 1(123) WARNING: <script>: Blocked scanner UA 'x' from 198.18.0.7:5060", 1)
+        bans = d.step([plain, Line(str(log), b" 1(123) NOTICE: next", 2)])
+        assert {b.ip for b in bans} == ({"198.18.0.7"} if trust else set())
+        assert d.parse_counters()["untrusted_stderr"] == (0 if trust else 2)
+        assert d.skipped()["untrusted_stderr"] == (0 if trust else 2)
+    finally:
+        store.close()
+    store = Store.open_state_dir(tmp_path / "state2")
+    try:
+        d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
+        bans = d.step([Line(str(log), JSON_SCANNER.encode(), 1), Line(str(log), JSON_PIKE.encode(), 2)])
+        assert {b.ip for b in bans} == {"198.18.0.31", "198.18.0.13"}
+    finally:
+        store.close()
