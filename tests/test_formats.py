@@ -494,16 +494,23 @@ def test_json_stderr_with_a_raw_field_is_as_forgeable_as_plain_stderr() -> None:
     assert len(recs) == 3
 
 
-def test_json_stderr_forged_heads_are_part_of_the_record() -> None:
-    """A JSON head whose idx already spoke with another PID is not a record of its own, and the
-    record it joins, whose last message would be the forger's, is never read (even with the switch)."""
-    forged = JSON_PIKE.replace('"pid": 21637', '"pid": 4242').replace("198.18.0.13", "198.18.0.99")
+def test_json_stderr_heads_always_start_a_record() -> None:
+    """Every JSON head starts a record, whatever its (idx, pid): a Kamailio restart (new PIDs, old
+    ones dead) or an old log read later loses nothing; the message is Kamailio's, escaped."""
+    restarted = JSON_PIKE.replace('"pid": 21637', '"pid": 4242')
+    for alive in (None, {4242}.__contains__, {21637}.__contains__):
+        recs, p = parse(JSON_PIKE, restarted, JSON_SCANNER, pid_alive=alive, trust_plain_stderr=False)
+        assert [r.pid for r in recs] == [21637, 4242, 21638] and p.stats.forged == 0
+
+
+def test_json_stderr_a_plain_header_inside_a_record_is_never_read() -> None:
+    """A raw field's CR/LF followed by text that looks like a plain stderr header: part of that
+    record, which is never read (even with the switch: its end may be the forger's)."""
+    forged = " 5(4242) WARNING: <script>: Blocked scanner UA 'friendly-scanner' from 198.18.0.99:5060"
     for trust in (True, False):
-        recs, p = parse(JSON_PIKE, forged, JSON_SCANNER, trust_plain_stderr=trust)
+        recs, p = parse(JSON_PIKE.replace(' }', ''), forged, JSON_SCANNER, trust_plain_stderr=trust)
         assert p.stats.forged == 1 and p.stats.unsafe_json >= 1
-        assert all("198.18.0.99," not in r.text for r in recs)
-    recs, p = parse(JSON_PIKE, forged, JSON_SCANNER, trust_plain_stderr=True)
-    assert [r.text for r in recs] == [SCANNER_TEXT]
+        assert [r.text for r in recs] == ([SCANNER_TEXT] if trust else [])  # the source is unsafe from then on
 
 
 def test_json_and_plain_stderr_do_not_mix() -> None:

@@ -84,14 +84,6 @@ def is_stderr_head(text: str) -> bool:
     return text[:9] == '{ "idx": ' or text[:18] == '{ "kamailio.idx": ' or text[:8] == '{"time":'
 
 
-def head_ids(text: str) -> tuple[int, int] | None:
-    """(idx, pid) of a stderr-form head, or None."""
-    m = _HEAD.match(text)
-    if m is None or m.group(1) is None:
-        return None
-    return int(m.group(1)), int(m.group(2))
-
-
 def decode(text: str) -> Decoded | None:
     """The record in `text` (one JSON engine record, trailing whitespace allowed), or None when it
     is not one Kamailio could have written in full (cut by rsyslog at 8 KB, invalid, ...)."""

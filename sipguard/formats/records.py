@@ -329,7 +329,7 @@ class RecordParser:
         if kind is _PLAIN:
             self.stats.records += 1
             return Record(p[0], p[1], p[2], p[3], p[4], p[5], p[6])
-        if kind is _JFORGED:
+        if kind is _JFORGED:  # a plain stderr header inside: a raw field's CR/LF split this record
             st.raw = True
             self.stats.unsafe_json += 1
             return None
@@ -376,8 +376,9 @@ class RecordParser:
     def _forged_into_pending(self, st: _SourceState, text: str) -> list[Record]:
         """A header that must not start a record (forged or of the other family): continuation.
 
-        In Kamailio's JSON engine a record's message ends it, so a whole forged line in a record
-        would be read as its message: such a record is never read (`unsafe_json`)."""
+        In Kamailio's JSON engine only a raw field (flag c, a log prefix) can put such a line into
+        a record, and a whole forged line there could end up read as its message: such a record is
+        never read, and its source is as forgeable as plain stderr from then on (`unsafe_json`)."""
         self.stats.forged += 1
         pending = st.pending
         if pending is None or pending is _DROPPED:
@@ -475,12 +476,14 @@ class RecordParser:
         return self._start(st, [msg, None, None, None, pid, rank, source, None], "stderr", "stderr")
 
     def _json_stderr(self, st: _SourceState, text: str, source: str) -> list[Record]:
-        """A line starting a record of Kamailio's JSON engine on stderr (`{ "idx": ...` or CEE):
-        decoded when complete; a head whose (idx, pid) another record contradicts is forged."""
+        """A line starting a record of Kamailio's JSON engine on stderr (`{ "idx": ...` or CEE),
+        decoded when complete.
+
+        Every such line starts a record, whatever its (idx, pid): Kamailio escapes the message, and
+        the raw fields' CR/LF come from folded SIP headers, so the line after one starts with a space
+        (a continuation). No rank/PID check, so records written before a Kamailio restart, or read
+        long after, are not taken for forgeries."""
         if st.family == "stderr":
-            return self._forged_into_pending(st, text)
-        ids = kjson.head_ids(text)
-        if ids is not None and not self._stderr_genuine(st, ids[0], ids[1]):
             return self._forged_into_pending(st, text)
         return self._start(st, [text, None, None, None, None, None, source, _JSTDERR], "json", "json")
 
