@@ -31,8 +31,9 @@ class Verdict(NamedTuple):
     """What one filter says about one text, for `sipguard test-filter`: `(filter, ip, result)`.
 
     `result` is one of: matched, missed, ignored, invalid_ip, prefilter (no trigger literal on the
-    record's first line, not tried), multiline (record spans lines; the filter says `multiline = false`). `ip` is the normalised
-    address when matched or ignored, the raw capture when invalid_ip, else None.
+    record's first line, not tried), multiline (record spans lines; the filter says `multiline =
+    false`). `ip` is the normalised address when matched or ignored, the raw capture when
+    invalid_ip, else None.
     """
 
     filter: str

@@ -13,18 +13,19 @@ The forms Debian 12's Kamailio 5.6.3 writes (seen by running it, tests/data/real
 
 Why a hand-written scanner for the first two forms, not `json.loads`: 5.6.3 escapes `message`
 (quotes, backslashes, CR/LF and other control bytes) but writes `callid` (flag `c`) and `logprefix`
-(the `log_prefix` setting, Debian's default holds `$ci`) raw. Those are attacker text (the Call-ID),
-so a real record can be invalid JSON, carry extra keys — extra `message` keys with another address
-among them — or even a CR/LF. DEL and 8-bit bytes pass raw (a line need not be UTF-8), and flag `a`
-makes 5.6.3 write invalid JSON on every line (an extra quote after the function's value). So the record is read from
-both ends, where only Kamailio writes: the head (`level`, `module`, `file`, `line`, `function`, and
-`idx`/`pid`) is matched from the first byte with a regex that admits no quote or backslash in a
-value, and the message is the JSON string that ends the record (`..., "message": "..." }`): going
-back from its closing quote to the first quote not escaped by a backslash, which is its opening
-quote because Kamailio escaped every quote inside; that literal alone goes to `json.loads`. What
-lies between (callid, logprefix) is never read, only checked for being empty: a record with a
-non-empty raw field says `raw` (on stderr, where no syslog daemon frames records, raw text can
-split a record in two, so its reader treats such a source as plain stderr: forgeable).
+(the `log_prefix` setting; Debian's commented example holds `$ci`) raw. Those are attacker text
+(the Call-ID), so a real record can be invalid JSON, carry extra keys — extra `message` keys with
+another address among them — or even a CR/LF. DEL and 8-bit bytes pass raw (a line need not be
+UTF-8), and flag `a` makes 5.6.3 write invalid JSON on every line (an extra quote after the
+function's value). So the record is read from both ends, where only Kamailio writes: the head
+(`level`, `module`, `file`, `line`, `function`, and `idx`/`pid`) is matched from the first byte
+with a regex that admits no quote or backslash in a value, and the message is the JSON string that
+ends the record (`..., "message": "..." }`): going back from its closing quote to the first quote
+not escaped by a backslash, which is its opening quote because Kamailio escaped every quote inside;
+that literal alone goes to `json.loads`. What lies between is never read, only compared with what
+Kamailio writes when no raw field holds text: a record with a `callid` field or a non-empty log
+prefix says `raw` (on stderr, where no syslog daemon frames records, raw text can split a record
+in two, so its reader treats such a source as plain stderr: forgeable).
 The CEE form has no raw field (the `msg` value is escaped, the other values are Kamailio's own), so
 it goes to `json.loads` whole; `@cee: ` lines that do not parse are invalid.
 
