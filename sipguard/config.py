@@ -132,10 +132,13 @@ class SourcesConfig(Section):
     """Which files and journal entries to follow and how to read them."""
 
     logs: list[str] = []  # none of logs/journal/journal_identifiers set: the daemon chooses (see SOURCE_KEYS)
-    format: Literal["auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr"] = "auto"
+    format: Literal["auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr", "json"] = "auto"
     from_start: bool = False
     programs: list[str] = ["kamailio"]  # syslog program names of files (a path's basename counts too)
     verify_pid: bool = True
+    # plain `kamailio -E` text (and stderr JSON with raw fields) lets an attacker forge whole records:
+    # read only when the operator accepts that risk (formats/records.py); prefer --log-engine=json
+    trust_plain_stderr: bool = False
     max_line: int = Field(1 << 20, ge=1024)
     journal: list[str] = []  # systemd units to follow through the journal, e.g. ["kamailio.service"]
     journal_identifiers: list[str] = []  # ... or syslog identifiers (journalctl -t), e.g. ["kamailio"]
