@@ -238,6 +238,11 @@ class Policy:
                 for name, wins in self._win.items() for ip, w in wins.items()}
 
     @property
+    def evidence(self) -> dict[tuple[str, str], list[Evidence]]:
+        """Every source's held evidence as {(source, jail): [Evidence, ...]} (a copy, for inspection and tests)."""
+        return {(ip, name): list(v) for name, held in self._evid.items() for ip, v in held.items()}
+
+    @property
     def tracked(self) -> int:
         """How many (source, jail) windows are held."""
         return sum(len(w) for w in self._win.values())

@@ -296,10 +296,10 @@ def _type_name(annotation: object) -> tuple[str, type[BaseModel] | None]:
         return f"{name} or null", model
     if origin is list:
         name, model = _type_name(args[0])
-        return f"array of {name}", model
+        return f"array of {f'({name})' if ' or ' in name else name}", model
     if origin is dict:
         name, model = _type_name(args[1])
-        return f"object of {name}", model
+        return f"object of {f'({name})' if ' or ' in name else name}", model
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "object", annotation
     return {str: "string", float: "number", int: "integer", bool: "boolean"}.get(annotation, str(annotation)), None  # type: ignore[call-overload]
