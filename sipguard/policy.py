@@ -16,7 +16,7 @@ from typing import Protocol
 
 from .addresses import AllowList
 from .config import MAX_DURATION, JailConfig, PolicyConfig
-from .model import Decision, Event, EventKind, Evidence, evidence_of
+from .model import EVIDENCE_CHARS, Decision, Event, EventKind, Evidence, evidence_of
 
 
 DEFAULT_MAX_TRACKED = PolicyConfig.model_fields["max_tracked"].default
@@ -119,7 +119,11 @@ class Policy:
         cfg: PolicyConfig,
         allow: AllowList,
         offences: dict[str, list[float]] | None = None,
+        *,
+        evidence: bool = True,
     ) -> None:
+        """`evidence=False`: keep no evidence (decisions carry none), whatever [policy] evidence_lines says
+        (`sipguard scan`, which shows none)."""
         self.cfg = cfg
         self.allow = allow
         self.jails = [_Jail(name, j) for name, j in cfg.jails.items()]
@@ -134,8 +138,8 @@ class Policy:
         self.banned: set[str] = set()
         self.stats = PolicyStats()
         self.max_findtime = max((j.cfg.findtime for j in self.jails), default=0.0)
-        self.evidence_lines = cfg.evidence_lines
-        self._evid: dict[str, dict[str, list[Evidence]]] = {j.name: {} for j in self.jails}
+        self.evidence_lines = cfg.evidence_lines if evidence else 0
+        self._evid: dict[str, dict[str, list[Event]]] = {j.name: {} for j in self.jails}
 
     # -- state from outside ------------------------------------------------------------------
     def restore(self, events: Iterable[Event]) -> None:
@@ -209,13 +213,16 @@ class Policy:
                 self._keep(self._evid[jail.name], ev)
         return None
 
-    def _keep(self, held: dict[str, list[Evidence]], ev: Event) -> None:
-        """Hold `ev` as evidence of its source in one jail (the last evidence_lines; bounded sources)."""
+    def _keep(self, held: dict[str, list[Event]], ev: Event) -> None:
+        """Hold `ev` as evidence of its source in one jail (the last evidence_lines; bounded sources).
+        The event itself is held (no new object) unless its text is longer than evidence keeps."""
+        if len(ev.text) > EVIDENCE_CHARS:
+            ev = ev._replace(text=ev.text[:EVIDENCE_CHARS + 1])  # bounded memory; still cut (and marked) later
         got = held.pop(ev.ip, None)
         if got is None:
-            got = [evidence_of(ev)]
+            got = [ev]
         else:
-            got.append(evidence_of(ev))
+            got.append(ev)
             if len(got) > self.evidence_lines:
                 del got[0]
         held[ev.ip] = got
@@ -240,7 +247,7 @@ class Policy:
     @property
     def evidence(self) -> dict[tuple[str, str], list[Evidence]]:
         """Every source's held evidence as {(source, jail): [Evidence, ...]} (a copy, for inspection and tests)."""
-        return {(ip, name): list(v) for name, held in self._evid.items() for ip, v in held.items()}
+        return {(ip, name): [evidence_of(e) for e in v] for name, held in self._evid.items() for ip, v in held.items()}
 
     @property
     def tracked(self) -> int:
@@ -258,9 +265,9 @@ class Policy:
             since = ev.time - jail.cfg.findtime
             held = [e for e in self._evid[jail.name].get(ev.ip, ()) if e.time >= since]
             if ev.text:
-                held.append(evidence_of(ev))
+                held.append(ev)
             held.sort(key=lambda e: e.time)  # (stable: events of one time stay in the order they came)
-            evidence = tuple(held[-self.evidence_lines:])
+            evidence = tuple(evidence_of(e) for e in held[-self.evidence_lines:])
         self.note_ban(ev.ip)
         return Decision(ip=ev.ip, reason=f"{jail.name}:{ev.filter}", score=score,
                         duration=duration, offence=offence, time=ev.time, evidence=evidence)
