@@ -42,12 +42,10 @@ def real_lines(now: float) -> tuple[str, list[str]]:
     the record texts (what follows `kamailio[PID]: `) of its lines, in order."""
     out, texts = [], []
     lines = REAL.read_text().splitlines(keepends=True)
-    first = datetime.fromisoformat(lines[0].split(" ", 1)[0]).timestamp()
     last = datetime.fromisoformat(lines[-1].split(" ", 1)[0]).timestamp()
     for ln in lines:
         stamp, rest = ln.split(" ", 1)
         t = datetime.fromisoformat(stamp).timestamp() - last + now - 60
-        assert t >= now - 60 - (last - first)
         out.append(datetime.fromtimestamp(t, timezone.utc).isoformat() + " " + rest)
         texts.append(rest.split(": ", 1)[1].rstrip("\n") if ": " in rest else "")
     return "".join(out), texts
@@ -120,7 +118,8 @@ def test_daemon_ban_from_real_lines_shows_those_lines_the_arithmetic_and_the_ker
     with Running(tmp_path) as r:
         r.write(log)
         wait_for(lambda: {"198.18.0.26", "198.18.0.27"} <= {e.ip for e in r.enforcer.entries()}, timeout=10)
-        wait_for(lambda: r.store.get_ban("198.18.0.27") is not None and r.store.evidence_of("198.18.0.27"))
+        wait_for(lambda: all(r.store.get_ban(ip) is not None and r.store.evidence_of(ip)
+                             for ip in ("198.18.0.26", "198.18.0.27")))
 
         # .26: svcrack, 23 wrong passwords: the auth jail (threshold 3) banned it on the third
         rep = r.why("198.18.0.26")
