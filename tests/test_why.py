@@ -238,7 +238,7 @@ def test_fleet_origin_ban(tmp_path):
 
 
 def test_hostile_evidence_is_printed_literally(tmp_path):
-    ua = "\x1b]0;pwned\x07\x1b[2J\x1b[31m[link=https://evil.example]click[/link][/x][bold]\u009b2J"
+    ua = "\x1b]0;pwned\x07\x1b[2J\x1b[31m[link=https://evil.example]click[/link][/x][bold]\u009b2J\u202egnp.exe"
     with Running(tmp_path) as r:
         r.write(scanner("198.18.5.50", ua=ua))
         wait_for(lambda: r.store.evidence_of("198.18.5.50"))
@@ -246,9 +246,10 @@ def test_hostile_evidence_is_printed_literally(tmp_path):
         assert ua in kept.text  # stored as read
         for p in (r.cli("why", "198.18.5.50"), r.cli("why", "198.18.5.50", "--json")):
             assert p.returncode == 0, p.stderr
-            assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u0080-\u009f]", p.stdout), p.stdout  # nothing a terminal acts on
+            assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u0080-\u009f\u202a-\u202e]", p.stdout), p.stdout
         text = r.cli("why", "198.18.5.50").stdout
-        assert "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31m[link=https://evil.example]click[/link][/x][bold]\\x9b2J" in text
+        assert ("\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31m[link=https://evil.example]click[/link][/x][bold]\\x9b2J"
+                "\\u202egnp.exe") in text
         assert json.loads(r.cli("why", "198.18.5.50", "--json").stdout)["ban"]["evidence"][0]["text"] == kept.text
 
 

@@ -6,6 +6,8 @@ and the kernel (the configured enforcer's `contains`: asked, not assumed). `expl
 answer as a `WhyReport` (pydantic), whose `--json` form is documented in the README from the same
 model (`schema_doc`); the text form is printed with every value from a log or from another node
 escaped (`clean`: control characters as \\xNN) and never as rich markup, and nothing in it is cut.
+(`clean` is this module's own stand-in for `sipguard.text.printable`, the same rule: C0, DEL and C1 as
+\\xNN, any other character Python does not call printable as \\uNNNN.)
 
 Evidence lines are attacker text (User-Agents, From users): shown literally, never interpreted.
 """
@@ -26,11 +28,26 @@ from ..config import Config, JailConfig, format_duration
 from ..errors import SipguardError
 from ..model import Ban, Event, EventKind, Evidence
 from ..policy import Policy
-from .app import _iso, app, clean, ctx
+from .app import _iso, app, ctx
 
 if TYPE_CHECKING:
     from ..enforce.base import Enforcer
     from ..store import HistoryEntry, Store
+
+def _escape(ch: str) -> str:
+    o = ord(ch)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def clean(text: object) -> str:
+    """`text` as it may reach a terminal: every character a terminal could act on as a visible escape
+    (ESC as \\x1b, a newline as \\x0a, C1 as \\x9b, bidi overrides as \\u202e), nothing else changed,
+    never cut."""
+    s = "" if text is None else str(text)
+    if s.isprintable():
+        return s
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in s)
+
 
 SHOWN_EVENTS = 20
 """Events listed per jail in the text form (the newest; --json lists every one)."""
@@ -302,7 +319,8 @@ def _type_name(annotation: object) -> tuple[str, type[BaseModel] | None]:
         return f"object of {f'({name})' if ' or ' in name else name}", model
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "object", annotation
-    return {str: "string", float: "number", int: "integer", bool: "boolean"}.get(annotation, str(annotation)), None  # type: ignore[call-overload]
+    names: dict[object, str] = {str: "string", float: "number", int: "integer", bool: "boolean"}
+    return names.get(annotation, str(annotation)), None
 
 
 def schema_doc(model: type[BaseModel] = WhyReport, indent: str = "") -> list[str]:
