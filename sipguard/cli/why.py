@@ -163,8 +163,9 @@ class WhyReport(_Model):
     history: list[WhyPast] = Field(description="its ban history, oldest first ([store] history_retention)")
     jails: list[WhyJail] = Field(description="every jail's window ending now")
     would_ban: bool = Field(description="whether the events in the windows now would ban it (were it not banned)")
-    next_duration: Optional[float] = Field(description="the ban time a new automatic ban would get, seconds "
-                                                       "(null: permanent)")
+    next_duration: Optional[float] = Field(description="the ban time a new automatic ban would get (the next "
+                                                       "offence, or the jail's own bantime), seconds (null: "
+                                                       "permanent)")
 
 
 # -- building it -------------------------------------------------------------------------------------
@@ -296,12 +297,17 @@ def explain(store: Store, cfg: Config, allow: AllowList, ip: str, now: float,
     allowed = ip in allow
     would = not allowed and any(j.score >= j.threshold for j in why_jails)
     offences = len([t for t in policy.offences.get(ip, ()) if t >= now - pc.offence_memory])
+    over = [jails[j.name] for j in why_jails if j.score >= j.threshold]
+    if over and "bantime" in over[0].model_fields_set:  # the first jail to ban fixes its own ban time
+        next_duration = over[0].bantime
+    else:
+        next_duration = policy.ban_duration(offences + 1)
     backend = cfg.enforce.backend
     return WhyReport(ip=ip, now=_iso(now), banned=ban is not None, ban=why_ban, covered_by=covering,
                      kernel=_kernel(enforcer, backend, ip, covering, kernel_error), allowlisted=allowed,
                      allowlist=[] if "/" in ip else networks_holding(ip, [str(n) for n in allow.networks]),
                      history=past, jails=why_jails, would_ban=would,
-                     next_duration=policy.ban_duration(offences + 1))
+                     next_duration=next_duration)
 
 
 # -- the --json schema, documented from the model -----------------------------------------------------
