@@ -207,6 +207,7 @@ class PolicyConfig(Section):
     max_bantime: MaybePermanent = 7 * 86400
     offence_memory: Duration = 30 * 86400
     max_tracked: int = Field(200_000, ge=100)  # sources scored at once per jail; least recently active go first
+    evidence_lines: int = Field(5, ge=0, le=100)  # records kept with each ban (sipguard why); 0 = none
     jails: dict[str, JailConfig] = Field(default_factory=_default_jails)
 
     @field_validator("jails", mode="before")

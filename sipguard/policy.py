@@ -1,5 +1,6 @@
 """Scoring and decisions: Event -> Decision, from jails (kinds, findtime, threshold), escalation
-and the allow-list.
+and the allow-list; each Decision carries its evidence (the last `[policy] evidence_lines` records
+that counted, for `sipguard why`).
 
 Pure in-memory arithmetic over state it is handed (restored events, offence history): it reads
 no file, writes no database and touches no kernel, so every rule is testable with a table.
@@ -15,11 +16,17 @@ from typing import Protocol
 
 from .addresses import AllowList
 from .config import MAX_DURATION, JailConfig, PolicyConfig
-from .model import Decision, Event, EventKind
+from .model import EVIDENCE_CHARS, Decision, Event, EventKind, Evidence, evidence_of
 
 
 DEFAULT_MAX_TRACKED = PolicyConfig.model_fields["max_tracked"].default
 """Sources each jail scores at once unless [policy] max_tracked says otherwise (about 130 bytes each)."""
+
+EVIDENCE_SOURCES = 10_000
+"""Sources per jail whose evidence (records that counted, not yet a ban) is held at once: beyond it the
+least recently active lose theirs first (their ban then shows only the records from there on). Bounds
+the memory of evidence under a spray: at most EVIDENCE_SOURCES x evidence_lines texts of at most
+EVIDENCE_CHARS each per jail."""
 
 
 @dataclass(slots=True)
@@ -99,6 +106,12 @@ class Policy:
     than that can make a slow guesser's partial score be forgotten; its next events count anew).
     `banned` holds sources with a ban in force, whose events are not scored again until the ban
     ends (`release`).
+
+    Evidence: per (source, jail) the last `evidence_lines` events with text that counted and did not
+    decide (references to their record texts, capped at EVIDENCE_CHARS), for at most
+    EVIDENCE_SOURCES sources per jail; a Decision takes those inside the jail's findtime and the event
+    that decided. A jail that bans on one event (threshold 1) keeps nothing. Restored events carry no
+    text and leave none.
     """
 
     def __init__(
@@ -106,7 +119,11 @@ class Policy:
         cfg: PolicyConfig,
         allow: AllowList,
         offences: dict[str, list[float]] | None = None,
+        *,
+        evidence: bool = True,
     ) -> None:
+        """`evidence=False`: keep no evidence (decisions carry none), whatever [policy] evidence_lines says
+        (`sipguard scan`, which shows none)."""
         self.cfg = cfg
         self.allow = allow
         self.jails = [_Jail(name, j) for name, j in cfg.jails.items()]
@@ -121,6 +138,8 @@ class Policy:
         self.banned: set[str] = set()
         self.stats = PolicyStats()
         self.max_findtime = max((j.cfg.findtime for j in self.jails), default=0.0)
+        self.evidence_lines = cfg.evidence_lines if evidence else 0
+        self._evid: dict[str, dict[str, list[Event]]] = {j.name: {} for j in self.jails}
 
     # -- state from outside ------------------------------------------------------------------
     def restore(self, events: Iterable[Event]) -> None:
@@ -160,6 +179,7 @@ class Policy:
                 self.stats.resets += 1
             return None
         ip, t, w = ev.ip, ev.time, ev.weight
+        keep = decide and self.evidence_lines and ev.text
         for jail in self._by_kind.get(ev.kind, ()):
             wins = self._win[jail.name]
             old = wins.pop(ip, None)  # re-inserted below: dict order is least recently active first
@@ -185,17 +205,37 @@ class Policy:
                 score = _prune_and_sum(win, since)
             wins[ip] = win
             if len(wins) > self.max_tracked:
-                self._evict(wins)
+                self._evict(wins, self._evid[jail.name])
             if decide and score >= jail.cfg.threshold:
                 self.stats.decisions += 1
                 return self._decide(ev, jail, score)
+            if keep:
+                self._keep(self._evid[jail.name], ev)
         return None
 
-    def _evict(self, wins: dict) -> None:
+    def _keep(self, held: dict[str, list[Event]], ev: Event) -> None:
+        """Hold `ev` as evidence of its source in one jail (the last evidence_lines; bounded sources).
+        The event itself is held (no new object) unless its text is longer than evidence keeps."""
+        if len(ev.text) > EVIDENCE_CHARS:
+            ev = ev._replace(text=ev.text[:EVIDENCE_CHARS + 1])  # bounded memory; still cut (and marked) later
+        got = held.pop(ev.ip, None)
+        if got is None:
+            got = [ev]
+        else:
+            got.append(ev)
+            if len(got) > self.evidence_lines:
+                del got[0]
+        held[ev.ip] = got
+        if len(held) > EVIDENCE_SOURCES:
+            for ip in list(islice(held, len(held) - EVIDENCE_SOURCES + EVIDENCE_SOURCES // 10)):
+                del held[ip]
+
+    def _evict(self, wins: dict, evid: dict) -> None:
         """Forget the least recently active tenth of a full jail at once (amortised O(1))."""
         n = len(wins) - self.max_tracked + self.max_tracked // 10
         for ip in list(islice(wins, n)):
             del wins[ip]
+            evid.pop(ip, None)
         self.stats.evicted += n
 
     @property
@@ -203,6 +243,11 @@ class Policy:
         """Every window as {(source, jail): [t0, w0, ...]} (a copy, for inspection and tests)."""
         return {(ip, name): (list(w) if type(w) is list else [w, 1.0])
                 for name, wins in self._win.items() for ip, w in wins.items()}
+
+    @property
+    def evidence(self) -> dict[tuple[str, str], list[Evidence]]:
+        """Every source's held evidence as {(source, jail): [Evidence, ...]} (a copy, for inspection and tests)."""
+        return {(ip, name): [evidence_of(e) for e in v] for name, held in self._evid.items() for ip, v in held.items()}
 
     @property
     def tracked(self) -> int:
@@ -215,9 +260,17 @@ class Policy:
         history.append(ev.time)
         self.offences[ev.ip] = history
         duration = jail.cfg.bantime if "bantime" in jail.cfg.model_fields_set else self.ban_duration(offence)
+        evidence: tuple[Evidence, ...] = ()
+        if self.evidence_lines:
+            since = ev.time - jail.cfg.findtime
+            held = [e for e in self._evid[jail.name].get(ev.ip, ()) if e.time >= since]
+            if ev.text:
+                held.append(ev)
+            held.sort(key=lambda e: e.time)  # (stable: events of one time stay in the order they came)
+            evidence = tuple(evidence_of(e) for e in held[-self.evidence_lines:])
         self.note_ban(ev.ip)
         return Decision(ip=ev.ip, reason=f"{jail.name}:{ev.filter}", score=score,
-                        duration=duration, offence=offence, time=ev.time)
+                        duration=duration, offence=offence, time=ev.time, evidence=evidence)
 
     def ban_duration(self, offence: int) -> float | None:
         """bantime * factor^(offence-1), capped at max_bantime. With no cap (max_bantime permanent) an
@@ -234,6 +287,7 @@ class Policy:
     def _clear(self, ip: str, jails: Iterable[_Jail]) -> bool:
         hit = False
         for jail in jails:
+            self._evid[jail.name].pop(ip, None)
             if self._win[jail.name].pop(ip, None) is not None:
                 hit = True
         return hit
@@ -245,11 +299,14 @@ class Policy:
             wins = self._win[jail.name]
             since = now - jail.cfg.findtime
             dead = [ip for ip, w in wins.items() if ((not w or w[-2] < since) if type(w) is list else w < since)]
+            evid = self._evid[jail.name]
             for ip in dead:
                 del wins[ip]
+                evid.pop(ip, None)
             n += len(dead)
             if dead:  # a dict keeps its size after deletions: rebuild a much smaller one
                 self._win[jail.name] = dict(wins)
+                self._evid[jail.name] = dict(evid)
         horizon = now - self.cfg.offence_memory
         for ip in [ip for ip, ts in self.offences.items() if not ts or ts[-1] < horizon]:
             del self.offences[ip]

@@ -70,7 +70,7 @@ class BanReplay:
     duration is over."""
 
     def __init__(self, cfg: Config, allow: AllowList) -> None:
-        self.policy = Policy(cfg.policy, allow)
+        self.policy = Policy(cfg.policy, allow, evidence=False)  # (scan shows no evidence: none is kept)
         self._filters: dict[str, set[str]] = {}
         self._events: dict[str, int] = {}
         self._expires: dict[str, float | None] = {}

@@ -11,6 +11,7 @@ from . import run, logs, bans, ops  # noqa: F401 - each registers its verbs on `
 from . import doctor  # noqa: F401 - `sipguard doctor`
 from .app import app, entry
 from .firewall import firewall_app
+from . import why  # noqa: F401 - `sipguard why` (registers on `app`)
 
 app.add_typer(firewall_app, name="firewall")
 

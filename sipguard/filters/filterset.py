@@ -216,7 +216,7 @@ class FilterSet:
                 stats["events"] += 1
                 self.hits[f.name] += 1
                 t = record.time
-                return Event(now if t is None else t, ip, f.name, f.kind, f.weight)
+                return Event(now if t is None else t, ip, f.name, f.kind, f.weight, text)  # text: the evidence
         if not tried:
             stats["multiline" if refused else "skipped"] += 1
         return None
