@@ -28,25 +28,17 @@ from ..config import Config, JailConfig, format_duration
 from ..errors import SipguardError
 from ..model import Ban, Event, EventKind, Evidence
 from ..policy import Policy
+from ..text import printable
 from .app import _iso, app, ctx
 
 if TYPE_CHECKING:
     from ..enforce.base import Enforcer
     from ..store import HistoryEntry, Store
 
-def _escape(ch: str) -> str:
-    o = ord(ch)
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
-
 
 def clean(text: object) -> str:
-    """`text` as it may reach a terminal: every character a terminal could act on as a visible escape
-    (ESC as \\x1b, a newline as \\x0a, C1 as \\x9b, bidi overrides as \\u202e), nothing else changed,
-    never cut."""
-    s = "" if text is None else str(text)
-    if s.isprintable():
-        return s
-    return "".join(ch if ch.isprintable() else _escape(ch) for ch in s)
+    """`text` as it may reach a terminal: sipguard.text's escaping rule (visible escapes, never cut)."""
+    return printable("" if text is None else str(text))
 
 
 SHOWN_EVENTS = 20
