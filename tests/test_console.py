@@ -476,3 +476,16 @@ def test_the_daemons_log_lines_escape_data(cli, tmp_path):
     assert not any(ln.startswith("INFO sipguard.daemon: forged") for ln in p.stderr.splitlines())
     assert "k\\x0aINFO sipguard.daemon: forged\\x1b[31m.log" in p.stderr
     assert V6 in p.stderr  # the ban it made, address whole
+
+
+def test_list_json_keys_are_the_documented_ones(cli):
+    """README's `list --json` paragraph names every key a row has, no more, no less."""
+    readme = (ROOT / "README.md").read_text()
+    para = readme[readme.index("`list --json` prints an array of bans"):]
+    para = para[:para.index("`list` streams")]
+    para = para[:para.index("a stored time no calendar holds")]
+    documented = set(re.findall(r"`([a-z_]+)`", para)) - {"null", "true"}
+    cli("ban", "198.18.0.7", "--reason", "manual")
+    (row,) = json.loads(cli("list", "--json").stdout)
+    assert set(row) == documented - {"kernel", "kernel_only"}, (set(row), documented)
+    assert {"kernel", "kernel_only"} <= documented
