@@ -107,11 +107,12 @@ class User:
     ka_ms: int = 5000
     expires: int = 60
     office: int | None = None    # office number, None for a phone with its own address
+    rounds: int = 4              # "ok" phones: registration periods online per session
 
     def row(self) -> list[str]:
         return [self.ip, self.user, self.password, self.first or self.password, self.mode, str(self.port),
                 str(self.offline_ms), str(self.ka_ms), str(self.expires), auth_keyword(self.user, self.password),
-                auth_keyword(self.user, self.first or self.password)]
+                auth_keyword(self.user, self.first or self.password), str(self.rounds)]
 
 
 @dataclass
@@ -127,8 +128,8 @@ class LoadConfig:
     office_ka_ms: int = 30000     # office phones: the same, slower (50 phones share pike's per-address budget)
     offline_ms: tuple[int, int] = (3000, 15000)  # "ok" phones go offline for this long between sessions
     stay_share: float = 0.5       # phones that never go offline
-    typo_share: float = 0.04      # phones whose session's first registration has a wrong password (each
-                                  # session has 5 registrations: ~1% of registrations have a typo first)
+    typo_share: float = 0.03      # phones whose session's first registration has a wrong password (a
+                                  # session has 2 to 5 registrations: ~1% of registrations have a typo first)
     calls_per_s: float = 2.0
     call_ms: int = 2000           # talk time
     call_start: float = 8.0       # calls start this long after the phones
@@ -138,6 +139,7 @@ class LoadConfig:
     seed: int = 17
     keep: bool = False            # keep the work directory (logs, CSVs, configs)
     max_wall: float = 0.0         # hard bound on the whole run (0: duration + 240 s)
+    sg_extra: str = ""            # TOML appended to sipguard's config (policy variants)
 
     def __post_init__(self) -> None:
         if not (0 <= self.phones <= 16_000 and 0 <= self.offices <= 50 and 2 <= self.office_size <= 250):
@@ -166,10 +168,11 @@ def make_users(cfg: LoadConfig) -> tuple[list[User], dict[int, list[User]], list
         p = pw()
         u = User(f"{100000 + i}", p, phone_ip(i), ka_ms=cfg.ka_ms, expires=max(30, cfg.ka_ms * 12 // 1000))
         u.mode = "stay" if rng.random() < cfg.stay_share else "ok"
-        u.offline_ms = int(rng.uniform(0, cfg.ramp * 1000))
-        if u.mode == "ok":
-            # the first start spreads the phones; later sessions come back after offline_ms too
-            u.offline_ms = int(rng.uniform(0, cfg.ramp * 1000))
+        # the first start spreads the phones over the ramp; an "ok" phone comes back this long after
+        # it unregistered, and stays 1 to 4 registration periods each time
+        u.offline_ms = int(rng.uniform(0, cfg.ramp * 1000)) if u.mode == "stay" else \
+            int(rng.uniform(*cfg.offline_ms))
+        u.rounds = rng.randint(1, 4)
         u.first = p[:-1] + ("x" if p[-1] != "x" else "y") if rng.random() < cfg.typo_share else p
         phones.append(u)
     offices: dict[int, list[User]] = {}
@@ -266,6 +269,21 @@ def sipp_stats(path: Path) -> dict[str, float]:
     return out
 
 
+_USER_LINE = re.compile(rb"<script>: (auth challenge|auth failed|REGISTER success) for user (\d+) from ")
+
+
+def user_lines(logfile: Path, users: set[str]) -> dict[str, dict[str, int]]:
+    """{user: {"auth challenge"|"auth failed"|"REGISTER success": lines}} for *users* (Kamailio's
+    script lines; the users are the lab's own numeric ones)."""
+    out: dict[str, Counter] = {u: Counter() for u in users}
+    with logfile.open("rb") as fh:
+        for line in fh:
+            m = _USER_LINE.search(line)
+            if m and m.group(2).decode() in out:
+                out[m.group(2).decode()][m.group(1).decode()] += 1
+    return {u: dict(c) for u, c in out.items()}
+
+
 def cleanup_stale() -> list[str]:
     """Delete namespaces of interrupted load runs (``sgl-ld<pid>-`` whose pid is gone), stopping
     (by PID) what still runs inside them: only this module makes namespaces with that prefix."""
@@ -324,6 +342,7 @@ class LoadResult:
     workdir: str = ""
     typo_registrations: int = 0
     wall: float = 0.0
+    special: dict[str, dict] = field(default_factory=dict)  # office's stale / two-challenge phones
 
     @property
     def reg_per_s(self) -> float:
@@ -379,6 +398,9 @@ class LoadResult:
         out.append(f"office addresses banned: {len(self.offices_banned)} of {len(self.office_addresses)}")
         for ip, r in sorted(self.offices_banned.items()):
             out.append(f"  {ip} (office {self.office_addresses[ip]}): {r}")
+        for name, sp in sorted(self.special.items()):
+            out.append(f"  office {sp['office']} user {name} ({sp['mode']}): "
+                       + ", ".join(f"{v} {k}" for k, v in sorted(sp.items()) if isinstance(v, int) and k != "office"))
         if self.problems:
             out.append("problems: " + "; ".join(self.problems))
         return out
@@ -435,7 +457,7 @@ class LoadLab:
         if gone:
             self.echo(f"removed leftovers of an interrupted load run: {', '.join(gone)}")
         self.state.mkdir(parents=True)
-        self.cfgfile.write_text(SG_CONFIG.format(state=self.state, log=self.logfile))
+        self.cfgfile.write_text(SG_CONFIG.format(state=self.state, log=self.logfile) + self.cfg.sg_extra)
         self.lab = Lab(self.tag, proxy_ip=PROXY)
         self.lab.__enter__()
         # the phones' namespace, routed behind a /30
@@ -630,6 +652,10 @@ class LoadLab:
             for _ in fh:
                 log_lines += 1
         stats = {n: sipp_stats(self.work / f"sipp-{n}.csv") for n in self.sipps}
+        specials = {u.user: u for us in self.offices.values() for u in us if u.mode in ("stale", "twice")}
+        lines = user_lines(self.logfile, set(specials))
+        special = {name: {"mode": u.mode, "office": u.office, "ip": u.ip, **lines.get(name, {})}
+                   for name, u in specials.items()}
         fake = FAKE in by_ip or FAKE in self.watcher.first_seen
         if self.sg_proc.poll() is not None:
             problems.append(f"sipguard exited: {self.sg_out.read_text(errors='replace')[-500:]}")
@@ -642,7 +668,7 @@ class LoadLab:
             attacks=results, legit_banned=legit_banned, office_addresses=office_addrs,
             sg_cpu_seconds=None if cpu0 is None or cpu1 is None else cpu1 - cpu0, fake_banned=fake,
             sipp=stats, problems=problems, logfile=str(self.logfile), workdir=str(self.work),
-            typo_registrations=typo, wall=time.monotonic() - m0)
+            typo_registrations=typo, wall=time.monotonic() - m0, special=special)
         return res
 
     # -- teardown ---------------------------------------------------------------------------
