@@ -126,13 +126,15 @@ def render(res: LoadResult, f2b: dict | None, cfg: LoadConfig, when: str, load_a
         lines.append("Legitimate addresses sipguard banned, with the ban reason:")
         lines.append("")
         for ip, r in sorted(res.legit_banned.items()):
-            where = f"office {res.office_addresses[ip]}" if ip in res.office_addresses else "phone"
+            k = res.office_addresses.get(ip)
+            where = "phone" if k is None else \
+                f"office {k}, its phones re-register every {4 * cfg.office_ka_ms[k % len(cfg.office_ka_ms)] // 1000} s"
             lines.append(f"- {ip} ({where}): `{r}`")
         lines.append("")
     if res.special:
         lines.append("The offices' special phones over the run (Kamailio's lines for their user): " + "; ".join(
             f"user {u} ({s['mode']}, office {s['office']}): "
-            + ", ".join(f"{v} {k}" for k, v in sorted(s.items()) if isinstance(v, int) and k != "office")
+            + ", ".join(f"{v} {k}" for k, v in sorted(s.items()) if isinstance(v, int) and k not in ("office", "office_reregister_s"))
             for u, s in sorted(res.special.items())) + ".")
         lines.append("")
     lines += [
@@ -140,9 +142,12 @@ def render(res: LoadResult, f2b: dict | None, cfg: LoadConfig, when: str, load_a
         f"OPTIONS keepalive every {cfg.ka_ms / 1000:g} s and re-register every {4 * cfg.ka_ms / 1000:g} s (time "
         f"compressed against real phones' minutes, to reach the rate); half stay, the others unregister after 1 to 4 "
         f"periods and come back {cfg.offline_ms[0] / 1000:g}-{cfg.offline_ms[1] / 1000:g} s later; "
-        f"{100 * cfg.typo_share:g}% of the phones type a wrong password first in each session. Office phones: a "
-        f"keepalive every {cfg.office_ka_ms / 1000:g} s, a re-register every {4 * cfg.office_ka_ms / 1000:g} s, "
-        f"all from the office address (pike, 20 requests per 2 s per address, limits what one address may send). "
+        f"{100 * cfg.typo_share:g}% of the phones type a wrong password first in each session. Office phones, all "
+        f"from the office address (pike, 20 requests per 2 s per address, limits what one address may send), "
+        f"switch on over {cfg.office_ramp:g} s and re-register every "
+        + " / ".join(f"{4 * ka // 1000} s" for ka in cfg.office_ka_ms) + " (offices alternate); the stale phone "
+        f"retries every {cfg.stale_retry_ms / 1000:g} s, the two-challenge phone sends two REGISTERs without "
+        f"credentials before the one with them. "
         f"Calls at {cfg.calls_per_s:g}/s from the phones' own addresses to {cfg.callees} callees registered at a "
         f"SIPp UAS, {cfg.call_ms / 1000:g} s each. Attacks: every {cfg.attack_every:.0f} s from "
         f"{cfg.attack_at:.0f} s on, the nine of tests/e2e/scenario.py from fresh addresses.",
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rounds = a.rounds or max(1, int((a.duration - 30) // 60))
     cfg = LoadConfig(phones=a.phones, offices=a.offices, duration=a.duration, calls_per_s=a.calls, ka_ms=a.ka_ms,
-                     ramp=min(60.0, a.duration / 4), attack_rounds=rounds, attack_at=30, attack_every=60,
+                     ramp=min(60.0, a.duration / 4), office_ramp=min(60.0, a.duration / 4),
+                     office_ka_ms=(30_000, 150_000), attack_rounds=rounds, attack_at=30, attack_every=60,
                      keep=True, max_wall=a.duration + 300)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_avg = " ".join(Path("/proc/loadavg").read_text().split()[:3])

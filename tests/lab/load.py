@@ -125,7 +125,9 @@ class LoadConfig:
     ramp: float = 10.0            # phones switch on uniformly over this many seconds
     office_ramp: float = 40.0     # office phones too (a burst from one address trips pike's flood check)
     ka_ms: int = 4000             # phones: OPTIONS keepalive period; re-REGISTER every 4 periods
-    office_ka_ms: int = 30000     # office phones: the same, slower (50 phones share pike's per-address budget)
+    office_ka_ms: tuple[int, ...] = (30000,)  # office phones, per office (cycled): keepalive period, a
+                                  # re-REGISTER every 4 (50 phones share pike's per-address budget)
+    stale_retry_ms: int = 20000   # the stale-password phone tries again this long after each 401
     offline_ms: tuple[int, int] = (3000, 15000)  # "ok" phones go offline for this long between sessions
     stay_share: float = 0.5       # phones that never go offline
     typo_share: float = 0.03      # phones whose session's first registration has a wrong password (a
@@ -180,11 +182,13 @@ def make_users(cfg: LoadConfig) -> tuple[list[User], dict[int, list[User]], list
         users = []
         for j in range(cfg.office_size):
             p = pw()
-            u = User(f"{200000 + k * 1000 + j}", p, office_ip(k), mode="stay", ka_ms=cfg.office_ka_ms,
-                     expires=max(60, cfg.office_ka_ms * 12 // 1000), office=k,
+            ka = cfg.office_ka_ms[k % len(cfg.office_ka_ms)]
+            u = User(f"{200000 + k * 1000 + j}", p, office_ip(k), mode="stay", ka_ms=ka,
+                     expires=max(60, ka * 12 // 1000), office=k,
                      offline_ms=int(rng.uniform(0, cfg.office_ramp * 1000)))
             if j == 0:
-                u.mode, u.first = "stale", p + "old"   # the password was changed, the phone kept the old one
+                # the password was changed, the phone kept the old one (and retries on its own clock)
+                u.mode, u.first, u.ka_ms = "stale", p + "old", cfg.stale_retry_ms
             elif j == 1:
                 u.mode = "twice"
             users.append(u)
@@ -400,7 +404,7 @@ class LoadResult:
             out.append(f"  {ip} (office {self.office_addresses[ip]}): {r}")
         for name, sp in sorted(self.special.items()):
             out.append(f"  office {sp['office']} user {name} ({sp['mode']}): "
-                       + ", ".join(f"{v} {k}" for k, v in sorted(sp.items()) if isinstance(v, int) and k != "office"))
+                       + ", ".join(f"{v} {k}" for k, v in sorted(sp.items()) if isinstance(v, int) and k not in ("office", "office_reregister_s")))
         if self.problems:
             out.append("problems: " + "; ".join(self.problems))
         return out
@@ -654,7 +658,9 @@ class LoadLab:
         stats = {n: sipp_stats(self.work / f"sipp-{n}.csv") for n in self.sipps}
         specials = {u.user: u for us in self.offices.values() for u in us if u.mode in ("stale", "twice")}
         lines = user_lines(self.logfile, set(specials))
-        special = {name: {"mode": u.mode, "office": u.office, "ip": u.ip, **lines.get(name, {})}
+        special = {name: {"mode": u.mode, "office": u.office, "ip": u.ip,
+                          "office_reregister_s": 4 * cfg.office_ka_ms[u.office % len(cfg.office_ka_ms)] // 1000,
+                          **lines.get(name, {})}
                    for name, u in specials.items()}
         fake = FAKE in by_ip or FAKE in self.watcher.first_seen
         if self.sg_proc.poll() is not None:
