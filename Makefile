@@ -44,6 +44,7 @@ bench: setup
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) bench/cluster_bench.py   # appends the "## Cluster" section to bench/RESULTS.md
+	$(PY) -m bench.load   # SIPp phones + attacks against the real Kamailio: the "## Load" section of bench/RESULTS.md
 
 demo: setup
 	$(PY) -m tests.e2e.demo

@@ -347,6 +347,8 @@ class LoadResult:
     typo_registrations: int = 0
     wall: float = 0.0
     special: dict[str, dict] = field(default_factory=dict)  # office's stale / two-challenge phones
+    kernel_seen: dict[str, float] = field(default_factory=dict)  # legitimate address -> when it reached the set
+    started: float = 0.0                # wall-clock start of the load
 
     @property
     def reg_per_s(self) -> float:
@@ -674,7 +676,8 @@ class LoadLab:
             attacks=results, legit_banned=legit_banned, office_addresses=office_addrs,
             sg_cpu_seconds=None if cpu0 is None or cpu1 is None else cpu1 - cpu0, fake_banned=fake,
             sipp=stats, problems=problems, logfile=str(self.logfile), workdir=str(self.work),
-            typo_registrations=typo, wall=time.monotonic() - m0, special=special)
+            typo_registrations=typo, wall=time.monotonic() - m0, special=special, started=t0,
+            kernel_seen={ip: self.watcher.first_seen[ip] for ip in legit_banned if ip in self.watcher.first_seen})
         return res
 
     # -- teardown ---------------------------------------------------------------------------
