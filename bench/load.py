@@ -60,9 +60,14 @@ def fail2ban_bans(logfile: Path, maxretry: int = F2B_MAXRETRY, findtime: float =
             continue
         fails[str(row[0])].append(float(row[1]))
         n += 1
+    return jail_bans(fails, maxretry, findtime), n, took
+
+
+def jail_bans(fails: dict[str, list[float]], maxretry: int, findtime: float) -> dict[str, float]:
+    """fail2ban's jail rule: {address: time of the failure that made `maxretry` within `findtime`}."""
     banned: dict[str, float] = {}
     for ip, times in fails.items():
-        times.sort()
+        times = sorted(times)
         lo = 0
         for hi, t_hi in enumerate(times):
             while t_hi - times[lo] > findtime:
@@ -70,7 +75,7 @@ def fail2ban_bans(logfile: Path, maxretry: int = F2B_MAXRETRY, findtime: float =
             if hi - lo + 1 >= maxretry:
                 banned[ip] = t_hi
                 break
-    return banned, n, took
+    return banned
 
 
 def office_story(logfile: Path, ip: str, banned_at: float) -> dict:
@@ -214,13 +219,14 @@ def render(res: LoadResult, f2b: dict | None, cfg: LoadConfig, when: str, load_a
     return lines
 
 
-def write_section(text: list[str]) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+def write_section(text: list[str], path: Path = RESULTS) -> None:
+    """Replace (or append) the "## Load" section of *path*, leaving every other section as it is."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
     if "\n## Load\n" in old:  # replace our own section, leave the others alone
         head, _, rest = old.partition("\n## Load\n")
         nxt = rest.find("\n## ")
         old = head + ("\n" + rest[nxt + 1:] if nxt >= 0 else "")
-    RESULTS.write_text(old.rstrip("\n") + "\n\n" + "\n".join(text).rstrip("\n") + "\n")
+    path.write_text(old.rstrip("\n") + "\n\n" + "\n".join(text).rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

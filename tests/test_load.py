@@ -78,3 +78,21 @@ def test_short_load_with_attacks(capsys):
     assert len(stale) == 2 and all(s.get("auth failed", 0) >= 1 and not s.get("REGISTER success") for s in stale)
     assert len(twice) == 2 and all(s.get("REGISTER success", 0) >= 1 and
                                    s.get("auth challenge", 0) >= 2 * s["REGISTER success"] for s in twice)
+
+
+def test_bench_fail2ban_jail_rule_and_results_section(tmp_path):
+    from bench.load import jail_bans, write_section
+
+    fails = {"198.18.128.1": [0, 100, 200, 300, 400],          # 5 within 600 s: banned at the 5th
+             "198.18.128.2": [0, 200, 400, 700, 900, 1300],    # never 5 within 600 s
+             "198.18.128.3": [5, 1, 4, 2, 3, 9]}               # unsorted input
+    assert jail_bans(fails, 5, 600) == {"198.18.128.1": 400, "198.18.128.3": 5}
+    assert jail_bans(fails, 6, 600) == {"198.18.128.3": 9}
+    res = tmp_path / "RESULTS.md"
+    res.write_text("# R\n\n## Scan\n\nscan table\n\n## Load\n\nold load\n\n## Cluster\n\ncluster table\n")
+    write_section(["## Load", "", "new load"], res)
+    text = res.read_text()
+    assert "old load" not in text and text.count("## Load") == 1 and text.endswith("new load\n")
+    assert "scan table" in text and "## Cluster\n\ncluster table" in text
+    write_section(["## Load", "", "newer"], res)
+    assert res.read_text().count("## Load") == 1 and "newer" in res.read_text() and "new load" not in res.read_text()
