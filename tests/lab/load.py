@@ -398,6 +398,9 @@ class LoadResult:
         for a in self.attacks:
             out.append(f"  {a.ip:<13} {a.key:<16} {(a.reason or 'NOT BANNED')[:40]:<40} "
                        f"latency {f(a.latency)}")
+        out.append("SIPp instances (sessions ok / failed): " + ", ".join(
+            f"{n} {int(st.get('SuccessfulCall(C)', 0))}/{int(st.get('FailedCall(C)', 0))}"
+            for n, st in sorted(self.sipp.items())))
         out.append(f"legitimate phones banned: {len(self.phones_banned)}")
         for ip, r in sorted(self.phones_banned.items()):
             out.append(f"  {ip}: {r}")
