@@ -564,7 +564,9 @@ class LoadLab:
 
         assert self.lab is not None
         atts = []
-        for i, a in enumerate(sc.attacks()):
+        every = sc.attacks()
+        assert len(every) <= 12, "a round's addresses are 12 apart: widen the spacing"
+        for i, a in enumerate(every):
             ip = f"198.18.0.{20 + n * 12 + i}" if n else a.ip
             atts.append(dataclasses.replace(a, ip=ip))
         nss = {a.ip: self.lab.add_client(a.ip) for a in atts}
