@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps redis-server redis-sentinel openssl chromium systemd fail2ban python3-pyinotify faketime gcc libc6-dev logrotate
+APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps redis-server redis-sentinel openssl chromium systemd fail2ban python3-pyinotify faketime gcc libc6-dev logrotate sip-tester
 PYTEST_ARGS ?=
 # The distribution's interpreter (the one python3-venv is installed for, and fail2ban runs on)
 SYSTEM_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
@@ -44,6 +44,7 @@ bench: setup
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) bench/cluster_bench.py   # appends the "## Cluster" section to bench/RESULTS.md
+	$(PY) -m bench.load   # SIPp phones + attacks against the real Kamailio: the "## Load" section of bench/RESULTS.md
 
 demo: setup
 	$(PY) -m tests.e2e.demo

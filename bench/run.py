@@ -34,7 +34,7 @@ QUICK = {"scan_lines": 3000, "scan_runs": 1, "daemon_rate": 20_000, "daemon_seco
          "spray_n": 3000, "spray_max_events": 1000, "f2b_ipt_n": 10,
          "bigscan_lines": 30_000, "bigscan_runs": 1, "catchup_lines": 30_000, "catchup_runs": 1,
          "cli_n": 5, "cli_rate": 2000, "cli_probe_s": 1.0, "list_n": 2000}
-PARTS = ("throughput", "daemon", "latency", "scale", "scan5m", "journal_mix", "cli")
+PARTS = ("throughput", "scan_json", "daemon", "latency", "scale", "scan5m", "journal_mix", "cli")
 TARGETS = {
     "scan_ratio": 25.0, "daemon_lines_per_s": 500_000, "p99_ms": 20.0, "latency_ratio": 20.0,
     "load_s": 2.0, "restore_s": 5.0, "rss_mb": 150.0,
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "throughput" in parts:
             res["scan"] = throughput.scan_vs_fail2ban(work, sizes["scan_lines"], sizes["scan_runs"])
+        if "scan_json" in parts:  # the same scan on the log as Kamailio's JSON engine writes it
+            res["scan_json"] = throughput.scan_json_vs_syslog(work, sizes["scan_lines"], sizes["scan_runs"])
         if "daemon" in parts:
             res["daemon"] = throughput.daemon_follow(work, sizes["daemon_rate"], sizes["daemon_seconds"],
                                                      sizes["daemon_source"])
@@ -159,6 +161,14 @@ def render(r: dict) -> str:
                          if s.get("sipguard_seconds_budget") else ""))
         rows.append(("lines matched (same filter semantics)", _f(s["sipguard_matched"]),
                      _f(s.get("fail2ban_matched")), "", "equal: " + _ok(s.get("same_lines_matched"))))
+    sj = r.get("scan_json")
+    if sj:
+        rows.append((f"scan of the same {sj['lines']:,} lines as Kamailio's JSON engine writes them through rsyslog "
+                     f"(`--log-engine=json:{sj['engine']}`, {sj['bytes_json'] / 1e6:,.0f} MB vs "
+                     f"{sj['bytes_syslog'] / 1e6:,.0f} MB), whole process (median of {sj['runs']}, lines/s)",
+                     _f(sj["json_lines_per_s"]), "", _f(sj["ratio"], "{:.2f}x the syslog scan's time"),
+                     f"events equal: {_ok(sj['json_matched'] == sj['syslog_matched'])} "
+                     f"({_f(sj['json_matched'])} / {_f(sj['syslog_matched'])})"))
     b = r.get("scan5m")
     if b:
         scaled = ""
@@ -306,6 +316,10 @@ METHOD = """## How each figure is measured
 - **Daemon**: `sipguard run --dry-run` follows a file a writer appends to at a fixed rate (a 200,000-line
   generated log replayed); lines/s = lines written / time until the daemon's committed position reached the
   end; the lag is read from the committed position at mid-run and when the writer stops.
+- **JSON-log scan**: the scan throughput log converted line by line to what Kamailio's JSON log engine
+  writes through rsyslog with the recommended `--log-engine=json:UM` (`@cee: {...}` after the same syslog
+  header, `bench/throughput.py` `json_line`), scanned alternately with the syslog log (one untimed round
+  first); the ratio is the median of the per-round JSON / syslog times, and both must give the same events.
 - **Big scan**: `bench/genlog.py`'s log at 5,000,000 lines (as the 500,000-line one: same generator, same
   seed), `python -m sipguard scan --json LOG` beside the floor, GNU grep counting the lines that hold any of
   sipguard's search literals (`FilterSet.search_literals` of the benchmark's config, the set its reader

@@ -182,3 +182,77 @@ def _cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+_TRAD_LINE = re.compile(rb"^([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S+ kamailio\[\d+\]: )([A-Z]+): (.*)$")
+_MODULE = re.compile(r"^(<core>|[a-z_]+) \[([^\]:]+):(\d+)\]: (?:(\w+)\(\): )?(.*)$", re.S)
+
+
+def json_line(line: bytes, engine: str = "UM") -> bytes:
+    """One traditional syslog line as Kamailio's JSON log engine writes it through rsyslog
+    (`--log-engine=json:UM`: `@cee: {...}`; `json:M`: the syslog form), other lines unchanged."""
+    m = _TRAD_LINE.match(line)
+    if m is None:
+        return line
+    head, level, rest = m.group(1), m.group(2).decode(), m.group(3).decode("utf-8", "replace")
+    if rest.startswith("<script>: "):
+        module, file, lno, func, msg = "xlog", "xlog.c", 282, "", rest[10:]
+    else:
+        mm = _MODULE.match(rest)
+        if mm is None:
+            module, file, lno, func, msg = "core", "core/main.c", 1, "", rest
+        else:
+            module = "core" if mm.group(1) == "<core>" else mm.group(1)
+            file, lno, func, msg = mm.group(2), int(mm.group(3)), mm.group(4) or "", mm.group(5)
+    if engine == "UM":
+        rec = json.dumps({"time": "2026-11-30T03:01:56.000000000Z", "proc": {"id": "23866", "tid": 1}, "pri": level,
+                          "subsys": module, "file": {"name": file, "line": lno}, "native": {"function": func},
+                          "msg": msg, "pname": "kamailio", "appname": "kamailio", "hostname": "sip1"},
+                         ensure_ascii=False, separators=(",", ":"))
+        return head + b"@cee: " + rec.encode()
+    rec = (f'{{ "level": "{level}", "module": "{module}", "file": "{file}", "line": {lno}, "function": "{func}", '
+           f'"logprefix": "", "message": {json.dumps(msg, ensure_ascii=False)} }}')
+    return head + rec.encode()
+
+
+def ensure_json_log(work: Path, lines: int, engine: str = "UM") -> Path:
+    """The benchmark log (`ensure_log`) converted line by line by `json_line`."""
+    path = work / f"kamailio-{lines}-json-{engine}.log"
+    if not path.exists():
+        src = ensure_log(work, lines)
+        log(f"converting {src} to the JSON engine's form (json:{engine}) -> {path}")
+        with src.open("rb") as f, open(str(path) + ".tmp", "wb") as out:
+            for raw in f:
+                out.write(json_line(raw.rstrip(b"\n"), engine) + b"\n")
+        os.replace(str(path) + ".tmp", path)
+    return path
+
+
+def scan_json_vs_syslog(work: Path, lines: int = 500_000, runs: int = 5, engine: str = "UM") -> dict:
+    """`sipguard scan --json` of the benchmark log and of the same log as Kamailio's JSON engine
+    writes it through rsyslog, alternated, `runs` rounds after one untimed round: the median
+    times, lines/s, the median per-round ratio (JSON / syslog) and both event counts (equal: the
+    JSON engine carries the same records)."""
+    syslog_log = ensure_log(work, lines)
+    json_log = ensure_json_log(work, lines, engine)
+    cfg = write_config(work / "scan.toml")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    cmd = [*SIPGUARD, "--config", str(cfg), "scan", "--json"]
+    _timed([*cmd, str(syslog_log)], env=env)
+    _timed([*cmd, str(json_log)], env=env)
+    t_sys: list[float] = []
+    t_json: list[float] = []
+    ratios: list[float] = []
+    matched: dict[str, int] = {}
+    for i in range(runs):
+        a, out_a = _timed([*cmd, str(syslog_log)], env=env)
+        b, out_b = _timed([*cmd, str(json_log)], env=env)
+        matched = {"syslog": json.loads(out_a)["matched"], "json": json.loads(out_b)["matched"]}
+        t_sys.append(a)
+        t_json.append(b)
+        ratios.append(b / a)
+        log(f"scan JSON vs syslog {i + 1}/{runs}: syslog {a:.3f}s, JSON (json:{engine}) {b:.3f}s")
+    return {"lines": lines, "runs": runs, "engine": engine, "bytes_syslog": syslog_log.stat().st_size,
+            "bytes_json": json_log.stat().st_size, "syslog_seconds": t_sys, "json_seconds": t_json,
+            "syslog_lines_per_s": lines / median(t_sys), "json_lines_per_s": lines / median(t_json),
+            "ratio": median(ratios), "syslog_matched": matched.get("syslog"), "json_matched": matched.get("json")}

@@ -9,7 +9,8 @@ always in this order:
 2. **the scorer's banned set** (`note_ban` / `release`), so the source's further events are not scored
    again while it is banned, and its old events do not re-ban it after an unban;
 3. **the store**, in the caller's transaction: each change is queued and `write()` puts the queue into
-   the open transaction (the daemon's batch transaction, with the batch's events and positions);
+   the open transaction (the daemon's batch transaction, with the batch's events and positions), a
+   ban's evidence (the records that decided it, `Ban.evidence`) beside its row;
    `written()` drops what a committed transaction holds. A transaction that fails (disk full, a lock)
    leaves the queue as it was: the rows are written by the next transaction that commits, never lost.
 
@@ -283,6 +284,9 @@ class BanBook:
                 store.mark_cleared(op.ip, op.cleared_at)
         if run:
             store.put_bans(run, now)
+        evidence = [op.ban for op in self._pending if isinstance(op, _Put) and op.ban.evidence]
+        if evidence:
+            store.add_evidence(evidence)
         heard = len(self._heard)
         for kind, items, cause, t in self._heard:
             for li in self.listeners:
@@ -468,4 +472,4 @@ class BanBook:
 def ban_from_decision(d: Decision, now: float) -> Ban:
     """The ban a policy decision asks for, starting `now`."""
     return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
-               score=d.score, offence=d.offence, manual=False)
+               score=d.score, offence=d.offence, manual=False, evidence=d.evidence)

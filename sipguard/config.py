@@ -132,10 +132,13 @@ class SourcesConfig(Section):
     """Which files and journal entries to follow and how to read them."""
 
     logs: list[str] = []  # none of logs/journal/journal_identifiers set: the daemon chooses (see SOURCE_KEYS)
-    format: Literal["auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr"] = "auto"
+    format: Literal["auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr", "json"] = "auto"
     from_start: bool = False
     programs: list[str] = ["kamailio"]  # syslog program names of files (a path's basename counts too)
     verify_pid: bool = True
+    # plain `kamailio -E` text (and stderr JSON with raw fields) lets an attacker forge whole records:
+    # read only when the operator accepts that risk (formats/records.py); prefer --log-engine=json
+    trust_plain_stderr: bool = False
     max_line: int = Field(1 << 20, ge=1024)
     journal: list[str] = []  # systemd units to follow through the journal, e.g. ["kamailio.service"]
     journal_identifiers: list[str] = []  # ... or syslog identifiers (journalctl -t), e.g. ["kamailio"]
@@ -224,6 +227,7 @@ class PolicyConfig(Section):
     max_bantime: MaybePermanent = 7 * 86400
     offence_memory: Duration = 30 * 86400
     max_tracked: int = Field(200_000, ge=100)  # sources scored at once per jail; least recently active go first
+    evidence_lines: int = Field(5, ge=0, le=100)  # records kept with each ban (sipguard why); 0 = none
     jails: dict[str, JailConfig] = Field(default_factory=_default_jails)
 
     @field_validator("jails", mode="before")

@@ -137,7 +137,8 @@ def _counters(stats: object) -> dict:
     return dict(as_dict()) if callable(as_dict) else dict(stats)  # type: ignore[call-overload]
 
 
-_PARSER_SKIPS = ("garbage", "forged", "invalid_utf8", "truncated", "other_program")
+_PARSER_SKIPS = ("garbage", "forged", "invalid_utf8", "truncated", "other_program",
+                 "untrusted_stderr", "json_invalid", "unsafe_json")  # the last three: formats/ since issue 12
 _SOURCE_SKIPS = ("too_long", "errors")
 
 

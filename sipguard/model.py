@@ -7,7 +7,7 @@ a tuple is built at half the cost of a frozen dataclass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import NamedTuple
 
@@ -57,6 +57,9 @@ class EventKind(str, Enum):
 class Event(NamedTuple):
     """A filter hit: `ip` is the normalised source address Kamailio printed as $si.
 
+    `text` is the matched record's text (a reference to the Record's own string, never a copy; ""
+    for an event read back from the store, which keeps no text): the evidence a ban keeps.
+
     `captures` holds the regex's other named groups as (name, value) pairs, e.g. ("dest", "+4420..."):
     attacker text, at most CAPTURE_CHARS characters each, used only as a counting key by distinct jails
     (policy.py), never as an address; () for most filters and for an event read back from the store.
@@ -67,11 +70,36 @@ class Event(NamedTuple):
     filter: str
     kind: EventKind
     weight: float
+    text: str = ""
     captures: tuple[tuple[str, str], ...] = ()
 
 
 CAPTURE_CHARS = 64
 """The longest captured value an Event carries (longer ones are cut to this: still a key, bounded)."""
+
+
+class Evidence(NamedTuple):
+    """One record that counted towards a ban, as the ban keeps it: the event's time, filter and weight,
+    and the record's text, at most EVIDENCE_CHARS long (`cut`: it was longer and ends with an ellipsis).
+    Attacker text: printed escaped, never interpreted."""
+
+    time: float
+    filter: str
+    weight: float
+    text: str
+    cut: bool = False
+
+
+EVIDENCE_CHARS = 512
+"""The longest evidence text kept (characters); a longer record is cut to this, marked `cut`."""
+
+
+def evidence_of(ev: Event) -> Evidence:
+    """The evidence an event leaves: its text capped at EVIDENCE_CHARS (no copy when shorter)."""
+    text = ev.text
+    if len(text) <= EVIDENCE_CHARS:
+        return Evidence(ev.time, ev.filter, ev.weight, text)
+    return Evidence(ev.time, ev.filter, ev.weight, text[:EVIDENCE_CHARS - 1] + "\u2026", True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +112,7 @@ class Decision:
     duration: float | None
     offence: int
     time: float
+    evidence: tuple[Evidence, ...] = ()  # the last records that counted, oldest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +127,8 @@ class Ban:
     offence: int = 1
     manual: bool = False
     refused: str | None = None  # why the enforcer cannot hold it (e.g. an ipset and a /0); None: enforced
+    # the records that decided it (policy bans; stored beside the ban, never compared, never published)
+    evidence: tuple[Evidence, ...] = field(default=(), compare=False, repr=False)
 
     def with_refusal(self, why: str | None) -> Ban:
         """The same ban, marked refused by the enforcer (None: enforceable)."""

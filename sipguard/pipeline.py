@@ -5,10 +5,11 @@ end), `sipguard test-filter` (`verdicts`: every record with what each filter say
 tests all read through here, so they parse alike. Input is a LineBatch (segments of whole lines,
 sources/) or plain Lines; each source has its parser (a Parser of formats/).
 
-Sparse reading. When every active filter has prefilter literals and refuses multi-line records
-(`FilterSet.search_literals` is not None), only a one-line record holding a literal can yield an
-event. Then only the lines of a LineBatch that can matter are parsed, and the events are exactly
-those of parsing every line:
+Sparse reading. When every active filter has prefilter literals (`FilterSet.search_literals` is
+not None), only a record whose first line holds a literal can yield an event (prefilters are looked
+for on a record's first line; the record itself may span lines and is matched whole). Then only the
+lines of a LineBatch that can matter are parsed, and the events are exactly those of parsing every
+line:
 
 - syslog-family sources (RecordParser): the lines holding a literal, found by one search pass
   (`trigger_lines`) that also marks the lines starting with a space, in the syslog family the only
@@ -21,7 +22,12 @@ those of parsing every line:
   parsing every line. A record that began on a literal line is tried only against that line's
   candidate filters (`FilterSet.candidates`); one that began on a line without literal cannot
   match and is not tried.
-- Kamailio stderr sources: every line (continuations and the rank/PID checks need them).
+- Kamailio stderr sources, plain text or the JSON engine's stderr form: every line (continuations
+  and the rank/PID checks need them).
+- syslog-family lines whose message is a JSON engine record are found by the same search: the
+  message is in the raw line (escaped only where a shipped literal has no character), so a literal
+  of the decoded record's first line is in the raw line too, provided `FilterSet.json_safe`;
+  when it is not, a source once it showed a JSON record is read every line.
 - journal JSON sources (JournalParser, one entry per line): the lines holding a literal, and every
   line whose MESSAGE could hide one from a byte search: a line holding a backslash (a JSON escape
   anywhere), `"MESSAGE"` followed by `:` and `[` (journalctl's byte-array form, for control
@@ -108,6 +114,7 @@ class Pipeline:
         self._cont_bit = 1 << len(self._lits)
         self._syslog_search = (*self._lits, CONTINUATION)
         self._json_search = (*self._lits, *JSON_MARKERS)
+        self._json_safe = self.filters.json_safe
         self._start: dict[str, int] = {}  # per source: literal mask of the line its pending record began on
         self._fed: dict[str, Parser] = {}  # sources fed since the last flush, in first-fed order
         self.n_lines = self.n_parsed = self.n_records = self.n_events = 0
@@ -251,7 +258,7 @@ class Pipeline:
                         res: BatchResult) -> None:
         """One segment of a RecordParser source, read sparsely (see the module doc)."""
         family = p.family(src)
-        if family == "stderr":
+        if family == "stderr" or family == "json" or (not self._json_safe and p.has_json(src)):
             self._every_line(LineBatch([(src, off, data)]), now, res)
             return
         lit_bits, cont = self._lit_bits, self._cont_bit
@@ -325,7 +332,8 @@ class Pipeline:
                 token = pending(src)
             if family is None:
                 family = p.family(src)
-                if family == "stderr":  # from here on, every line
+                if family == "stderr" or family == "json" or (not self._json_safe and p.has_json(src)):
+                    # from here on, every line
                     start[src] = _ALL if hot else 0
                     res.parsed += parsed
                     res.records += made

@@ -1,6 +1,7 @@
 """Scoring and decisions: Event -> Decision, from jails (kinds, findtime, threshold), escalation
-and the allow-list. A distinct jail counts the distinct values of one named capture of its events
-(distinct users tried, distinct destinations dialled) instead of the events themselves.
+and the allow-list; each Decision carries its evidence (the last `[policy] evidence_lines` records
+that counted, for `sipguard why`). A distinct jail counts the distinct values of one named capture
+of its events (distinct users tried, distinct destinations dialled) instead of the events themselves.
 
 Pure in-memory arithmetic over state it is handed (restored events, offence history): it reads
 no file, writes no database and touches no kernel, so every rule is testable with a table.
@@ -16,11 +17,17 @@ from typing import Protocol
 
 from .addresses import AllowList
 from .config import MAX_DURATION, JailConfig, PolicyConfig
-from .model import Decision, Event, EventKind
+from .model import EVIDENCE_CHARS, Decision, Event, EventKind, Evidence, evidence_of
 
 
 DEFAULT_MAX_TRACKED = PolicyConfig.model_fields["max_tracked"].default
 """Sources each jail scores at once unless [policy] max_tracked says otherwise (about 130 bytes each)."""
+
+EVIDENCE_SOURCES = 10_000
+"""Sources per jail whose evidence (records that counted, not yet a ban) is held at once: beyond it the
+least recently active lose theirs first (their ban then shows only the records from there on). Bounds
+the memory of evidence under a spray: at most EVIDENCE_SOURCES x evidence_lines texts of at most
+EVIDENCE_CHARS each per jail."""
 
 
 @dataclass(slots=True)
@@ -114,6 +121,12 @@ class Policy:
     `banned` holds sources with a ban in force, whose events are not scored again until the ban
     ends (`release`).
 
+    Evidence: per (source, jail) the last `evidence_lines` events with text that counted and did not
+    decide (references to their record texts, capped at EVIDENCE_CHARS), for at most
+    EVIDENCE_SOURCES sources per jail; a Decision takes those inside the jail's findtime and the event
+    that decided. A jail that bans on one event (threshold 1) keeps nothing. Restored events carry no
+    text and leave none.
+
     A distinct jail (`distinct = "dest"`) keeps instead, per source, the hashes of the distinct values
     of that capture it saw inside findtime, each with the time it was last seen, least recently seen
     first: at most `max_values` per source (the oldest go first) and at most `max_tracked` sources. Its
@@ -127,7 +140,11 @@ class Policy:
         cfg: PolicyConfig,
         allow: AllowList,
         offences: dict[str, list[float]] | None = None,
+        *,
+        evidence: bool = True,
     ) -> None:
+        """`evidence=False`: keep no evidence (decisions carry none), whatever [policy] evidence_lines says
+        (`sipguard scan`, which shows none)."""
         self.cfg = cfg
         self.allow = allow
         self.jails = [_Jail(name, j) for name, j in cfg.jails.items()]
@@ -143,6 +160,8 @@ class Policy:
         self.banned: set[str] = set()
         self.stats = PolicyStats()
         self.max_findtime = max((j.cfg.findtime for j in self.jails), default=0.0)
+        self.evidence_lines = cfg.evidence_lines if evidence else 0
+        self._evid: dict[str, dict[str, list[Event]]] = {j.name: {} for j in self.jails}
 
     # -- state from outside ------------------------------------------------------------------
     def restore(self, events: Iterable[Event]) -> None:
@@ -182,6 +201,7 @@ class Policy:
                 self.stats.resets += 1
             return None
         ip, t, w = ev.ip, ev.time, ev.weight
+        keep = decide and self.evidence_lines and ev.text
         for jail in self._by_kind.get(ev.kind, ()):
             if jail.distinct is not None:
                 got = self._count_distinct(jail, ev, decide)
@@ -212,10 +232,12 @@ class Policy:
                 score = _prune_and_sum(win, since)
             wins[ip] = win
             if len(wins) > self.max_tracked:
-                self._evict(wins)
+                self._evict(wins, self._evid[jail.name])
             if decide and score >= jail.cfg.threshold:
                 self.stats.decisions += 1
                 return self._decide(ev, jail, score)
+            if keep:
+                self._keep(self._evid[jail.name], ev)
         return None
 
     def _count_distinct(self, jail: _Jail, ev: Event, decide: bool) -> Decision | None:
@@ -241,18 +263,38 @@ class Policy:
                 del seen[old]
         srcs[ev.ip] = seen
         if len(srcs) > self.max_tracked:
-            self._evict(srcs)
+            self._evict(srcs, self._evid[jail.name])
         score = float(len(seen))
         if decide and score >= jail.cfg.threshold:
             self.stats.decisions += 1
             return self._decide(ev, jail, score)
+        if decide and self.evidence_lines and ev.text:
+            self._keep(self._evid[jail.name], ev)
         return None
 
-    def _evict(self, wins: dict) -> None:
+    def _keep(self, held: dict[str, list[Event]], ev: Event) -> None:
+        """Hold `ev` as evidence of its source in one jail (the last evidence_lines; bounded sources).
+        The event itself is held (no new object) unless its text is longer than evidence keeps."""
+        if len(ev.text) > EVIDENCE_CHARS:
+            ev = ev._replace(text=ev.text[:EVIDENCE_CHARS + 1])  # bounded memory; still cut (and marked) later
+        got = held.pop(ev.ip, None)
+        if got is None:
+            got = [ev]
+        else:
+            got.append(ev)
+            if len(got) > self.evidence_lines:
+                del got[0]
+        held[ev.ip] = got
+        if len(held) > EVIDENCE_SOURCES:
+            for ip in list(islice(held, len(held) - EVIDENCE_SOURCES + EVIDENCE_SOURCES // 10)):
+                del held[ip]
+
+    def _evict(self, wins: dict, evid: dict) -> None:
         """Forget the least recently active tenth of a full jail at once (amortised O(1))."""
         n = len(wins) - self.max_tracked + self.max_tracked // 10
         for ip in list(islice(wins, n)):
             del wins[ip]
+            evid.pop(ip, None)
         self.stats.evicted += n
 
     @property
@@ -266,6 +308,11 @@ class Policy:
         return out
 
     @property
+    def evidence(self) -> dict[tuple[str, str], list[Evidence]]:
+        """Every source's held evidence as {(source, jail): [Evidence, ...]} (a copy, for inspection and tests)."""
+        return {(ip, name): [evidence_of(e) for e in v] for name, held in self._evid.items() for ip, v in held.items()}
+
+    @property
     def tracked(self) -> int:
         """How many (source, jail) windows are held."""
         return sum(len(w) for w in self._win.values()) + sum(len(s) for s in self._dist.values())
@@ -276,9 +323,17 @@ class Policy:
         history.append(ev.time)
         self.offences[ev.ip] = history
         duration = jail.cfg.bantime if "bantime" in jail.cfg.model_fields_set else self.ban_duration(offence)
+        evidence: tuple[Evidence, ...] = ()
+        if self.evidence_lines:
+            since = ev.time - jail.cfg.findtime
+            held = [e for e in self._evid[jail.name].get(ev.ip, ()) if e.time >= since]
+            if ev.text:
+                held.append(ev)
+            held.sort(key=lambda e: e.time)  # (stable: events of one time stay in the order they came)
+            evidence = tuple(evidence_of(e) for e in held[-self.evidence_lines:])
         self.note_ban(ev.ip)
         return Decision(ip=ev.ip, reason=f"{jail.name}:{ev.filter}", score=score,
-                        duration=duration, offence=offence, time=ev.time)
+                        duration=duration, offence=offence, time=ev.time, evidence=evidence)
 
     def ban_duration(self, offence: int) -> float | None:
         """bantime * factor^(offence-1), capped at max_bantime. With no cap (max_bantime permanent) an
@@ -295,6 +350,7 @@ class Policy:
     def _clear(self, ip: str, jails: Iterable[_Jail]) -> bool:
         hit = False
         for jail in jails:
+            self._evid[jail.name].pop(ip, None)
             if self._win[jail.name].pop(ip, None) is not None:
                 hit = True
             if jail.distinct is not None and self._dist[jail.name].pop(ip, None) is not None:
@@ -308,22 +364,28 @@ class Policy:
             wins = self._win[jail.name]
             since = now - jail.cfg.findtime
             dead = [ip for ip, w in wins.items() if ((not w or w[-2] < since) if type(w) is list else w < since)]
+            evid = self._evid[jail.name]
             for ip in dead:
                 del wins[ip]
+                evid.pop(ip, None)
             n += len(dead)
             if dead:  # a dict keeps its size after deletions: rebuild a much smaller one
                 self._win[jail.name] = dict(wins)
+                self._evid[jail.name] = dict(evid)
         for jail in self.jails:
             if jail.distinct is None:
                 continue
             srcs = self._dist[jail.name]
             since = now - jail.cfg.findtime
             dead = [ip for ip, seen in srcs.items() if not seen or max(seen.values()) < since]
+            evid = self._evid[jail.name]
             for ip in dead:
                 del srcs[ip]
+                evid.pop(ip, None)
             n += len(dead)
             if dead:
                 self._dist[jail.name] = dict(srcs)
+                self._evid[jail.name] = dict(evid)
         horizon = now - self.cfg.offence_memory
         for ip in [ip for ip, ts in self.offences.items() if not ts or ts[-1] < horizon]:
             del self.offences[ip]

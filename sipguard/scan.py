@@ -70,7 +70,7 @@ class BanReplay:
     duration is over."""
 
     def __init__(self, cfg: Config, allow: AllowList) -> None:
-        self.policy = Policy(cfg.policy, allow)
+        self.policy = Policy(cfg.policy, allow, evidence=False)  # (scan shows no evidence: none is kept)
         self._filters: dict[str, set[str]] = {}
         self._events: dict[str, int] = {}
         self._expires: dict[str, float | None] = {}
@@ -133,12 +133,17 @@ def _family(path: str, fmt: str, programs: frozenset[str]) -> str | None:
     return None
 
 
+def _trusting(trust: bool) -> dict[str, bool]:
+    """`trust=True` as a keyword argument when set ([sources] trust_plain_stderr), nothing otherwise."""
+    return {"trust": True} if trust else {}
+
+
 def _pieces(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float, sparse: bool,
-            start: int = 0, end: int | None = None) -> Iterator[tuple[int, list[Event]]]:
+            start: int = 0, end: int | None = None, trust: bool = False) -> Iterator[tuple[int, list[Event]]]:
     """(lines, events) of each big piece of one byte range of `path`, in order, through one
     pipeline (sparse: only the lines that can matter are parsed); the last item is what the flush
     at the end of the range gives (0 lines)."""
-    pipe = Pipeline(RecordParser(fmt, programs=programs), filters, sparse=sparse)
+    pipe = Pipeline(RecordParser(fmt, programs=programs, trust_plain_stderr=trust), filters, sparse=sparse)
     off = start
     for chunk in read_chunks(path, chunk_size=PIECE, start=start, end=end):
         res = pipe.batch(LineBatch([(path, off, chunk)]), now, flush=False)
@@ -210,13 +215,13 @@ _FRAME = struct.Struct("<Q")  # each child message: its length, then the pickle
 
 
 def _child_scan(wfd: int, path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float,
-                start: int) -> None:
+                start: int, trust: bool = False) -> None:
     """In the forked child: scan from `start` to the end, one framed pickle of (lines, event rows)
     per piece as soon as it is done, then a framed None. Never returns."""
     code = 1
     try:
         with os.fdopen(wfd, "wb") as w:
-            for n, evs in _pieces(path, filters, fmt, programs, now, True, start, None):
+            for n, evs in _pieces(path, filters, fmt, programs, now, True, start, None, **_trusting(trust)):
                 msg = pickle.dumps((n, [(e.time, e.ip, e.filter, e.kind.value, e.weight) for e in evs]),
                                    protocol=pickle.HIGHEST_PROTOCOL)
                 w.write(_FRAME.pack(len(msg)) + msg)
@@ -271,7 +276,8 @@ class _Bytes:
 
 
 def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str], now: float, sparse: bool,
-               replay: BanReplay, progress: Progress | None = None, size: int | None = None) -> int:
+               replay: BanReplay, progress: Progress | None = None, size: int | None = None,
+               trust: bool = False) -> int:
     """One file through the pipeline, its events fed to `replay` in file order; a big file read
     sparsely has its second part scanned by a forked child meanwhile. Returns the number of lines.
     `progress` is told the bytes done after each piece (`size`: the file's, decompressed, if known)."""
@@ -280,7 +286,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     if split is None:
         total = 0
         whole = _Bytes(advance, size)
-        for n, events in _pieces(path, filters, fmt, programs, now, sparse):
+        for n, events in _pieces(path, filters, fmt, programs, now, sparse, **_trusting(trust)):
             total += n
             replay.feed(events)
             whole.piece()
@@ -290,7 +296,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _child_scan(wfd, path, filters, fmt, programs, now, split)
+        _child_scan(wfd, path, filters, fmt, programs, now, split, **_trusting(trust))
     os.close(wfd)
     frames: queue.SimpleQueue = queue.SimpleQueue()
     reader = threading.Thread(target=_read_frames, args=(rfd, frames), name="scan-child-reader", daemon=True)
@@ -303,7 +309,7 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
     mine = _Bytes(advance, split)  # a file is split only when plain: its size is its length
     theirs = _Bytes(advance, None if size is None else size - split)
     try:
-        for n, events in _pieces(path, filters, fmt, programs, now, True, 0, split):
+        for n, events in _pieces(path, filters, fmt, programs, now, True, 0, split, **_trusting(trust)):
             total += n
             replay.feed(events)
             mine.piece()
@@ -329,7 +335,8 @@ def _scan_file(path: str, filters: FilterSet, fmt: str, programs: frozenset[str]
         _, status = os.waitpid(pid, 0)
         reader.join()
     if not complete or status != 0:  # the child failed: same pieces, same order, skip those fed
-        for i, (n, events) in enumerate(_pieces(path, filters, fmt, programs, now, True, split, None)):
+        for i, (n, events) in enumerate(_pieces(path, filters, fmt, programs, now, True, split, None,
+                                                **_trusting(trust))):
             if i >= received:
                 total += n
                 replay.feed(events)
@@ -373,7 +380,8 @@ def _scan_files(paths: list[str], cfg: Config, filters: FilterSet | None, allow:
         if size is None and not path.lower().endswith((".gz", ".bz2", ".xz", ".lzma")):
             with contextlib.suppress(OSError):
                 size = os.path.getsize(path)
-        result.lines += _scan_file(path, filters, fmt, programs, now, fast, replay, progress, size)
+        result.lines += _scan_file(path, filters, fmt, programs, now, fast, replay, progress, size,
+                                   cfg.sources.trust_plain_stderr)
     result.matched = replay.matched
     result.bans = replay.bans()
     result.seconds = time.perf_counter() - t0

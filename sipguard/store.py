@@ -1,5 +1,6 @@
-"""The SQLite memory of every stage: events, bans, ban history, source positions, CLI requests,
-the fleet's outbox and held ban ids, and the queries behind `sipguard report`.
+"""The SQLite memory of every stage: events, bans, ban history, the evidence kept with each ban,
+source positions, CLI requests, the fleet's outbox and held ban ids, and the queries behind
+`sipguard report` and `sipguard why`.
 
 The only module that runs SQL (the standard sqlite3 module over one WAL database): every table is
 created here and every statement is one of its named methods, so no other module touches the
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import SipguardError
-from .model import Ban, Event, EventKind
+from .model import Ban, Event, EventKind, Evidence
 
 log = logging.getLogger("sipguard.store")
 
@@ -80,8 +81,12 @@ _SCHEMA = (
     "op TEXT NOT NULL, ip TEXT NOT NULL, id TEXT NOT NULL, payload TEXT NOT NULL, time REAL)",
     "CREATE TABLE IF NOT EXISTS cluster_bans (ip TEXT PRIMARY KEY, id TEXT NOT NULL, origin TEXT, created REAL)",
     'CREATE TABLE IF NOT EXISTS "meta" ("key" TEXT PRIMARY KEY, "value" TEXT)',
+    # the records that decided each automatic ban (a few per ban, each capped): pruned with the history
+    'CREATE TABLE IF NOT EXISTS "evidence" ("ip" TEXT NOT NULL, "created" REAL NOT NULL, "seq" INTEGER NOT NULL, '
+    '"time" REAL, "filter" TEXT, "weight" REAL, "text" TEXT, "cut" INTEGER, PRIMARY KEY ("ip", "created", "seq"))',
 )
-_TABLES = ("events", "bans", "ban_log", "positions", "control", "cleared", "cluster_outbox", "cluster_bans", "meta")
+_TABLES = ("events", "bans", "ban_log", "positions", "control", "cleared", "cluster_outbox", "cluster_bans", "meta",
+           "evidence")
 _INDEXES = ("idx_events_time", "idx_events_ip_time", "idx_ban_log_ip_time", "idx_ban_log_time")
 
 
@@ -178,6 +183,26 @@ class LockStats:
     def held(self, seconds: float) -> None:
         self.hold_last = seconds
         self.hold_max = max(self.hold_max, seconds)
+
+
+class HistoryEntry(NamedTuple):
+    """One row of one address's ban history (`sipguard why`): a ban, unban, expiry or delisting."""
+
+    time: float
+    action: str
+    reason: str | None
+    score: float
+    expires: float | None
+    offence: int
+    manual: bool
+
+
+class FleetOrigin(NamedTuple):
+    """The fleet ban held for an address: its fleet id, the node that made it, when."""
+
+    id: str
+    origin: str | None
+    created: float
 
 
 class BanSummary(NamedTuple):
@@ -452,19 +477,40 @@ class Store:
     def active_bans(self, now: float | None = None) -> list[Ban]:
         return list(self.iter_active_bans(now))
 
-    def iter_active_bans(self, now: float | None = None) -> Iterator[Ban]:
-        """The bans in force, oldest first, read as they are consumed (bounded memory at any count)."""
+    @staticmethod
+    def _ban_where(reason: str | None, since: float | None, manual: bool | None) -> tuple[str, tuple]:
+        """The SQL of `list`'s filters: a reason, or every reason of a jail or kind (`sip` matches `sip:auth`);
+        created at or after `since`; made by hand or not."""
+        where, args = [_ACTIVE], []
+        if reason is not None:
+            where.append("(reason = ? OR substr(reason, 1, length(?) + 1) = ? || ':')")
+            args += [reason, reason, reason]
+        if since is not None:
+            where.append("created >= ?")
+            args.append(since)
+        if manual is not None:
+            where.append("manual = ?" if manual else "(manual = ? OR manual IS NULL)")
+            args.append(1 if manual else 0)
+        return " AND ".join(where), tuple(args)
+
+    def iter_active_bans(self, now: float | None = None, *, reason: str | None = None, since: float | None = None,
+                         manual: bool | None = None) -> Iterator[Ban]:
+        """The bans in force, oldest first, read as they are consumed (bounded memory at any count);
+        `reason`, `since`, `manual` narrow them (see `_ban_where`)."""
         now = time.time() if now is None else now
-        cur = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE {_ACTIVE} ORDER BY created, ip", (now,))
+        where, args = self._ban_where(reason, since, manual)
+        cur = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE {where} ORDER BY created, ip", (now, *args))
         try:
             for row in cur:
                 yield _ban(row)
         finally:
             cur.close()
 
-    def count_active_bans(self, now: float | None = None) -> int:
+    def count_active_bans(self, now: float | None = None, *, reason: str | None = None, since: float | None = None,
+                          manual: bool | None = None) -> int:
         now = time.time() if now is None else now
-        return self.conn.execute(f"SELECT count(*) FROM bans WHERE {_ACTIVE}", (now,)).fetchone()[0]
+        where, args = self._ban_where(reason, since, manual)
+        return self.conn.execute(f"SELECT count(*) FROM bans WHERE {where}", (now, *args)).fetchone()[0]
 
     def active_bans_summary(self, now: float) -> BanSummary:
         """Count and widest address, reason and offence of the bans in force (one pass in SQLite)."""
@@ -506,6 +552,65 @@ class Store:
         cur = self.conn.executemany("UPDATE bans SET expires = ? WHERE ip = ?",
                                     ((end, ip) for ip, end in expiries.items()))
         return cur.rowcount
+
+    # -- evidence and one address's story (`sipguard why`) ---------------------------------
+    def add_evidence(self, bans: Iterable[Ban]) -> None:
+        """Store the evidence each ban carries, keyed by the ban (address, created); a ban stored twice
+        (a retried transaction, a re-mark) keeps its first rows."""
+        self.conn.executemany(
+            'INSERT OR IGNORE INTO evidence (ip, created, seq, time, filter, weight, text, cut) '
+            'VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+            [(b.ip, b.created, i, e.time, e.filter, e.weight, e.text, int(e.cut))
+             for b in bans for i, e in enumerate(b.evidence)])
+
+    def evidence_of(self, ip: str) -> dict[float, list[Evidence]]:
+        """Every kept evidence of `ip`'s bans: ban created -> its records, oldest ban and record first."""
+        if self.readonly and "evidence" not in self._tables():
+            return {}  # a database from before evidence, read as it is
+        out: dict[float, list[Evidence]] = {}
+        rows = self.conn.execute(
+            "SELECT created, time, filter, weight, text, cut FROM evidence WHERE ip = ? ORDER BY created, seq", (ip,))
+        for created, t, f, w, text, cut in rows:
+            out.setdefault(_time(created), []).append(
+                Evidence(_time(t), _text(f) or "", _time(w) if w is not None else 0.0, _text(text) or "", bool(cut)))
+        return out
+
+    def count_evidence(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM evidence").fetchone()[0]
+
+    def ban_history(self, ip: str, limit: int = 1000) -> list[HistoryEntry]:
+        """`ip`'s ban history, oldest first (the newest `limit` rows)."""
+        rows = self.conn.execute(
+            "SELECT time, action, reason, score, expires, offence, manual FROM "
+            "(SELECT id, time, action, reason, score, expires, offence, manual FROM ban_log WHERE ip = ? "
+            "ORDER BY id DESC LIMIT ?) ORDER BY id", (ip, limit))
+        return [HistoryEntry(_time(t), _text(a) or "", _text(r), _time(sc) if sc is not None else 0.0,
+                             None if e is None else _time(e), o if isinstance(o, int) and o else 1, bool(m))
+                for t, a, r, sc, e, o, m in rows]
+
+    def events_of(self, ip: str, since: float, limit: int = 10_000) -> list[Event]:
+        """`ip`'s stored events newer than `since` that still count (not before an unban), oldest first
+        (the newest `limit`)."""
+        kinds = {k.value: k for k in EventKind}
+        rows = self.conn.execute(
+            "SELECT time, ip, filter, kind, weight FROM (SELECT e.id, e.time, e.ip, e.filter, e.kind, e.weight "
+            "FROM events e LEFT JOIN cleared c ON c.ip = e.ip "
+            "WHERE e.ip = ? AND e.time >= ? AND (c.time IS NULL OR e.time > c.time) ORDER BY e.time DESC, e.id DESC "
+            "LIMIT ?) ORDER BY time, id", (ip, since, limit))
+        return [Event(_time(t), i, _text(f) or "", kinds[k], _time(w)) for t, i, f, k, w in rows if k in kinds]
+
+    def network_bans(self) -> list[Ban]:
+        """Every stored CIDR ban (an address may be banned by one that covers it)."""
+        rows = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE ip LIKE '%/%'")
+        return [_ban(r) for r in rows]
+
+    def fleet_origin(self, ip: str) -> FleetOrigin | None:
+        """The fleet ban this node holds for `ip` (cluster_bans), with the node that made it, or None."""
+        row = self.conn.execute("SELECT id, origin, created FROM cluster_bans WHERE ip = ?", (ip,)).fetchone()
+        return FleetOrigin(_text(row[0]) or "", _text(row[1]), _time(row[2])) if row else None
+
+    def _tables(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
     # -- positions ------------------------------------------------------------------------
     def positions(self) -> dict[str, Position]:
@@ -638,6 +743,10 @@ class Store:
                 break
         with self.transaction():
             self.conn.execute("DELETE FROM ban_log WHERE time < ?", (now - history_retention,))
+            # evidence goes with the history, except that of a ban still in force
+            self.conn.execute("DELETE FROM evidence WHERE created < ? AND NOT EXISTS (SELECT 1 FROM bans b "
+                              "WHERE b.ip = evidence.ip AND b.created = evidence.created)",
+                              (now - history_retention,))
             self.conn.execute("DELETE FROM control WHERE time < ?", (now - 86400,))
             self.conn.execute("DELETE FROM cleared WHERE time < ?", (now - event_retention,))
         return n

@@ -42,9 +42,10 @@ READ_BUDGET = 2 << 20
 """Bytes read per batch: bounds the memory one batch takes (every line of a flood can be an
 event) while keeping commits rare (a batch is ~10,000 lines)."""
 
-STDERR_WARNING = ("following Kamailio stderr (-E) output: it has no timestamps and copies CR/LF from SIP "
-                  "messages into the log; records are checked against live Kamailio PIDs, but syslog "
-                  "(log_stderror=no) is the safe choice")
+STDERR_WARNING = ("following Kamailio stderr (-E) output: plain text has no timestamps and copies CR/LF from "
+                  "SIP messages into the log, so whole records can be forged; it is read only with [sources] "
+                  "trust_plain_stderr = true, records checked against live Kamailio PIDs; Kamailio's JSON log "
+                  "engine (--log-engine=json:UM) or syslog (log_stderror=no) is the safe choice")
 
 
 def kamailio_pid_alive(pid: int, names: frozenset[str] = frozenset({"kamailio"})) -> bool:
@@ -180,7 +181,8 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
     allow = allow_list(cfg)
     programs = frozenset(cfg.sources.programs)
     pid_alive = (lambda pid: kamailio_pid_alive(pid, programs)) if cfg.sources.verify_pid else None
-    parsers: dict = {path: RecordParser(cfg.sources.format, pid_alive=pid_alive, programs=programs)
+    parsers: dict = {path: RecordParser(cfg.sources.format, pid_alive=pid_alive, programs=programs,
+                                        trust_plain_stderr=cfg.sources.trust_plain_stderr)
                      for path in logs}
     warnings = [STDERR_WARNING] if cfg.sources.format == "stderr" else []
 
@@ -239,7 +241,8 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
                                   journalctl=journalctl, from_start=from_start)
         trust = journal_trust(sc, choice.journal)
         for key in journal.sources:
-            parsers[key] = JournalParser(max_line=sc.max_line, trust=trust)
+            parsers[key] = JournalParser(max_line=sc.max_line, trust=trust,
+                                         trust_plain_stderr=sc.trust_plain_stderr)
         follower = MultiFollower(follower, journal)
 
         def save_extra() -> None:  # the journal's cursors, in the batch's transaction

@@ -387,6 +387,19 @@ def test_status_prints_stored_values_literally(cli, tmp_path):
         assert f"evil{printable(OSC)}=1" in text
 
 
+def test_status_output_modes(cli, tmp_path):
+    """`status --output json|csv|plain`: the same facts; csv rows are the JSON's leaves, values whole."""
+    cli("ban", "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "--reason", HOSTILE)
+    info = json.loads(cli("status", "--output", "json").stdout)
+    assert set(info) == set(json.loads(cli("status", "--json").stdout)) and info["bans"] == 1
+    rows = dict(csv.reader(io.StringIO(cli("status", "--output", "csv").stdout)))
+    assert rows.pop("key") == "value" and rows["bans"] == "1" and rows["daemon"] == "not running"
+    assert rows["database"] == info["database"] and "source_choice.reason" in rows
+    assert "bans in force: 1" in cli("status", "--output", "plain").stdout
+    p = cli("status", "--output", "xml", check=False)
+    assert p.returncode == 1 and "--output" in p.stderr
+
+
 def test_fleet_status_lines_print_node_names_literally(capsys):
     from sipguard.cli.app import out
     from sipguard.cluster.status import cluster_lines
@@ -463,3 +476,16 @@ def test_the_daemons_log_lines_escape_data(cli, tmp_path):
     assert not any(ln.startswith("INFO sipguard.daemon: forged") for ln in p.stderr.splitlines())
     assert "k\\x0aINFO sipguard.daemon: forged\\x1b[31m.log" in p.stderr
     assert V6 in p.stderr  # the ban it made, address whole
+
+
+def test_list_json_keys_are_the_documented_ones(cli):
+    """README's `list --json` paragraph names every key a row has, no more, no less."""
+    readme = (ROOT / "README.md").read_text()
+    para = readme[readme.index("`list --json` prints an array of bans"):]
+    para = para[:para.index("`list` streams")]
+    para = para[:para.index("a stored time no calendar holds")]
+    documented = set(re.findall(r"`([a-z_]+)`", para)) - {"null", "true"}
+    cli("ban", "198.18.0.7", "--reason", "manual")
+    (row,) = json.loads(cli("list", "--json").stdout)
+    assert set(row) == documented - {"kernel", "kernel_only"}, (set(row), documented)
+    assert {"kernel", "kernel_only"} <= documented

@@ -416,10 +416,11 @@ def test_ban_from_file_100k(lab: Lab):
     assert lab.db() == {} and lab.entries() == {}  # nothing applied
 
     n = 100_000
-    base = int.from_bytes(bytes([198, 18, 128, 0]), "big")  # 198.18.128.0 .. 198.20.14.159 (test range)
+    base = int.from_bytes(bytes([198, 18, 65, 0]), "big")  # 198.18.65.0 .. 198.19.199.157 (inside 198.18.0.0/15,
+    # clear of the namespaces' own 198.18.64.x, which are allow-listed)
     f = lab.tmp / "many.txt"
     lines = ["# 100k sources"] + [".".join(str(b) for b in (base + i).to_bytes(4, "big")) for i in range(n - 2)]
-    lines += ["2001:db8:77::1", "203.0.113.0/24"]
+    lines += ["2001:db8:77::1", "198.19.250.0/24"]
     f.write_text("\n".join(lines) + "\n")
     t = time.perf_counter()
     p = lab.cli("ban", "--from-file", str(f), "--for", "1h", timeout=180)
@@ -427,7 +428,8 @@ def test_ban_from_file_100k(lab: Lab):
     print(f"\n{lab.backend}: ban --from-file {n} addresses: {took:.2f}s wall (CLI says: {p.stdout.strip()})")
     held = lab.entries()
     assert len(held) == n, len(held)
-    assert abs(held["203.0.113.0/24"] - 3600) <= 3
+    # the kernel counts the hour down from the add, somewhere inside the CLI's run (slow on a loaded machine)
+    assert 3600 - took - 3 <= held["198.19.250.0/24"] <= 3600, (held["198.19.250.0/24"], took)
     assert took < 30
     t = time.perf_counter()
     lab.cli("unban", "--all", timeout=180)

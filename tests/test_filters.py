@@ -126,7 +126,8 @@ def test_unreadable_encoding(tmp_path: Path) -> None:
 # -- matching ----------------------------------------------------------------------------------------
 
 def test_match_time_ip_and_counters(tmp_path: Path) -> None:
-    write(tmp_path, "t.toml", GOOD + "ignore = ['boom from 10\\.']\n")
+    # multiline = false: this filter refuses records that span lines (the default accepts them since issue 12)
+    write(tmp_path, "t.toml", GOOD + "ignore = ['boom from 10\\.']\nmultiline = false\n")
     fs = FilterSet.load([tmp_path])
     e = fs.match(Record("x boom from [::ffff:198.18.0.5]:5060", time=123.0), now=999.0)
     assert (e.time, e.ip, e.filter, e.kind, e.weight) == (123.0, "198.18.0.5", "t", EventKind.AUTH_FAILURE, 2.5)
@@ -140,9 +141,22 @@ def test_match_time_ip_and_counters(tmp_path: Path) -> None:
 
 
 def test_multiline_opt_in(tmp_path: Path) -> None:
-    write(tmp_path, "t.toml", GOOD + "multiline = true\n")
+    write(tmp_path, "t.toml", GOOD.replace("regex = ['boom", "regex = ['(?s:.*)boom") + "multiline = true\n")
     fs = FilterSet.load([tmp_path])
-    assert fs.match(Record("head\nboom from 198.18.0.5:1"), 0).ip == "198.18.0.5"
+    # the prefilter is looked for on the record's first line (since issue 12), the regex sees it all
+    assert fs.match(Record("boom\nboom from 198.18.0.5:1"), 0).ip == "198.18.0.5"
+    assert fs.match(Record("head\nboom from 198.18.0.5:1"), 0) is None and fs.stats["skipped"] == 1
+
+
+def test_multiline_is_the_default_and_can_be_refused(tmp_path: Path) -> None:
+    rx = "regex = ['^boom (?s:.*)from (?P<ip><ADDR>):<PORT>$']"
+    write(tmp_path, "t.toml", GOOD.replace("regex = ['boom from (?P<ip><ADDR>):<PORT>$']", rx))
+    fs = FilterSet.load([tmp_path])
+    assert fs.match(Record("boom UA 'a\r\nb' from 198.18.0.99:1\nc' from 198.18.0.5:1"), 0).ip == "198.18.0.5"
+    write(tmp_path, "t.toml", GOOD.replace("regex = ['boom from (?P<ip><ADDR>):<PORT>$']", rx) + "multiline = false\n")
+    fs = FilterSet.load([tmp_path])
+    assert fs.match(Record("boom a\nb from 198.18.0.5:1"), 0) is None and fs.stats["multiline"] == 1
+    assert fs.match(Record("boom a b from 198.18.0.5:1"), 0).ip == "198.18.0.5"
 
 
 def test_second_regex_is_tried_when_first_captures_an_invalid_address(tmp_path: Path) -> None:
@@ -160,7 +174,8 @@ def test_explain(shipped: FilterSet) -> None:
     assert v["scanner-ua"].result == "prefilter"
     assert shipped.explain(text.replace("198.18.0.50", "999.1.1.1"))[shipped.names.index("auth-failure")] == Verdict(
         "auth-failure", "999.1.1.1", "invalid_ip")
-    assert {x.result for x in shipped.explain(text + "\nx")} == {"prefilter", "multiline"}
+    # a record that spans lines is tried whole (issue 12): its end is not Kamailio's tail here
+    assert {x.result for x in shipped.explain(text + "\nx")} == {"prefilter", "missed"}
     assert {x.result for x in shipped.explain(Record("auth failed for user 1"))} == {"prefilter", "missed"}
     name, ip, result = shipped.explain(text)[0]
     assert (name, result) == ("pike-block", "prefilter")

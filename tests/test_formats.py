@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import json
 import logging
 import time
 
@@ -24,6 +25,7 @@ def L(text: str | bytes, source: str = "s") -> Line:
 
 def parse(*lines: str | bytes, **kw) -> tuple[list[Record], RecordParser]:
     kw.setdefault("now", lambda: NOW)
+    kw.setdefault("trust_plain_stderr", True)  # these tests read plain stderr (opt-in since issue 12)
     p = RecordParser(**kw)
     return list(Pipeline(p).records(L(s) for s in lines)), p
 
@@ -202,7 +204,7 @@ def test_restart_resets_the_rank_map_only_when_pid_alive_proves_it() -> None:
     assert len(recs) == 2 and p.stats.forged == 2
     # the old instance is gone and the new one runs: a restart, the map starts over
     live = {100, 101}
-    p = RecordParser(pid_alive=lambda pid: pid in live)
+    p = RecordParser(pid_alive=lambda pid: pid in live, trust_plain_stderr=True)
     for s in old:
         p.feed(L(s))
     live.clear()
@@ -266,11 +268,11 @@ def test_fixed_format_skips_detection() -> None:
     recs, p = parse(f"Nov 30 01:55:12 h kamailio[1]: {MSG}", f" 1(9) {MSG}", fmt="syslog")
     assert [r.text for r in recs] == [MSG + "\n" + f"1(9) {MSG}"]
     with pytest.raises(ValueError):
-        RecordParser(fmt="json")
+        RecordParser(fmt="xml")  # ("json" is Kamailio's JSON engine on stderr since issue 12)
 
 
 def test_feed_returns_previous_record_and_flush_the_pending_one() -> None:
-    p = RecordParser(now=lambda: NOW)
+    p = RecordParser(now=lambda: NOW, trust_plain_stderr=True)
     assert p.feed(L(f" 1(9) {MSG}")) == []
     assert [r.text for r in p.feed(L(" 1(9) second"))] == [MSG]
     assert [r.text for r in p.flush()] == ["second"]
@@ -279,7 +281,7 @@ def test_feed_returns_previous_record_and_flush_the_pending_one() -> None:
 
 
 def test_sources_are_independent() -> None:
-    p = RecordParser(now=lambda: NOW)
+    p = RecordParser(now=lambda: NOW, trust_plain_stderr=True)
     p.feed(Line("a", f" 1(9) {MSG}".encode()))
     p.feed(Line("b", f"Nov 30 01:55:12 h kamailio[1]: {MSG}".encode()))
     p.feed(Line("a", b"continued"))
@@ -297,7 +299,7 @@ def test_invalid_utf8_is_counted_and_still_parsed() -> None:
 
 
 def test_record_size_is_bounded() -> None:
-    p = RecordParser()
+    p = RecordParser(trust_plain_stderr=True)
     p.feed(L(" 1(9) ERROR: start"))
     chunk = "x" * 1000
     for _ in range(200):
@@ -344,3 +346,334 @@ def test_random_bytes_never_raise(lines: list[bytes]) -> None:
     for b in lines:
         p.feed(Line("h", b))
     p.flush()
+
+
+# -- plain stderr is opt-in (issue 12) ------------------------------------------------------------------
+
+def test_plain_stderr_is_not_read_without_trust(caplog: pytest.LogCaptureFixture) -> None:
+    """Off (the default): plain stderr records are counted, warned about once per source (naming the
+    JSON engine and the switch), never returned, so never matched; their continuations go with them."""
+    p = RecordParser(now=lambda: NOW)
+    with caplog.at_level(logging.WARNING, logger="sipguard.formats"):
+        out = []
+        for src, text in [("a", f" 1(24255) {MSG}"), ("a", "continued"), ("a", f" 1(24255) {MSG}"),
+                          ("b", f"12(24266) {MSG}")]:
+            out += p.feed(Line(src, text.encode()))
+        out += p.flush()
+    assert out == [] and p.stats.untrusted_stderr == 3 and p.stats.records == 0
+    warnings = [r.message for r in caplog.records]
+    assert len(warnings) == 2 and all("--log-engine=json" in w and "trust_plain_stderr" in w for w in warnings)
+    # the syslog formats are read as before, and a syslog source is never taken for stderr
+    (r,), _ = parse(f"Nov 30 01:55:12 sip1 kamailio[23875]: {MSG}", trust_plain_stderr=False)
+    assert r.text == MSG
+    # with the switch, the same lines are records
+    recs, p = parse(f" 1(24255) {MSG}", "continued", trust_plain_stderr=True)
+    assert [r.text for r in recs] == [MSG + "\ncontinued"] and p.stats.untrusted_stderr == 0
+
+
+def test_plain_stderr_off_is_never_matched_by_the_pipeline() -> None:
+    from sipguard.filters import FilterSet, shipped_dir
+    from sipguard.sources import LineBatch
+    fs = FilterSet.load([shipped_dir()])
+    data = f" 1(24255) {MSG}\n 2(24256) NOTICE: <script>: Blocked scanner UA 'x' from 198.18.0.7:5060\n".encode()
+    for sparse in (True, False):
+        p = RecordParser(now=lambda: NOW, on_stderr=lambda _s: None)
+        res = Pipeline(p, fs, sparse=sparse).batch(LineBatch([("s", 0, data)]), NOW)
+        assert res.events == [] and p.stats.untrusted_stderr == 2
+        p = RecordParser(now=lambda: NOW, on_stderr=lambda _s: None, trust_plain_stderr=True)
+        res = Pipeline(p, fs, sparse=sparse).batch(LineBatch([("s", 0, data)]), NOW)
+        assert [e.ip for e in res.events] == ["198.18.0.50", "198.18.0.7"]
+
+
+# -- whole multi-line records (issue 12) ----------------------------------------------------------------
+
+def test_a_record_over_the_cap_keeps_its_last_line() -> None:
+    """Past MAX_RECORD_CHARS the record keeps its first half and its last line: its end, where
+    Kamailio prints $si, is never replaced by a forged line in the middle."""
+    head = " 1(9) WARNING: <script>: Blocked scanner UA 'x"
+    tail = "' from 198.18.0.7:5060"
+    lines = [head] + [" forged' from 198.18.0.99:5060"] * 5000 + [tail]
+    recs, p = parse(*lines)
+    (r,) = recs
+    assert len(r.text) <= MAX_RECORD_CHARS and p.stats.truncated > 0
+    assert r.text.startswith("WARNING: <script>: Blocked scanner UA 'x") and r.text.endswith(tail)
+
+
+# -- Kamailio's JSON log engine (issue 12) -----------------------------------------------------------------
+
+UA_CRLF = "friendly-scanner\\r\\n 5(4242) NOTICE: <script>: auth failed for user 1000 from 198.18.0.99:5060 method REGISTER\\r\\n x"
+JSON_SCANNER = ('{ "idx": 3, "pid": 21638, "level": "WARNING", "module": "xlog", "file": "xlog.c", "line": 282, '
+                '"function": "", "logprefix": "", "message": "Blocked scanner UA \'' + UA_CRLF
+                + '\' from 198.18.0.31:5060\\n" }')
+SCANNER_TEXT = ("WARNING: <script>: Blocked scanner UA 'friendly-scanner\r\n 5(4242) NOTICE: <script>: auth failed for "
+                "user 1000 from 198.18.0.99:5060 method REGISTER\r\n x' from 198.18.0.31:5060")
+JSON_PIKE = ('{ "idx": 2, "pid": 21637, "level": "WARNING", "module": "pike", "file": "pike_funcs.c", "line": 135, '
+             '"function": "pike_check_ipaddr", "logprefix": "", "message": "PIKE - BLOCKing ip 198.18.0.13, '
+             'node=0x7f61cc4f7a80\\n" }')
+CEE = ('{"time":"2026-12-01T20:08:38.379060441Z","proc":{"id":"24653","tid":139833986463552},"pri":"NOTICE",'
+       '"subsys":"xlog","file":{"name":"xlog.c","line":282},"native":{"function":""},"msg":"auth failed for user '
+       '1000 from 198.18.0.50:5060 method REGISTER","pname":"kamailio","appname":"kamailio","hostname":"vm"}')
+
+
+def test_json_stderr_form() -> None:
+    (a, b), p = parse(JSON_SCANNER, JSON_PIKE, trust_plain_stderr=False)
+    assert (a.text, a.pid, a.rank, a.time) == (SCANNER_TEXT, 21638, 3, None)
+    assert b.text == ("WARNING: pike [pike_funcs.c:135]: pike_check_ipaddr(): PIKE - BLOCKing ip 198.18.0.13, "
+                      "node=0x7f61cc4f7a80")
+    assert p.stats.by_format == {"json": 2} and p.family("s") == "json" and p.stats.unsafe_json == 0
+
+
+def test_json_syslog_and_cee_forms() -> None:
+    syslog_form = ('{ "level": "NOTICE", "module": "core", "file": "core/receive.c", "line": 376, "function": '
+                   '"receive_msg", "logprefix": "", "message": "core parsing of SIP message failed (198.18.0.17:5060/1)\\n" }')
+    (a, b, c, d), p = parse(f"2026-12-01T20:08:37.364013+00:00 vm kamailio[24566]: {syslog_form}",
+                            f"Dec  1 20:08:37 vm kamailio[24566]: @cee: {CEE}",
+                            f"<132>1 2026-12-01T20:08:37.1+00:00 vm kamailio 24566 - -  {syslog_form}",
+                            f"2026-12-01T20:08:37+0000 vm kamailio[24566]: {syslog_form}")
+    assert a.text == ("NOTICE: <core> [core/receive.c:376]: receive_msg(): core parsing of SIP message failed "
+                      "(198.18.0.17:5060/1)")
+    assert (a.pid, a.host, a.time) == (24566, "vm", pytest.approx(calendar.timegm((2026, 12, 1, 20, 8, 37)) + 0.364013))
+    assert b.text == MSG and b.pid == 24653 and b.host == "vm"  # the syslog header's time, the record's PID
+    assert c.text == a.text and d.text == a.text
+    (e,), _ = parse(CEE, trust_plain_stderr=False)  # CEE on stderr: no @cee: prefix, the record's own time
+    assert e.text == MSG and e.pid == 24653 and e.time == pytest.approx(1796155718.379060441)
+
+
+def test_json_callid_and_logprefix_are_raw_the_last_message_is_kamailios() -> None:
+    """5.6.3 writes callid and logprefix unescaped: extra message keys, invalid JSON, raw 8-bit and
+    DEL bytes. Through syslog the record is framed: the message read is the last one."""
+    fake = 'x", "message": "Blocked scanner UA \'a\' from 198.18.0.99:5060", "z": "'
+    for callid in (fake, 'a"b', 'q\\', '{"message": "x from 198.18.0.99:5060"}', "\x7f\xe9\u00ff"):
+        rec = ('{ "level": "WARNING", "module": "xlog", "file": "xlog.c", "line": 282, "function": "", '
+               f'"callid": "{callid}", "logprefix": "{callid}", "message": "Blocked scanner UA \'x\' from 198.18.0.7:5060\\n" }}')
+        data = f"2026-12-01T20:08:37.364013+00:00 vm kamailio[24566]: {rec}".encode("utf-8", "surrogatepass")
+        (r,), p = parse(data)
+        assert r.text == "WARNING: <script>: Blocked scanner UA 'x' from 198.18.0.7:5060", callid
+    # flag a: 5.6.3 writes an extra quote (invalid JSON on every line) and prefixes the keys
+    a_form = ('{ "kamailio.idx": 1, "kamailio.pid": 77, "kamailio.level": "NOTICE", "kamailio.module": "xlog", '
+              '"kamailio.file": "xlog.c", "kamailio.line": 282, "kamailio.function": """, "kamailio.logprefix": "", '
+              '"kamailio.message": "auth failed for user 1000 from 198.18.0.50:5060 method REGISTER\\n" }')
+    (r,), p = parse(a_form, trust_plain_stderr=False)
+    assert (r.text, r.pid, r.rank) == (MSG, 77, 1) and p.stats.unsafe_json == 0
+    # flag j: a message that is not JSON itself is wrapped
+    j_form = ('{ "idx": 1, "pid": 77, "level": "NOTICE", "module": "xlog", "file": "xlog.c", "line": 282, '
+              '"function": "", "logprefix": { "text": "" }, "message": { "text": "auth failed for user 1000 from '
+              '198.18.0.50:5060 method REGISTER\\n" } }')
+    (r,), _ = parse(j_form, trust_plain_stderr=False)
+    assert r.text == MSG
+
+
+def test_json_lines_that_cannot_be_read_are_counted_and_skipped() -> None:
+    cut = JSON_SCANNER[:8192]  # rsyslog's default cut
+    escaped_end = JSON_SCANNER.replace("from 198.18.0.31:5060\\n\" }", "from 198.18.0.31:5060\\\" }")
+    recs, p = parse(f"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: {cut[:160]}",
+                    f"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: {escaped_end}",
+                    f"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: @cee: {CEE[:-1]}",
+                    f"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: {{ \"level\": 5 }}",
+                    f"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: {MSG}")
+    assert [r.text for r in recs] == [MSG] and p.stats.json_invalid == 4
+    recs, p = parse(cut[:160], JSON_PIKE, trust_plain_stderr=True)  # on stderr too
+    assert len(recs) == 1 and p.stats.json_invalid == 1
+
+
+def test_json_stderr_with_a_raw_field_is_as_forgeable_as_plain_stderr() -> None:
+    """Flag c on stderr: the Call-ID is written raw and its CR/LF splits the record (the next line
+    starts with the fold's space). Without trust_plain_stderr nothing of that source is read; with
+    it, the split record is joined and its last message, Kamailio's, names the sender."""
+    line1 = ('{ "idx": 3, "pid": 21638, "level": "WARNING", "module": "xlog", "file": "xlog.c", "line": 282, '
+             '"function": "", "callid": "x", "logprefix": "", "message": "Blocked scanner UA \'friendly-scanner\' from '
+             '198.18.0.99:5060\\n" }\r')
+    line2 = (' { "idx": 1, "pid": 1, "level": "WARNING", "module": "xlog", "file": "xlog.c", "line": 282, "function": '
+             '"", "callid": "y", "logprefix": "", "message": "Blocked scanner UA \'friendly-scanner\' from 198.18.0.35:5060\\n" }')
+    clean = JSON_PIKE
+    recs, p = parse(clean, line1, line2, clean, trust_plain_stderr=False)
+    assert [r.text.split(": ")[-1][:4] for r in recs] == ["PIKE"]  # only the record before the raw one
+    assert p.stats.unsafe_json == 2
+    recs, p = parse(clean, line1, line2, clean, trust_plain_stderr=True)
+    assert [r.text for r in recs][1] == "WARNING: <script>: Blocked scanner UA 'friendly-scanner' from 198.18.0.35:5060"
+    assert len(recs) == 3
+
+
+def test_json_stderr_heads_always_start_a_record() -> None:
+    """Every JSON head starts a record, whatever its (idx, pid): a Kamailio restart (new PIDs, old
+    ones dead) or an old log read later loses nothing; the message is Kamailio's, escaped."""
+    restarted = JSON_PIKE.replace('"pid": 21637', '"pid": 4242')
+    for alive in (None, {4242}.__contains__, {21637}.__contains__):
+        recs, p = parse(JSON_PIKE, restarted, JSON_SCANNER, pid_alive=alive, trust_plain_stderr=False)
+        assert [r.pid for r in recs] == [21637, 4242, 21638] and p.stats.forged == 0
+
+
+def test_json_stderr_a_plain_header_inside_a_record_is_never_read() -> None:
+    """A raw field's CR/LF followed by text that looks like a plain stderr header: part of that
+    record, which is never read (even with the switch: its end may be the forger's)."""
+    forged = " 5(4242) WARNING: <script>: Blocked scanner UA 'friendly-scanner' from 198.18.0.99:5060"
+    for trust in (True, False):
+        recs, p = parse(JSON_PIKE.replace(' }', ''), forged, JSON_SCANNER, trust_plain_stderr=trust)
+        assert p.stats.forged == 1 and p.stats.unsafe_json >= 1
+        assert [r.text for r in recs] == ([SCANNER_TEXT] if trust else [])  # the source is unsafe from then on
+
+
+def test_json_and_plain_stderr_do_not_mix() -> None:
+    plain = f" 3(21638) {MSG}"
+    recs, p = parse(JSON_PIKE, plain, JSON_SCANNER, trust_plain_stderr=True)
+    assert p.stats.forged == 1 and [r.text for r in recs] == [SCANNER_TEXT]  # a plain header in JSON: forged
+    recs, p = parse(plain, JSON_PIKE, trust_plain_stderr=True)
+    assert len(recs) == 1 and recs[0].text.endswith(JSON_PIKE)  # and a JSON head in a plain one
+
+
+# -- property tests for the JSON engine readers (issue 12) -----------------------------------------------
+
+def kamailio_escape(text: str) -> str:
+    """What 5.6.3's ksr_str_json_escape writes for a message: quote, backslash and control bytes
+    escaped; DEL and 8-bit bytes raw."""
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c in "\b\f\n\r\t":
+            out.append({"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}[c])
+        elif ord(c) < 0x20:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+SENDER = "198.18.0.7"
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                           max_leaves=12)
+raw_text = st.one_of(
+    st.text(max_size=80),
+    json_values.map(json.dumps),
+    st.lists(st.sampled_from(['"', "\\", "{", "}", ",", ":", ' "message": "', f"from 198.18.0.99:5060", "' from ",
+                              "198.18.0.99", '" }', "\r\n ", "\n", "\x7f", "\xe9", "Blocked scanner UA '", " x"]),
+             max_size=12).map("".join),
+)
+
+
+def _kamailio_record(form: str, ua: str, callid: str, prefix: str) -> str:
+    msg = kamailio_escape(f"Blocked scanner UA '{ua}' from {SENDER}:5060\n")
+    head = '{ "idx": 3, "pid": 77, ' if form == "stderr" else "{ "
+    return (head + '"level": "WARNING", "module": "xlog", "file": "xlog.c", "line": 282, "function": "", '
+            f'"callid": "{callid}", "logprefix": "{prefix}", "message": "{msg}" }}')
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60), raw_text, raw_text, st.booleans())
+def test_kjson_attacker_text_never_bans_another_address(ua: str, callid: str, prefix: str, trust: bool) -> None:
+    """Whatever the raw callid/logprefix (attacker text: fake records, quotes, CR/LF) and the UA
+    hold, a record Kamailio wrote never yields an event for any address but its sender's; through
+    syslog (one framed record) it always yields the sender's."""
+    from sipguard.filters import FilterSet, shipped_dir
+    fs = FilterSet.load([shipped_dir()])
+    syslog_rec = _kamailio_record("syslog", ua, callid, prefix)
+    # rsyslog escapes control bytes in the message (#015#012); the record stays on one line
+    line = f"2026-12-01T20:08:37.1+00:00 vm kamailio[77]: " + syslog_rec.replace("\r", "#015").replace("\n", "#012")
+    recs, _ = parse(line.encode("utf-8", "surrogatepass"))
+    assert [fs.match(r, NOW).ip for r in recs] == [SENDER]
+    # the journal's syslog transport: one entry, MESSAGE a string or the byte-array form
+    from sipguard.formats import JournalParser
+    jp = JournalParser()
+    for message in (syslog_rec, list(syslog_rec.encode("utf-8", "surrogatepass"))):
+        entry = json.dumps({"MESSAGE": message, "_PID": "77", "SYSLOG_IDENTIFIER": "kamailio", "_TRANSPORT": "syslog"})
+        (r,) = jp.feed(Line("journal:k", entry.encode()))
+        assert fs.match(r, NOW).ip == SENDER
+    # stderr: the raw CR/LF of a folded header becomes physical lines that start with the fold's space
+    stderr_rec = _kamailio_record("stderr", ua, callid.replace("\n", "\n "), prefix.replace("\n", "\n "))
+    lines = [JSON_PIKE] + stderr_rec.split("\n") + [JSON_PIKE]
+    recs, _ = parse(*(s.encode("utf-8", "surrogatepass") for s in lines), trust_plain_stderr=trust)
+    ips = [e.ip for r in recs if (e := fs.match(r, NOW)) is not None]
+    assert set(ips) <= {SENDER, "198.18.0.13"}
+    if trust:
+        assert SENDER in ips  # the sender is never hidden
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(['{ "idx": 1, "pid": 9, ', '{ "level": "NOTICE", ', "@cee: ", '{"time":',
+                                           'x kamailio[1]: { ', "2026-12-01T20:08:37.1+00:00 vm kamailio[1]: @cee: ",
+                                           "2026-12-01T20:08:37.1+00:00 vm kamailio[1]: { ", " ", ""]),
+                          st.one_of(st.text(max_size=120), json_values.map(json.dumps))), max_size=12),
+       st.booleans())
+def test_kjson_random_text_and_json_never_raise(lines: list[tuple[str, str]], trust: bool) -> None:
+    from sipguard.formats import JournalParser
+    p = RecordParser(now=lambda: NOW, trust_plain_stderr=trust, on_stderr=lambda _s: None)
+    jp = JournalParser(trust_plain_stderr=trust)
+    for prefix, body in lines:
+        data = (prefix + body).encode("utf-8", "surrogatepass")
+        p.feed(Line("h", data))
+        for transport in ("syslog", "stdout"):
+            jp.feed(Line("j", json.dumps({"MESSAGE": prefix + body, "_PID": "9", "_TRANSPORT": transport}).encode()))
+        jp.feed(Line("j", data))
+    assert all(isinstance(r.text, str) for r in p.flush())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([b"", b'{ "idx": 1, "pid": 9, "level": "NOTICE", ', b"@cee: ",
+                                                  b'{ "level": "NOTICE", "module": "xlog", "file": "xlog.c", "line": 1, "function": "", ']))
+def test_kjson_random_bytes_never_raise(data: bytes, head: bytes) -> None:
+    from sipguard.formats import kjson
+    text = (head + data).decode("utf-8", "replace")
+    d = kjson.decode(text)
+    assert d is None or isinstance(d.text, str)
+    p = RecordParser(trust_plain_stderr=True)
+    p.feed(Line("h", head + data))
+    p.feed(Line("h", b"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: " + head + data))
+    p.flush()
+
+
+def test_journal_entries_holding_json_engine_records() -> None:
+    from sipguard.formats import JournalParser
+
+    def entry(message: object, transport: str, pid: str = "21638") -> Line:
+        return Line("journal:k", json.dumps({"MESSAGE": message, "_PID": pid, "SYSLOG_IDENTIFIER": "kamailio",
+                                             "_TRANSPORT": transport, "__REALTIME_TIMESTAMP": "1796155718000000"}).encode())
+    syslog_form = JSON_SCANNER.replace('"idx": 3, "pid": 21638, ', "")
+    jp = JournalParser()
+    (a,) = jp.feed(entry(syslog_form, "syslog"))
+    (b,) = jp.feed(entry("@cee: " + CEE, "syslog"))
+    (c,) = jp.feed(entry(JSON_SCANNER, "stdout"))  # -E under systemd: one record per entry
+    assert (a.text, a.pid, a.time) == (SCANNER_TEXT, 21638, 1796155718.0)
+    assert (b.text, b.pid) == (MSG, 24653) and (c.text, c.rank, c.pid) == (SCANNER_TEXT, 3, 21638)
+    assert jp.feed(entry(JSON_SCANNER, "stdout", pid="999")) == [] and jp.stats["forged"] == 1
+    assert jp.feed(entry(syslog_form[:100], "syslog")) == [] and jp.stats["json_invalid"] == 1
+    # plain -E text on stdout: not read without the switch
+    assert jp.feed(entry(f" 1(21638) {MSG}", "stdout")) == [] and jp.stats["untrusted_stderr"] == 1
+    # a stdout record with a raw field (flag c): that journal source is forgeable from then on
+    raw = JSON_SCANNER.replace('"logprefix": ""', '"callid": "x", "logprefix": ""')
+    assert jp.feed(entry(raw, "stdout")) == [] and jp.feed(entry(JSON_SCANNER, "stdout")) == []
+    assert jp.stats["unsafe_json"] == 2
+    trusting = JournalParser(trust_plain_stderr=True)
+    assert [r.text for r in trusting.feed(entry(raw, "stdout"))] == [SCANNER_TEXT]
+    assert [r.text for r in trusting.feed(entry(f" 1(21638) {MSG}", "stdout"))] == [MSG]
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_the_switch_reaches_the_daemon(tmp_path, trust: bool) -> None:
+    """[sources] trust_plain_stderr as the daemon reads it: off, a plain stderr scanner line is
+    counted and bans nobody; on, it bans its sender. A JSON engine line bans its sender either way."""
+    from sipguard.config import Config
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+    log = tmp_path / "k.log"
+    log.touch()
+    cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                 "sources": {"trust_plain_stderr": trust, "verify_pid": False}})
+    store = Store.open_state_dir(tmp_path / "state")
+    try:
+        d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
+        plain = Line(str(log), b" 1(123) WARNING: <script>: Blocked scanner UA 'x' from 198.18.0.7:5060", 1)
+        bans = d.step([plain, Line(str(log), b" 1(123) NOTICE: next", 2)])
+        assert {b.ip for b in bans} == ({"198.18.0.7"} if trust else set())
+        assert d.parse_counters()["untrusted_stderr"] == (0 if trust else 2)
+        assert d.skipped()["untrusted_stderr"] == (0 if trust else 2)
+    finally:
+        store.close()
+    store = Store.open_state_dir(tmp_path / "state2")
+    try:
+        d = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(log)])
+        bans = d.step([Line(str(log), JSON_SCANNER.encode(), 1), Line(str(log), JSON_PIKE.encode(), 2)])
+        assert {b.ip for b in bans} == {"198.18.0.31", "198.18.0.13"}
+    finally:
+        store.close()

@@ -44,7 +44,8 @@ OLD = {
     ("auth-failure", 0): rf"^[A-Z]+: (?:.* )?<script>: auth failed for user .* from (?P<ip><ADDR>):<PORT> method {TOKEN}$",
     ("auth-challenge", 0): rf"^[A-Z]+: (?:.* )?<script>: auth challenge for user .* from (?P<ip><ADDR>):<PORT> method {TOKEN}$",
     ("unknown-user", 0): rf"^[A-Z]+: (?:.* )?<script>: unknown user .* from (?P<ip><ADDR>):<PORT> method {TOKEN}$",
-    ("scanner-ua", 0): r"^[A-Z]+: (?:.* )?<script>: Blocked scanner UA '.*' from (?P<ip><ADDR>):<PORT>$",
+    # the UA may span lines (a CR/LF in it): the record is matched whole since issue 12
+    ("scanner-ua", 0): r"^[A-Z]+: (?:.* )?<script>: Blocked scanner UA '(?s:.*)' from (?P<ip><ADDR>):<PORT>$",
     ("pike-block", 1): rf"^[A-Z]+: (?:.* )?<script>: (?:[A-Z]+: )?pike block(?:ing)? {TOKEN} from .* \(IP:(?P<ip><ADDR>):<PORT>\)$",
 }
 
@@ -166,6 +167,7 @@ FRAGMENTS = [
     f"(IP:{INJECTED}:5060)", f" (IP:{INJECTED}:5060)", "(IP:", "[2001:db8::99]:5060", "fe80::9%eth0:5060",
     "auth failed for user ", "auth challenge for user ", "unknown user ", "Blocked scanner UA '",
     "ALERT: ", "pike block ", "pike blocking ", "REGISTER ", "OPTIONS", "sip:1@x", "NOTICE: ", "x", "\t",
+    "\n", "\r\n", "\n 5(4242) ",
 ]
 HEADS = ["NOTICE: ", "ALERT: ", "WARNING: ", "NOTICE: {1 1 REGISTER x} ", "ERROR: <script>: ", "notice: ", ""]
 soup = st.tuples(st.sampled_from(HEADS), st.lists(st.sampled_from(FRAGMENTS), max_size=16).map("".join))

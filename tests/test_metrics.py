@@ -375,3 +375,26 @@ def test_non_loopback_listen_works_but_warns(tmp_path):
             assert status == 200
             warned = [r for r in records if r.startswith("WARNING")]
             assert len(warned) == 1 and "no authentication" in warned[0] and "not on loopback" in warned[0], records
+
+
+def test_fleet_refusals_are_exported_by_kind():
+    """What the node refused from the fleet (the bridge's counters in its status view) is a counter by kind."""
+    from sipguard.cluster.status import REFUSED
+    from sipguard.extras.metrics import FLEET_REFUSED, Metrics, MetricsHook
+
+    assert FLEET_REFUSED == REFUSED
+    m = Metrics()
+    hook = MetricsHook(m)
+    view = {"in_sync": True, "outbox": 0, "heartbeat": 1000.0,
+            "stats": {"unverified": 4, "too_wide": 2, "forged_events": "x", "own_address": True, "applied": 9}}
+    hook.tick(1000.0, types.SimpleNamespace(store=types.SimpleNamespace(get_meta=lambda key: _json.dumps(view))))
+    assert m.fleet_refused() == {"unverified": 4, "too_wide": 2}  # garbage values are not figures
+    addr = m.serve("127.0.0.1:0")
+    try:
+        with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    finally:
+        m.close()
+    got = {s.labels["kind"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+           if s.name == "sipguard_fleet_refused_total"}
+    assert got == {k: {"unverified": 4, "too_wide": 2}.get(k, 0) for k in REFUSED}

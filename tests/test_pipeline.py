@@ -132,7 +132,7 @@ def test_trigger_lines_with_a_literal_that_begins_with_a_newline(parts, cut_head
 def test_candidates_give_the_same_event_for_every_known_line():
     lines = corpus_lines()
     assert len(lines) > 300
-    parser = RecordParser(now=lambda: NOW)
+    parser = RecordParser(now=lambda: NOW, trust_plain_stderr=True)
     checked = 0
     for data in lines:
         starts, masks = trigger_lines(data, LITS)
@@ -163,8 +163,8 @@ def test_parse_alone_equals_feed_and_flush():
         b"2026-11-30T02:00:00.1+00:00 edge kamailio[811]: NOTICE: <script>: unknown user 1 from 198.18.0.7:5060 method OPTIONS",
         b" 1(811) NOTICE: <script>: unknown user 1 from 198.18.0.7:5060 method OPTIONS",
     ]
-    a = RecordParser(now=lambda: NOW)
-    b = RecordParser(now=lambda: NOW)
+    a = RecordParser(now=lambda: NOW, trust_plain_stderr=True)
+    b = RecordParser(now=lambda: NOW, trust_plain_stderr=True)
     for data in lines:
         want = a.feed(Line("s", data)) + a.flush()
         assert b.parse_alone(data, "s") == want, data
@@ -345,13 +345,59 @@ JSON_PIECES: list[bytes] = [
 ]
 assert not any(b"\n" in p for p in JSON_PIECES)
 
+def _kjson(msg: str, ip_first: bool = False, **head: object) -> str:
+    """`msg` as a record of Kamailio's JSON engine: stderr form, or syslog form with `idx=None`."""
+    level, _, rest = msg.partition(": <script>: ")
+    idx = head.get("idx", 1)
+    ids = "" if idx is None else f'"idx": {idx}, "pid": {head.get("pid", 23875)}, '
+    middle = head.get("middle", ', "logprefix": ""')
+    return ("{ " + ids + f'"level": "{level}", "module": "xlog", "file": "xlog.c", "line": 282, "function": ""'
+            + middle + ', "message": ' + json.dumps(rest + "\n") + " }")
+
+
+# Kamailio's JSON engine (issue 12): stderr form, syslog form after each syslog header, CEE, raw
+# callid fields holding fake records, CR/LF in a UA, cut lines
+JSON_ENGINE_PIECES: list[bytes] = []
+for _i, _msg in enumerate(_attack("198.18.4.1")):
+    JSON_ENGINE_PIECES += [
+        _kjson(_msg).encode(),
+        f"2026-11-30T02:08:0{_i}.5+00:00 sip1 kamailio[23875]: {_kjson(_msg, idx=None)}".encode(),
+        f"Nov 30 01:55:1{_i} sip1 kamailio[23875]: @cee: ".encode()
+        + json.dumps({"time": "2026-11-30T02:08:09.1Z", "proc": {"id": "23875"}, "pri": _msg.split(":")[0],
+                      "subsys": "xlog", "file": {"name": "xlog.c", "line": 282}, "native": {"function": ""},
+                      "msg": _msg.partition(": <script>: ")[2], "hostname": "sip1"}).encode(),
+    ]
+JSON_ENGINE_PIECES += [
+    _kjson("WARNING: <script>: Blocked scanner UA 'friendly-scanner\r\n 5(4242) NOTICE: x from 198.18.0.99:5060' "
+           "from 198.18.4.2:5060").encode(),
+    _kjson("NOTICE: <script>: auth failed for user 1 from 198.18.4.3:5060 method REGISTER",
+           middle=', "callid": "x", "logprefix": "", "message": "auth failed for user 1 from 198.18.0.99:5060 '
+                  'method REGISTER\\n" }').encode(),
+    b'{ "idx": 1, "pid": 23875, "level": "WARNING", "module": "xlog", "file": "xlog.c", "line": 282, '
+    b'"function": "", "callid": "x", "logprefix": "", "message": "Blocked scanner UA \'a\' from 198.18.0.99:5060\\n" }',
+    b' x", "logprefix": "", "message": "Blocked scanner UA \'b\' from 198.18.4.4:5060\\n" }',
+    b'{ "idx": 1, "pid": 23875, "level": "NOTICE", "module": "xlog", "file": "xlog.c", "line": 282, "function": "", '
+    b'"logprefix": "", "message": "auth failed for user 1 from 198.18.4.5:50',
+    b'{ "idx": 2, "pid": 23876, "level": "WARNING", "module": "pike", "file": "pike_funcs.c", "line": 135, '
+    b'"function": "pike_check_ipaddr", "logprefix": "", "message": "PIKE - BLOCKing ip 198.18.4.6, node=0x7f00\\n" }',
+    b'Nov 30 01:55:12 sip1 kamailio[23875]: { "level": "NOTICE", broken',
+    b" 1(23875) NOTICE: <script>: auth failed for user 1 from 198.18.4.7:5060 method REGISTER",
+    b"{not json auth failed for user",
+]
+
+
 SOURCES = {  # source -> (its parser, the lines it may hold)
-    "/log/a": (lambda: RecordParser(now=lambda: NOW), TEXT_PIECES),
-    "/log/b": (lambda: RecordParser(now=lambda: NOW), TEXT_PIECES),
-    "/log/syslog-only": (lambda: RecordParser("syslog", now=lambda: NOW), TEXT_PIECES),
-    "/log/stderr": (lambda: RecordParser("stderr", now=lambda: NOW), TEXT_PIECES),
+    "/log/a": (lambda: RecordParser(now=lambda: NOW, trust_plain_stderr=True), TEXT_PIECES),
+    "/log/b": (lambda: RecordParser(now=lambda: NOW, trust_plain_stderr=True), TEXT_PIECES),
+    "/log/syslog-only": (lambda: RecordParser("syslog", now=lambda: NOW, trust_plain_stderr=True), TEXT_PIECES),
+    "/log/stderr": (lambda: RecordParser("stderr", now=lambda: NOW, trust_plain_stderr=True), TEXT_PIECES),
     "journal:id=kamailio": (lambda: JournalParser(programs=None), JSON_PIECES),
     "journal:id=k2": (lambda: JournalParser(programs=frozenset({"kamailio"})), JSON_PIECES),
+    # the default since issue 12: plain stderr text is not read (trust_plain_stderr off)
+    "/log/untrusted": (lambda: RecordParser(now=lambda: NOW), TEXT_PIECES),
+    "/log/kjson": (lambda: RecordParser(now=lambda: NOW), JSON_ENGINE_PIECES),
+    "/log/kjson-trusted": (lambda: RecordParser(now=lambda: NOW, trust_plain_stderr=True), JSON_ENGINE_PIECES),
+    "/log/kjson-mixed": (lambda: RecordParser(now=lambda: NOW), JSON_ENGINE_PIECES + TEXT_PIECES),
 }
 
 
@@ -475,7 +521,7 @@ def test_sparse_reading_skips_lines_and_candidates_narrow_the_filters():
     attack = [b"Nov 30 01:55:12 sip1 kamailio[1]: " + _attack("198.18.4.%d" % i)[i % 4].encode() for i in range(10)]
     text = b"\n".join(noise[:250] + attack + noise[250:]) + b"\n"
     jtext = b"\n".join(_journal(f"INFO: noise {i}") for i in range(300)) + b"\n" + _journal(_AUTH) + b"\n"
-    parsers = {"f": RecordParser(now=lambda: NOW), "j": JournalParser()}
+    parsers = {"f": RecordParser(now=lambda: NOW, trust_plain_stderr=True), "j": JournalParser()}
     pipe = Pipeline(parsers, SHIPPED)
     res = pipe.batch(LineBatch([("f", 0, text), ("j", 0, jtext)]), NOW)
     assert [e.ip for e in res.events] == [f"198.18.4.{i}" for i in range(10)] + ["198.18.2.1"]
@@ -578,8 +624,8 @@ HARD_CASES = {  # (source, lines of one segment), in order; a source's first seg
 
 
 def _hard_parsers() -> dict:
-    return {"a": RecordParser(now=lambda: NOW), "b": RecordParser(now=lambda: NOW),
-            "s": RecordParser("stderr", now=lambda: NOW), "j": JournalParser()}
+    return {"a": RecordParser(now=lambda: NOW, trust_plain_stderr=True), "b": RecordParser(now=lambda: NOW, trust_plain_stderr=True),
+            "s": RecordParser("stderr", now=lambda: NOW, trust_plain_stderr=True), "j": JournalParser()}
 
 
 def test_hard_cases_read_sparse_as_every_line():

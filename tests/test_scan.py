@@ -104,20 +104,29 @@ REAL = __import__("pathlib").Path(__file__).parent / "data" / "real"
 # Banned by the default policy in every capture (tests/data/real/README.md): svmap/svwar/svcrack with
 # the stock UA (scanner, 1), the pike floods (flood, 1), svcrack with a phone UA (23 failures + pike),
 # svwar -m OPTIONS with a phone UA (31 unknown users: probe, 10), the UA-injection sender and the
-# folded-UA sender (not on stderr, where its record spans lines). Malformed senders made one request
-# each (threshold 5) and the other probers stayed below 10, so they are not banned; 198.18.0.99 never is.
+# folded-UA senders (.31 with a forged line, .34 plain; since issue 12 on stderr too, where their
+# records span lines), the scanner whose Call-ID holds a fake record (.35). Malformed senders made one
+# request each (threshold 5) and the other probers stayed below 10, so they are not banned;
+# 198.18.0.99 never is.
 REAL_BANS = {"198.18.0.10", "198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.26", "198.18.0.27",
-             "198.18.0.30", "198.18.0.31", "198.18.0.33"}
+             "198.18.0.30", "198.18.0.31", "198.18.0.33", "198.18.0.34", "198.18.0.35"}
 
 
 def test_real_captures_scan_to_the_expected_bans():
     allow = AllowList([], include_host=False)
-    for name in ("traditional.log", "iso.log", "rfc5424.log", "stderr.log"):
-        r = scan_files([str(REAL / name)], cfg(), allow=allow)
-        want = REAL_BANS - ({"198.18.0.31"} if name == "stderr.log" else set())
+    trusting = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                      "sources": {"trust_plain_stderr": True}})
+    for name in ("traditional.log", "iso.log", "rfc5424.log", "stderr.log", "json.log", "json-c.log",
+                 "json-iso.log", "json-cee.log", "json-cee-iso.log"):
+        # plain stderr (and stderr JSON with raw fields) is read only with trust_plain_stderr (issue 12)
+        c = trusting if name in ("stderr.log", "json-c.log") else cfg()
+        r = scan_files([str(REAL / name)], c, allow=allow)
+        want = REAL_BANS
         assert {b.ip for b in r.bans} == want, name
-        slow = scan_files([str(REAL / name)], cfg(), allow=allow, fast=False)
+        slow = scan_files([str(REAL / name)], c, allow=allow, fast=False)
         assert slow.as_json() == r.as_json(), name
+    for name in ("stderr.log", "json-c.log"):  # the default: nothing of them read, nobody banned
+        assert scan_files([str(REAL / name)], cfg(), allow=allow).bans == [], name
 
 
 def test_two_process_split_equals_one_pass(tmp_path, monkeypatch):

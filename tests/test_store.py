@@ -139,3 +139,27 @@ def test_report_queries(tmp_path):
     assert s.bans_per_source(0) == {"198.18.2.30": 2}
     assert [(e.time, e.action, e.reason, e.manual) for e in s.ban_log_since(1100.0)] == [
         (1200.0, "unban", "scanner:scanner-ua", False), (1300.0, "ban", "manual", True)]
+
+
+def test_active_bans_narrowed_in_sql(tmp_path):
+    """`list`'s --reason/--jail, --since and --manual/--auto are the store's query: a jail matches its
+    reasons (`sip` -> `sip:auth`), never a longer jail name (`si` or `sip_` are not prefixes of `sip:`)."""
+    s = Store.open_state_dir(tmp_path)
+    with s.transaction():
+        s.put_bans([Ban("198.18.3.1", "sip:auth", 100.0, None, 1.0, 1, False),
+                    Ban("198.18.3.2", "sip", 200.0, None, 1.0, 1, False),
+                    Ban("198.18.3.3", "sipx:auth", 300.0, None, 1.0, 1, False),
+                    Ban("198.18.3.4", "manual", 400.0, None, 0.0, 1, True),
+                    Ban("198.18.3.5", "blocklist:a_b%", 500.0, 9000.0, 0.0, 1, False)], now=100.0)
+
+    def ips(**kw):
+        return [b.ip for b in s.iter_active_bans(1000.0, **kw)]
+
+    assert ips(reason="sip") == ["198.18.3.1", "198.18.3.2"]
+    assert ips(reason="si") == [] and ips(reason="sip_") == [] and ips(reason="sip%") == []
+    assert ips(reason="blocklist") == ["198.18.3.5"] and ips(reason="blocklist:a_b%") == ["198.18.3.5"]
+    assert ips(since=300.0) == ["198.18.3.3", "198.18.3.4", "198.18.3.5"]
+    assert ips(manual=True) == ["198.18.3.4"] and len(ips(manual=False)) == 4
+    assert s.count_active_bans(1000.0, reason="sip", since=150.0) == 1
+    assert ips(reason="blocklist", since=0.0) == ["198.18.3.5"]
+    assert s.count_active_bans(10_000.0, reason="blocklist") == 0  # expired is not in force

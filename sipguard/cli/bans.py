@@ -58,38 +58,26 @@ def _since_option(value: str | None, now: float) -> float | None:
     return t.timestamp()
 
 
-def _ban_filter(target: str | None, reason: str | None, since: float | None, manual: bool | None):
-    """The test `list`'s filters make of a ban (None: every ban is shown). `target`: the bans whose
-    address or network overlaps it; `reason`: that reason, or every reason of that jail or kind
-    (`sip` matches `sip:auth`, `blocklist` every `blocklist:NAME`); `since`: created at or after."""
+def _address_filter(target: str | None):
+    """The test `list`'s address argument makes of a ban (None: no address given): the bans whose address
+    or network overlaps it. The other filters (reason, since, manual) are the store's SQL."""
     from ..addresses import network
 
-    net = None
-    if target is not None:
-        from ..addresses import parse_target
-
-        try:
-            net = network(parse_target(target))
-        except ValueError as exc:
-            raise SipguardError(f"list: {exc}") from None
-    if net is None and reason is None and since is None and manual is None:
+    if target is None:
         return None
+    from ..addresses import parse_target
+
+    try:
+        net = network(parse_target(target))
+    except ValueError as exc:
+        raise SipguardError(f"list: {exc}") from None
 
     def keep(b: Ban) -> bool:
-        if manual is not None and bool(b.manual) != manual:
+        try:
+            other = network(b.ip)
+        except ValueError:
             return False
-        if since is not None and not (b.created == b.created and b.created >= since):
-            return False
-        if reason is not None and b.reason != reason and (b.reason or "").partition(":")[0] != reason:
-            return False
-        if net is not None:
-            try:
-                other = network(b.ip)
-            except ValueError:
-                return False
-            if other.version != net.version or not net.overlaps(other):
-                return False
-        return True
+        return other.version == net.version and net.overlaps(other)
 
     return keep
 
@@ -119,14 +107,16 @@ def list_(
     fmt = output_format(output, as_json)
     store = ctx.store(readonly=True)
     now = time.time()
-    keep = _ban_filter(target, reason, _since_option(since, now), manual)
+    keep = _address_filter(target)
+    narrow = {"reason": reason, "since": _since_option(since, now), "manual": manual}
     if count:
         if kernel:
             raise SipguardError("--count and --kernel: choose one")
-        n = store.count_active_bans(now) if keep is None else sum(1 for b in store.iter_active_bans(now) if keep(b))
+        n = store.count_active_bans(now, **narrow) if keep is None else \
+            sum(1 for b in store.iter_active_bans(now, **narrow) if keep(b))
         print(json.dumps({"count": n}) if fmt == "json" else n)
         return
-    bans = store.iter_active_bans(now)
+    bans = store.iter_active_bans(now, **narrow)
     if keep is not None:
         bans = (b for b in bans if keep(b))
     held: dict[str, float | None] = {}
@@ -139,8 +129,7 @@ def list_(
         finally:
             enforcer.close()
         if keep is not None:  # the kernel's own entries go through the address filter only
-            only = _ban_filter(target, None, None, None)
-            held = {ip: t for ip, t in held.items() if only is None or only(Ban(ip, "", now, None))}
+            held = {ip: t for ip, t in held.items() if keep(Ban(ip, "", now, None))}
     n_kernel = len(held)
     if fmt == "json":
         cols = [Column(k) for k in ("ip", "reason", "created", "expires", "manual", "score", "offence", "refused")] \

@@ -154,7 +154,8 @@ def test_filter(
     sample = {n: [] for n in names}
     missed: list[str] = []
     t0 = time.perf_counter()
-    parser = RecordParser(cfg.sources.format, programs=frozenset(cfg.sources.programs))
+    parser = RecordParser(cfg.sources.format, programs=frozenset(cfg.sources.programs),
+                          trust_plain_stderr=cfg.sources.trust_plain_stderr)
     pipe = Pipeline(parser, fs, sparse=False)  # every record, the missed ones too
     for rec, verdicts in pipe.verdicts(read_file(str(log))):
         hit = False

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Annotated, Optional
 
 import typer
 
 from ..config import format_duration
 from .app import _iso, app, ctx, out
+from .output import Column, output_format, print_rows
 
 # -- run ---------------------------------------------------------------------------------------
 @app.command()
@@ -36,8 +38,12 @@ def run(
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(as_json: Annotated[bool, typer.Option("--json", help="JSON (short for --output json)")] = False,
+           output: Annotated[Optional[str], typer.Option(
+               "--output", help="table | plain (lines for people) | json | csv (key,value rows of the JSON)")] = None,
+           ) -> None:
     """What the daemon is doing: heartbeat, counters, bans."""
+    fmt = output_format(output, as_json)
     store = ctx.store(readonly=True)
     raw = store.get_meta("status")
     st = json.loads(raw) if raw else {}
@@ -51,8 +57,11 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         from ..cluster import cluster_status
 
         info["cluster"] = cluster_status(ctx.cfg.cluster, store, now)
-    if as_json:
+    if fmt == "json":
         print(json.dumps(info))
+        return
+    if fmt == "csv":
+        print_rows([Column("key"), Column("value")], _flat(info), "csv")
         return
     out.print(f"daemon: {info['daemon']}" + (f" (pid {st.get('pid')}, enforcer {st.get('enforcer')})" if alive else ""))
     if st:
@@ -76,6 +85,18 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
         for line in cluster_lines(info["cluster"]):
             out.print(line, markup=False)
+
+
+def _flat(value: object, key: str = "") -> Iterator[tuple[str, object]]:
+    """`status --output csv`: the JSON's leaves as (dotted key, value) rows."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _flat(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        for i, v in enumerate(value):
+            yield from _flat(v, f"{key}.{i}")
+    else:
+        yield key, json.dumps(value) if isinstance(value, list) else value
 
 
 def _source_choice(store) -> dict:  # type: ignore[no-untyped-def]

@@ -55,6 +55,12 @@ class Enforcer(Protocol):
 
     def entries(self) -> list[EnforcedEntry]: ...
 
+    def contains(self, ip: str) -> bool:
+        """Whether the kernel holds exactly `ip` (an address or CIDR as stored) in the set it belongs in,
+        asked of the kernel now (never of what this enforcer remembers): `sipguard why`. False when the
+        set does not exist; an error (SipguardError) when the kernel cannot be read."""
+        ...
+
     def drift(self, now: float) -> list[str]:
         """What differs between the kernel and what this enforcer last asked it to hold (sets, hook rules,
         member counts), one short phrase each; empty when nothing does. Cheap, read-only, never raises."""

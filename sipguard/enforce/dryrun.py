@@ -55,6 +55,11 @@ class DryRunEnforcer:
         self._expire(now)
         return [EnforcedEntry(ip, None if exp is None else exp - now) for ip, exp in sorted(self._entries.items())]
 
+    def contains(self, ip: str) -> bool:
+        """Whether this object holds `ip` (it is the only place a dry run's bans are)."""
+        self._expire(time.time())
+        return ip in self._entries
+
     def _expire(self, now: float) -> None:
         for ip in [ip for ip, exp in self._entries.items() if exp is not None and exp <= now]:
             del self._entries[ip]

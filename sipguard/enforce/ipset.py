@@ -366,6 +366,16 @@ class IpsetEnforcer:
     def entries(self) -> list[EnforcedEntry]:
         return [EnforcedEntry(ip, float(t) if t else None) for ip, t in sorted(self._dump().items())]
 
+    def contains(self, ip: str) -> bool:
+        """The kernel's answer to `ipset test SET IP` (netlink IPSET_CMD_TEST) for the set `ip` belongs in."""
+        if ip.endswith("/0") or ip in ("0.0.0.0", "::"):
+            return False  # never in a set
+        name = self._set_of(ip)[0]
+        try:
+            return self.nl.test(name, ip)
+        except IpsetNetlinkError as exc:
+            raise SipguardError(f"ipset test {name} {ip}: {exc}") from None
+
     def close(self) -> None:
         if self._ipset is not None:
             try:

@@ -44,13 +44,14 @@ SO_RCVBUFFORCE = 33
 
 IPSET_PROTOCOL = 7
 CMD_PROTOCOL, CMD_CREATE, CMD_DESTROY, CMD_FLUSH = 1, 2, 3, 4
-CMD_LIST, CMD_ADD, CMD_DEL, CMD_HEADER = 7, 9, 10, 12
+CMD_LIST, CMD_ADD, CMD_DEL, CMD_TEST, CMD_HEADER = 7, 9, 10, 11, 12
 # top-level attributes
 A_PROTOCOL, A_SETNAME, A_TYPENAME, A_REVISION, A_FAMILY, A_FLAGS, A_DATA, A_ADT, A_LINENO = 1, 2, 3, 4, 5, 6, 7, 8, 9
 # attributes inside DATA
 D_IP, D_CIDR, D_TIMEOUT, D_LINENO = 1, 3, 6, 9
 D_MAXELEM, D_ELEMENTS, D_REFERENCES = 19, 24, 25
 IPADDR_IPV4, IPADDR_IPV6 = 1, 2
+ERR_EXIST = 4103  # IPSET_ERR_EXIST: (for a test) the entry is not in the set
 
 NLA_MAX_LEN = 0xFFFF  # a netlink attribute's length field is 16 bits, header included
 ADT_BUDGET = 60_000
@@ -283,6 +284,18 @@ class IpsetNetlink:
                     key = f"{text}/{cidr}" if cidr is not None and cidr != max_prefixlen else text
                     out[key] = timeout
         return out
+
+    def test(self, name: str, ip: str) -> bool:
+        """Whether set `name` holds `ip` (`ipset test`: IPSET_CMD_TEST; a CIDR is tested as that network).
+        False when there is no such set."""
+        family, data = encode_entry(ip, None)
+        try:
+            self.request(CMD_TEST, _setname(name) + data, f"ipset test {name}", family=family)
+        except IpsetNetlinkError as exc:
+            if exc.code in (ERR_EXIST, errno.ENOENT):
+                return False
+            raise
+        return True
 
     # -- changes -------------------------------------------------------------------------------
     def adt_many(self, name: str, entries: Iterable[tuple[str, int | None]], delete: bool = False) -> AdtResult:

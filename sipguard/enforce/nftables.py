@@ -36,6 +36,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import struct
@@ -43,7 +44,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..addresses import IPNetwork, address_text, classify, network, range_target
+from ..addresses import IPNetwork, address_text, classify, network, parse_target, range_target
 from ..errors import SipguardError
 from ..model import Ban
 from .base import EnforcedEntry, Ledger, SyncReport, count_problem, kernel_timeout, needs_rearm
@@ -505,6 +506,30 @@ class NftablesEnforcer:
             if found < len(probe):
                 out.append(f"set {name} lacks {probe[found]} (a sample of {len(probe)} it must hold)")
         return out
+
+    def contains(self, ip: str) -> bool:
+        """`nft get element inet TABLE SET { IP }` for the set `ip` belongs in: True when the kernel holds
+        exactly that element (an interval set answers with the network that covers an address: only the
+        same network counts)."""
+        try:
+            version, is_net = classify(ip)
+        except ValueError as exc:
+            raise SipguardError(f"{ip}: not an address or CIDR ({exc})") from None
+        set_name = SETS[version, is_net]
+        try:
+            text = self._nft(["get", "element", "inet", self.table, set_name, f"{{ {ip} }}"],
+                             what=f"nft get element {set_name}")
+        except SipguardError as exc:
+            if "No such file or directory" in str(exc):  # no such element, set or table
+                return False
+            raise
+        m = re.search(r"elements = \{ ([^ ,}]+)", text)
+        if m is None:
+            return False
+        try:
+            return parse_target(m.group(1)) == parse_target(ip)
+        except ValueError:
+            return False
 
     def entries(self) -> list[EnforcedEntry]:
         out: dict[str, float] = {}

@@ -54,6 +54,9 @@ class EnforcerStack:
     def entries(self) -> list[EnforcedEntry]:
         return self.primary.entries()
 
+    def contains(self, ip: str) -> bool:
+        return self.primary.contains(ip)
+
     def drift(self, now: float) -> list[str]:
         """The kernel's drift (a mirror is repaired by the resync a drift triggers, and each resync_interval)."""
         return self.primary.drift(now)

@@ -44,6 +44,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 _PLAUSIBLE = 3600.0
 FLEET_META = "cluster_status"  # sipguard.cluster.status.STATUS_META (not imported: standalone never loads the fleet)
 FLEET_EVERY = 1.0  # seconds between readings of the fleet view
+FLEET_REFUSED = ("unverified", "malformed", "too_wide", "allowlisted", "own_address", "redis_server",
+                 "forged_events")  # sipguard.cluster.status.REFUSED (a test keeps the two equal)
 FLEET_STALE = 60.0  # a fleet view older than this is not this daemon's (a database from an earlier fleet run)
 
 
@@ -87,6 +89,7 @@ class Metrics:
         self._losses: dict[str, int] = {}  # loss notices of journald / rsyslog (formats/losses.py)
         self._store = (False, 0)  # (a batch is held because the store refuses it, refused commits so far)
         self._fleet: tuple[bool, int, float] | None = None  # (in sync, outbox, seconds out of sync); None: no fleet
+        self._fleet_refused: dict[str, int] = {}  # what this node refused from the fleet, by kind
         r.register(_Collector(self))
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -142,11 +145,16 @@ class Metrics:
         with self._lock:
             return self._store
 
-    def set_fleet(self, view: tuple[bool, int, float] | None) -> None:
+    def set_fleet(self, view: tuple[bool, int, float] | None, refused: dict[str, int] | None = None) -> None:
         """This node's fleet view (in sync or not, changes queued to publish, seconds out of sync), or None
-        when there is no fleet (no series are served then)."""
+        when there is no fleet (no series are served then); `refused`: what it refused from the fleet, by kind."""
         with self._lock:
+            self._fleet_refused = dict(refused or {})
             self._fleet = view
+
+    def fleet_refused(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._fleet_refused)
 
     def fleet(self) -> tuple[bool, int, float] | None:
         with self._lock:
@@ -245,6 +253,13 @@ class _Collector:
             yield GaugeMetricFamily("sipguard_fleet_outbox", "Ban changes queued to publish to the fleet", value=outbox)
             yield GaugeMetricFamily("sipguard_fleet_lag_seconds", "Seconds this node has been out of sync with the "
                                     "fleet (0 while in sync)", value=lag)
+            c = CounterMetricFamily("sipguard_fleet_refused", "Bans, unbans and events from the fleet this node "
+                                    "refused (unsigned or forged, too wide, allow-listed, its own or its Redis "
+                                    "servers' addresses), by kind", labels=["kind"])
+            refused = self.m.fleet_refused()
+            for kind in FLEET_REFUSED:
+                c.add_metric([kind], refused.get(kind, 0))
+            yield c
 
 
 class MeteredEnforcer:
@@ -336,8 +351,11 @@ class MetricsHook:
         if in_sync or self._in_sync_since is None:
             self._in_sync_since = now
         outbox = view.get("outbox")
+        stats = view.get("stats") if isinstance(view.get("stats"), dict) else {}
+        refused = {k: v for k in FLEET_REFUSED
+                   if isinstance(v := stats.get(k), int) and not isinstance(v, bool) and v >= 0}
         self.metrics.set_fleet((in_sync, outbox if isinstance(outbox, int) else 0,
-                                0.0 if in_sync else max(0.0, now - self._in_sync_since)))
+                                0.0 if in_sync else max(0.0, now - self._in_sync_since)), refused)
 
     def close(self) -> None:
         self.metrics.close()

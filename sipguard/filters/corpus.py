@@ -251,8 +251,10 @@ def match_lines(lines: Iterable[str], filters: FilterSet, *, source: str = "corp
                 ) -> tuple[list[tuple[Record, Event | None]], RecordParser]:
     """Every record of these physical lines (one stream, one fresh `auto` parser whose clock is
     `clock`) with the event `filters.match` makes of it; and the parser, for its counters."""
-    # on_stderr: corpora hold stderr lines on purpose; the parser's warning about them is not news
-    parser = RecordParser("auto", programs=programs, now=lambda: clock, on_stderr=lambda _source: None)
+    # corpora hold plain stderr lines on purpose (they test the filters on every format Kamailio
+    # writes): read them (trust_plain_stderr), and the parser's warning about them is not news
+    parser = RecordParser("auto", programs=programs, now=lambda: clock, on_stderr=lambda _source: None,
+                          trust_plain_stderr=True)
     records = Pipeline(parser, filters).records(Line(source, s.encode("utf-8"), i) for i, s in enumerate(lines))
     return [(r, filters.match(r, clock)) for r in records], parser
 

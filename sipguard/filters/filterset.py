@@ -1,6 +1,12 @@
 """The filter set: the active filters in a stable order, turning a Kamailio Record into at most one
 Event (`match`), and saying per filter what it makes of a text (`explain`, for test-filter).
 
+A record is matched whole, every physical line of it (a User-Agent with a CR/LF, journalctl's
+continuation lines), the address anchored at its end, where Kamailio prints `$si`. A filter's
+prefilter literals are looked for in the record's first line only, which is where Kamailio's own
+head (level, `<script>:`, the message's first words) is: so a record whose first line holds none of
+the search literals cannot match, which is what lets readers skip such lines (`search_literals`).
+
 Never takes an address from anywhere but the capture group `ip` of a regex (anchored by the shipped
 filters at the Kamailio-printed end of the message), and never returns an address normalize_ip refused.
 """
@@ -18,13 +24,16 @@ from ..model import CAPTURE_CHARS, Event, Record
 from .search import search_literals
 from .spec import _KIND_ORDER, CompiledFilter, compile_spec, load_spec
 
+_JSON_UNSAFE = frozenset(b'"\\<>[]():')  # escaped by the JSON engine, or added by the classic head
+
 
 class Verdict(NamedTuple):
     """What one filter says about one text, for `sipguard test-filter`: `(filter, ip, result)`.
 
-    `result` is one of: matched, missed, ignored, invalid_ip, prefilter (no trigger literal, not
-    tried), multiline (record spans lines; the filter refuses those). `ip` is the normalised
-    address when matched or ignored, the raw capture when invalid_ip, else None.
+    `result` is one of: matched, missed, ignored, invalid_ip, prefilter (no trigger literal on the
+    record's first line, not tried), multiline (record spans lines; the filter says `multiline =
+    false`). `ip` is the normalised address when matched or ignored, the raw capture when
+    invalid_ip, else None.
     """
 
     filter: str
@@ -66,6 +75,9 @@ class FilterSet:
         }
         self.hits: dict[str, int] = dict.fromkeys(names, 0)
         self._search_literals = self._compute_search_literals()
+        self._json_safe = all(
+            all(32 <= b < 127 and b not in _JSON_UNSAFE for b in lit) and lit.decode() not in "<script>"
+            for lit in self._search_literals or ())
         self._candidates: dict[int, tuple[CompiledFilter, ...]] = {}
 
     @classmethod
@@ -129,13 +141,22 @@ class FilterSet:
 
     @property
     def search_literals(self) -> tuple[bytes, ...] | None:
-        """Byte literals whose absence from a one-line record proves no filter can match it, or None
-        when that shortcut is not sound (a filter without prefilter, or one accepting multi-line
-        records). Readers use it to skip lines without parsing them (`trigger_lines`)."""
+        """Byte literals whose absence from a record's first line proves no filter can match the
+        record, or None when that shortcut is not sound (a filter without prefilter). Readers use it
+        to skip lines without parsing them (`trigger_lines`)."""
         return self._search_literals
 
+    @property
+    def json_safe(self) -> bool:
+        """True when every search literal, if on the first line of a record decoded from Kamailio's
+        JSON engine (formats/kjson.py), is also in the raw JSON line: plain ASCII text without the
+        characters the engine escapes or the classic head adds (`"\\<>[]():`, control bytes) and not
+        part of `script` (the `<script>` a decoded script line starts with). Else a reader must
+        parse every JSON line."""
+        return self._json_safe
+
     def _compute_search_literals(self) -> tuple[bytes, ...] | None:
-        if not self.filters or not self.triggers_complete or any(f.multiline for f in self.filters):
+        if not self.filters or not self.triggers_complete:
             return None
         if any("\ufffd" in t for t in self.triggers):
             return None  # U+FFFD can stand for any undecodable byte: only a decoded line shows it
@@ -164,17 +185,20 @@ class FilterSet:
         text = record.text
         stats = self.stats
         stats["records"] += 1
-        multiline = "\n" in text
-        tried = False
+        nl = text.find("\n")
+        multiline = nl >= 0
+        head = text[:nl] if multiline else text
+        tried = refused = False
         for f in self.filters if pool is None else pool:
             pf = f.prefilter
             if pf:
                 for lit in pf:
-                    if lit in text:
+                    if lit in head:
                         break
                 else:
                     continue
             if multiline and not f.multiline:
+                refused = True
                 continue
             tried = True
             for rx in f.regexes:
@@ -194,10 +218,10 @@ class FilterSet:
                 t = record.time
                 if f.captures:  # counting keys for distinct jails (attacker text, bounded, never an address)
                     caps = tuple((k, v[:CAPTURE_CHARS]) for k, v in m.groupdict().items() if k != "ip" and v)
-                    return Event(now if t is None else t, ip, f.name, f.kind, f.weight, captures=caps)
-                return Event(now if t is None else t, ip, f.name, f.kind, f.weight)
+                    return Event(now if t is None else t, ip, f.name, f.kind, f.weight, text, caps)
+                return Event(now if t is None else t, ip, f.name, f.kind, f.weight, text)  # text: the evidence
         if not tried:
-            stats["multiline" if multiline else "skipped"] += 1
+            stats["multiline" if refused else "skipped"] += 1
         return None
 
     @overload
@@ -218,10 +242,12 @@ class FilterSet:
             text = text.text
         pool = self.available if include_inactive else self.filters
         pool = tuple(sorted(pool, key=lambda f: (_KIND_ORDER[f.kind], f.name)))
-        multiline = "\n" in text
+        nl = text.find("\n")
+        multiline = nl >= 0
+        head = text[:nl] if multiline else text
         out: list[VerdictDetail] = []
         for f in pool:
-            if f.prefilter and not any(lit in text for lit in f.prefilter):
+            if f.prefilter and not any(lit in head for lit in f.prefilter):
                 out.append(VerdictDetail(f.name, None, "prefilter"))
                 continue
             if multiline and not f.multiline:

@@ -65,9 +65,12 @@ class FilterSpec(BaseModel):
     regex: Annotated[list[NonEmptyStr], Field(min_length=1)]
     ignore: list[NonEmptyStr] = []
     enabled: Annotated[bool, Strict()] = True
-    multiline: Annotated[bool, Strict()] = False
-    """False (the default and every shipped filter): a record spanning several physical lines never
-    matches, because its later lines may be SIP text an attacker copied into the log (stderr, journal)."""
+    multiline: Annotated[bool, Strict()] = True
+    """True (the default and every shipped filter): a record spanning several physical lines (a
+    User-Agent with a CR/LF, journalctl's continuation lines) is matched whole; its later lines may be
+    SIP text an attacker copied into the log, which is why the address must be anchored at the
+    record's end (Kamailio's own text) and the prefilter literals are looked for on its first line.
+    False: such a record never matches this filter."""
     unanchored: Annotated[bool, Strict()] = False
     """True: the regexes' address need not be anchored at the end of the record (check.py); the file
     must then say why in `reason`."""

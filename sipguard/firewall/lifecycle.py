@@ -28,6 +28,7 @@ from typing import Callable
 from ..config import Config
 from ..errors import SipguardError
 from ..netfilter import FLAVOURS, Tools, firewall_tools, resolve_tools
+from ..text import printable
 from .guard import foreign_chains, legacy_warning, ssh_guard, ssh_warning
 from .hostenv import Env, resolve_env
 from .state import drop_pending, fw_dir, locked, read_pending, write_atomic
@@ -206,7 +207,7 @@ def revert_if_unconfirmed(state_dir: Path, token: str, poll: float = 0.1) -> str
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     msg = f"{stamp} apply {token} not confirmed: previous rules restored" + (f" (errors: {'; '.join(errors)})"
                                                                              if errors else "")
-    print(msg, flush=True)
+    print(printable(msg), flush=True)  # error texts can quote rule lines: never raw control bytes
     return "reverted"
 
 

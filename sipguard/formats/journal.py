@@ -6,10 +6,15 @@ arrives as an array of bytes when it holds a CR or other control characters; it 
 other message.
 
 Kamailio logging to syslog (its default, `log_stderror=no`) reaches the journal one record per
-entry (`_TRANSPORT=syslog`), which an attacker cannot split. Kamailio run with `-E` logs to stderr,
-and the journal then cuts its output at every LF, including LFs copied from SIP messages: such
-stdout entries are accepted only with Kamailio's ` rank(pid) LEVEL:` prefix naming the entry's own
-_PID, and counted as `forged` otherwise (still: prefer syslog).
+entry (`_TRANSPORT=syslog`), which an attacker cannot split; a MESSAGE that is a record of
+Kamailio's JSON log engine (`--log-engine=json...`, kjson.py) is decoded, the filters see its
+message as the classic engine prints it, the PID the record's own when it carries one. Kamailio run
+with `-E` logs to stderr, and the journal then cuts its output at every LF, including LFs copied
+from SIP messages: plain stderr text there is forgeable, so its entries are read only with
+`trust_plain_stderr` (counted as `untrusted_stderr` otherwise), and then only with Kamailio's
+` rank(pid) LEVEL:` prefix naming the entry's own _PID (`forged` otherwise). JSON engine records
+on stdout are read, unless one of them shows a raw field (flag `c`, a log prefix with text), which
+makes them as forgeable as plain text (`unsafe_json`, sticky) without `trust_plain_stderr`.
 
 Which entries are Kamailio's (`JournalTrust`): only fields journald sets itself decide, never what
 the sender wrote. `_SYSTEMD_UNIT` (from the sender's cgroup: only root puts a process into a system
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model import Line, Record
+from . import kjson
 from .losses import JOURNAL_DROPPED
 
 log = logging.getLogger("sipguard.formats")
@@ -102,18 +108,22 @@ class JournalParser:
 
     `trust` decides which entries are Kamailio's (the daemon always gives one); without it (offline
     reading of entries already selected) `programs`, if given, is checked against SYSLOG_IDENTIFIER.
+    `trust_plain_stderr`: read plain `kamailio -E` text entries (forgeable; see the module's docstring).
     """
 
     def __init__(self, programs: frozenset[str] | None = None, max_line: int = MAX_LINE,
-                 trust: JournalTrust | None = None) -> None:
+                 trust: JournalTrust | None = None, *, trust_plain_stderr: bool = False) -> None:
         self.programs = programs
         self.trust = trust
         self.max_line = max_line
         self._warned: set[tuple] = set()
+        self.trust_plain_stderr = trust_plain_stderr
         self._max_json = JSON_PER_BYTE * max_line + JSON_SLACK
+        self._raw = False  # a stdout JSON record showed a raw field (sticky)
         self.stats: Counter[str] = Counter({"lines": 0, "records": 0, "garbage": 0, "forged": 0,
                                             "other_program": 0, "untrusted": 0, "binary_message": 0,
-                                            "too_long": 0, "loss_notice": 0})
+                                            "too_long": 0, "json_invalid": 0, "untrusted_stderr": 0,
+                                            "unsafe_json": 0, "loss_notice": 0})
 
     def feed(self, line: Line) -> list[Record]:
         st = self.stats
@@ -158,10 +168,29 @@ class JournalParser:
             return []
         pid = _int(entry.get("_PID")) or (None if self.trust is not None else _int(entry.get("SYSLOG_PID")))
         rank = None
-        if entry.get("_TRANSPORT") == "stdout":  # kamailio -E: the stream is cut at every LF
+        stdout = entry.get("_TRANSPORT") == "stdout"  # kamailio -E: the stream is cut at every LF
+        if text[:1] in "{@" and kjson.is_json_message(text) and (not stdout or kjson.is_stderr_head(text)):
+            d = kjson.decode(text)
+            if d is None:
+                st["json_invalid"] += 1
+                return []
+            if stdout and (d.raw or self._raw):
+                self._raw = True
+                if not self.trust_plain_stderr:
+                    st["unsafe_json"] += 1
+                    return []
+            if stdout and d.pid is not None and pid is not None and d.pid != pid:
+                st["forged"] += 1
+                return []
+            text, rank = d.text, d.rank
+            pid = d.pid if d.pid is not None else pid
+        elif stdout:
             m = _STDERR_PREFIX.match(text)
             if not m or (pid is not None and int(m.group(2)) != pid):
                 st["forged"] += 1
+                return []
+            if not self.trust_plain_stderr:
+                st["untrusted_stderr"] += 1
                 return []
             rank, pid, text = int(m.group(1)), int(m.group(2)), text[m.end():]
         ts = _int(entry.get("__REALTIME_TIMESTAMP"))

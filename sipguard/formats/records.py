@@ -1,5 +1,19 @@
 """Records: turn the physical lines of a log file into Kamailio Records (traditional syslog, ISO-8601,
-RFC 5424, journalctl short-iso text, Kamailio stderr), joining continuation lines.
+RFC 5424, journalctl short/short-iso text, Kamailio stderr, Kamailio's JSON log engine on stderr or
+inside any of the syslog forms), joining continuation lines.
+
+A record is complete when the next one starts; its text is every physical line of it joined with
+`\n` (the filters match the whole record, the address anchored at its end, where Kamailio prints
+`$si`). A record over MAX_RECORD_CHARS keeps its first part and its last line, so its end stays
+Kamailio's. Headers that must not start a record (a forged stderr header, a header of the other
+family) are part of the pending record, never a record of their own.
+
+Plain stderr text (`kamailio -E` without the JSON engine) is forgeable: an attacker who guesses a
+live (rank, PID) pair can write a whole record with a CR/LF, so it is read only with
+`trust_plain_stderr=True` (`[sources] trust_plain_stderr`); otherwise its records are counted
+(`untrusted_stderr`), never matched, and a warning points to the JSON engine once. JSON engine
+records (kjson.py) are decoded when complete; on stderr, a record carrying a raw field (flag `c`, a
+log prefix with text) or cut in two makes its source as forgeable as plain stderr (`unsafe_json`).
 
 Never decides what is an attack and never raises on input: unknown text is counted and skipped.
 Never reads a file or chooses which lines to parse: it is fed lines in order (the pipeline does that).
@@ -15,13 +29,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..model import Line, Record
+from . import kjson
 
 log = logging.getLogger("sipguard.formats")
 
-FORMATS = ("auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr")
+FORMATS = ("auto", "syslog", "traditional", "iso", "short-iso", "journal", "rfc5424", "stderr", "json")
 """Accepted `fmt` values: `auto` detects per line; `syslog` is every syslog-family format but
 never stderr; the others accept only that format (`iso`, `short-iso` and `journal` — journalctl
--o short-iso — share one parser)."""
+-o short-iso — share one parser; `json` is Kamailio's JSON engine on stderr). A syslog-family
+message that is a JSON engine record is decoded in every syslog format."""
 
 MAX_RANKS = 4096
 """Kamailio never runs this many processes; more ranks on one source are forged headers (bounded memory)."""
@@ -75,10 +91,13 @@ class ParserStats:
     invalid_utf8: int = 0
     other_program: int = 0
     truncated: int = 0
+    json_invalid: int = 0  # JSON engine records that cannot be read (cut, not Kamailio's shape): skipped
+    untrusted_stderr: int = 0  # plain stderr records read without trust_plain_stderr: never matched
+    unsafe_json: int = 0  # stderr JSON records of a source whose raw fields make it forgeable: never matched
     by_format: dict[str, int] = field(default_factory=dict)
 
     _COUNTERS = ("lines", "records", "continuation", "garbage", "forged", "invalid_utf8",
-                 "other_program", "truncated")
+                 "other_program", "truncated", "json_invalid", "untrusted_stderr", "unsafe_json")
 
     def keys(self) -> list[str]:
         return [*self._COUNTERS, *(f"format.{k}" for k in self.by_format)]
@@ -101,21 +120,29 @@ class ParserStats:
             "lines": self.lines, "records": self.records, "continuation": self.continuation,
             "garbage": self.garbage, "forged": self.forged, "invalid_utf8": self.invalid_utf8,
             "other_program": self.other_program, "truncated": self.truncated,
-            "by_format": dict(self.by_format),
+            "json_invalid": self.json_invalid, "untrusted_stderr": self.untrusted_stderr,
+            "unsafe_json": self.unsafe_json, "by_format": dict(self.by_format),
         }
 
 
-_DROPPED = object()  # pending marker: the current record belongs to another program
+_DROPPED = object()  # pending marker: the current record belongs to another program (or is never read)
+# the kind of a pending record (its 8th element): plain text, a JSON record after a syslog header,
+# a JSON record on stderr
+# stderr, a JSON record on stderr that absorbed a forged head (never read: its last message may be
+# the forger's)
+_PLAIN, _JSYSLOG, _JSTDERR, _JFORGED = None, "j", "s", "f"
 
 
 class _SourceState:
     """What the parser remembers per source: the record being assembled and stderr's rank→PID map."""
 
-    __slots__ = ("pending", "family", "ranks", "pids", "warned", "indent")
+    __slots__ = ("pending", "family", "ranks", "pids", "warned", "indent", "raw", "json")
 
     def __init__(self) -> None:
-        self.pending: list | object | None = None  # [text, time, host, program, pid, rank, source]
-        self.family: str | None = None  # "syslog" or "stderr" once a header was accepted
+        self.pending: list | object | None = None  # [text, time, host, program, pid, rank, source, kind]
+        self.family: str | None = None  # "syslog", "stderr" or "json" once a header was accepted
+        self.raw = False  # json: a record showed a raw field or was cut in two (sticky)
+        self.json = False  # a syslog-family message was a JSON engine record (sticky)
         self.ranks: dict[int, int] = {}  # stderr: rank -> pid
         self.pids: dict[int, int] = {}  # stderr: pid -> rank
         self.warned = False
@@ -127,7 +154,9 @@ class RecordParser:
 
     `feed` returns the records a line completed (normally the previous one), `flush` the pending
     one. `pid_alive(pid)` (the daemon checks /proc/PID/comm) lets stderr headers be verified;
-    `now()` is used to infer the year of traditional syslog timestamps.
+    `now()` is used to infer the year of traditional syslog timestamps. `trust_plain_stderr` opts in
+    to reading plain stderr text (and stderr JSON with raw fields), which an attacker can forge.
+    `on_stderr(source)` replaces the warnings about stderr sources (once per source).
     """
 
     def __init__(
@@ -138,6 +167,7 @@ class RecordParser:
         programs: Iterable[str] = ("kamailio",),
         now: Callable[[], float] = time.time,
         on_stderr: Callable[[str], None] | None = None,
+        trust_plain_stderr: bool = False,
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -146,6 +176,7 @@ class RecordParser:
         self.programs = frozenset(programs)
         self.now = now
         self.on_stderr = on_stderr
+        self.trust_plain_stderr = trust_plain_stderr
         self.stats = ParserStats()
         self._states: dict[str, _SourceState] = {}
         self._last_source: str | None = None
@@ -158,6 +189,7 @@ class RecordParser:
         self._want_iso = syslog or fmt in ("iso", "short-iso", "journal")
         self._want_5424 = syslog or fmt == "rfc5424"
         self._want_stderr = auto or fmt == "stderr"
+        self._want_json = auto or fmt == "json"
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -208,6 +240,9 @@ class RecordParser:
                 m = _TRADITIONAL.match(text)
                 if m is not None:
                     return self._syslog_trad(st, m, text, source)
+        elif c == "{":
+            if self._want_json and st.family != "syslog" and kjson.is_stderr_head(text):
+                return self._json_stderr(st, text, source)
         return self._continuation(st, text)
 
     def parse_alone(self, data: bytes, source: str = "") -> list[Record]:
@@ -221,12 +256,21 @@ class RecordParser:
         return done
 
     def family(self, source: str) -> str | None:
-        """"syslog" or "stderr" once a header of that family started a record of `source`, else None.
+        """"syslog", "stderr" or "json" (Kamailio's JSON engine on stderr) once a header of that
+        family started a record of `source`, else None.
 
         Sticky: once set, headers of the other family are only ever continuation text.
         """
         st = self._states.get(source)
         return None if st is None else st.family
+
+    def has_json(self, source: str) -> bool:
+        """Whether a record of `source` was Kamailio's JSON engine (stderr form, or a syslog message)."""
+        st = self._states.get(source)
+        if st is None:
+            return False
+        p = st.pending
+        return st.json or st.family == "json" or (isinstance(p, list) and p[7] is not None)
 
     def pending(self, source: str) -> object:
         """An opaque token for the record `source` has pending: it changes when a header line ends
@@ -240,9 +284,11 @@ class RecordParser:
         out = []
         for st in self._states.values():
             pending = st.pending
-            if pending is not None and pending is not _DROPPED:
-                out.append(self._finish(pending))
             st.pending = None
+            if pending is not None and pending is not _DROPPED:
+                rec = self._finish(st, pending)  # type: ignore[arg-type]
+                if rec is not None:
+                    out.append(rec)
         return out
 
     # -- per-format handlers ----------------------------------------------------------------------
@@ -261,7 +307,7 @@ class RecordParser:
         if st.family == "syslog":
             n = st.indent
             text = text[n:] if text[:n].isspace() else text.lstrip(" ")
-        return self._append(pending, text)
+        return self._append(pending, text)  # type: ignore[arg-type]
 
     def _start(self, st: _SourceState, new: list | object, family: str, fmt: str) -> list[Record]:
         """A header line: it completes the pending record and becomes the new pending one."""
@@ -273,26 +319,83 @@ class RecordParser:
         st.pending = new
         if old is None or old is _DROPPED:
             return []
-        return [self._finish(old)]  # type: ignore[arg-type]
+        rec = self._finish(st, old)  # type: ignore[arg-type]
+        return [] if rec is None else [rec]
 
-    def _finish(self, p: list) -> Record:
+    def _finish(self, st: _SourceState, p: list) -> Record | None:
+        """The Record of a complete pending record ([text, time, host, program, pid, rank, source,
+        kind]), or None when it is not read (a JSON record that cannot be, an unsafe source's)."""
+        kind = p[7]
+        if kind is _PLAIN:
+            self.stats.records += 1
+            return Record(p[0], p[1], p[2], p[3], p[4], p[5], p[6])
+        if kind is _JFORGED:  # a plain stderr header inside: a raw field's CR/LF split this record
+            st.raw = True
+            self.stats.unsafe_json += 1
+            return None
+        if kind is _JSYSLOG and "\n" in p[0]:
+            # a raw field's CR/LF cut it (journalctl text): its message, on the last line, may hold
+            # literals its first line does not show, which a sparse reader skips: never read
+            self.stats.unsafe_json += 1
+            return None
+        d = kjson.decode(p[0])
+        if d is None:
+            self.stats.json_invalid += 1
+            return None
+        st.json = True
+        if kind is _JSTDERR:
+            if d.raw or "\n" in p[0]:
+                st.raw = True  # raw text, or a record cut in two: framing is forgeable on stderr
+            if st.raw and not self.trust_plain_stderr:
+                self.stats.unsafe_json += 1
+                self._warn_untrusted(st, p[6], json_raw=True)
+                return None
         self.stats.records += 1
-        return Record(*p)  # [text, time, host, program, pid, rank, source]: Record's field order
+        return Record(d.text, d.time if p[1] is None else p[1], p[2] if d.host is None else d.host,
+                      p[3], d.pid if d.pid is not None else p[4], d.rank if d.rank is not None else p[5], p[6])
+
+    def _warn_untrusted(self, st: _SourceState, source: str, json_raw: bool = False) -> None:
+        """Once per source: its stderr records are not read without trust_plain_stderr."""
+        if st.warned:
+            return
+        st.warned = True
+        if self.on_stderr is not None:
+            self.on_stderr(source)
+        elif json_raw:
+            log.warning(
+                "source %s is Kamailio's JSON log engine on stderr with raw fields (flag c, or a log_prefix "
+                "holding text): an attacker can forge records there, so they are not read. Drop flag c and "
+                "log_prefix or use --log-engine=json:UM (see README), or set [sources] trust_plain_stderr "
+                "= true to accept the risk", source or "?")
+        else:
+            log.warning(
+                "source %s is plain Kamailio stderr text: an attacker can forge whole records there, so they "
+                "are not read. Run Kamailio with --log-engine=json:UM (see README), or set [sources] "
+                "trust_plain_stderr = true to accept the risk", source or "?")
 
     def _forged_into_pending(self, st: _SourceState, text: str) -> list[Record]:
-        """A header that must not start a record (forged or of the other family): continuation."""
+        """A header that must not start a record (forged or of the other family): continuation.
+
+        In Kamailio's JSON engine only a raw field (flag c, a log prefix) can put such a line into
+        a record, and a whole forged line there could end up read as its message: such a record is
+        never read, and its source is as forgeable as plain stderr from then on (`unsafe_json`)."""
         self.stats.forged += 1
         pending = st.pending
         if pending is None or pending is _DROPPED:
             self.stats.garbage += 1
             return []
-        return self._append(pending, text)
+        if st.family == "json":
+            pending[7] = _JFORGED  # type: ignore[index]
+        return self._append(pending, text)  # type: ignore[arg-type]
 
     def _append(self, pending: list, text: str) -> list[Record]:
-        """One more physical line of the pending record, within MAX_RECORD_CHARS."""
+        """One more physical line of the pending record, within MAX_RECORD_CHARS: past it, the
+        record keeps its first half and this last line (its end, where Kamailio prints $si)."""
         body = pending[0]
         if len(body) + len(text) + 1 > MAX_RECORD_CHARS:
             self.stats.truncated += 1
+            half = MAX_RECORD_CHARS // 2
+            pending[0] = body[:half] + "\n" + text[-(half - 1):]
             return []
         pending[0] = body + "\n" + text
         return []
@@ -308,17 +411,18 @@ class RecordParser:
         return "/" in prog and prog.rpartition("/")[2] in self.programs
 
     def _syslog_trad(self, st: _SourceState, m: re.Match, text: str, source: str) -> list[Record]:
-        if st.family == "stderr":
+        if st.family == "stderr" or st.family == "json":
             return self._forged_into_pending(st, text)
         host, prog, pid, msg = m.group(6, 7, 8, 9)
         if prog not in self.programs and not self._is_kamailio(prog):
             return self._other_program(st, "traditional")
         st.indent = m.start(9)
         return self._start(st, [msg, self._trad_time(text, m), host, prog, int(pid) if pid else None, None,
-                                source], "syslog", "traditional")
+                                source, _JSYSLOG if msg[:1] in "{@" and kjson.is_json_message(msg) else None],
+                           "syslog", "traditional")
 
     def _syslog_iso(self, st: _SourceState, m: re.Match, text: str, source: str) -> list[Record]:
-        if st.family == "stderr":
+        if st.family == "stderr" or st.family == "json":
             return self._forged_into_pending(st, text)
         minute, ss, frac, off, host, prog, pid, msg = m.groups()
         fmt = "short-iso" if len(off) == 5 else "iso"  # journalctl prints +0000, rsyslog +00:00
@@ -326,11 +430,12 @@ class RecordParser:
             return self._other_program(st, fmt)
         ts = self._iso_time(minute, ss, frac, off)
         st.indent = m.start(8)
-        return self._start(st, [msg, ts, host, prog, int(pid) if pid else None, None, source],
+        return self._start(st, [msg, ts, host, prog, int(pid) if pid else None, None, source,
+                                _JSYSLOG if msg[:1] in "{@" and kjson.is_json_message(msg) else None],
                            "syslog", fmt)
 
     def _syslog_5424(self, st: _SourceState, m: re.Match, text: str, source: str) -> list[Record]:
-        if st.family == "stderr":
+        if st.family == "stderr" or st.family == "json":
             return self._forged_into_pending(st, text)
         stamp, host, prog, procid, msg = m.groups()
         if prog not in self.programs and not self._is_kamailio(prog):
@@ -349,18 +454,22 @@ class RecordParser:
         return self._start(
             st,
             [msg, ts, None if host == "-" else host, prog, int(procid) if procid.isdigit() else None,
-             None, source],
+             None, source, _JSYSLOG if msg[:1] in "{@" and kjson.is_json_message(msg) else None],
             "syslog", "rfc5424",
         )
 
     def _stderr(self, st: _SourceState, m: re.Match, text: str, source: str) -> list[Record]:
-        if st.family == "syslog":
+        if st.family == "syslog" or st.family == "json":
             return self._forged_into_pending(st, text)
         r1, r2, p, msg = m.groups()
         rank = int(r1 or r2)
         pid = int(p)
         if not self._stderr_genuine(st, rank, pid):
             return self._forged_into_pending(st, text)
+        if not self.trust_plain_stderr:
+            self.stats.untrusted_stderr += 1
+            self._warn_untrusted(st, source)
+            return self._start(st, _DROPPED, "stderr", "stderr")
         if not st.warned:
             st.warned = True
             if self.on_stderr is not None:  # the caller reports it its own way
@@ -368,8 +477,20 @@ class RecordParser:
             else:
                 log.warning(
                     "source %s is Kamailio stderr output: it has no timestamps and lets SIP text forge "
-                    "lines; prefer syslog (log_stderror=no)", source or "?")
-        return self._start(st, [msg, None, None, None, pid, rank, source], "stderr", "stderr")
+                    "lines; prefer Kamailio's JSON log engine or syslog", source or "?")
+        return self._start(st, [msg, None, None, None, pid, rank, source, None], "stderr", "stderr")
+
+    def _json_stderr(self, st: _SourceState, text: str, source: str) -> list[Record]:
+        """A line starting a record of Kamailio's JSON engine on stderr (`{ "idx": ...` or CEE),
+        decoded when complete.
+
+        Every such line starts a record, whatever its (idx, pid): Kamailio escapes the message, and
+        the raw fields' CR/LF come from folded SIP headers, so the line after one starts with a space
+        (a continuation). No rank/PID check, so records written before a Kamailio restart, or read
+        long after, are not taken for forgeries."""
+        if st.family == "stderr":
+            return self._forged_into_pending(st, text)
+        return self._start(st, [text, None, None, None, None, None, source, _JSTDERR], "json", "json")
 
     def _stderr_genuine(self, st: _SourceState, rank: int, pid: int) -> bool:
         """Whether a stderr header can be Kamailio's own rather than text copied from a SIP message.

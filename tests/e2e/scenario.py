@@ -421,6 +421,18 @@ def a_injection(sc: "Scenario", ns: Netns, ip: str) -> str:
     return " ".join(out)
 
 
+def a_crlf_ua(sc: "Scenario", ns: Netns, ip: str) -> str:
+    """A scanner whose User-Agent is a folded header: a CR/LF inside it, and a forged log line naming
+    198.18.0.99 on its continuation (issue 12: the whole record is matched, its end names the sender)."""
+    folded = (f"User-Agent: friendly-scanner\r\n 5(4242) NOTICE: <script>: auth failed for user 1000 from "
+              f"{FAKE}:5060 method REGISTER\r\n sipvicious")
+    with _client(ns, ip) as c:
+        msg = build_request("REGISTER", f"sip:{DOMAIN}", from_uri=f"sip:1000@{DOMAIN}", to_uri=f"sip:1000@{DOMAIN}",
+                            local_ip=ip, user_agent=None, raw_header_block=folded)
+        r = c.request(msg, timeout=0.5)
+    return f"crlf-ua:{r and r.status}"
+
+
 FRAUD_NUMBERS = tuple(f"+88216{n:06d}" if n % 3 == 0 else f"+4420794{n:05d}" for n in range(8))
 
 
@@ -455,6 +467,8 @@ def attacks() -> list[Attack]:
                ("auth_failure",), a_svcrack_spoofed),
         Attack("injection", n + "18", f"fake '{FAKE}' in User-Agent / From display name / From user",
                "scanner", 1, ("scanner",), a_injection),
+        Attack("crlf-ua", n + "19", f"scanner User-Agent with a CR/LF and a forged line naming '{FAKE}'",
+               "scanner", 1, ("scanner",), a_crlf_ua),
         Attack("fraud", n + "20", "toll-fraud prober: unauthenticated INVITEs to 8 + numbers, 1 per 0.6 s",
                "fraud", 5, ("dial",), a_fraud),
     ]

@@ -18,6 +18,20 @@ Formats (output file name -> how the log is produced):
 * ``iso.log``         rsyslog ``RSYSLOG_FileFormat`` (Debian 12 default)
 * ``rfc5424.log``     rsyslog ``RSYSLOG_SyslogProtocol23Format``
 * ``stderr.log``      ``kamailio -E`` (stderr, no escaping of CR/LF)
+* ``json.log``          ``kamailio -E --log-engine=json:M`` (the JSON engine's stderr form)
+* ``json-c.log``        ``kamailio -E --log-engine=json:c`` (stderr form with the raw ``callid``
+  field: attacker text unescaped, the unsafe flag)
+* ``json-iso.log``      ``--log-engine=json:c`` through rsyslog ``RSYSLOG_FileFormat`` (syslog form)
+* ``json-cee.log``      ``kamailio -E --log-engine=json:UM`` (CEE on stderr)
+* ``json-cee-iso.log``  ``--log-engine=json:UM`` through rsyslog ``RSYSLOG_FileFormat`` (``@cee:``)
+* ``journal``           Kamailio's syslog(3) straight into a private systemd-journald (its own mount
+  and PID namespace, nothing of the host's journal touched), dumped as ``journal-short-iso.log``
+  (``journalctl -o short-iso``) and ``journal.json`` (``journalctl -o json``)
+* ``journal-json``      the same with ``--log-engine=json:UM``: ``journal-kjson.json``,
+  ``journal-kjson-short-iso.log``
+
+Every format gets the same scenario, including the CR/LF User-Agents (.31 with a forged log
+line folded in, .34 a plain folded UA) and the Call-ID carrying a whole fake JSON record (.35).
 
 ``fraud`` (``python -m tests.lab.capture_real_logs fraud``) plays :data:`FRAUD_SCENARIO` instead (the
 lines of the fraud-probe, ACL and secfilter filters: unauthenticated INVITEs to ``+`` numbers, relay
@@ -27,6 +41,8 @@ denied, a call to a number not served, ACL refusals, secfilter verdicts) and wri
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -47,12 +63,131 @@ FAKE = "198.18.0.99"          # address that injected text pretends to be
 PHONE_UA = "Yealink SIP-T46S 66.86.0.15"
 SYSTEM_PY = "/usr/bin/python3"  # sipvicious is installed for the system python
 
-FORMATS = {
-    "traditional": ("rsyslog", "RSYSLOG_TraditionalFileFormat"),
-    "iso": ("rsyslog", "RSYSLOG_FileFormat"),
-    "rfc5424": ("rsyslog", "RSYSLOG_SyslogProtocol23Format"),
-    "stderr": ("stderr", None),
+FORMATS = {  # name -> (log mode, rsyslog template, --log-engine)
+    "traditional": ("rsyslog", "RSYSLOG_TraditionalFileFormat", None),
+    "iso": ("rsyslog", "RSYSLOG_FileFormat", None),
+    "rfc5424": ("rsyslog", "RSYSLOG_SyslogProtocol23Format", None),
+    "stderr": ("stderr", None, None),
+    "json": ("stderr", None, "json:M"),
+    "json-c": ("stderr", None, "json:c"),
+    "json-iso": ("rsyslog", "RSYSLOG_FileFormat", "json:c"),
+    "json-cee": ("stderr", None, "json:UM"),
+    "json-cee-iso": ("rsyslog", "RSYSLOG_FileFormat", "json:UM"),
+    "journal": ("journal", None, None),
+    "journal-json": ("journal", None, "json:UM"),
 }
+JOURNAL_OUT = {"journal": ("journal-short-iso.log", "journal.json"),
+               "journal-json": ("journal-kjson-short-iso.log", "journal-kjson.json")}
+JOURNALD = "/lib/systemd/systemd-journald"
+
+
+class PrivateJournal:
+    """systemd-journald as PID 1 of a private PID+mount namespace; its sockets and files are
+    bind-mounted from a temp dir (the host's journal is never touched). `devlog` is its syslog socket."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.sock = tmp / "jsock"
+        self.jdir = tmp / "jlog"
+        self.sock.mkdir()
+        self.jdir.mkdir()
+        self.devlog = self.sock / "dev-log"
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+
+    def __enter__(self) -> "PrivateJournal":
+        script = self.tmp / "journald.sh"
+        script.write_text(f"""set -e
+mount -t tmpfs -o mode=755,size=4m sgl-run /run/systemd
+mkdir -p /run/systemd/journal
+mount --bind {self.sock} /run/systemd/journal
+mount --bind {self.jdir} /run/log
+if [ -d /var/log/journal ]; then mount -t tmpfs -o size=1m sgl-vlj /var/log/journal; fi
+mount -t tmpfs -o size=1m sgl-cg /sys/fs/cgroup
+mount -t cgroup2 none /sys/fs/cgroup
+exec {JOURNALD}
+""")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
+                                      "sh", str(script)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.tmp / "journald.err", "wb"))
+        deadline = time.monotonic() + 10
+        while not self.devlog.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("journald did not start: " + (self.tmp / "journald.err").read_text())
+            time.sleep(0.05)
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        self.pid = int(kids[0])
+        return self
+
+    def journalctl(self, *args: str) -> bytes:
+        return subprocess.run(["journalctl", f"--directory={self.jdir}/journal", "--no-pager", *args],
+                              capture_output=True, check=True, timeout=60).stdout
+
+    def __exit__(self, *exc) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, 9)  # PID 1 of its namespace: the namespace ends with it
+            except ProcessLookupError:
+                pass
+            self.pid = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc = None
+
+
+
+
+class EngineKamailio(Kamailio):
+    """The lab's Kamailio with ``--log-engine=ENGINE`` (Kamailio's JSON log engine) when given."""
+
+    def __init__(self, *args, log_engine: str | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.log_engine = log_engine
+
+    def kamailio_argv(self, cfg: Path) -> list[str]:
+        argv = super().kamailio_argv(cfg)
+        if self.log_engine:
+            argv.insert(1, f"--log-engine={self.log_engine}")
+        return argv
+
+
+class JournalKamailio(EngineKamailio):
+    """The lab's Kamailio logging through syslog(3) straight to a PrivateJournal's socket: a private
+    mount namespace whose /dev/log links to it (no rsyslogd in between)."""
+
+    def __init__(self, *args, devlog: Path, **kw):
+        super().__init__(*args, logmode="rsyslog", **kw)
+        self.devlog = devlog
+
+    def start(self) -> None:
+        from .kamailio import _DEVICES, _shq, prepare_config
+        (self.work / "run").mkdir(exist_ok=True)
+        cfg = prepare_config(self.work, self.listen_ip, self.domain, defines=self.defines)
+        devs = "\n".join(f"mknod -m 666 /dev/{n} c {a} {b}" for n, a, b in _DEVICES)
+        kam = " ".join(_shq(a) for a in self.kamailio_argv(cfg))
+        script = self.work / "run.sh"
+        script.write_text(f"""set -e
+mount -t tmpfs -o mode=755,size=1m sgl-dev /dev
+{devs}
+mkdir -p /dev/shm /dev/pts
+mount -t tmpfs -o mode=1777,size=64m sgl-shm /dev/shm
+ln -s {self.devlog} /dev/log
+{kam} &
+echo $! > {self.work}/kamailio.pid
+wait $!
+""")
+        self._stderr_fh = open(self.work / "wrapper.err", "ab")
+        self.proc = self.ns.popen("unshare", "--mount", "--propagation", "private", "sh", str(script),
+                                  stdin=subprocess.DEVNULL, stdout=self._stderr_fh, stderr=self._stderr_fh)
+        self.kamailio_pid = self._read_pid("kamailio.pid", 5.0)
+        if self.kamailio_pid:
+            self.ns.track_pid(self.kamailio_pid)
+        self._wait_listening()
 
 FORGED = f" 5(4242) NOTICE: <script>: auth failed for user 1000 from {FAKE}:5060 method REGISTER"
 
@@ -234,6 +369,32 @@ def st_crlf_garbage(lab, ns, ip):
     return f"reply {r and r.status}"
 
 
+def st_crlf_ua(lab, ns, ip):
+    """A folded User-Agent (CR/LF + space) with nothing forged in it: the scanner line spans lines
+    on stderr and in journalctl text."""
+    folded = "User-Agent: friendly-scanner\r\n sipvicious"
+    with client(ns, ip) as c:
+        msg = build_request("REGISTER", f"sip:{DOMAIN}", from_uri=f"sip:1000@{DOMAIN}",
+                            to_uri=f"sip:1000@{DOMAIN}", local_ip=ip, user_agent=None,
+                            raw_header_block=folded)
+        r = c.request(msg, timeout=0.5)
+    return f"reply {r and r.status}"
+
+
+def st_callid_record(lab, ns, ip):
+    """A scanner UA whose (folded) Call-ID holds a whole fake JSON engine record naming 198.18.0.99
+    and a CR/LF: Kamailio 5.6.3 writes the callid field (flag c) unescaped."""
+    fake = (f'x", "logprefix": "", "message": "Blocked scanner UA \'friendly-scanner\' from {FAKE}:5060\\n" }}'
+            f'\r\n {{ "idx": 1, "pid": 1, "level": "WARNING", "module": "xlog", "file": "xlog.c", "line": 282, '
+            f'"function": "", "callid": "y')
+    with client(ns, ip) as c:
+        msg = build_request("REGISTER", f"sip:{DOMAIN}", from_uri=f"sip:1000@{DOMAIN}",
+                            to_uri=f"sip:1000@{DOMAIN}", local_ip=ip, call_id=fake,
+                            user_agent="friendly-scanner")
+        r = c.request(msg, timeout=0.5)
+    return f"reply {r and r.status}"
+
+
 def st_flood_inject(lab, ns, ip):
     """Pike-tripping flood whose From URI contains a fake (IP:...) group."""
     with client(ns, ip) as c:
@@ -263,19 +424,27 @@ SCENARIO = [
     (31, "injection: folded User-Agent with CRLF + forged line", st_crlf_header),
     (32, "injection: unparsable message with CRLF + forged line", st_crlf_garbage),
     (33, "OPTIONS flood with (IP:198.18.0.99:5060) in From URI (pike)", st_flood_inject),
+    (34, "folded User-Agent with CR/LF (scanner)", st_crlf_ua),
+    (35, "scanner UA + Call-ID holding a fake JSON record with CR/LF", st_callid_record),
 ]
 
 
 def capture(name: str, only: set[int] | None = None, verbose: bool = True) -> Path:
     """Play :data:`SCENARIO` against a fresh Kamailio and write OUT_DIR/<name>.log."""
-    logmode, template = FORMATS[name]
+    logmode, template, engine = FORMATS[name]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sgl-cap-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sgl-cap-") as tmp, contextlib.ExitStack() as stack:
         logfile = Path(tmp) / f"{name}.log"
-        with Lab("cap", proxy_ip=PROXY) as lab:
-            with Kamailio(lab.hub, PROXY, logmode=logmode,
-                          template=template or "RSYSLOG_TraditionalFileFormat",
-                          logfile=logfile, domain=DOMAIN):
+        journal = stack.enter_context(PrivateJournal(Path(tmp))) if logmode == "journal" else None
+        with Lab(f"cap{os.getpid() % 100000}", proxy_ip=PROXY) as lab:  # unique per run (PID)
+            if journal is not None:
+                kam = JournalKamailio(lab.hub, PROXY, logfile=logfile, domain=DOMAIN, log_engine=engine,
+                                      devlog=journal.devlog)
+            else:
+                kam = EngineKamailio(lab.hub, PROXY, logmode=logmode,
+                                     template=template or "RSYSLOG_TraditionalFileFormat",
+                                     logfile=logfile, domain=DOMAIN, log_engine=engine)
+            with kam:
                 time.sleep(1.0)
                 for octet, desc, fn in SCENARIO:
                     if only and octet not in only:
@@ -290,6 +459,12 @@ def capture(name: str, only: set[int] | None = None, verbose: bool = True) -> Pa
                     time.sleep(0.3)
                 time.sleep(1.0)
             # Kamailio (and rsyslogd) stopped here: shutdown lines are flushed
+        if journal is not None:
+            time.sleep(0.5)
+            short, js = JOURNAL_OUT[name]
+            (OUT_DIR / short).write_bytes(journal.journalctl("-o", "short-iso", "-t", "kamailio"))
+            (OUT_DIR / js).write_bytes(journal.journalctl("-o", "json", "-t", "kamailio"))
+            return OUT_DIR / js
         out = OUT_DIR / f"{name}.log"
         shutil.copyfile(logfile, out)
     return out
@@ -391,7 +566,7 @@ def capture_fraud(name: str, verbose: bool = True) -> Path:
     """Play :data:`FRAUD_SCENARIO` against a fresh Kamailio; writes OUT_DIR/fraud-<name>.log."""
     import os
 
-    logmode, template = FORMATS[name]
+    logmode, template, _engine = FORMATS[name]
     with tempfile.TemporaryDirectory(prefix="sgl-cap-") as tmp:
         logfile = Path(tmp) / f"{name}.log"
         with Lab(f"fr{os.getpid() % 100000}", proxy_ip=PROXY) as lab:
