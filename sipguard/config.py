@@ -368,6 +368,7 @@ class ClusterConfig(Section):
     socket_timeout: Duration = 1.0  # per Redis call (and connect); a slow Redis never stalls detection long
     retry_interval: Duration = 1.0  # while Redis is unreachable: how often to try again
     stream_maxlen: int = Field(100_000, ge=100)  # ban stream entries kept (approximate trim)
+    max_bans: int | None = Field(None, ge=1)  # the most fleet bans a node holds; default [enforce] maxelem
 
 
 class Config(Section):
