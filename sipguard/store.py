@@ -543,6 +543,12 @@ class Store:
         self.conn.execute("INSERT INTO cluster_outbox (op, ip, id, payload, time) VALUES (?, ?, ?, ?, ?)",
                           (op, ip, ban_id, payload, time.time() if now is None else now))
 
+    def outbox_add_many(self, rows: Iterable[tuple[str, str, str, str]], now: float | None = None) -> None:
+        """Many `outbox_add`s at once, (op, ip, id, payload) each, in this order."""
+        t = time.time() if now is None else now
+        self.conn.executemany("INSERT INTO cluster_outbox (op, ip, id, payload, time) VALUES (?, ?, ?, ?, ?)",
+                              ((op, ip, ban_id, payload, t) for op, ip, ban_id, payload in rows))
+
     def outbox_next(self, limit: int) -> list[OutboxEntry]:
         """The oldest `limit` queued entries, oldest first."""
         rows = self.conn.execute(

@@ -54,6 +54,7 @@ EPOCH_META = "cluster_epoch"  # the Redis epoch this node last synced with
 SNAPSHOT_MARGIN = 2.0  # seconds: bans created this close to a snapshot are never dropped by it
 UNBAN_MEMORY = 86400.0  # how long Redis remembers an unban (so a stale ban published later loses)
 FLUSH_BATCH = 500
+FLUSH_ROUNDS = 4  # outbox pipelines published per loop turn
 SCORE_CHUNK = 2000  # events per score script call
 APPLY_BATCH = 2000
 """Fleet entries (stream entries, snapshot bans) applied per loop turn: one store transaction, their
@@ -118,7 +119,8 @@ class ClusterBridge:
         self._cur: dict[str, Ban | None] = {}  # the chunk's addresses: the ban held (prefetched, kept current)
         self._held_cache: dict[str, tuple[str, float] | None] = {}  # the chunk's addresses: held fleet id
         self._snap_ips: set[str] = set()  # the addresses of the snapshot being applied
-        self._count: int | None = None  # bans in force here, counted once per chunk (for max_bans)
+        self._count: int | None = None  # bans in force here (for max_bans): counted at most once a second
+        self._counted_at = 0.0
         self._fresh = 0  # addresses new to this node in the chunk's batch
         self.redis_ok = False  # main connection answers (scoring, publishing)
         self.synced = False  # the reader's latest snapshot is applied
@@ -244,6 +246,15 @@ class ClusterBridge:
             return
         if cause == BLOCKLIST:  # every node refreshes its own lists
             return
+        if len(bans) > 8:  # a list (a CLI import, a start): a few statements for any count
+            held = self.store.held_of(b.ip for b in bans)
+            fresh = [b for b in bans if b.ip not in held or held[b.ip].created != b.created]
+            rows = [(b, self._new_id()) for b in fresh]
+            self.store.hold_many((b.ip, ban_id, self.node, b.created) for b, ban_id in rows)
+            self.store.outbox_add_many(("ban", b.ip, ban_id, ban_payload(b, ban_id, self.node)) for b, ban_id in rows)
+            if cause == POLICY:
+                self.stats.local_bans += len(fresh)
+            return
         for ban in bans:  # decided here (policy with Redis away, CLI, adopted): publish what it lacks
             if self._held_created(ban.ip) != ban.created:
                 self.publish_ban(ban)
@@ -289,7 +300,9 @@ class ClusterBridge:
             self._gc(now)
 
     def _flush(self) -> None:
-        while True:
+        """Publish the outbox, FLUSH_ROUNDS pipelines of FLUSH_BATCH per loop turn: a big import goes
+        out between the daemon's batches (the loop is woken for the rest), never stalling detection."""
+        for _round in range(FLUSH_ROUNDS):
             entries = self.store.outbox_next(FLUSH_BATCH)
             if not entries:
                 return
@@ -307,6 +320,10 @@ class ClusterBridge:
             self.stats.published += sum(1 for r in results if r == 1)
             self.stats.stale += sum(1 for r in results if r != 1)
             self.store.outbox_delete_upto(entries[-1].seq)
+            if len(entries) < FLUSH_BATCH:
+                return
+        if self._wake is not None:
+            self._wake()  # more to publish: right after the daemon's next batch
 
     def _take(self) -> None:
         """What the reader delivered, in order, into the backlog (a snapshot as one item per ban)."""
@@ -360,7 +377,6 @@ class ClusterBridge:
             self._batch.clear()
             self._cur.clear()
             self._held_cache.clear()
-            self._count = None
             self._fresh = 0
         book.written()
         self.stats.apply_batches += 1
@@ -410,7 +426,7 @@ class ClusterBridge:
                          "forever" if ban.expires is None else time.strftime("%H:%M:%S", time.localtime(ban.expires)),
                          ban.reason)
         else:
-            log.info("cluster: applied %d bans from the fleet in one batch (%d held here now)", len(bans),
+            log.info("cluster: applied %d bans from the fleet in one batch (%d so far)", len(bans),
                      self.stats.applied_bans)
 
     def _held(self, ip: str) -> tuple[str, float] | None:
@@ -522,8 +538,10 @@ class ClusterBridge:
 
     def _room(self, book: BanBook, now: float) -> bool:
         """Whether one more address fits under `[cluster] max_bans` on this node (counted, said rarely)."""
-        if self._count is None:
+        mono = time.monotonic()
+        if self._count is None or mono - self._counted_at >= 1.0:  # (the daemon's own bans and expiries too)
             self._count = self.store.count_active_bans(now) + book.pending
+            self._counted_at = mono
         if self._count + self._fresh < self.max_bans:
             return True
         self.stats.over_cap += 1
