@@ -6,7 +6,7 @@ namespaces made here and deleted at the end, even on failure (tests/lab/netns.py
 holds a redis-server on 198.18.0.1, `sgl-cb<pid>-c<n>` one node each on 198.18.0.10+n); the host's own
 firewall, routes and interfaces are never touched. In each node's namespace three processes run:
 `sipguard run` (ipset enforcer, the default `[daemon] control_interval`), a poller that reads the
-node's kernel sets over netlink every millisecond or two and reports each change with its
+node's kernel sets over netlink every millisecond (while a sample propagates) and reports each change with its
 CLOCK_MONOTONIC time (one clock for every namespace), and an agent that makes CLI bans and unbans
 (sipguard.actions, as `sipguard ban` does: kernel, store, ring the daemon) without a process start
 per command.
@@ -74,7 +74,11 @@ def ms(v: float) -> str:
 # -- the poller: one per node namespace ---------------------------------------------------------
 def poll_main(prefix: str, interval: float, small: int) -> None:
     """Report changes of the node's kernel sets on stdout: `+ ip t`, `- ip t` (a set of up to `small`
-    entries is read whole each time) and `n SET count t` when its size changes."""
+    entries is read whole each time) and `n SET count t` when its size changes. Reads the sets every
+    `interval` seconds while armed (`arm` / `disarm` lines on stdin), so that idle pollers leave the
+    CPU to the daemons between samples; each command is answered (`armed` / `disarmed`) after one read."""
+    import select
+
     from sipguard.enforce.ipsetnl import IpsetNetlink
 
     nl = IpsetNetlink()
@@ -82,8 +86,19 @@ def poll_main(prefix: str, interval: float, small: int) -> None:
     held: dict[str, set[str]] = {n: set() for n in names}
     counts: dict[str, int] = {n: -1 for n in names}
     out = sys.stdout
+    armed = False
     end = time.monotonic() + 3600  # bounded: an hour at most
     while time.monotonic() < end:
+        ready, _, _ = select.select([sys.stdin], [], [], interval if armed else 60.0)
+        answer = None
+        if ready:
+            cmd = sys.stdin.readline()
+            if not cmd:
+                return
+            armed = cmd.strip() == "arm"
+            answer = "armed" if armed else "disarmed"
+        if not armed and answer is None:
+            continue
         t = time.monotonic()
         lines = []
         for name in names:
@@ -100,10 +115,11 @@ def poll_main(prefix: str, interval: float, small: int) -> None:
                 lines += [f"+ {ip} {t:.6f}" for ip in now - held[name]]
                 lines += [f"- {ip} {t:.6f}" for ip in held[name] - now]
                 held[name] = now
+        if answer is not None:
+            lines.append(answer)
         if lines:
             out.write("\n".join(lines) + "\n")
             out.flush()
-        time.sleep(interval)
 
 
 # -- the agent: CLI bans and unbans in a node's namespace ----------------------------------------
@@ -157,7 +173,8 @@ class Node:
                                     str(self.state), "run", "--log", str(self.log), env=env,
                                     stdout=open(self.dir / "daemon.out", "w"), stderr=subprocess.STDOUT)
         self.poller = self.ns.popen(PY, __file__, "--poll", "sgb", "--interval", str(interval), env=env,
-                                    stdout=subprocess.PIPE, text=True)
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.answers = 0
         self.agent = self.ns.popen(PY, __file__, "--agent", str(self.config), str(self.state), env=env,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.appear: dict[str, float] = {}
@@ -171,13 +188,22 @@ class Node:
         for line in self.poller.stdout:
             parts = line.split()
             with self.lock:
-                if parts[0] == "+":
+                if parts[0] in ("armed", "disarmed"):
+                    self.answers += 1
+                elif parts[0] == "+":
                     self.appear[parts[1]] = float(parts[2])
                     self.gone.pop(parts[1], None)
                 elif parts[0] == "-":
                     self.gone[parts[1]] = float(parts[2])
                 elif parts[0] == "n":
                     self.counts[parts[1]].append((int(parts[2]), float(parts[3])))
+
+    def tell(self, cmd: str) -> int:
+        with self.lock:
+            n = self.answers
+        self.poller.stdin.write(cmd + "\n")
+        self.poller.stdin.flush()
+        return n
 
     def cli(self, verb: str, ip: str) -> None:
         self.agent.stdin.write(f"{verb} {ip}\n")
@@ -223,7 +249,14 @@ def spread(nodes: list[Node], ip: str, origin: Node | None, table: str) -> float
         with n.lock:
             return (n.appear if table == "appear" else n.gone).get(ip)
 
-    wait(lambda: all(seen(n) is not None for n in nodes), 10, f"{ip} on every node ({table})")
+    try:
+        wait(lambda: all(seen(n) is not None for n in nodes), 10, f"{ip} on every node ({table})")
+    except RuntimeError:
+        for n in nodes:
+            print(n.name, "seen" if seen(n) is not None else "MISSING", n.daemon.poll(), file=sys.stderr)
+            if seen(n) is None:
+                print((n.dir / "daemon.out").read_text()[-3000:], file=sys.stderr)
+        raise
     times = {n.name: seen(n) for n in nodes}
     t0 = times[origin.name] if origin is not None else min(times.values())
     return max(0.0, max(times.values()) - t0)  # (0: the others were there first: the script shares before
@@ -231,7 +264,7 @@ def spread(nodes: list[Node], ip: str, origin: Node | None, table: str) -> float
 
 
 def start_fleet(lab, tmp: Path, count: int, prefix: str, r) -> list[Node]:  # noqa: ANN001
-    interval = 0.001 if count <= 3 else 0.002
+    interval = 0.001
     nodes = [Node(lab, tmp, i, prefix, interval) for i in range(1, count + 1)]
 
     def in_sync() -> bool:
@@ -241,8 +274,28 @@ def start_fleet(lab, tmp: Path, count: int, prefix: str, r) -> list[Node]:  # no
                 return False
         return True
 
-    wait(in_sync, 60, f"{count} nodes in sync")
+    try:
+        wait(in_sync, 180, f"{count} nodes in sync")
+    except RuntimeError:
+        for n in nodes:
+            print(n.name, r.get(prefix + "node:" + n.name), file=sys.stderr)
+            print((n.dir / "daemon.out").read_text()[-2000:], file=sys.stderr)
+        raise
     return nodes
+
+
+def arm(nodes: list[Node], on: bool = True) -> None:
+    """Every poller reads its sets continuously (or stops), once it answered."""
+    before = [n.tell("arm" if on else "disarm") for n in nodes]
+
+    def answered() -> bool:
+        for n, b in zip(nodes, before):
+            with n.lock:
+                if n.answers <= b:
+                    return False
+        return True
+
+    wait(answered, 10, "the pollers")
 
 
 def bench_latency(nodes: list[Node], count: int, net: int) -> dict[str, list[float]]:
@@ -253,23 +306,31 @@ def bench_latency(nodes: list[Node], count: int, net: int) -> dict[str, list[flo
         origin, other = nodes[i % k], nodes[(i + 1) % k]
         ip = f"198.18.{net}.{i + 1}"
         time.sleep(random.uniform(0.02, 0.1))  # never phase-locked with the daemons' loops
+        arm(nodes)
         origin.cli("ban", ip)
         res["manual ban"].append(spread(nodes, ip, origin, "appear"))
+        arm(nodes, False)
         time.sleep(random.uniform(0.02, 0.1))
+        arm(nodes)
         other.cli("unban", ip)
         res["manual unban"].append(spread(nodes, ip, other, "gone"))
+        arm(nodes, False)
     for i in range(count):
         ip = f"198.19.{net}.{i + 1}"
         a, b, c = random.sample(nodes, 3)
         a.write(auth_failed(ip))
         b.write(auth_failed(ip))
         time.sleep(0.2 + random.uniform(0, 0.1))  # the first two are scored
+        arm(nodes)
         c.write(auth_failed(ip))
         res["automatic ban"].append(spread(nodes, ip, c, "appear"))
+        arm(nodes, False)
         d = random.choice(nodes)
         time.sleep(random.uniform(0.02, 0.1))
+        arm(nodes)
         d.cli("unban", ip)
         res["unban of an automatic ban"].append(spread(nodes, ip, d, "gone"))
+        arm(nodes, False)
     return res
 
 
@@ -293,6 +354,7 @@ def bench_burst(nodes: list[Node], r, prefix: str, size: int) -> dict:  # noqa: 
     first_addr = int(ipaddress.ip_address("198.18.1.0"))  # (never 198.18.0.0/24: the nodes and their Redis)
 
     recv = nodes[1]
+    arm([recv])
     with recv.lock:
         base = recv.counts["sgb-v4"][-1][0] if recv.counts["sgb-v4"] else 0
     publish = r.register_script(PUBLISH_LUA)
@@ -336,6 +398,7 @@ def bench_burst(nodes: list[Node], r, prefix: str, size: int) -> dict:  # noqa: 
     time.sleep(0.5)
     stop.set()
     writer.join(15)
+    arm([recv], False)
     return {"inject": t1 - t0, "applied": done - t0, "after_inject": done - t1, "first": first - t0,
             "own": own}
 
@@ -456,10 +519,19 @@ def main() -> None:
                 nodes = start_fleet(lab, tmp, count, prefix, r)
                 try:
                     lat[count] = bench_latency(nodes, args.bans, 100 + k)
+                    print(count, "nodes:", {w: f"p50 {ms(statistics.median(v))} p99 {ms(pct(v, 99))}"
+                                            for w, v in lat[count].items()}, flush=True)
                     cpu[count] = idle_cpu(nodes, args.idle)
+                    print(count, "nodes: idle CPU", cpu[count], flush=True)
                     if count == 3 and args.burst:
                         burst = bench_burst(nodes, r, prefix, args.burst)
+                        print("burst:", {k: v for k, v in burst.items() if k != "own"}, flush=True)
                 finally:
+                    for n in nodes:  # what the daemons warned about (Redis timeouts, store errors)
+                        warned = [ln for ln in (n.dir / "daemon.out").read_text().splitlines()
+                                  if ("WARNING" in ln or "ERROR" in ln) and " banned " not in ln]
+                        if warned:
+                            print(n.name, f"{len(warned)} warnings:", *warned[:4], sep="\n  ", file=sys.stderr)
                     for n in nodes:  # this fleet's processes, by PID (the namespaces go with the lab)
                         for p in (n.agent, n.poller, n.daemon):
                             try:
@@ -483,7 +555,7 @@ def main() -> None:
         "`sipguard run` in a process and a network namespace of its own, enforcing into its own ipsets; "
         "Redis in another namespace, over TCP; the default `[daemon] control_interval`. A latency is from "
         "the change being in the deciding node's kernel set to it being in every other node's, read by a "
-        "poller in each namespace every 1 ms (3 nodes) or 2 ms (10 nodes).",
+        "poller in each namespace every 1 ms (armed only while a sample propagates).",
         "",
         "| propagation, kernel to kernel | nodes | samples | p50 | p95 | p99 | max |",
         "|---|---|---|---|---|---|---|",
