@@ -153,9 +153,9 @@ def agent_main(config: str, state: str) -> None:
 class Node:
     """One node: its namespace, daemon, poller and agent (all stopped by PID with the namespace)."""
 
-    def __init__(self, lab, tmp: Path, idx: int, prefix: str, interval: float) -> None:  # noqa: ANN001
+    def __init__(self, lab, tmp: Path, idx: int, prefix: str, interval: float, first: int) -> None:  # noqa: ANN001
         self.name = f"edge{idx}"
-        self.addr = f"198.18.0.{10 + idx}"
+        self.addr = f"198.18.0.{first + idx}"  # (each fleet its own namespaces: nothing left by another)
         self.ns = lab.add_client(self.addr)
         self.dir = tmp / f"{prefix.rstrip(':')}-{self.name}"
         self.dir.mkdir()
@@ -263,9 +263,9 @@ def spread(nodes: list[Node], ip: str, origin: Node | None, table: str) -> float
     #                                              the deciding node's own kernel call)
 
 
-def start_fleet(lab, tmp: Path, count: int, prefix: str, r) -> list[Node]:  # noqa: ANN001
+def start_fleet(lab, tmp: Path, count: int, prefix: str, r, first: int) -> list[Node]:  # noqa: ANN001
     interval = 0.001
-    nodes = [Node(lab, tmp, i, prefix, interval) for i in range(1, count + 1)]
+    nodes = [Node(lab, tmp, i, prefix, interval, first) for i in range(1, count + 1)]
 
     def in_sync() -> bool:
         for n in nodes:
@@ -304,7 +304,7 @@ def bench_latency(nodes: list[Node], count: int, net: int) -> dict[str, list[flo
     k = len(nodes)
     for i in range(count):
         origin, other = nodes[i % k], nodes[(i + 1) % k]
-        ip = f"198.18.{net}.{i + 1}"
+        ip = f"198.19.{net}.{i + 1}"
         time.sleep(random.uniform(0.02, 0.1))  # never phase-locked with the daemons' loops
         arm(nodes)
         origin.cli("ban", ip)
@@ -316,7 +316,7 @@ def bench_latency(nodes: list[Node], count: int, net: int) -> dict[str, list[flo
         res["manual unban"].append(spread(nodes, ip, other, "gone"))
         arm(nodes, False)
     for i in range(count):
-        ip = f"198.19.{net}.{i + 1}"
+        ip = f"198.19.{net + 20}.{i + 1}"
         a, b, c = random.sample(nodes, 3)
         a.write(auth_failed(ip))
         b.write(auth_failed(ip))
@@ -516,9 +516,9 @@ def main() -> None:
             wait(lambda: sock.exists() and _pings(r), 10, "redis-server in the hub")
             for k, count in enumerate(sizes):
                 prefix = f"cb{count}:"
-                nodes = start_fleet(lab, tmp, count, prefix, r)
+                nodes = start_fleet(lab, tmp, count, prefix, r, 10 + 20 * k)
                 try:
-                    lat[count] = bench_latency(nodes, args.bans, 100 + k)
+                    lat[count] = bench_latency(nodes, args.bans, 200 + k)  # (the burst: 198.18.1.0 up)
                     print(count, "nodes:", {w: f"p50 {ms(statistics.median(v))} p99 {ms(pct(v, 99))}"
                                             for w, v in lat[count].items()}, flush=True)
                     cpu[count] = idle_cpu(nodes, args.idle)
