@@ -341,9 +341,11 @@ def idle_cpu(nodes: list[Node], seconds: float) -> list[float]:
     return [(n.cpu() - b) / seconds for n, b in zip(nodes, before)]
 
 
-def bench_burst(nodes: list[Node], r, prefix: str, size: int) -> dict:  # noqa: ANN001
-    """`size` bans onto the stream (pipelines of 5000 publish calls, as a node's import); the time
-    until nodes[1]'s kernel holds them all, and its own ban latency meanwhile."""
+def bench_burst(nodes: list[Node], r, prefix: str, size: int, via: str) -> dict:  # noqa: ANN001
+    """`size` bans onto the stream in pipelines of 5000, the time until nodes[1]'s kernel holds them
+    all, and its own ban latency meanwhile. `via` "publish": each through the publish script, as a
+    node's import is (the shared set and the stream); "stream": appended to the stream as the script
+    appends them (XADD), so the arrival is as fast as Redis takes it and the receiver is what is timed."""
     from sipguard.cluster.bridge import UNBAN_MEMORY
     from sipguard.cluster.scripts import PUBLISH_LUA
     from sipguard.cluster.wire import ban_payload
@@ -388,8 +390,13 @@ def bench_burst(nodes: list[Node], r, prefix: str, size: int) -> dict:  # noqa: 
                 ban = Ban(ip=ip, reason="import", created=now, expires=now + 3600, score=0.0, offence=1,
                           manual=True)
                 bid = f"import:{i:08x}"
-                publish(args=[prefix, 200_000, "ban", ip, bid, "import", ban_payload(ban, bid, "import"), 86400,
-                              UNBAN_MEMORY, jails], client=pipe)
+                payload = ban_payload(ban, bid, "import")
+                if via == "publish":
+                    publish(args=[prefix, 200_000, "ban", ip, bid, "import", payload, 86400, UNBAN_MEMORY, jails],
+                            client=pipe)
+                else:
+                    pipe.xadd(prefix + "stream", {"op": "ban", "ip": ip, "id": bid, "origin": "import", "ban": payload},
+                              maxlen=200_000, approximate=True)
             pipe.execute()
     t1 = time.monotonic()
     wait(lambda: recv.reached(base + size, t0) is not None, 120, "the burst on the receiver")
@@ -502,7 +509,7 @@ def main() -> None:
     sizes = [int(x) for x in args.nodes.split(",")]
     lat: dict[int, dict[str, list[float]]] = {}
     cpu: dict[int, list[float]] = {}
-    burst = None
+    bursts: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix="sipguard-cluster-bench-"))
     import redis as redis_py
 
@@ -523,28 +530,42 @@ def main() -> None:
                                             for w, v in lat[count].items()}, flush=True)
                     cpu[count] = idle_cpu(nodes, args.idle)
                     print(count, "nodes: idle CPU", cpu[count], flush=True)
-                    if count == 3 and args.burst:
-                        burst = bench_burst(nodes, r, prefix, args.burst)
-                        print("burst:", {k: v for k, v in burst.items() if k != "own"}, flush=True)
                 finally:
-                    for n in nodes:  # what the daemons warned about (Redis timeouts, store errors)
-                        warned = [ln for ln in (n.dir / "daemon.out").read_text().splitlines()
-                                  if ("WARNING" in ln or "ERROR" in ln) and " banned " not in ln]
-                        if warned:
-                            print(n.name, f"{len(warned)} warnings:", *warned[:4], sep="\n  ", file=sys.stderr)
-                    for n in nodes:  # this fleet's processes, by PID (the namespaces go with the lab)
-                        for p in (n.agent, n.poller, n.daemon):
-                            try:
-                                p.terminate()
-                                p.wait(20)
-                            except Exception:  # noqa: BLE001
-                                p.kill()
-                                p.wait(5)
+                    stop_fleet(nodes)
+            for j, via in enumerate(("stream", "publish") if args.burst else ()):
+                prefix = f"cbb{j}:"  # a fresh 3-node fleet for each burst
+                nodes = start_fleet(lab, tmp, 3, prefix, r, 70 + 10 * j)
+                try:
+                    bursts[via] = bench_burst(nodes, r, prefix, args.burst, via)
+                    print("burst", via, {k: v for k, v in bursts[via].items() if k != "own"}, flush=True)
+                finally:
+                    stop_fleet(nodes)
         score = {k: bench_scoring(args.seconds, k) for k in (1, 3, 10)}
         redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    report(args, lat, cpu, bursts, score, redis_version)
 
+
+def stop_fleet(nodes: list[Node]) -> None:
+    """Say what the daemons warned about (Redis timeouts, store errors), then stop this fleet's
+    processes by PID (the namespaces go with the lab)."""
+    for n in nodes:
+        warned = [ln for ln in (n.dir / "daemon.out").read_text().splitlines()
+                  if ("WARNING" in ln or "ERROR" in ln) and " banned " not in ln]
+        if warned:
+            print(n.name, f"{len(warned)} warnings:", *warned[:4], sep="\n  ", file=sys.stderr)
+    for n in nodes:
+        for p in (n.agent, n.poller, n.daemon):
+            try:
+                p.terminate()
+                p.wait(20)
+            except Exception:  # noqa: BLE001
+                p.kill()
+                p.wait(5)
+
+
+def report(args, lat: dict, cpu: dict, bursts: dict, score: dict, redis_version: str) -> None:  # noqa: ANN001
     load = os.getloadavg()
     text = [
         "## Cluster",
@@ -567,15 +588,19 @@ def main() -> None:
     text += ["", "| idle daemon (after the bans, nothing arriving) | nodes | CPU per node, mean | max |", "|---|---|---|---|"]
     for count, v in cpu.items():
         text.append(f"| CPU of one core | {count} | {statistics.mean(v) * 100:.2f} % | {max(v) * 100:.2f} % |")
-    if burst is not None:
-        own = burst["own"]
-        text += ["", f"| burst: {args.burst:,} bans onto the stream (3 nodes) | |", "|---|---|",
-                 f"| written onto the stream (pipelines of 5000) | {burst['inject']:.2f} s |",
-                 f"| first of them in the receiver's kernel | {burst['first']:.2f} s |",
-                 f"| all in the receiver's kernel, from the first written | {burst['applied']:.2f} s |",
-                 f"| ... after the last was written | {burst['after_inject']:.2f} s |",
-                 f"| the receiver's own bans meanwhile (log line -> kernel): samples, p50, p99 | {len(own)}, "
-                 + (f"{ms(statistics.median(own))}, {ms(pct(own, 99))} |" if own else "none |")]
+    if bursts:
+        how = {"stream": "appended to the stream (XADD)", "publish": "each through the publish script"}
+        text += ["", f"| burst: {args.burst:,} bans onto the stream, a 3-node fleet | "
+                 + " | ".join(how[v] for v in bursts) + " |", "|---|" + "---|" * len(bursts)]
+        rows = [("written onto the stream (pipelines of 5000)", "inject"),
+                ("first of them in the receiver's kernel", "first"),
+                ("all in the receiver's kernel, from the first written", "applied"),
+                ("... after the last was written", "after_inject")]
+        for label, key in rows:
+            text.append(f"| {label} | " + " | ".join(f"{b[key]:.2f} s" for b in bursts.values()) + " |")
+        text.append("| the receiver's own bans meanwhile (log line -> kernel): samples, p50, p99 | " + " | ".join(
+            f"{len(b['own'])}, {ms(statistics.median(b['own']))}, {ms(pct(b['own'], 99))}" if b["own"] else "none"
+            for b in bursts.values()) + " |")
     text += ["", "| cluster scoring (processes, batches of 1000 events: 95% a spray of new sources) | events scored "
              "in Redis /s |", "|---|---|"]
     for k, v in score.items():

@@ -496,7 +496,8 @@ class ClusterBridge:
             op = fields.get("op")
             if op == "ban":
                 ban, ban_id, origin = parse_ban(fields["ban"])
-                if ban.ip != canonical_ip(fields.get("ip")):
+                ip = fields.get("ip")
+                if ip != ban.ip and ban.ip != canonical_ip(ip):  # (the same text: canonical already)
                     raise ValueError("ip mismatch")
                 self._apply_ban(book, ban, ban_id, origin, now)
             elif op in ("unban", "unban_all"):
