@@ -334,7 +334,7 @@ class ClusterBridge:
                 if kind == "snapshot":
                     _kind, epoch, bans, taken = item
                     self._backlog.extend(("snap", ip, payload) for ip, payload in bans.items())
-                    self._backlog.append(("snap_end", epoch, taken))
+                    self._backlog.append(("snap_end", epoch, taken, frozenset(bans)))
                 elif kind == "entries":
                     self._backlog.extend(("entry", entry_id, fields) for entry_id, fields in item[1])
                 else:
@@ -362,7 +362,7 @@ class ClusterBridge:
                         self._apply_snap_ban(book, item[1], item[2], now)
                     elif kind == "snap_end":
                         self._flush_batch(book, now)
-                        self._apply_snapshot(book, item[1], item[2], now)
+                        self._apply_snapshot(book, item[1], item[2], item[3], now)
                     elif kind == "entry":
                         self._apply_entry(book, item[1], item[2], now)
                     elif kind == "down":
@@ -448,9 +448,11 @@ class ClusterBridge:
         self._snap_ips.add(ban.ip)
         self._apply_ban(book, ban, ban_id, origin, now)
 
-    def _apply_snapshot(self, book: BanBook, epoch: str | None, taken: float, now: float) -> None:
-        """The end of a snapshot (its bans were applied before, in batches): a new epoch re-seeds
-        Redis with what this node holds; the same one drops what Redis no longer has."""
+    def _apply_snapshot(self, book: BanBook, epoch: str | None, taken: float, keys: frozenset[str],
+                        now: float) -> None:
+        """The end of a snapshot (its bans were applied before, in batches; `keys`: every address the
+        shared set named): a new epoch re-seeds Redis with what this node holds; the same one drops
+        what Redis no longer has."""
         self.stats.snapshots += 1
         cluster, self._snap_ips = self._snap_ips, set()
         known = self.store.get_meta(EPOCH_META)
@@ -472,8 +474,9 @@ class ClusterBridge:
             origins = self.store.held_origins()
             drop = []
             for ban in book.held(now):
-                if ban.ip in cluster or ban.ip in pending or ban.ip not in origins:
-                    continue  # (not in origins: never shared, made before fleet mode: keep)
+                if ban.ip in keys or ban.ip in pending or ban.ip not in origins:
+                    continue  # (not in origins: never shared, made before fleet mode: keep; named but
+                    #            malformed: a bad value over an address is no unban)
                 if origins[ban.ip] == self.node and ban.created >= taken - SNAPSHOT_MARGIN:
                     continue  # decided here while the snapshot was read: its stream entry follows
                 drop.append(ban.ip)
