@@ -6,7 +6,7 @@ namespaces made here and deleted at the end, even on failure (tests/lab/netns.py
 holds a redis-server on 198.18.0.1, `sgl-cb<pid>-c<n>` one node each on 198.18.0.10+n); the host's own
 firewall, routes and interfaces are never touched. In each node's namespace three processes run:
 `sipguard run` (ipset enforcer, the default `[daemon] control_interval`), a poller that reads the
-node's kernel sets over netlink every millisecond (while a sample propagates) and reports each change with its
+node's kernel sets over netlink every millisecond (until the sample reached its node) and reports each change with its
 CLOCK_MONOTONIC time (one clock for every namespace), and an agent that makes CLI bans and unbans
 (sipguard.actions, as `sipguard ban` does: kernel, store, ring the daemon) without a process start
 per command.
@@ -76,7 +76,8 @@ def poll_main(prefix: str, interval: float, small: int) -> None:
     """Report changes of the node's kernel sets on stdout: `+ ip t`, `- ip t` (a set of up to `small`
     entries is read whole each time) and `n SET count t` when its size changes. Reads the sets every
     `interval` seconds while armed (`arm` / `disarm` lines on stdin), so that idle pollers leave the
-    CPU to the daemons between samples; each command is answered (`armed` / `disarmed`) after one read."""
+    CPU to the daemons between samples; `watch + IP` / `watch - IP` arms it for IP's set alone until IP
+    is in it / gone from it. Each command is answered (`armed` / `disarmed`) after one read."""
     import select
 
     from sipguard.enforce.ipsetnl import IpsetNetlink
@@ -87,21 +88,28 @@ def poll_main(prefix: str, interval: float, small: int) -> None:
     counts: dict[str, int] = {n: -1 for n in names}
     out = sys.stdout
     armed = False
+    every = interval
+    watch: tuple[str, str] | None = None
+    sets = names
     end = time.monotonic() + 3600  # bounded: an hour at most
     while time.monotonic() < end:
-        ready, _, _ = select.select([sys.stdin], [], [], interval if armed else 60.0)
+        ready, _, _ = select.select([sys.stdin], [], [], every if armed else 60.0)
         answer = None
         if ready:
             cmd = sys.stdin.readline()
             if not cmd:
                 return
-            armed = cmd.strip() == "arm"
+            words = cmd.split()
+            armed = bool(words) and words[0] in ("arm", "watch")
+            watch = (words[1], words[2]) if armed and words[0] == "watch" else None
+            every = float(words[1]) if words[:1] == ["arm"] and len(words) > 1 else interval
+            sets = names if watch is None else [names[1] if ":" in watch[1] else names[0]]
             answer = "armed" if armed else "disarmed"
         if not armed and answer is None:
             continue
         t = time.monotonic()
         lines = []
-        for name in names:
+        for name in sets:
             try:
                 head = nl.header(name)
             except Exception:  # noqa: BLE001 - not made yet
@@ -115,6 +123,8 @@ def poll_main(prefix: str, interval: float, small: int) -> None:
                 lines += [f"+ {ip} {t:.6f}" for ip in now - held[name]]
                 lines += [f"- {ip} {t:.6f}" for ip in held[name] - now]
                 held[name] = now
+            if watch is not None and (watch[1] in held[name]) == (watch[0] == "+"):
+                armed, watch = False, None  # seen: this poller rests while the others look
         if answer is not None:
             lines.append(answer)
         if lines:
@@ -284,9 +294,11 @@ def start_fleet(lab, tmp: Path, count: int, prefix: str, r, first: int) -> list[
     return nodes
 
 
-def arm(nodes: list[Node], on: bool = True) -> None:
-    """Every poller reads its sets continuously (or stops), once it answered."""
-    before = [n.tell("arm" if on else "disarm") for n in nodes]
+def arm(nodes: list[Node], on: bool | str = True, every: float | None = None) -> None:
+    """Every poller reads its sets continuously, every `every` seconds (or stops; or, given `+ IP` /
+    `- IP`, reads IP's set until IP is there / gone), once it answered."""
+    cmd = f"watch {on}" if isinstance(on, str) else ("arm" + (f" {every}" if every else "")) if on else "disarm"
+    before = [n.tell(cmd) for n in nodes]
 
     def answered() -> bool:
         for n, b in zip(nodes, before):
@@ -306,31 +318,27 @@ def bench_latency(nodes: list[Node], count: int, net: int) -> dict[str, list[flo
         origin, other = nodes[i % k], nodes[(i + 1) % k]
         ip = f"198.19.{net}.{i + 1}"
         time.sleep(random.uniform(0.02, 0.1))  # never phase-locked with the daemons' loops
-        arm(nodes)
+        arm(nodes, f"+ {ip}")
         origin.cli("ban", ip)
         res["manual ban"].append(spread(nodes, ip, origin, "appear"))
-        arm(nodes, False)
         time.sleep(random.uniform(0.02, 0.1))
-        arm(nodes)
+        arm(nodes, f"- {ip}")
         other.cli("unban", ip)
         res["manual unban"].append(spread(nodes, ip, other, "gone"))
-        arm(nodes, False)
     for i in range(count):
         ip = f"198.19.{net + 20}.{i + 1}"
         a, b, c = random.sample(nodes, 3)
         a.write(auth_failed(ip))
         b.write(auth_failed(ip))
         time.sleep(0.2 + random.uniform(0, 0.1))  # the first two are scored
-        arm(nodes)
+        arm(nodes, f"+ {ip}")
         c.write(auth_failed(ip))
         res["automatic ban"].append(spread(nodes, ip, c, "appear"))
-        arm(nodes, False)
         d = random.choice(nodes)
         time.sleep(random.uniform(0.02, 0.1))
-        arm(nodes)
+        arm(nodes, f"- {ip}")
         d.cli("unban", ip)
         res["unban of an automatic ban"].append(spread(nodes, ip, d, "gone"))
-        arm(nodes, False)
     return res
 
 
@@ -356,7 +364,7 @@ def bench_burst(nodes: list[Node], r, prefix: str, size: int, via: str) -> dict:
     first_addr = int(ipaddress.ip_address("198.18.1.0"))  # (never 198.18.0.0/24: the nodes and their Redis)
 
     recv = nodes[1]
-    arm([recv])
+    arm([recv], every=0.005)  # (5 ms: the poller leaves the receiver's CPU to the receiver)
     with recv.lock:
         base = recv.counts["sgb-v4"][-1][0] if recv.counts["sgb-v4"] else 0
     publish = r.register_script(PUBLISH_LUA)
@@ -576,7 +584,7 @@ def report(args, lat: dict, cpu: dict, bursts: dict, score: dict, redis_version:
         "`sipguard run` in a process and a network namespace of its own, enforcing into its own ipsets; "
         "Redis in another namespace, over TCP; the default `[daemon] control_interval`. A latency is from "
         "the change being in the deciding node's kernel set to it being in every other node's, read by a "
-        "poller in each namespace every 1 ms (armed only while a sample propagates).",
+        "poller in each namespace every 1 ms (only while the sample has not reached its node).",
         "",
         "| propagation, kernel to kernel | nodes | samples | p50 | p95 | p99 | max |",
         "|---|---|---|---|---|---|---|",
