@@ -1,16 +1,38 @@
-"""Fleet-mode benchmark: ban propagation latency across three nodes, and cluster scoring throughput.
+"""Fleet-mode benchmark: ban propagation between daemons in separate processes, each enforcing into
+the ipsets of its own network namespace; a 100,000-ban burst; idle CPU; the cluster scoring ceiling.
 
-Starts its own redis-server (127.0.0.1, a free port, a temp dir, no persistence; stopped by PID) and
-three sipguard daemons on threads, each with its own state dir, log file and dry-run enforcer.
-Nothing touches the kernel. Prints the results and appends a "## Cluster" section to bench/RESULTS.md.
+Needs root, ipset, iptables and redis-server (CI has them). Every kernel change happens in network
+namespaces made here and deleted at the end, even on failure (tests/lab/netns.py: `sgl-cb<pid>-hub`
+holds a redis-server on 198.18.0.1, `sgl-cb<pid>-c<n>` one node each on 198.18.0.10+n); the host's own
+firewall, routes and interfaces are never touched. In each node's namespace three processes run:
+`sipguard run` (ipset enforcer, the default `[daemon] control_interval`), a poller that reads the
+node's kernel sets over netlink every millisecond (until the sample reached its node) and reports each change with its
+CLOCK_MONOTONIC time (one clock for every namespace), and an agent that makes CLI bans and unbans
+(sipguard.actions, as `sipguard ban` does: kernel, store, ring the daemon) without a process start
+per command.
 
-    .venv/bin/python bench/cluster_bench.py [--bans 200] [--seconds 5] [--no-write]
+A latency is measured kernel to kernel: from the ban (or the unban) being in the deciding node's set
+to it being in every other node's set. Manual bans and unbans come from the agents; automatic bans
+from a spray of auth failures over three nodes' logs (the third failure decides), which an agent
+then unbans. The burst: 100,000 bans written onto the stream in pipelines (as another node's
+blocklist import would be), timed until the receiving node's kernel holds them all, while auth
+failures from IPv6 sources are written into that node's log, their own ban latency (log line
+written -> in the kernel) measured meanwhile (the v6 set stays small enough to read each time).
+Scoring: N processes on the host, each scoring batches of 1000 events in a private redis-server on
+127.0.0.1 (no kernel).
+
+    python bench/cluster_bench.py [--bans 60] [--nodes 3,10] [--burst 100000] [--seconds 5] [--no-write]
+
+Prints the results and replaces the "## Cluster" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
 import logging
+import multiprocessing
 import os
 import platform
 import random
@@ -25,17 +47,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sipguard.actions import manual_ban  # noqa: E402
-from sipguard.addresses import AllowList  # noqa: E402
-from sipguard.config import Config  # noqa: E402
-from sipguard.wiring import build_daemon  # noqa: E402
-from sipguard.enforce.dryrun import DryRunEnforcer  # noqa: E402
-from sipguard.model import Event, EventKind  # noqa: E402
-from sipguard.store import Store  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PY = sys.executable
+PORT = 6379
+HUB_IP = "198.18.0.1"
 
 
 def free_port() -> int:
@@ -44,210 +62,567 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
-                             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, port
-        except OSError:
-            time.sleep(0.02)
-    proc.kill()
-    sys.exit("redis-server did not start")
-
-
-def node_cfg(port: int, name: str, interval: float) -> Config:
-    return Config.model_validate({
-        "allowlist": {"include_host_addresses": False}, "daemon": {"control_interval": interval},
-        "enforce": {"backend": "dryrun"},
-        "cluster": {"redis_url": f"redis://127.0.0.1:{port}/0", "node_name": name, "key_prefix": "sgbench:"}})
-
-
-class Node:
-    def __init__(self, tmp: Path, port: int, name: str, interval: float) -> None:
-        self.dir = tmp / name
-        self.dir.mkdir()
-        self.log = self.dir / "kamailio.log"
-        self.log.touch()
-        self.enforcer = DryRunEnforcer()
-        self.store = Store.open_state_dir(self.dir / "state")
-        self.cli = Store.open_state_dir(self.dir / "state")
-        self.daemon = build_daemon(node_cfg(port, name, interval), self.store, self.enforcer, logs=[str(self.log)])
-        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
-        self.thread.start()
-        while not self.daemon.ready.is_set():
-            time.sleep(0.01)
-
-    def has(self, ip: str) -> bool:
-        return ip in self.enforcer._entries  # dry-run enforcer's own dict: cheap to poll
-
-    def write(self, text: str) -> None:
-        with self.log.open("a") as f:
-            f.write(text)
-
-    def stop(self) -> None:
-        self.daemon.stop()
-        self.thread.join(15)
-        self.cli.close()
-        self.store.close()
-
-
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def wait_all(nodes: list[Node], ip: str, timeout: float = 5.0) -> float:
-    t0 = time.perf_counter()
-    while not all(n.has(ip) for n in nodes):
-        if time.perf_counter() - t0 > timeout:
-            raise RuntimeError(f"{ip} did not propagate in {timeout}s")
-        time.sleep(0.0005)
-    return time.perf_counter() - t0
+def ms(v: float) -> str:
+    return f"{v * 1000:.1f} ms"
 
 
-def bench_latency(nodes: list[Node], count: int, interval: float) -> dict:
+# -- the poller: one per node namespace ---------------------------------------------------------
+def poll_main(prefix: str, interval: float, small: int) -> None:
+    """Report changes of the node's kernel sets on stdout: `+ ip t`, `- ip t` (a set of up to `small`
+    entries is read whole each time) and `n SET count t` when its size changes. Reads the sets every
+    `interval` seconds while armed (`arm` / `disarm` lines on stdin), so that idle pollers leave the
+    CPU to the daemons between samples; `watch + IP` / `watch - IP` arms it for IP's set alone until IP
+    is in it / gone from it. Each command is answered (`armed` / `disarmed`) after one read."""
+    import select
+
+    from sipguard.enforce.ipsetnl import IpsetNetlink
+
+    nl = IpsetNetlink()
+    names = [f"{prefix}-v4", f"{prefix}-v6"]
+    held: dict[str, set[str]] = {n: set() for n in names}
+    counts: dict[str, int] = {n: -1 for n in names}
+    out = sys.stdout
+    armed = False
+    every = interval
+    watch: tuple[str, str] | None = None
+    sets = names
+    end = time.monotonic() + 3600  # bounded: an hour at most
+    while time.monotonic() < end:
+        ready, _, _ = select.select([sys.stdin], [], [], every if armed else 60.0)
+        answer = None
+        if ready:
+            cmd = sys.stdin.readline()
+            if not cmd:
+                return
+            words = cmd.split()
+            armed = bool(words) and words[0] in ("arm", "watch")
+            watch = (words[1], words[2]) if armed and words[0] == "watch" else None
+            every = float(words[1]) if words[:1] == ["arm"] and len(words) > 1 else interval
+            sets = names if watch is None else [names[1] if ":" in watch[1] else names[0]]
+            answer = "armed" if armed else "disarmed"
+        if not armed and answer is None:
+            continue
+        t = time.monotonic()
+        lines = []
+        for name in sets:
+            try:
+                head = nl.header(name)
+            except Exception:  # noqa: BLE001 - not made yet
+                head = None
+            n = 0 if head is None else head.elements
+            if n != counts[name]:
+                counts[name] = n
+                lines.append(f"n {name} {n} {t:.6f}")
+            if n <= small and (n or held[name]):
+                now = set(nl.dump(name)) if n else set()
+                lines += [f"+ {ip} {t:.6f}" for ip in now - held[name]]
+                lines += [f"- {ip} {t:.6f}" for ip in held[name] - now]
+                held[name] = now
+            if watch is not None and (watch[1] in held[name]) == (watch[0] == "+"):
+                armed, watch = False, None  # seen: this poller rests while the others look
+        if answer is not None:
+            lines.append(answer)
+        if lines:
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+
+
+# -- the agent: CLI bans and unbans in a node's namespace ----------------------------------------
+def agent_main(config: str, state: str) -> None:
+    """Reads `ban IP` / `unban IP` lines; each is what `sipguard ban/unban` does; answers `ok`."""
+    from sipguard.actions import manual_ban, manual_unban
+    from sipguard.addresses import AllowList
+    from sipguard.config import load_config
+    from sipguard.enforce import make_enforcer
+    from sipguard.store import Store
+
+    cfg = load_config(config)
     allow = AllowList([], include_host=False)
-    manual, auto = [], []
-    for i in range(count):  # a manual ban on one node, until every node enforces it
-        origin = nodes[i % 3]
-        time.sleep(random.uniform(0, interval))  # don't phase-lock with the daemons' loops
-        ip = f"198.18.{100 + i // 250}.{i % 250 + 1}"
-        t0 = time.perf_counter()
-        manual_ban(origin.cli, ip, 3600, "bench", allow)
-        wait_all(nodes, ip)
-        manual.append(time.perf_counter() - t0)
+    for line in sys.stdin:
+        verb, ip = line.split()
+        store = Store.open_state_dir(state)
+        enforcer = make_enforcer(cfg.enforce)
+        try:
+            if verb == "ban":
+                manual_ban(store, ip, 3600, "bench", allow, enforcer=enforcer)
+            else:
+                manual_unban(store, ip, enforcer)
+        finally:
+            enforcer.close()
+            store.close()
+        sys.stdout.write("ok\n")
+        sys.stdout.flush()
+
+
+# -- the driver --------------------------------------------------------------------------------
+class Node:
+    """One node: its namespace, daemon, poller and agent (all stopped by PID with the namespace)."""
+
+    def __init__(self, lab, tmp: Path, idx: int, prefix: str, interval: float, first: int) -> None:  # noqa: ANN001
+        self.name = f"edge{idx}"
+        self.addr = f"198.18.0.{first + idx}"  # (each fleet its own namespaces: nothing left by another)
+        self.ns = lab.add_client(self.addr)
+        self.dir = tmp / f"{prefix.rstrip(':')}-{self.name}"
+        self.dir.mkdir()
+        self.log = self.dir / "kamailio.log"
+        self.log.touch()
+        self.state = self.dir / "state"
+        self.config = self.dir / "sipguard.toml"
+        self.config.write_text(
+            '[enforce]\nbackend = "ipset"\nset_prefix = "sgb"\nchain = "SGBENCH"\n'
+            '[allowlist]\ninclude_host_addresses = false\n'
+            f'[cluster]\nredis_url = "redis://{HUB_IP}:{PORT}/0"\nnode_name = "{self.name}"\n'
+            f'key_prefix = "{prefix}"\n')
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.daemon = self.ns.popen(PY, "-m", "sipguard", "--config", str(self.config), "--state-dir",
+                                    str(self.state), "run", "--log", str(self.log), env=env,
+                                    stdout=open(self.dir / "daemon.out", "w"), stderr=subprocess.STDOUT)
+        self.poller = self.ns.popen(PY, __file__, "--poll", "sgb", "--interval", str(interval), env=env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.answers = 0
+        self.agent = self.ns.popen(PY, __file__, "--agent", str(self.config), str(self.state), env=env,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.appear: dict[str, float] = {}
+        self.gone: dict[str, float] = {}
+        self.counts: dict[str, list[tuple[int, float]]] = {"sgb-v4": [], "sgb-v6": []}
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.poller.stdout:
+            parts = line.split()
+            with self.lock:
+                if parts[0] in ("armed", "disarmed"):
+                    self.answers += 1
+                elif parts[0] == "+":
+                    self.appear[parts[1]] = float(parts[2])
+                    self.gone.pop(parts[1], None)
+                elif parts[0] == "-":
+                    self.gone[parts[1]] = float(parts[2])
+                elif parts[0] == "n":
+                    self.counts[parts[1]].append((int(parts[2]), float(parts[3])))
+
+    def tell(self, cmd: str) -> int:
+        with self.lock:
+            n = self.answers
+        self.poller.stdin.write(cmd + "\n")
+        self.poller.stdin.flush()
+        return n
+
+    def cli(self, verb: str, ip: str) -> None:
+        self.agent.stdin.write(f"{verb} {ip}\n")
+        self.agent.stdin.flush()
+        if self.agent.stdout.readline().strip() != "ok":
+            raise RuntimeError(f"{self.name}: {verb} {ip} failed (see {self.dir}/daemon.out)")
+
+    def write(self, text: str) -> float:
+        with self.log.open("a") as f:
+            f.write(text)
+        return time.monotonic()
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) of the daemon process so far."""
+        fields = Path(f"/proc/{self.daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def reached(self, v4: int, since: float) -> float | None:
+        with self.lock:
+            for n, t in self.counts["sgb-v4"]:
+                if n >= v4 and t >= since:
+                    return t
+        return None
+
+
+def auth_failed(ip: str) -> str:
+    host = f"[{ip}]" if ":" in ip else ip
     stamp = datetime.now().strftime("%b %d %H:%M:%S")
-    for i in range(max(20, count // 4)):  # an auth spray, one failure per node; the third bans everywhere
-        ip = f"198.19.{i // 250}.{i % 250 + 1}"
-        line = f"{stamp} edge kamailio[4242]: NOTICE: <script>: auth failed for user 1000 from {ip}:5060 method REGISTER\n"
-        for n in nodes[:2]:
-            n.write(line)
-        time.sleep(0.3)  # let the first two be scored
-        time.sleep(random.uniform(0, 0.25))
-        t0 = time.perf_counter()
-        nodes[2].write(line)
-        wait_all(nodes, ip)
-        auto.append(time.perf_counter() - t0)
-    return {"manual": manual, "auto": auto}
+    return f"{stamp} edge kamailio[4242]: NOTICE: <script>: auth failed for user 1000 from {host}:5060 method REGISTER\n"
 
 
-def bench_scoring(port: int, tmp: Path, seconds: float, threads: int, batch: int = 1000) -> float:
-    """Events/s scored in Redis by `threads` nodes at once (spray: mostly distinct sources)."""
-    daemons = []
-    for k in range(threads):
-        d = tmp / f"score{threads}-{k}"
-        d.mkdir()
-        (d / "k.log").touch()
-        cfg = node_cfg(port, f"score{threads}-{k}", 0.25)
-        store = Store.open_state_dir(d / "state")
-        dm = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(d / "k.log")])
-        dm.setup()
-        daemons.append(dm)
-    counts = [0] * threads
+def wait(cond, timeout: float, what: str) -> None:  # noqa: ANN001
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise RuntimeError(f"{what}: not within {timeout}s")
+        time.sleep(0.002)
+
+
+def spread(nodes: list[Node], ip: str, origin: Node | None, table: str) -> float:
+    """Seconds from `ip` changing in the origin's kernel (the first node's, when None) to every node."""
+    def seen(n: Node) -> float | None:
+        with n.lock:
+            return (n.appear if table == "appear" else n.gone).get(ip)
+
+    try:
+        wait(lambda: all(seen(n) is not None for n in nodes), 10, f"{ip} on every node ({table})")
+    except RuntimeError:
+        for n in nodes:
+            print(n.name, "seen" if seen(n) is not None else "MISSING", n.daemon.poll(), file=sys.stderr)
+            if seen(n) is None:
+                print((n.dir / "daemon.out").read_text()[-3000:], file=sys.stderr)
+        raise
+    times = {n.name: seen(n) for n in nodes}
+    t0 = times[origin.name] if origin is not None else min(times.values())
+    return max(0.0, max(times.values()) - t0)  # (0: the others were there first: the script shares before
+    #                                              the deciding node's own kernel call)
+
+
+def start_fleet(lab, tmp: Path, count: int, prefix: str, r, first: int) -> list[Node]:  # noqa: ANN001
+    interval = 0.001
+    nodes = [Node(lab, tmp, i, prefix, interval, first) for i in range(1, count + 1)]
+
+    def in_sync() -> bool:
+        for n in nodes:
+            raw = r.get(prefix + "node:" + n.name)
+            if raw is None or not json.loads(raw).get("in_sync"):
+                return False
+        return True
+
+    try:
+        wait(in_sync, 180, f"{count} nodes in sync")
+    except RuntimeError:
+        for n in nodes:
+            print(n.name, r.get(prefix + "node:" + n.name), file=sys.stderr)
+            print((n.dir / "daemon.out").read_text()[-2000:], file=sys.stderr)
+        raise
+    return nodes
+
+
+def arm(nodes: list[Node], on: bool | str = True, every: float | None = None) -> None:
+    """Every poller reads its sets continuously, every `every` seconds (or stops; or, given `+ IP` /
+    `- IP`, reads IP's set until IP is there / gone), once it answered."""
+    cmd = f"watch {on}" if isinstance(on, str) else ("arm" + (f" {every}" if every else "")) if on else "disarm"
+    before = [n.tell(cmd) for n in nodes]
+
+    def answered() -> bool:
+        for n, b in zip(nodes, before):
+            with n.lock:
+                if n.answers <= b:
+                    return False
+        return True
+
+    wait(answered, 10, "the pollers")
+
+
+def bench_latency(nodes: list[Node], count: int, net: int) -> dict[str, list[float]]:
+    res: dict[str, list[float]] = {"manual ban": [], "manual unban": [], "automatic ban": [],
+                                   "unban of an automatic ban": []}
+    k = len(nodes)
+    for i in range(count):
+        origin, other = nodes[i % k], nodes[(i + 1) % k]
+        ip = f"198.19.{net}.{i + 1}"
+        time.sleep(random.uniform(0.02, 0.1))  # never phase-locked with the daemons' loops
+        arm(nodes, f"+ {ip}")
+        origin.cli("ban", ip)
+        res["manual ban"].append(spread(nodes, ip, origin, "appear"))
+        time.sleep(random.uniform(0.02, 0.1))
+        arm(nodes, f"- {ip}")
+        other.cli("unban", ip)
+        res["manual unban"].append(spread(nodes, ip, other, "gone"))
+    for i in range(count):
+        ip = f"198.19.{net + 20}.{i + 1}"
+        a, b, c = random.sample(nodes, 3)
+        a.write(auth_failed(ip))
+        b.write(auth_failed(ip))
+        time.sleep(0.2 + random.uniform(0, 0.1))  # the first two are scored
+        arm(nodes, f"+ {ip}")
+        c.write(auth_failed(ip))
+        res["automatic ban"].append(spread(nodes, ip, c, "appear"))
+        d = random.choice(nodes)
+        time.sleep(random.uniform(0.02, 0.1))
+        arm(nodes, f"- {ip}")
+        d.cli("unban", ip)
+        res["unban of an automatic ban"].append(spread(nodes, ip, d, "gone"))
+    return res
+
+
+def idle_cpu(nodes: list[Node], seconds: float) -> list[float]:
+    time.sleep(1.0)
+    before = [n.cpu() for n in nodes]
+    time.sleep(seconds)
+    return [(n.cpu() - b) / seconds for n, b in zip(nodes, before)]
+
+
+def bench_burst(nodes: list[Node], r, prefix: str, size: int, via: str) -> dict:  # noqa: ANN001
+    """`size` bans onto the stream in pipelines of 5000, the time until nodes[1]'s kernel holds them
+    all, and its own ban latency meanwhile. `via` "publish": each through the publish script, as a
+    node's import is (the shared set and the stream); "stream": appended to the stream as the script
+    appends them (XADD), so the arrival is as fast as Redis takes it and the receiver is what is timed."""
+    from sipguard.cluster.bridge import UNBAN_MEMORY
+    from sipguard.cluster.scripts import PUBLISH_LUA
+    from sipguard.cluster.wire import ban_payload
+    from sipguard.config import PolicyConfig
+    from sipguard.model import Ban
+
+    jails = ",".join(PolicyConfig().jails)
+    first_addr = int(ipaddress.ip_address("198.18.1.0"))  # (never 198.18.0.0/24: the nodes and their Redis)
+
+    recv = nodes[1]
+    arm([recv], every=0.005)  # (5 ms: the poller leaves the receiver's CPU to the receiver)
+    with recv.lock:
+        base = recv.counts["sgb-v4"][-1][0] if recv.counts["sgb-v4"] else 0
+    publish = r.register_script(PUBLISH_LUA)
+    now = time.time()
+    own: list[float] = []
+    stop = threading.Event()
+
+    def own_bans() -> None:  # auth failures into the receiver's log during the burst
+        i = 0
+        while not stop.is_set() and i < 400:
+            i += 1
+            ip = f"2001:db8:77::{i:x}"
+            t = recv.write(auth_failed(ip) * 3)
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                with recv.lock:
+                    seen = recv.appear.get(ip)
+                if seen is not None:
+                    own.append(seen - t)
+                    break
+                time.sleep(0.001)
+            stop.wait(0.05)
+
+    t0 = time.monotonic()
+    writer = threading.Thread(target=own_bans, daemon=True)
+    writer.start()
+    for k in range(0, size, 5000):
+        with r.pipeline(transaction=False) as pipe:
+            for i in range(k, min(size, k + 5000)):
+                ip = str(ipaddress.ip_address(first_addr + i))
+                ban = Ban(ip=ip, reason="import", created=now, expires=now + 3600, score=0.0, offence=1,
+                          manual=True)
+                bid = f"import:{i:08x}"
+                payload = ban_payload(ban, bid, "import")
+                if via == "publish":
+                    publish(args=[prefix, 200_000, "ban", ip, bid, "import", payload, 86400, UNBAN_MEMORY, jails],
+                            client=pipe)
+                else:
+                    pipe.xadd(prefix + "stream", {"op": "ban", "ip": ip, "id": bid, "origin": "import", "ban": payload},
+                              maxlen=200_000, approximate=True)
+            pipe.execute()
+    t1 = time.monotonic()
+    wait(lambda: recv.reached(base + size, t0) is not None, 120, "the burst on the receiver")
+    done = recv.reached(base + size, t0)
+    first = next(t for n, t in recv.counts["sgb-v4"] if n > base and t >= t0)
+    time.sleep(0.5)
+    stop.set()
+    writer.join(15)
+    arm([recv], False)
+    return {"inject": t1 - t0, "applied": done - t0, "after_inject": done - t1, "first": first - t0,
+            "own": own}
+
+
+def score_worker(port: int, tmp: str, name: str, seconds: float, start_at: float, q) -> None:  # noqa: ANN001
+    from sipguard.config import Config
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.model import Event, EventKind
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+
+    logging.disable(logging.CRITICAL)
+    d = Path(tmp) / name
+    d.mkdir()
+    (d / "k.log").touch()
+    cfg = Config.model_validate({
+        "allowlist": {"include_host_addresses": False}, "enforce": {"backend": "dryrun"},
+        "cluster": {"redis_url": f"redis://127.0.0.1:{port}/0", "node_name": name, "key_prefix": "sgscore:"}})
+    store = Store.open_state_dir(d / "state")
+    dm = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(d / "k.log")])
+    dm.setup()
+    k = int(name.rsplit("-", 1)[1])
+    fleet, scorer = dm.parts.fleet, dm.parts.scorer
+    while time.time() < start_at:
+        time.sleep(0.001)
     stop_at = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < stop_at:
+        now = time.time()
+        for j in range(1000):
+            i = n + j
+            # every 20th from a few repeat offenders (they get banned), the rest a spray of new sources
+            ip = f"{20 + k}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" if i % 20 else f"10.200.{k}.{i % 50}"
+            scorer.observe(Event(now, ip, "auth-failed", EventKind.AUTH_FAILURE, 1.0))
+        fleet.score_batch(now)
+        n += 1000
+    ok = fleet.redis_ok
+    q.put((fleet.stats.scored, ok))
+    fleet.close()
+    dm.parts.follower.close()
+    store.close()
 
-    def work(k: int) -> None:
-        dm = daemons[k]
-        n = 0
-        while time.perf_counter() < stop_at:
-            now = time.time()
-            for j in range(batch):
-                i = n + j
-                # every 20th from a few repeat offenders (they get banned), the rest a spray of new sources
-                ip = f"{20 + k}.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" if i % 20 else f"10.200.{k}.{i % 50}"
-                dm.parts.scorer.observe(Event(now, ip, "auth-failed", EventKind.AUTH_FAILURE, 1.0))
-            dm.parts.fleet.score_batch(now)
-            n += batch
-        counts[k] = dm.parts.fleet.stats.scored
 
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    took = time.perf_counter() - t0
-    for dm in daemons:
-        assert dm.parts.fleet.redis_ok, "Redis went away during the scoring bench"
-        dm.parts.fleet.close()
-        dm.parts.follower.close()
-        dm.parts.store.close()
-    return sum(counts) / took
+def bench_scoring(seconds: float, procs: int) -> float:
+    exe = shutil.which("redis-server")
+    tmp = Path(tempfile.mkdtemp(prefix="sipguard-score-bench-"))
+    port = free_port()
+    redis = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", "",
+                              "--appendonly", "no", "--loglevel", "warning"], stdout=subprocess.DEVNULL)
+    try:
+        import redis as redis_py
+
+        r = redis_py.Redis(host="127.0.0.1", port=port)
+        wait(lambda: _pings(r), 10, "redis-server")
+        ctx = multiprocessing.get_context("spawn")
+        q = ctx.Queue()
+        start_at = time.time() + 3.0 + 0.3 * procs
+        ps = [ctx.Process(target=score_worker, args=(port, str(tmp), f"score{procs}-{k}", seconds, start_at, q))
+              for k in range(procs)]
+        for p in ps:
+            p.start()
+        got = [q.get(timeout=120 + seconds) for _ in ps]
+        for p in ps:
+            p.join(30)
+        if not all(ok for _n, ok in got):
+            raise RuntimeError("Redis went away during the scoring bench")
+        return sum(n for n, _ok in got) / seconds
+    finally:
+        redis.kill()
+        redis.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pings(r) -> bool:  # noqa: ANN001
+    try:
+        return bool(r.ping())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bans", type=int, default=200, help="manual bans timed for propagation")
+    ap.add_argument("--bans", type=int, default=60, help="bans of each kind timed per fleet size")
+    ap.add_argument("--nodes", default="3,10", help="fleet sizes (each a fleet of its own)")
+    ap.add_argument("--burst", type=int, default=100_000, help="bans of the burst (3-node fleet); 0: none")
     ap.add_argument("--seconds", type=float, default=5.0, help="per scoring run")
-    ap.add_argument("--interval", type=float, default=0.25, help="[daemon] control_interval of the nodes")
-    ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds the idle CPU is measured over")
+    ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    ap.add_argument("--poll", help=argparse.SUPPRESS)
+    ap.add_argument("--interval", type=float, default=0.001, help=argparse.SUPPRESS)
+    ap.add_argument("--agent", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)  # the daemons log every ban; keep the report readable
+    if args.poll:
+        return poll_main(args.poll, args.interval, 5000)
+    if args.agent:
+        return agent_main(*args.agent)
+    if os.geteuid() != 0 or shutil.which("ipset") is None or shutil.which("redis-server") is None:
+        sys.exit("needs root, ipset and redis-server (network namespaces with kernel sets)")
+    from tests.lab.netns import Lab
+
+    sizes = [int(x) for x in args.nodes.split(",")]
+    lat: dict[int, dict[str, list[float]]] = {}
+    cpu: dict[int, list[float]] = {}
+    bursts: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix="sipguard-cluster-bench-"))
-    proc, port = start_redis(tmp)
-    nodes: list[Node] = []
+    import redis as redis_py
+
     try:
-        nodes = [Node(tmp, port, f"edge{i}", args.interval) for i in (1, 2, 3)]
-        lat = bench_latency(nodes, args.bans, args.interval)
-        for n in nodes:
-            n.stop()
-        nodes = []
-        one = bench_scoring(port, tmp, args.seconds, 1)
-        three = bench_scoring(port, tmp, args.seconds, 3)
+        with Lab(f"cb{os.getpid() % 100000}") as lab:
+            sock = tmp / "redis.sock"
+            lab.hub.popen(shutil.which("redis-server"), "--port", str(PORT), "--bind", HUB_IP, "--unixsocket",
+                          str(sock), "--unixsocketperm", "700", "--dir", str(tmp), "--save", "", "--appendonly",
+                          "no", "--protected-mode", "no", "--loglevel", "warning", stdout=subprocess.DEVNULL)
+            r = redis_py.Redis(unix_socket_path=str(sock), decode_responses=True)
+            wait(lambda: sock.exists() and _pings(r), 10, "redis-server in the hub")
+            for k, count in enumerate(sizes):
+                prefix = f"cb{count}:"
+                nodes = start_fleet(lab, tmp, count, prefix, r, 10 + 20 * k)
+                try:
+                    lat[count] = bench_latency(nodes, args.bans, 200 + k)  # (the burst: 198.18.1.0 up)
+                    print(count, "nodes:", {w: f"p50 {ms(statistics.median(v))} p99 {ms(pct(v, 99))}"
+                                            for w, v in lat[count].items()}, flush=True)
+                    cpu[count] = idle_cpu(nodes, args.idle)
+                    print(count, "nodes: idle CPU", cpu[count], flush=True)
+                finally:
+                    stop_fleet(nodes)
+            for j, via in enumerate(("stream", "publish") if args.burst else ()):
+                prefix = f"cbb{j}:"  # a fresh 3-node fleet for each burst
+                nodes = start_fleet(lab, tmp, 3, prefix, r, 70 + 10 * j)
+                try:
+                    bursts[via] = bench_burst(nodes, r, prefix, args.burst, via)
+                    print("burst", via, {k: v for k, v in bursts[via].items() if k != "own"}, flush=True)
+                finally:
+                    stop_fleet(nodes)
+        score = {k: bench_scoring(args.seconds, k) for k in (1, 3, 10)}
         redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
     finally:
-        for n in nodes:
-            n.stop()
-        proc.kill()
-        proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-    ms = lambda v: f"{v * 1000:.0f} ms"  # noqa: E731
-    m, a = lat["manual"], lat["auto"]
-    rows = [
-        ("manual ban → enforced on all 3 nodes", f"{len(m)}", ms(statistics.median(m)), ms(pct(m, 99)), ms(max(m))),
-        ("3rd node's failure → ban enforced on all 3", f"{len(a)}", ms(statistics.median(a)), ms(pct(a, 99)),
-         ms(max(a))),
-    ]
+    report(args, lat, cpu, bursts, score, redis_version)
+
+
+def stop_fleet(nodes: list[Node]) -> None:
+    """Say what the daemons warned about (Redis timeouts, store errors), then stop this fleet's
+    processes by PID (the namespaces go with the lab)."""
+    for n in nodes:
+        warned = [ln for ln in (n.dir / "daemon.out").read_text().splitlines()
+                  if ("WARNING" in ln or "ERROR" in ln) and " banned " not in ln]
+        if warned:
+            print(n.name, f"{len(warned)} warnings:", *warned[:4], sep="\n  ", file=sys.stderr)
+    for n in nodes:
+        for p in (n.agent, n.poller, n.daemon):
+            try:
+                p.terminate()
+                p.wait(20)
+            except Exception:  # noqa: BLE001
+                p.kill()
+                p.wait(5)
+
+
+def report(args, lat: dict, cpu: dict, bursts: dict, score: dict, redis_version: str) -> None:  # noqa: ANN001
+    load = os.getloadavg()
     text = [
         "## Cluster",
         "",
         f"`bench/cluster_bench.py` ({datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"redis-server {redis_version.removeprefix('v=')} on 127.0.0.1): three daemons on threads of one "
-        f"process, dry-run enforcers, `[daemon] control_interval = {args.interval}`.",
+        f"{platform.machine()}, {os.cpu_count()} CPUs, load average {load[0]:.1f} at the end, Python "
+        f"{platform.python_version()}, redis-server {redis_version.removeprefix('v=')}): each node is "
+        "`sipguard run` in a process and a network namespace of its own, enforcing into its own ipsets; "
+        "Redis in another namespace, over TCP; the default `[daemon] control_interval`. A latency is from "
+        "the change being in the deciding node's kernel set to it being in every other node's, read by a "
+        "poller in each namespace every 1 ms (only while the sample has not reached its node).",
         "",
-        "| propagation | samples | p50 | p99 | max |",
-        "|---|---|---|---|---|",
-        *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} |" for r in rows],
-        "",
-        "| cluster scoring (one Lua call per batch of 1000 events: 95% a spray of new sources, 5% repeat offenders) "
-        "| events scored in Redis /s |",
-        "|---|---|",
-        f"| one node | {one:,.0f} |",
-        f"| three nodes at once (total) | {three:,.0f} |",
-        "",
-        "Propagation is bounded by the daemon loop's control_interval (stream entries are applied in its "
-        "housekeeping); scoring is bounded by Redis running the Lua script (single-threaded).",
-        "",
+        "| propagation, kernel to kernel | nodes | samples | p50 | p95 | p99 | max |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for count, res in lat.items():
+        for what, v in res.items():
+            text.append(f"| {what} | {count} | {len(v)} | {ms(statistics.median(v))} | {ms(pct(v, 95))} | "
+                        f"{ms(pct(v, 99))} | {ms(max(v))} |")
+    text += ["", "| idle daemon (after the bans, nothing arriving) | nodes | CPU per node, mean | max |", "|---|---|---|---|"]
+    for count, v in cpu.items():
+        text.append(f"| CPU of one core | {count} | {statistics.mean(v) * 100:.2f} % | {max(v) * 100:.2f} % |")
+    if bursts:
+        how = {"stream": "appended to the stream (XADD)", "publish": "each through the publish script"}
+        text += ["", f"| burst: {args.burst:,} bans onto the stream, a 3-node fleet | "
+                 + " | ".join(how[v] for v in bursts) + " |", "|---|" + "---|" * len(bursts)]
+        rows = [("written onto the stream (pipelines of 5000)", "inject"),
+                ("first of them in the receiver's kernel", "first"),
+                ("all in the receiver's kernel, from the first written", "applied"),
+                ("... after the last was written", "after_inject")]
+        for label, key in rows:
+            text.append(f"| {label} | " + " | ".join(f"{b[key]:.2f} s" for b in bursts.values()) + " |")
+        text.append("| the receiver's own bans meanwhile (log line -> kernel): samples, p50, p99 | " + " | ".join(
+            f"{len(b['own'])}, {ms(statistics.median(b['own']))}, {ms(pct(b['own'], 99))}" if b["own"] else "none"
+            for b in bursts.values()) + " |")
+    text += ["", "| cluster scoring (processes, batches of 1000 events: 95% a spray of new sources) | events scored "
+             "in Redis /s |", "|---|---|"]
+    for k, v in score.items():
+        text.append(f"| {k} node{'s' if k > 1 else ''} at once (total) | {v:,.0f} |")
+    text.append("")
     print("\n".join(text))
     if not args.no_write:
         old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
         if "## Cluster\n" in old:  # replace our own section, leave the others' tables alone
             head, _, rest = old.partition("## Cluster\n")
             nxt = rest.find("\n## ")
-            old = head + (rest[nxt + 1:] if nxt >= 0 else "")
+            old = head.rstrip("\n") + "\n\n" + (rest[nxt + 1:] if nxt >= 0 else "")
         RESULTS.write_text(old.rstrip("\n") + "\n\n" + "\n".join(text))
-        print(f"appended to {RESULTS}")
+        print(f"wrote the Cluster section of {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each validates its targets (and the allow-list), then changes the bans through a ban book of its own
 (sipguard/bans.py: the kernel first, then the store) in strict mode, so a command changes both or
 neither, and leaves a control request in the same transaction, so a running daemon mirrors the change
-into its own policy and enforcer stack within a second.
+into its own policy and enforcer stack; then it rings the daemon's doorbell (sipguard/doorbell.py), so
+that happens at once (and, in fleet mode, the change reaches Redis at once) rather than at its tick.
 
 The store's transaction is short (the kernel call comes before it), and a busy database is waited
 for with bounded retries (sipguard/store.py). When the store write fails all the same (still locked
@@ -17,6 +18,7 @@ import time
 
 from .addresses import AllowList, parse_target
 from .bans import MANUAL, BanBook
+from .doorbell import ring
 from .enforce.base import Enforcer
 from .errors import SipguardError
 from .model import Ban
@@ -39,6 +41,7 @@ def _store(book: BanBook, store: Store, now: float, before: dict[str, Ban | None
         _put_back(book, now, before)
         raise
     book.written()
+    ring(store.path)
 
 
 def _put_back(book: BanBook, now: float, before: dict[str, Ban | None]) -> None:

@@ -336,6 +336,22 @@ class BanBook:
             return self._overlay[ip]
         return self.store.get_ban(ip)
 
+    def current_many(self, ips: Iterable[str]) -> dict[str, Ban | None]:
+        """`current` of many addresses at once (a fleet batch): queued changes, then the store in a
+        few queries for any count."""
+        ips = list(dict.fromkeys(ips))
+        out: dict[str, Ban | None] = {}
+        ask = []
+        for ip in ips:
+            if ip in self._overlay:
+                out[ip] = self._overlay[ip]
+            else:
+                ask.append(ip)
+        stored = self.store.bans_of(ask)
+        for ip in ask:
+            out[ip] = stored.get(ip)
+        return out
+
     def held(self, now: float) -> list[Ban]:
         """The bans in force as the book knows them: the store's, with queued changes applied."""
         bans = {b.ip: b for b in self.store.active_bans(now)}

@@ -443,6 +443,7 @@ class ClusterConfig(Section):
     max_prefix_v6: int = Field(48, ge=0, le=128)  # ... and wider than /48
     own_addresses: list[CIDR] = []  # more addresses of this node never banned from the fleet (NAT, VIPs)
     wait_replicas: int = Field(0, ge=0, le=16)  # publish: keep an entry queued until this many replicas have it
+    max_bans: int | None = Field(None, ge=1)  # the most fleet bans a node holds; default [enforce] maxelem
 
     @field_validator("secret_previous_until", mode="before")
     @classmethod

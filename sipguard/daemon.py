@@ -12,6 +12,13 @@ more, and retries it with a bounded backoff until it lands; it says so once (a w
 an event that is not in the store, so a stop during the fault re-reads the held batch at the next start.
 Between batches: steps of the wall clock (sipguard/clock.py: the bans keep their real time), CLI
 requests, hooks (fleet, blocklists), expiries, the resync, pruning and the status heartbeat.
+
+The loop waits in the follower's poll for at most `control_interval`, and nothing in it spins: new log
+lines end the wait (inotify), and so does everything else the loop serves, through the follower's
+`wake` (called from other threads): a CLI command's ring (sipguard/doorbell.py), an entry from the
+fleet's stream (sipguard/cluster/reader.py), `stop`. So a CLI ban is mirrored (and published to the
+fleet) at once and another node's ban is applied at once; the tick only bounds what nothing announces
+(expiries, a CLI command whose ring was lost).
 """
 
 from __future__ import annotations
@@ -165,6 +172,9 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
         self._stop.set()
+        # the loop's wait ends now, not at its control_interval tick (from a thread of its own: a signal
+        # handler may interrupt the loop while it holds the lock that waking takes)
+        threading.Thread(target=self.parts.follower.wake, name="sipguard-stop", daemon=True).start()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)

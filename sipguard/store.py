@@ -648,6 +648,12 @@ class Store:
         self.conn.execute("INSERT INTO cluster_outbox (op, ip, id, payload, time) VALUES (?, ?, ?, ?, ?)",
                           (op, ip, ban_id, payload, time.time() if now is None else now))
 
+    def outbox_add_many(self, rows: Iterable[tuple[str, str, str, str]], now: float | None = None) -> None:
+        """Many `outbox_add`s at once, (op, ip, id, payload) each, in this order."""
+        t = time.time() if now is None else now
+        self.conn.executemany("INSERT INTO cluster_outbox (op, ip, id, payload, time) VALUES (?, ?, ?, ?, ?)",
+                              ((op, ip, ban_id, payload, t) for op, ip, ban_id, payload in rows))
+
     def outbox_next(self, limit: int) -> list[OutboxEntry]:
         """The oldest `limit` queued entries, oldest first."""
         rows = self.conn.execute(
@@ -670,9 +676,25 @@ class Store:
         self.conn.execute("INSERT OR REPLACE INTO cluster_bans (ip, id, origin, created) VALUES (?, ?, ?, ?)",
                           (ip, ban_id, origin, created))
 
+    def hold_many(self, rows: Iterable[tuple[str, str, str, float]]) -> None:
+        """Many `hold`s at once, (ip, id, origin, created) each: one statement for a fleet batch."""
+        self.conn.executemany("INSERT OR REPLACE INTO cluster_bans (ip, id, origin, created) VALUES (?, ?, ?, ?)",
+                              rows)
+
     def held(self, ip: str) -> HeldBan | None:
         row = self.conn.execute("SELECT id, created FROM cluster_bans WHERE ip = ?", (ip,)).fetchone()
         return HeldBan(row[0], row[1]) if row else None
+
+    def held_of(self, ips: Iterable[str]) -> dict[str, HeldBan]:
+        """The held fleet ids of these addresses (those that have one), in a few queries for any count."""
+        ips = list(ips)
+        out: dict[str, HeldBan] = {}
+        for i in range(0, len(ips), 500):
+            chunk = ips[i:i + 500]
+            rows = self.conn.execute(
+                f"SELECT ip, id, created FROM cluster_bans WHERE ip IN ({','.join('?' * len(chunk))})", chunk)
+            out.update((r[0], HeldBan(r[1], r[2])) for r in rows)
+        return out
 
     def release_held(self, ip: str) -> None:
         self.conn.execute("DELETE FROM cluster_bans WHERE ip = ?", (ip,))

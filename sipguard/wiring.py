@@ -1,7 +1,7 @@
 """The composition root: builds every part of a running sipguard from the validated config, once.
 
 `build_daemon` makes the sources (files and journal behind one batch interface), the parsers, the
-filters, the policy (local, or the fleet's), the enforcer stack (the kernel enforcer, then the htable
+filters, the doorbell (CLI rings end the loop's wait), the policy (local, or the fleet's), the enforcer stack (the kernel enforcer, then the htable
 mirror, then metrics: composed here, never swapped in later), the ban book and the hooks, and hands
 them to the `Daemon`, which only loops. Nothing else constructs these parts for a daemon, and no part
 is replaced after it is built. Optional parts are imported only when the config asks for them.
@@ -28,6 +28,7 @@ from .addresses import AllowList
 from .bans import BanBook, BanListener
 from .config import Config, SourcesConfig, running_as_root, trusted_program
 from .daemon import Daemon, Hook, Parts
+from .doorbell import Doorbell, bell_path
 from .enforce.base import Enforcer
 from .filters import FilterSet
 from .formats import JournalTrust, RecordParser
@@ -203,25 +204,6 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
         metrics.serve(cfg.metrics.listen)
         hooks.append(MetricsHook(metrics))
 
-    pc = cfg.policy
-    policy = Policy(pc, allow, store.offence_history(now - pc.offence_memory))
-    scorer: Scorer = policy
-    listeners: list[BanListener] = []
-    fleet = None
-    if cfg.cluster is not None:  # scores in Redis and shares bans; redis is imported only here
-        from .cluster import ClusterBridge
-
-        fleet = ClusterBridge(cfg.cluster, pc, store, allow, policy, cfg.daemon.prune_interval)
-        scorer = fleet.policy
-        listeners.append(fleet)
-        hooks.append(fleet)
-    book = BanBook(store, enforcer, scorer, listeners)
-
-    if cfg.blocklists:
-        from .extras.blocklists import BlocklistHook
-
-        hooks.append(BlocklistHook(list(cfg.blocklists), store, allow, metrics))
-
     # the sources: files, and the journal beside them, behind one batch interface
     saved = store.positions()
     positions = {p: SourcePosition(p, s.dev, s.inode, s.offset, s.head, s.tail) for p, s in saved.items() if p in logs}
@@ -249,6 +231,32 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
             store.save_journal_cursors(journal.cursors())
 
     pipeline = Pipeline(parsers, filters)  # sparse over literal hits, for files and journal alike
+
+    # what else ends the loop's wait: a CLI command's ring (the doorbell) and the fleet's stream reader
+    bell = bell_path(store.path)
+    if bell is not None:
+        hooks.append(Doorbell(bell, follower.wake))
+
+    pc = cfg.policy
+    policy = Policy(pc, allow, store.offence_history(now - pc.offence_memory))
+    scorer: Scorer = policy
+    listeners: list[BanListener] = []
+    fleet = None
+    if cfg.cluster is not None:  # scores in Redis and shares bans; redis is imported only here
+        from .cluster import ClusterBridge
+
+        fleet = ClusterBridge(cfg.cluster, pc, store, allow, policy, cfg.daemon.prune_interval,
+                              max_bans=cfg.cluster.max_bans or cfg.enforce.maxelem, wake=follower.wake)
+        scorer = fleet.policy
+        listeners.append(fleet)
+        hooks.append(fleet)
+    book = BanBook(store, enforcer, scorer, listeners)
+
+    if cfg.blocklists:
+        from .extras.blocklists import BlocklistHook
+
+        hooks.append(BlocklistHook(list(cfg.blocklists), store, allow, metrics))
+
     parts = Parts(cfg=cfg, store=store, follower=follower, parsers=parsers, pipeline=pipeline, filters=filters,
                   scorer=scorer,
                   policy=policy, book=book, enforcer_name=kernel.name, logs=logs, hooks=hooks, fleet=fleet,

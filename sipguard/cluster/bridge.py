@@ -32,6 +32,8 @@ import os
 import queue
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -59,10 +61,14 @@ EPOCH_META = "cluster_epoch"  # the Redis epoch this node last synced with
 SNAPSHOT_MARGIN = 2.0  # seconds: bans created this close to a snapshot are never dropped by it
 UNBAN_MEMORY = 86400.0  # how long Redis remembers an unban (so a stale ban published later loses)
 FLUSH_BATCH = 500
+FLUSH_ROUNDS = 4  # outbox pipelines published per loop turn
 SCORE_CHUNK = 2000  # events per score script call
 REFUSALS = {"too_wide": "a network wider than [cluster] max_prefix_v4 / max_prefix_v6",
             "allowlisted": "in (or overlapping) this node's allow-list",
             "own_address": "it covers this node's own address", "redis_server": "it covers this node's Redis server"}
+APPLY_BATCH = 2000
+"""Fleet entries (stream entries, snapshot bans) applied per loop turn: one store transaction, their
+bans in one kernel batch (split only where an unban comes between), then the daemon reads its logs again."""
 
 
 @dataclass
@@ -85,6 +91,9 @@ class ClusterStats:
     forged_events: int = 0  # unsigned or wrongly signed members found behind a score decision (removed)
     claims_lost: int = 0  # decisions another node (or a forged shared ban) claimed first
     snapshots: int = 0
+    apply_batches: int = 0  # chunks of fleet entries applied (each one store transaction)
+    kernel_batches: int = 0  # batches of fleet bans handed to the ban book (each one kernel call)
+    over_cap: int = 0  # fleet bans not applied: this node holds [cluster] max_bans already
     dropped_by_snapshot: int = 0
     reseeds: int = 0
     outages: int = 0
@@ -99,7 +108,11 @@ class ClusterBridge:
     """
 
     def __init__(self, cfg: ClusterConfig, policy_cfg: PolicyConfig, store: Store, allow: AllowList,
-                 local: Policy, gc_interval: float) -> None:
+                 local: Policy, gc_interval: float, *, max_bans: int | None = None,
+                 wake: Callable[[], None] | None = None) -> None:
+        """`max_bans`: the most bans this node holds from the fleet (`[cluster] max_bans`, else the
+        enforcer's maxelem, chosen by the composition root). `wake` ends the daemon loop's wait (the
+        follower's `wake`): the reader calls it for every delivery, so an entry is applied at once."""
         self.cfg = cfg
         self.policy_cfg = policy_cfg
         self.store = store
@@ -120,8 +133,19 @@ class ClusterBridge:
         self._score = self.client.register_script(SCORE_LUA)
         self._publish = self.client.register_script(PUBLISH_LUA)
         self._hdel_if = self.client.register_script(HDEL_IF_LUA)
+        self.max_bans = max_bans if max_bans is not None else (cfg.max_bans or 1_000_000)
+        self._wake = wake
         self.queue: queue.Queue = queue.Queue()
-        self.reader = StreamReader(cfg, self.queue)
+        self.reader = StreamReader(cfg, self.queue, wake)
+        # what the reader delivered and the loop has not applied yet (applied APPLY_BATCH at a time)
+        self._backlog: deque[tuple] = deque()
+        self._batch: dict[str, Ban] = {}  # fleet bans of the chunk being applied, for one kernel batch
+        self._cur: dict[str, Ban | None] = {}  # the chunk's addresses: the ban held (prefetched, kept current)
+        self._held_cache: dict[str, tuple[str, float] | None] = {}  # the chunk's addresses: held fleet id
+        self._snap_ips: set[str] = set()  # the addresses of the snapshot being applied
+        self._count: int | None = None  # bans in force here (for max_bans): counted at most once a second
+        self._counted_at = 0.0
+        self._fresh = 0  # addresses new to this node in the chunk's batch
         self.redis_ok = False  # main connection answers (scoring, publishing)
         self.synced = False  # the reader's latest snapshot is applied
         self._warned = False
@@ -171,9 +195,9 @@ class ClusterBridge:
         deadline = time.monotonic() + max(1.0, 2 * self.cfg.socket_timeout)
         while time.monotonic() < deadline and self.queue.empty():
             time.sleep(0.01)
-        self.tick(time.time(), book)
+        self.tick(time.time(), book)  # the first chunk of the snapshot; the rest between batches
         book.commit(time.time())
-        if not self.synced:
+        if not self.synced and not self._backlog:
             self._down(self.reader.last_error or "no answer at start")
 
     def close(self) -> None:
@@ -294,14 +318,23 @@ class ClusterBridge:
     # -- the ban book's listener (inside the transaction that stores each change) -------------
     def on_bans(self, bans: list[Ban], cause: str, now: float) -> None:
         if cause in (FLEET, FLEET_SCORE):  # already in the fleet's set: remember its id here
-            for ban in bans:
-                ident = self._ids.get(ban.ip)
-                if ident is not None:
-                    self.store.hold(ban.ip, ident[0], ident[1], ident[2])
-                if cause == FLEET_SCORE and self._unreplicated.get(ban.ip) is not None:
-                    self.publish_ban(ban, self._unreplicated.pop(ban.ip))  # until a replica acknowledges it
+            ids = self._ids
+            self.store.hold_many((ban.ip, *ids[ban.ip]) for ban in bans if ban.ip in ids)
+            if cause == FLEET_SCORE:
+                for ban in bans:
+                    if self._unreplicated.get(ban.ip) is not None:
+                        self.publish_ban(ban, self._unreplicated.pop(ban.ip))  # until a replica acknowledges it
             return
         if cause == BLOCKLIST:  # every node refreshes its own lists
+            return
+        if len(bans) > 8:  # a list (a CLI import, a start): a few statements for any count
+            held = self.store.held_of(b.ip for b in bans)
+            fresh = [b for b in bans if b.ip not in held or held[b.ip].created != b.created]
+            rows = [(b, self._new_id()) for b in fresh]
+            self.store.hold_many((b.ip, ban_id, self.node, b.created) for b, ban_id in rows)
+            self.store.outbox_add_many(("ban", b.ip, ban_id, ban_payload(b, ban_id, self.node)) for b, ban_id in rows)
+            if cause == POLICY:
+                self.stats.local_bans += len(fresh)
             return
         for ban in bans:  # decided here (policy with Redis away, CLI, adopted): publish what it lacks
             if self._held_created(ban.ip) != ban.created:
@@ -348,7 +381,9 @@ class ClusterBridge:
             self._gc(now)
 
     def _flush(self) -> None:
-        while True:
+        """Publish the outbox, FLUSH_ROUNDS pipelines of FLUSH_BATCH per loop turn: a big import goes
+        out between the daemon's batches (the loop is woken for the rest), never stalling detection."""
+        for _round in range(FLUSH_ROUNDS):
             entries = self.store.outbox_next(FLUSH_BATCH)
             if not entries:
                 return
@@ -376,6 +411,10 @@ class ClusterBridge:
             self.stats.published += sum(1 for r in results if r == 1)
             self.stats.stale += sum(1 for r in results if r != 1)
             self.store.outbox_delete_upto(entries[-1].seq)
+            if len(entries) < FLUSH_BATCH:
+                return
+        if self._wake is not None:
+            self._wake()  # more to publish: right after the daemon's next batch
 
     def _signatures(self, op: str, ip: str, ban_id: str, payload: str) -> tuple[str, str, str]:
         """(the unban's tag, the offence member and time of an automatic ban) for one outbox entry."""
@@ -390,57 +429,139 @@ class ClusterBridge:
             return "", "", at
         return "", f"{ban_id}|{self.signer.tag('off', *offence_parts(ip, ban_id, at))}", at
 
-    def _drain(self, book: BanBook) -> None:
-        """Hand what the reader delivered, in order, to the ban book; stored in one transaction."""
-        items = []
+    def _take(self) -> None:
+        """What the reader delivered, in order, into the backlog (a snapshot as one item per ban)."""
         try:
             while True:
-                items.append(self.queue.get_nowait())
+                item = self.queue.get_nowait()
+                kind = item[0]
+                if kind == "snapshot":
+                    _kind, epoch, bans, taken = item
+                    self._backlog.extend(("snap", ip, payload) for ip, payload in bans.items())
+                    self._backlog.append(("snap_end", epoch, taken, frozenset(bans)))
+                elif kind == "entries":
+                    self._backlog.extend(("entry", entry_id, fields) for entry_id, fields in item[1])
+                else:
+                    self._backlog.append(item)
         except queue.Empty:
             pass
-        if not items:
+
+    def _drain(self, book: BanBook) -> None:
+        """Hand what the reader delivered, in order, to the ban book: up to APPLY_BATCH entries per
+        call, their bans in kernel batches, stored in one short transaction. When more is waiting the
+        loop is woken again, so a burst (or a big snapshot) is applied between the daemon's batches and
+        detection never waits for all of it."""
+        self._take()
+        if not self._backlog:
             return
+        backlog = self._backlog
+        chunk = [backlog.popleft() for _ in range(min(APPLY_BATCH, len(backlog)))]
         now = time.time()
+        self._prefetch(book, chunk)
         try:
             with self.store.transaction():
-                for item in items:
+                for item in chunk:
                     kind = item[0]
-                    if kind == "snapshot":
+                    if kind == "snap":
+                        self._apply_snap_ban(book, item[1], item[2], now)
+                    elif kind == "snap_end":
+                        self._flush_batch(book, now)
                         self._apply_snapshot(book, item[1], item[2], item[3], now)
+                    elif kind == "entry":
+                        self._apply_entry(book, item[1], item[2], now)
                     elif kind == "tombstones":  # (sent just before its snapshot)
                         self._tombstones = item[1]
-                    elif kind == "entries":
-                        for entry_id, fields in item[1]:
-                            self._apply_entry(book, entry_id, fields, now)
                     elif kind == "down":
                         self.synced = False
                         self._down(item[1])
+                self._flush_batch(book, now)
                 book.write(now)
         except BaseException:
             book.failed()
             raise
+        finally:
+            self._batch.clear()
+            self._cur.clear()
+            self._held_cache.clear()
+            self._fresh = 0
         book.written()
+        self.stats.apply_batches += 1
+        if backlog and self._wake is not None:
+            self._wake()  # the next chunk right after the daemon's next batch
+
+    def _prefetch(self, book: BanBook, chunk: list[tuple]) -> None:
+        """The bans and held ids of the addresses a chunk bans, in a few queries (not two per entry)."""
+        ips = []
+        for item in chunk:
+            if item[0] == "snap":
+                ips.append(item[1])
+            elif item[0] == "entry" and isinstance(item[2], dict) and isinstance(item[2].get("ip"), str):
+                ips.append(item[2]["ip"])
+        if len(ips) < 8:
+            return
+        ips = [ip for ip in dict.fromkeys(ips) if len(ip) <= 64]
+        self._cur.update(book.current_many(ips))
+        held = self.store.held_of(ips)
+        self._held_cache.update((ip, (held[ip].id, held[ip].created) if ip in held else None) for ip in ips)
+
+    def _current(self, book: BanBook, ip: str) -> Ban | None:
+        """The ban on `ip` as this node holds it, this chunk's not yet handed-over ones included."""
+        ban = self._batch.get(ip)
+        if ban is not None:
+            return ban
+        if ip in self._cur:
+            return self._cur[ip]
+        return book.current(ip)
+
+    def _flush_batch(self, book: BanBook, now: float) -> None:
+        """The fleet bans gathered so far go to the ban book as one kernel batch."""
+        if not self._batch:
+            return
+        bans = list(self._batch.values())
+        self._batch.clear()
+        if self._count is not None:
+            self._count += self._fresh
+        self._fresh = 0
+        for ban in book.ban(bans, now, FLEET, batch=True):
+            self._cur[ban.ip] = ban
+        self.stats.applied_bans += len(bans)
+        self.stats.kernel_batches += 1
+        if len(bans) <= 3:
+            for ban in bans:
+                log.info("cluster: %s banned %s until %s (%s)", self._ids.get(ban.ip, ("", "?"))[1], ban.ip,
+                         "forever" if ban.expires is None else time.strftime("%H:%M:%S", time.localtime(ban.expires)),
+                         ban.reason)
+        else:
+            log.info("cluster: applied %d bans from the fleet in one batch (%d so far)", len(bans),
+                     self.stats.applied_bans)
 
     def _held(self, ip: str) -> tuple[str, float] | None:
         """(fleet id, created) of the ban this node holds on `ip`, handed-over ones included."""
         ident = self._ids.get(ip)
         if ident is not None:
             return ident[0], ident[2]
+        if ip in self._held_cache:
+            return self._held_cache[ip]
         held = self.store.held(ip)
         return None if held is None else (held.id, held.created)
 
-    def _apply_snapshot(self, book: BanBook, epoch: str | None, bans: dict[str, str], taken: float,
+    def _apply_snap_ban(self, book: BanBook, ip: str, payload: str, now: float) -> None:
+        try:
+            ban, ban_id, origin = parse_ban(payload, self.signer, now)
+        except (ValueError, TypeError) as exc:
+            self._skipped(exc, f"shared ban of {plain_text(ip, 64)}")
+            return
+        self._snap_ips.add(ban.ip)
+        self._apply_ban(book, ban, ban_id, origin, now)
+
+    def _apply_snapshot(self, book: BanBook, epoch: str | None, taken: float, keys: frozenset[str],
                         now: float) -> None:
+        """The end of a snapshot (its bans were applied before, in batches; `keys`: every address the
+        shared set named): a new epoch re-seeds Redis with what this node holds; the same one drops
+        what Redis no longer has."""
         self.stats.snapshots += 1
+        cluster, self._snap_ips = self._snap_ips, set()
         known = self.store.get_meta(EPOCH_META)
-        cluster: dict[str, tuple[Ban, str, str]] = {}
-        for ip, payload in bans.items():
-            try:
-                cluster[ip] = parse_ban(payload, self.signer, now)
-            except (ValueError, TypeError) as exc:
-                self._skipped(exc, f"shared ban of {plain_text(ip, 64)}")
-        for ban, ban_id, origin in cluster.values():
-            self._apply_ban(book, ban, ban_id, origin, now)
         pending = self.store.outbox_ips()
         if known != epoch:
             # a first join, or Redis lost its data: what this node holds goes (back) to the cluster
@@ -457,18 +578,23 @@ class ClusterBridge:
         else:
             # same Redis: a ban it no longer has was lifted while this node was away
             origins = self.store.held_origins()
+            drop = []
             for ban in book.held(now):
-                if ban.ip in bans or ban.ip in pending or ban.ip not in origins:
-                    continue  # (not in origins: never shared, made before fleet mode: keep; in bans but
-                    # unverifiable: a forged value over it is no unban)
+                if ban.ip in keys or ban.ip in pending or ban.ip not in origins:
+                    continue  # (not in origins: never shared, made before fleet mode: keep; named but
+                    #            malformed or unverifiable: a bad or forged value over an address is no unban)
                 if origins[ban.ip] == self.node and ban.created >= taken - SNAPSHOT_MARGIN:
                     continue  # decided here while the snapshot was read: its stream entry follows
                 if self.signer.enabled:  # a missing entry is an unban only with a signed tombstone
                     lifted = tombstone_at(self._tombstones.get(ban.ip), ban.ip, self.signer, now)
                     if lifted is None or lifted < ban.created:
                         continue
-                book.unban([ban.ip], now, FLEET, at=now)
-                self.stats.dropped_by_snapshot += 1
+                drop.append(ban.ip)
+            if drop:
+                book.unban(drop, now, FLEET, at=now)
+                for ip in drop:
+                    self._cur[ip] = None
+                self.stats.dropped_by_snapshot += len(drop)
         self.store.set_meta(EPOCH_META, epoch or "")
         self.synced = True
         if not self.redis_ok:
@@ -483,7 +609,8 @@ class ClusterBridge:
             op = fields.get("op")
             if op == "ban":
                 ban, ban_id, origin = parse_ban(fields["ban"], self.signer, now)
-                if ban.ip != canonical_ip(fields.get("ip")):
+                ip = fields.get("ip")
+                if ip != ban.ip and ban.ip != canonical_ip(ip):  # (the same text: canonical already)
                     raise ValueError("ip mismatch")
                 self._apply_ban(book, ban, ban_id, origin, now)
             elif op in ("unban", "unban_all"):
@@ -491,8 +618,7 @@ class ClusterBridge:
                 if op == "unban":
                     self._apply_unban(book, ip, at, now)
                 else:
-                    for ban in book.held(now):
-                        self._apply_unban(book, ban.ip, at, now)
+                    self._apply_unban_all(book, at, now)
             else:
                 raise ValueError("unknown op")
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -509,6 +635,7 @@ class ClusterBridge:
                                plain_text(f"no {exc}" if isinstance(exc, KeyError) else exc, 120))
 
     def _apply_ban(self, book: BanBook, ban: Ban, ban_id: str, origin: str, now: float) -> None:
+        """Gather a fleet ban for this chunk's kernel batch (or skip it: over, allow-listed, held, older)."""
         if ban.expires is not None and ban.expires <= now:
             return
         refusal = self.guard.refusal(ban.ip)  # the local guard rails win over every fleet ban, manual or not
@@ -516,19 +643,35 @@ class ClusterBridge:
             self._refused(refusal, ban.ip, origin)
             return
         held = self._held(ban.ip)
-        local = book.current(ban.ip)
+        local = self._current(book, ban.ip)
         if local is not None and held is not None and held[0] == ban_id:
             self.stats.duplicates += 1
             return
         if local is not None and (local.created, held[0] if held else "") > (ban.created, ban_id):
             self.stats.superseded += 1
             return
+        if local is None and not self._room(book, now):
+            return
         self._ids[ban.ip] = (ban_id, origin, ban.created)
-        book.ban([ban], now, FLEET)
-        self.stats.applied_bans += 1
-        log.info("cluster: %s banned %s until %s (%s)", origin, ban.ip,
-                 "forever" if ban.expires is None else time.strftime("%H:%M:%S", time.localtime(ban.expires)),
-                 ban.reason)
+        if local is None:
+            self._fresh += 1
+        self._batch.pop(ban.ip, None)  # (the latest of one chunk goes last)
+        self._batch[ban.ip] = ban
+
+    def _room(self, book: BanBook, now: float) -> bool:
+        """Whether one more address fits under `[cluster] max_bans` on this node (counted, said rarely)."""
+        mono = time.monotonic()
+        if self._count is None or mono - self._counted_at >= 1.0:  # (the daemon's own bans and expiries too)
+            self._count = self.store.count_active_bans(now) + book.pending
+            self._counted_at = mono
+        if self._count + self._fresh < self.max_bans:
+            return True
+        self.stats.over_cap += 1
+        if self.stats.over_cap == 1 or self.stats.over_cap % 10000 == 0:
+            log.warning("cluster: this node holds %d bans, [cluster] max_bans = %d: %d fleet bans not applied "
+                        "here (raise max_bans and [enforce] maxelem)", self._count + self._fresh,
+                        self.max_bans, self.stats.over_cap)
+        return False
 
     def _refused(self, reason: str, ip: str, origin: str) -> None:
         if reason == "too_wide":
@@ -545,22 +688,44 @@ class ClusterBridge:
                            REFUSALS.get(reason, reason))
 
     def _apply_unban(self, book: BanBook, ip: str, at: float, now: float) -> None:
-        local = book.current(ip)
+        self._flush_batch(book, now)  # in order: a ban earlier in this chunk is in the book first
+        local = self._current(book, ip)
         if local is not None and local.created > at:
             self.stats.superseded += 1
             return
+        self._cur[ip] = None
         if local is None:  # nothing held here: only its old events stop counting
             book.unban([ip], now, FLEET, at=at, store=False)
             return
         self._ids.pop(ip, None)
+        self._count = None
         book.unban([ip], now, FLEET, at=at)
         self.stats.applied_unbans += 1
         log.info("cluster: unbanned %s", ip)
 
+    def _apply_unban_all(self, book: BanBook, at: float, now: float) -> None:
+        """Every ban made up to `at` is lifted, in one kernel batch."""
+        self._flush_batch(book, now)
+        lift = []
+        for ban in book.held(now):
+            if ban.created > at:
+                self.stats.superseded += 1
+                continue
+            lift.append(ban.ip)
+        if not lift:
+            return
+        for ip in lift:
+            self._ids.pop(ip, None)
+            self._cur[ip] = None
+        self._count = None
+        book.unban(lift, now, FLEET, at=at)
+        self.stats.applied_unbans += len(lift)
+        log.info("cluster: unbanned all (%d addresses)", len(lift))
+
     # -- heartbeat, status, gc --------------------------------------------------------------
     def in_sync(self) -> bool:
         return self.redis_ok and self.synced and self.reader.connected and self.queue.empty() \
-            and self.outbox_size() == 0
+            and not self._backlog and self.outbox_size() == 0
 
     def view(self, now: float) -> dict:
         return {"node": self.node, "redis": redacted(self.cfg.redis_url), "connected": self.redis_ok,

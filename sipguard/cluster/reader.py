@@ -1,8 +1,10 @@
 """The fleet's stream reader: one thread with its own Redis connection that follows the ban stream.
 
 It reads Redis (writing only the `epoch` key, when Redis has none: a new epoch tells every node that
-Redis lost its data) and hands what it read to the daemon loop through a queue. It never touches the
-store, the policy or the enforcer: the bridge applies everything on the daemon's thread.
+Redis lost its data) and hands what it read to the daemon loop through a queue, then wakes the loop
+(`wake`, the follower's), so an entry is applied the moment XREAD returns it, not at the loop's next
+tick. It never touches the store, the policy or the enforcer: the bridge applies everything on the
+daemon's thread.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .connection import connect, describe_error, redis_errors
@@ -29,7 +32,7 @@ class StreamReader(threading.Thread):
     ("down", reason) when the connection is lost.
     """
 
-    def __init__(self, cfg: ClusterConfig, out: queue.Queue, wake: threading.Event | None = None) -> None:
+    def __init__(self, cfg: ClusterConfig, out: queue.Queue, wake: Callable[[], None] | None = None) -> None:
         super().__init__(name=f"sipguard-cluster-{cfg.node_name}", daemon=True)
         self.cfg = cfg
         self.out = out
@@ -52,7 +55,7 @@ class StreamReader(threading.Thread):
     def _put(self, item: tuple) -> None:
         self.out.put(item)
         if self.wake is not None:
-            self.wake.set()
+            self.wake()
 
     def run(self) -> None:
         P = self.cfg.key_prefix

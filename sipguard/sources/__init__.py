@@ -39,6 +39,10 @@ class Follower(Protocol):
         """Complete lines available now, waiting up to `timeout` seconds for the first ones."""
         ...
 
+    def wake(self) -> None:
+        """End the current (or the next) poll's wait now, from any thread (the daemon's other inputs)."""
+        ...
+
     def positions(self) -> dict[str, SourcePosition]:
         """Per file, the position just past the last line handed out (to save with the batch)."""
         ...

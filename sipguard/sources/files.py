@@ -325,6 +325,7 @@ class FileFollower:
         self.read_budget = read_budget
         self.stats: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
         self._wake = threading.Event()
+        self._interrupted = False  # wake() was called: the current (or next) poll returns at once
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._watches: dict[str, tuple[object, tuple[int, int]]] = {}  # dir -> (watch, dir ident)
         self._dead_dirs: set[str] = set()
@@ -405,7 +406,8 @@ class FileFollower:
             self._wake.clear()
             out, more = self._pass()
             now = time.monotonic()
-            if out or now >= deadline:
+            if out or now >= deadline or self._interrupted:
+                self._interrupted = False
                 return out
             if more:
                 continue
@@ -414,6 +416,12 @@ class FileFollower:
             if t is not None:
                 wait = min(wait, max(0.0, t - now) + 0.001)
             self._wake.wait(wait)
+
+    def wake(self) -> None:
+        """End the current (or the next) poll's wait now, with the lines there are (maybe none).
+        Safe from any thread: the daemon's other inputs (the fleet's stream, a CLI request) use it."""
+        self._interrupted = True
+        self._wake.set()
 
     def positions(self) -> dict[str, SourcePosition]:
         """Per path (as given), the position just past the last line poll() returned."""

@@ -25,6 +25,7 @@ class MultiFollower:
     def __init__(self, files: FileFollower, journal: JournalFollower) -> None:
         self.files = files
         self.journal = journal
+        self._interrupted = False
 
     @property
     def stats(self) -> dict[str, int]:
@@ -42,8 +43,14 @@ class MultiFollower:
                 return self._with_journal(self.files.poll_batch(0))
             left = deadline - time.monotonic()
             out = self.files.poll_batch(min(self.SLICE, max(0.0, left)))
-            if out or left <= self.SLICE:
+            if out or left <= self.SLICE or self._interrupted:
+                self._interrupted = False
                 return self._with_journal(out)
+
+    def wake(self) -> None:
+        """End the current (or the next) poll's wait now (safe from any thread)."""
+        self._interrupted = True
+        self.files.wake()
 
     def poll(self, timeout: float) -> list[Line]:
         return list(self.poll_batch(timeout))
