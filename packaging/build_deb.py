@@ -130,6 +130,7 @@ python3 -m venv /opt/sipguard
 /opt/sipguard/bin/pip uninstall -q -y pip
 # only sipguard's own command: the dependencies' console scripts are not this package's interface
 find /opt/sipguard/bin -type f ! -name sipguard -delete
+rm -f /opt/sipguard/.gitignore  # Python 3.13's venv writes one
 # the C extension built here (python-iptables): stripped as Debian ships objects
 find /opt/sipguard/lib -name '*.so' ! -path '*.libs/*' -exec strip --strip-unneeded --remove-section=.comment --remove-section=.note {} +
 O=/var/tmp/out
