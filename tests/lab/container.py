@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import shutil
 import signal
@@ -43,7 +44,13 @@ _spec.loader.exec_module(rootfs)
 CGROUP_HIERARCHIES = ("systemd", "unified", "memory", "pids", "devices")
 CLEAN_ENV = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "SYSTEMD_PAGER=",
              "SYSTEMD_COLORS=0"]
-BOOT = "for c in memory pids devices; do mount -o remount,bind,rw /sys/fs/cgroup/$c 2>/dev/null; done; " \
+# nspawn bind-mounts a container boot ID over /proc/sys/kernel/random/boot_id; a unit with
+# ProtectKernelTunables=, ProtectControlGroups= or ProtectProc= gets a fresh /proc view with the kernel's
+# boot ID instead, and `journalctl --follow` there (sipguard's journal source) then waits for entries of
+# a boot that never logs (found booting the hardened unit). On a real host there is one boot ID: the
+# kernel's. Unmounting nspawn's makes the container the same.
+BOOT = "umount /proc/sys/kernel/random/boot_id 2>/dev/null; " \
+       "for c in memory pids devices; do mount -o remount,bind,rw /sys/fs/cgroup/$c 2>/dev/null; done; " \
        "exec /lib/systemd/systemd"
 
 
