@@ -197,4 +197,4 @@ def test_installed_on_a_real_systemd_host(debs, dist):
         h.check_all(fallback_sources=os.environ.get("SIPGUARD_INSTALLED_WRITE_SOURCES") == "1")
         TIMINGS[dist].update(h.timings)
         if dist == "bookworm":
-            print("\n" + h.security_table())
+            print("\n" + h.security)
