@@ -206,3 +206,14 @@ def test_installed_on_a_real_systemd_host(debs, dist):
         TIMINGS[dist].update(h.timings)
         if dist == "bookworm":
             print("\n" + h.security)
+
+
+@pytest.mark.root
+def test_installed_with_debians_stock_kamailio_config(debs):
+    """Debian 13's stock kamailio.cfg (no log_name: the identifier is /usr/sbin/kamailio) plus only our
+    scanner xlog line: the installed daemon, with no config written, bans a scanner and a malformed sender."""
+    from tests.lab.container import InstalledHost
+
+    with InstalledHost("trixie", debs["trixie"], tag=f"is{os.getpid() % 100000}", stock_config=True) as h:
+        h.step_install(fallback_sources=os.environ.get("SIPGUARD_INSTALLED_WRITE_SOURCES") == "1")
+        h.step_attack_stock()

@@ -292,10 +292,10 @@ class InstalledHost:
     """A lab (hub 198.18.0.1 = the container's namespace) + a booted container with Kamailio running
     as kamailio.service with the example config (journal only), ready for the .deb."""
 
-    def __init__(self, dist: str, deb: Path, tag: str, echo=print):
+    def __init__(self, dist: str, deb: Path, tag: str, echo=print, stock_config: bool = False):
         from .netns import Lab
 
-        self.dist, self.deb, self.echo = dist, Path(deb), echo
+        self.dist, self.deb, self.echo, self.stock = dist, Path(deb), echo, stock_config
         self.lab = Lab(tag)
         self.container: Container | None = None
         self.timings: dict[str, float] = {}
@@ -330,12 +330,20 @@ class InstalledHost:
         from .kamailio import prepare_config
 
         c = self.container
-        with tempfile.TemporaryDirectory() as d:
-            cfg = prepare_config(Path(d), self.lab.proxy_ip).read_text()
-            cfg = cfg.replace(f"text://{Path(d) / 'dbtext'}", "text:///etc/kamailio/dbtext")
+        if self.stock:  # Debian's own kamailio.cfg, plus only our scanner xlog line (its sanity line is stock)
+            cfg = (c.root / "etc/kamailio/kamailio.cfg").read_text()
+            anchor = "\t\t# silent drop for scanners - uncomment next line if want to reply\n"
+            if cfg.count(anchor) != 1:
+                raise RuntimeError("Debian's kamailio.cfg changed: no single scanner branch to add the xlog to")
+            cfg = cfg.replace(anchor, anchor + "\t\txlog(\"L_WARN\", \"Blocked scanner UA '$ua' from $si:$sp\\n\");\n")
             c.put("/etc/kamailio/kamailio.cfg", cfg)
-            for f in (Path(d) / "dbtext").iterdir():
-                c.put(f"/etc/kamailio/dbtext/{f.name}", f.read_bytes())
+        else:  # the example config, listening on the hub address, its db_text tables in /etc/kamailio
+            with tempfile.TemporaryDirectory() as d:
+                cfg = prepare_config(Path(d), self.lab.proxy_ip).read_text()
+                cfg = cfg.replace(f"text://{Path(d) / 'dbtext'}", "text:///etc/kamailio/dbtext")
+                c.put("/etc/kamailio/kamailio.cfg", cfg)
+                for f in (Path(d) / "dbtext").iterdir():
+                    c.put(f"/etc/kamailio/dbtext/{f.name}", f.read_bytes())
         c.put("/etc/systemd/system/kamailio.service.d/sgtest-probe.conf", KAMAILIO_PROBE)
         shutil.copy(self.deb, c.root / "var" / "tmp" / self.deb.name)
         # the units whose sandboxes README compares (their Debian packages' unit files)
@@ -346,7 +354,8 @@ class InstalledHost:
 
     def _wait_kamailio(self, timeout: float = 30) -> None:
         c = self.container
-        c.sh("chown -R kamailio:kamailio /etc/kamailio/dbtext")
+        if not self.stock:
+            c.sh("chown -R kamailio:kamailio /etc/kamailio/dbtext")
         c.sh("systemctl restart kamailio.service", timeout=60)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -464,9 +473,11 @@ class InstalledHost:
         phone.start()
         problems: list[str] = []
         banned: set[str] = set()
+        attacks_run = []
         try:
             assert phone.registered.wait(10), f"phone not registered: {phone.results} {phone.error}"
             for a in attacks():
+                attacks_run.append(a)
                 ns = self.lab.add_client(a.ip)
                 a.started = time.time()
                 a.output = a.run(None, ns, a.ip)
@@ -491,13 +502,37 @@ class InstalledHost:
             phone.stop()
             watcher.stop()
         if phone.unanswered:
-            problems.append(f"the phone was not answered {len(phone.unanswered)}x: {phone.unanswered[:5]}")
+            t_bad = phone.unanswered[0][0]
+            seen = [f"{ts:.2f} {m[:160]}" for ts, m in self.kamailio_lines() if t_bad - 3 <= ts <= t_bad + 6][-40:]
+            seen.append("attacks started: " + ", ".join(f"{a.key}@{a.started:.1f}" for a in attacks_run))
+            seen.append(self.container.sh("journalctl -b --no-pager -n 30 -p warning", check=False).stdout)
+            problems.append(f"the phone was not answered {len(phone.unanswered)}x: {phone.unanswered[:5]}; "
+                            f"of {len(phone.results)}; Kamailio's lines naming it: {seen}; "
+                            f"kernel sets: {sorted(self.kernel_bans())}")
         if PHONE_IP in watcher.first_seen or FAKE in watcher.first_seen:
             problems.append(f"phone or injected address banned: {sorted(watcher.first_seen)}")
         assert not problems, "\n".join(problems) + "\n" + self.journal("sipguard.service", 30)
         assert banned <= self.db_bans()
         self._t("attack", t0)
         return banned
+
+    def step_attack_stock(self) -> None:
+        """Debian 13's stock config (identifier /usr/sbin/kamailio): a scanner and a malformed sender."""
+        from tests.e2e.scenario import a_malformed, sipvicious
+
+        t0 = time.monotonic()
+        for ip, run in (("198.18.0.10", lambda ns, ip: sipvicious(ns, "svmap", ["-t", "0.5", self.lab.proxy_ip])),
+                        ("198.18.0.14", lambda ns, ip: a_malformed(None, ns, ip))):
+            ns = self.lab.add_client(ip)
+            out = run(ns, ip)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and ip not in self.kernel_bans():
+                time.sleep(0.1)
+            lines = [m for _, m in self.kamailio_lines() if ip in m]
+            assert ip in self.kernel_bans(), (f"{ip} not banned with the stock config: {out[-200:]}\n"
+                                              f"kamailio lines: {lines[-5:]}\n" + self.sg("status").stdout)
+            assert self._dropped(ip)
+        self._t("attack_stock", t0)
 
     def _dropped(self, ip: str) -> bool:
         from .sip import SipClient
