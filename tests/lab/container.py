@@ -415,6 +415,7 @@ class InstalledHost:
     def check_all(self, fallback_sources: bool = False) -> None:
         self.step_install(fallback_sources)
         self.security = self.security_table()
+        self.echo(f"[{self.dist}] systemd-analyze security, this container:\n{self.security}")
         banned = self.step_attack()
         self.step_restarts(banned)
         self.step_reboot(banned)
@@ -462,13 +463,15 @@ class InstalledHost:
         self._t("install", t0)
 
     def step_attack(self) -> set[str]:
-        from tests.e2e.scenario import FAKE, PHONE_IP, KernelWatcher, Phone, attacks
+        from tests.e2e.scenario import FAKE, PHONE_IP, KernelWatcher, PacketTap, Phone, attacks
         from .sip import SipClient
 
         t0 = time.monotonic()
         hub = self.lab.hub.name
         watcher = KernelWatcher(hub, max_seconds=300)
         watcher.start()
+        tap = PacketTap(hub, max_seconds=300)  # on br0: what reached the container and what it answered
+        tap.start()
         phone = Phone(self.lab.add_client(PHONE_IP), PHONE_IP, max_seconds=300)
         phone.start()
         problems: list[str] = []
@@ -501,9 +504,15 @@ class InstalledHost:
         finally:
             phone.stop()
             watcher.stop()
+            tap.stop()
         if phone.unanswered:
             t_bad = phone.unanswered[0][0]
             seen = [f"{ts:.2f} {m[:160]}" for ts, m in self.kamailio_lines() if t_bad - 3 <= ts <= t_bad + 6][-40:]
+            seen.append(f"on br0 since then: {tap.count_from(PHONE_IP, after=t_bad - 0.05)} packets from the phone, "
+                        f"{tap.count_to(PHONE_IP, after=t_bad - 0.05)} to it")
+            seen.append(self.container.sh("iptables -L SIPGUARD -v -n -x; iptables -L INPUT -v -n -x | head -5; "
+                                          "ipset list | grep -v '^198'; ss -uanm; kamcmd pike.top ALL 2>&1 | head -40",
+                                          check=False).stdout)
             seen.append("attacks started: " + ", ".join(f"{a.key}@{a.started:.1f}" for a in attacks_run))
             seen.append(self.container.sh("journalctl -b --no-pager -n 30 -p warning", check=False).stdout)
             problems.append(f"the phone was not answered {len(phone.unanswered)}x: {phone.unanswered[:5]}; "
