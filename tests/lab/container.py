@@ -511,7 +511,8 @@ class InstalledHost:
             seen.append(f"on br0 since then: {tap.count_from(PHONE_IP, after=t_bad - 0.05)} packets from the phone, "
                         f"{tap.count_to(PHONE_IP, after=t_bad - 0.05)} to it")
             seen.append(self.container.sh("iptables -L SIPGUARD -v -n -x; iptables -L INPUT -v -n -x | head -5; "
-                                          "ipset list | grep -v '^198'; ss -uanm; kamcmd pike.top ALL 2>&1 | head -40",
+                                          "ipset list | grep -v '^198'; ss -uanm; kamcmd pike.top ALL 2>&1 | head -40; "
+                                          "kamcmd htable.dump ipban 2>&1 | head -40",
                                           check=False).stdout)
             seen.append("attacks started: " + ", ".join(f"{a.key}@{a.started:.1f}" for a in attacks_run))
             seen.append(self.container.sh("journalctl -b --no-pager -n 30 -p warning", check=False).stdout)
