@@ -479,7 +479,13 @@ class InstalledHost:
         attacks_run = []
         try:
             assert phone.registered.wait(10), f"phone not registered: {phone.results} {phone.error}"
+            from sipguard.config import Config
+
+            default_jails = set(Config().policy.jails)  # the installed daemon runs on the defaults
             for a in attacks():
+                if a.jail not in default_jails:  # e.g. the scenario's own fraud jail: not a default
+                    self.echo(f"[{self.dist}] {a.key}: skipped (jail {a.jail!r} is not in the default policy)")
+                    continue
                 attacks_run.append(a)
                 ns = self.lab.add_client(a.ip)
                 a.started = time.time()
