@@ -465,14 +465,14 @@ class Store:
 
     def bans_of(self, ips: Iterable[str]) -> dict[str, Ban]:
         """The stored bans of these addresses (those that have one), in a few queries for any count."""
+        return {r[0]: _ban(r) for r in self._rows_of_ips(f"SELECT {self._ban_cols} FROM bans", ips)}
+
+    def _rows_of_ips(self, select: str, ips: Iterable[str]) -> Iterator[tuple]:
+        """The rows of `select` (whose first column is `ip`) for these addresses, 500 per query."""
         ips = list(ips)
-        out: dict[str, Ban] = {}
         for i in range(0, len(ips), 500):
             chunk = ips[i:i + 500]
-            rows = self.conn.execute(
-                f"SELECT {self._ban_cols} FROM bans WHERE ip IN ({','.join('?' * len(chunk))})", chunk)
-            out.update((r[0], _ban(r)) for r in rows)
-        return out
+            yield from self.conn.execute(f"{select} WHERE ip IN ({','.join('?' * len(chunk))})", chunk)
 
     def active_bans(self, now: float | None = None) -> list[Ban]:
         return list(self.iter_active_bans(now))
@@ -687,14 +687,7 @@ class Store:
 
     def held_of(self, ips: Iterable[str]) -> dict[str, HeldBan]:
         """The held fleet ids of these addresses (those that have one), in a few queries for any count."""
-        ips = list(ips)
-        out: dict[str, HeldBan] = {}
-        for i in range(0, len(ips), 500):
-            chunk = ips[i:i + 500]
-            rows = self.conn.execute(
-                f"SELECT ip, id, created FROM cluster_bans WHERE ip IN ({','.join('?' * len(chunk))})", chunk)
-            out.update((r[0], HeldBan(r[1], r[2])) for r in rows)
-        return out
+        return {r[0]: HeldBan(r[1], r[2]) for r in self._rows_of_ips("SELECT ip, id, created FROM cluster_bans", ips)}
 
     def release_held(self, ip: str) -> None:
         self.conn.execute("DELETE FROM cluster_bans WHERE ip = ?", (ip,))

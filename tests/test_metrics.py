@@ -213,6 +213,16 @@ def test_the_promql_tokenizer_finds_metrics_and_labels():
         parse_promql("sum(rtae(x[5m]))")  # a misspelt function is not taken for a metric
 
 
+def scrape_text(m) -> str:
+    """One scrape of `m`'s endpoint on a free loopback port (closed afterwards)."""
+    addr = m.serve("127.0.0.1:0")
+    try:
+        with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+    finally:
+        m.close()
+
+
 def exposition() -> dict[str, set[str]]:
     """Every sample name the exporter serves over HTTP, with its label names, after a little traffic."""
     from sipguard.extras.metrics import MeteredEnforcer, Metrics, MetricsHook
@@ -235,12 +245,7 @@ def exposition() -> dict[str, set[str]]:
     m.blocklist_skipped.labels("apiban").inc()
     fleet_view = _json.dumps({"in_sync": False, "outbox": 3, "heartbeat": now})
     hook.tick(now, types.SimpleNamespace(store=types.SimpleNamespace(get_meta=lambda key: fleet_view)))
-    addr = m.serve("127.0.0.1:0")
-    try:
-        with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    finally:
-        m.close()
+    text = scrape_text(m)
     out: dict[str, set[str]] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -389,12 +394,7 @@ def test_fleet_refusals_are_exported_by_kind():
             "stats": {"unverified": 4, "too_wide": 2, "forged_events": "x", "own_address": True, "applied": 9}}
     hook.tick(1000.0, types.SimpleNamespace(store=types.SimpleNamespace(get_meta=lambda key: _json.dumps(view))))
     assert m.fleet_refused() == {"unverified": 4, "too_wide": 2}  # garbage values are not figures
-    addr = m.serve("127.0.0.1:0")
-    try:
-        with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    finally:
-        m.close()
+    text = scrape_text(m)
     got = {s.labels["kind"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
            if s.name == "sipguard_fleet_refused_total"}
     assert got == {k: {"unverified": 4, "too_wide": 2}.get(k, 0) for k in REFUSED}
