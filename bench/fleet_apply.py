@@ -1,0 +1,110 @@
+"""In-process profile of a receiving node's fleet apply path: N signed ban entries handed to the
+bridge as the stream reader would (chunks of 1000 in its queue), applied by the bridge's `tick`
+until the enforcer holds them all. Dry-run enforcer (or --ipset in a namespace of its own: never the host's),
+a private redis-server on 127.0.0.1, a `[cluster] secret`.
+
+    python bench/fleet_apply.py [--bans 100000] [--profile] [--ipset]
+
+Prints the time to apply them all, per entry, and (with --profile) the top of cProfile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import ipaddress
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SECRET = "bench-secret-0123456789abcdef"
+
+
+def signed_entries(n: int, prefix: str, origin: str = "import") -> list[tuple[str, dict]]:
+    """N stream entries as a node publishes them (sipguard's own signing and wire modules)."""
+    from sipguard.cluster.signing import Signer
+    from sipguard.cluster.wire import ban_payload
+    from sipguard.model import Ban
+
+    signer = Signer(SECRET, prefix)
+    base = int(ipaddress.ip_address("198.18.0.0")) + 65536
+    now = time.time()
+    out = []
+    for i in range(n):
+        ip = str(ipaddress.ip_address(base + i))
+        ban = Ban(ip=ip, reason="import", created=now, expires=now + 3600, score=0.0, offence=1, manual=True)
+        bid = f"{origin}:{i:016x}"
+        out.append((f"{i + 1}-0", {"op": "ban", "ip": ip, "id": bid, "origin": origin,
+                                   "ban": ban_payload(ban, bid, origin, signer)}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bans", type=int, default=100_000)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-secret", action="store_true")
+    args = ap.parse_args(argv)
+    from test_cluster import RedisServer, cluster_cfg
+
+    from sipguard.config import Config
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+
+    tmp = Path(tempfile.mkdtemp(prefix="sg-apply-"))
+    redis = RedisServer(tmp)
+    redis.start()
+    try:
+        raw = cluster_cfg(redis.url, "recv")
+        if not args.no_secret:
+            raw["cluster"]["secret"] = SECRET
+        raw["cluster"]["max_bans"] = args.bans + 1000
+        raw["enforce"]["maxelem"] = args.bans + 1000
+        cfg = Config.model_validate(raw)
+        (tmp / "kamailio.log").touch()
+        store = Store.open_state_dir(tmp / "state")
+        enf = DryRunEnforcer()
+        daemon = build_daemon(cfg, store, enf, logs=[str(tmp / "kamailio.log")])
+        daemon.setup()
+        bridge, book = daemon.parts.fleet, daemon.parts.book
+        entries = signed_entries(args.bans, cfg.cluster.key_prefix)
+        prof = cProfile.Profile() if args.profile else None
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        for k in range(0, len(entries), 1000):
+            bridge.queue.put(("entries", entries[k:k + 1000]))
+        while len(enf._entries) < args.bans:
+            bridge.tick(time.time(), book)
+        if prof:
+            prof.disable()
+        took = time.perf_counter() - t0
+        res = {"bans": args.bans, "seconds": took, "us_per_entry": took / args.bans * 1e6,
+               "apply_batches": bridge.stats.apply_batches, "unverified": bridge.stats.unverified,
+               "malformed": bridge.stats.malformed, "load": os.getloadavg()[0]}
+        print(res)
+        if prof:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            pstats.Stats(prof).sort_stats("cumtime").print_stats(30)
+        daemon.stop()
+        for hook in daemon.parts.hooks:
+            hook.close()
+        daemon.parts.follower.close()
+        return res
+    finally:
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
