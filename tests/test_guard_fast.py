@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sipguard.addresses import AllowList, NetworkSet, network_key, parse_target
+from sipguard.addresses import AllowList, NetworkSet, network_key, normalize_ip, parse_target
 from sipguard.cluster.guard import FleetGuard
 from sipguard.cluster.signing import Signer, _encode, _keyed
 from sipguard.cluster.wire import canonical_ip, parse_ban
@@ -104,6 +104,7 @@ def test_allow_list_lookup_is_the_reference(target, nets):
 def test_guard_refusal_is_the_reference(target, allow, own, servers):
     cfg = ClusterConfig(redis_url="redis://127.0.0.1:1/0", node_name="n1")
     servers = [str(ipaddress.ip_network(s, strict=False).network_address) for s in servers]
+    servers = [a for a in servers if normalize_ip(a) is not None]  # (0.0.0.0, :: are no server's address)
     guard = FleetGuard(cfg, AllowList(allow, include_host=False), own=[], servers=servers)
     own_guard = FleetGuard(cfg.model_copy(update={"own_addresses": own}), AllowList(allow, include_host=False),
                            own=[], servers=servers)
@@ -161,6 +162,20 @@ def test_inlined_message_encoding_is_the_generic_one(values, kind):
     s = Signer("a-secret-of-sixteen-chars", "sg:")
     generic = ",".join(f"{len(t)}:{t}" for t in map(_encode, ("sg:", kind, *values))).encode("utf-8", "surrogatepass")
     assert s._message(kind, values) == generic
+
+
+ban_shaped = st.tuples(st.text(max_size=40), st.text(max_size=60), st.floats(allow_nan=True), st.one_of(
+    st.none(), st.floats(allow_nan=True), st.integers(0, 10)), st.one_of(st.floats(allow_nan=True), st.integers(0, 9)),
+    st.one_of(st.integers(-2**70, 2**70), st.floats()), st.one_of(st.booleans(), st.none()), st.text(max_size=40),
+    st.one_of(st.text(max_size=20), st.none()))
+
+
+@SETTINGS
+@given(ban_shaped)
+def test_ban_message_is_the_generic_one(values):
+    s = Signer("a-secret-of-sixteen-chars", "sg:")
+    generic = ",".join(f"{len(t)}:{t}" for t in map(_encode, ("sg:", "ban", *values))).encode("utf-8", "surrogatepass")
+    assert s._message("ban", values) == generic
 
 
 def test_a_huge_integer_on_the_wire_is_malformed_not_a_crash():

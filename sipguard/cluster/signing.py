@@ -54,6 +54,10 @@ class Signer:
         head = self._heads.get(kind)
         if head is None:
             head = self._heads[kind] = ",".join(_framed(_encode(p)) for p in (self.prefix, kind))
+        if kind == "ban" and len(parts) == 9:
+            msg = _ban_message(head, *parts)
+            if msg is not None:
+                return msg
         out = [head]
         for p in parts:  # (the common types inline: a burst verifies 100,000 bans; `_encode` decides the rest)
             tp = type(p)
@@ -121,6 +125,26 @@ def _keyed(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
 _BLOCK = 64  # SHA-256's block size
 _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+def _ban_message(head: str, ip: object, reason: object, created: object, expires: object, score: object,
+                 offence: object, manual: object, ban_id: object, origin: object) -> bytes | None:
+    """The message of a ban as nodes write it (`ban_parts`: text, text, float, float or null, float,
+    int, bool, text, text) in one format, the same bytes as the generic encoding; None for any other
+    shape (the generic encoding then decides)."""
+    if not (type(ip) is str and type(reason) is str and type(created) is float and type(score) is float
+            and type(offence) is int and type(manual) is bool and type(ban_id) is str and type(origin) is str):
+        return None
+    if type(expires) is float:
+        e = "d" + repr(expires)
+    elif expires is None:
+        e = "n"
+    else:
+        return None
+    c, sc, o = repr(created), repr(score), str(offence)
+    return (f"{head},{len(ip) + 1}:s{ip},{len(reason) + 1}:s{reason},{len(c) + 1}:d{c},{len(e)}:{e},"
+            f"{len(sc) + 1}:d{sc},{len(o) + 1}:i{o},1:{'t' if manual else 'f'},{len(ban_id) + 1}:s{ban_id},"
+            f"{len(origin) + 1}:s{origin}").encode("utf-8", "surrogatepass")
 
 
 def _framed(t: str) -> str:
