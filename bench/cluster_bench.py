@@ -446,7 +446,8 @@ def score_worker(port: int, tmp: str, name: str, seconds: float, start_at: float
     (d / "k.log").touch()
     cfg = Config.model_validate({
         "allowlist": {"include_host_addresses": False}, "enforce": {"backend": "dryrun"},
-        "cluster": {"redis_url": f"redis://127.0.0.1:{port}/0", "node_name": name, "key_prefix": "sgscore:"}})
+        "cluster": {"redis_url": f"redis://127.0.0.1:{port}/0", "node_name": name, "key_prefix": "sgscore:",
+                    "socket_timeout": 5.0}})  # (a loaded machine's pauses are no outage: throughput is measured)
     store = Store.open_state_dir(d / "state")
     dm = build_daemon(cfg, store, DryRunEnforcer(), logs=[str(d / "k.log")])
     dm.setup()
@@ -472,7 +473,7 @@ def score_worker(port: int, tmp: str, name: str, seconds: float, start_at: float
     store.close()
 
 
-def bench_scoring(seconds: float, procs: int) -> float:
+def bench_scoring(seconds: float, procs: int) -> float | None:
     exe = shutil.which("redis-server")
     tmp = Path(tempfile.mkdtemp(prefix="sipguard-score-bench-"))
     port = free_port()
@@ -493,8 +494,10 @@ def bench_scoring(seconds: float, procs: int) -> float:
         got = [q.get(timeout=120 + seconds) for _ in ps]
         for p in ps:
             p.join(30)
-        if not all(ok for _n, ok in got):
-            raise RuntimeError("Redis went away during the scoring bench")
+        if not all(ok for _n, ok in got):  # reported as such, never a figure from a run that fell back
+            print(f"scoring with {procs} processes: Redis timed out (the node fell back to local scoring)",
+                  file=sys.stderr)
+            return None
         return sum(n for n, _ok in got) / seconds
     finally:
         redis.kill()
@@ -644,7 +647,8 @@ def report(args, lat: dict, cpu: dict, bursts: dict, score: dict, redis_version:
     text += ["", "| cluster scoring (processes, batches of 1000 events: 95% a spray of new sources) | events scored "
              "in Redis /s |", "|---|---|"]
     for k, v in score.items():
-        text.append(f"| {k} node{'s' if k > 1 else ''} at once (total) | {v:,.0f} |")
+        text.append(f"| {k} node{'s' if k > 1 else ''} at once (total) | "
+                    + ("Redis timed out: no figure" if v is None else f"{v:,.0f}") + " |")
     text.append("")
     print("\n".join(text))
     if not args.no_write:

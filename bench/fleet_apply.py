@@ -1,7 +1,9 @@
 """In-process profile of a receiving node's fleet apply path: N signed ban entries handed to the
 bridge as the stream reader would (chunks of 1000 in its queue), applied by the bridge's `tick`
-until the enforcer holds them all. Dry-run enforcer (or --ipset in a namespace of its own: never the host's),
-a private redis-server on 127.0.0.1, a `[cluster] secret`.
+until the enforcer holds them all. Dry-run enforcer, or with --ipset the ipset enforcer (netlink) in a
+network namespace made here (`sgl-fa<pid>`, with its own redis-server on its loopback, deleted at the
+end: the host's kernel is never touched; needs root); a private redis-server on 127.0.0.1, a
+`[cluster] secret`.
 
     python bench/fleet_apply.py [--bans 100000] [--profile] [--ipset]
 
@@ -54,10 +56,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bans", type=int, default=100_000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-secret", action="store_true")
+    ap.add_argument("--ipset", action="store_true", help="the ipset enforcer, in a network namespace of its own")
     args = ap.parse_args(argv)
+    if not args.ipset:
+        return run(args)
+    from lab.netns import Netns, in_netns
+
+    with Netns(f"sgl-fa{os.getpid() % 100000}") as ns, in_netns(ns.name):  # (threads and children inherit it)
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     from test_cluster import RedisServer, cluster_cfg
 
     from sipguard.config import Config
+    from sipguard.enforce import make_enforcer
     from sipguard.enforce.dryrun import DryRunEnforcer
     from sipguard.store import Store
     from sipguard.wiring import build_daemon
@@ -71,10 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
             raw["cluster"]["secret"] = SECRET
         raw["cluster"]["max_bans"] = args.bans + 1000
         raw["enforce"]["maxelem"] = args.bans + 1000
+        if args.ipset:
+            raw["enforce"].update(backend="ipset", set_prefix="sgfa", chain="SGFA")
         cfg = Config.model_validate(raw)
         (tmp / "kamailio.log").touch()
         store = Store.open_state_dir(tmp / "state")
-        enf = DryRunEnforcer()
+        enf = make_enforcer(cfg.enforce, str(tmp / "state")) if args.ipset else DryRunEnforcer()
         daemon = build_daemon(cfg, store, enf, logs=[str(tmp / "kamailio.log")])
         daemon.setup()
         bridge, book = daemon.parts.fleet, daemon.parts.book
@@ -86,13 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
             prof.enable()
         for k in range(0, len(entries), 1000):
             bridge.queue.put(("entries", entries[k:k + 1000]))
-        while len(enf._entries) < args.bans:
+        while bridge.stats.applied_bans < args.bans:
             bridge.tick(time.time(), book)
         if prof:
             prof.disable()
         took = time.perf_counter() - t0
         cpu = time.thread_time() - c0  # the applying thread's own CPU: what the load of others does not add
-        res = {"bans": args.bans, "seconds": round(took, 3), "cpu_seconds": round(cpu, 3),
+        held = len(enf.entries())
+        res = {"bans": args.bans, "enforcer": "ipset" if args.ipset else "dryrun", "held": held, "seconds": round(took, 3), "cpu_seconds": round(cpu, 3),
                "us_per_entry": round(took / args.bans * 1e6, 1), "cpu_us_per_entry": round(cpu / args.bans * 1e6, 1),
                "apply_batches": bridge.stats.apply_batches, "unverified": bridge.stats.unverified,
                "malformed": bridge.stats.malformed, "load": os.getloadavg()[0]}
