@@ -122,3 +122,30 @@ def test_journal_stub_is_idle(tmp_path):
             p.wait(5)
     assert out == b"" and p.returncode == -signal.SIGTERM
     assert catchup.journal_is_idle(stub, wait=0.3)
+
+
+@pytest.mark.root
+def test_cluster_bench_runs_tiny_with_a_secret(tmp_path):
+    """bench/cluster_bench.py end to end, tiny: 2 daemons in namespaces with a [cluster] secret, a few
+    propagation samples, a 2,000-ban signed burst (every entry verified by the receiver), idle CPU, one
+    scoring run; it writes nothing into bench/RESULTS.md."""
+    if os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("redis-server"):
+        pytest.skip("needs root, ipset and redis-server (network namespaces)")
+    out = tmp_path / "cluster.json"
+    before = (ROOT / "bench" / "RESULTS.md").read_text()
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "cluster_bench.py"), "--bans", "2", "--nodes", "2",
+                        "--burst", "2000", "--burst-nodes", "2", "--burst-via", "stream", "--seconds", "0.5",
+                        "--scoring", "1", "--idle", "1", "--no-write", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["secret"] is True
+    lat = res["latency"]["2"]
+    assert set(lat) == {"manual ban", "manual unban", "automatic ban", "unban of an automatic ban"}
+    assert all(v["samples"] == 2 and 0 <= v["p50"] <= v["p99"] <= v["max"] for v in lat.values())
+    burst = res["burst"]["stream"]
+    assert burst["size"] == 2000 and burst["unverified"] == 0 and burst["malformed"] == 0
+    assert 0 < burst["first"] <= burst["applied"]
+    assert len(res["idle_cpu"]["2"]) == 2 and res["scoring"]["1"] > 0
+    assert "| manual ban | 2 |" in r.stdout
+    assert (ROOT / "bench" / "RESULTS.md").read_text() == before

@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sipguard.cluster")
 
+XREAD_COUNT = 2000
+"""Entries per XREAD: one reply per chunk the bridge applies (APPLY_BATCH); a single entry still
+returns at once (XREAD BLOCK answers as soon as one is there). The replies are parsed by hiredis
+(a dependency): pure-Python parsing took as much CPU per entry as verifying it, under the GIL the
+applying thread needs."""
+
 
 class StreamReader(threading.Thread):
     """Follows the ban stream with its own connection; everything goes to the daemon loop as items:
@@ -75,7 +81,7 @@ class StreamReader(threading.Thread):
                 self._put(("tombstones", unbans))  # the signed unbans the snapshot may drop a ban on
                 self._put(("snapshot", epoch, bans, taken))
                 while not self._stop_ev.is_set():
-                    resp = client.xread({P + "stream": last}, count=1000, block=self.block_ms)
+                    resp = client.xread({P + "stream": last}, count=XREAD_COUNT, block=self.block_ms)
                     for _stream, entries in resp or ():
                         if entries:
                             last = entries[-1][0]

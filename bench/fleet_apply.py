@@ -1,0 +1,130 @@
+"""In-process profile of a receiving node's fleet apply path: N signed ban entries handed to the
+bridge as the stream reader would (chunks of 1000 in its queue), applied by the bridge's `tick`
+until the enforcer holds them all. Dry-run enforcer, or with --ipset the ipset enforcer (netlink) in a
+network namespace made here (`sgl-fa<pid>`, with its own redis-server on its loopback, deleted at the
+end: the host's kernel is never touched; needs root); a private redis-server on 127.0.0.1, a
+`[cluster] secret`.
+
+    python bench/fleet_apply.py [--bans 100000] [--profile] [--ipset]
+
+Prints the time to apply them all (wall clock and the applying thread's CPU time, which the load of
+other processes on a shared machine inflates less), per entry, and (with --profile) the top of cProfile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import ipaddress
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SECRET = "bench-secret-0123456789abcdef"
+
+
+def signed_entries(n: int, prefix: str, origin: str = "import") -> list[tuple[str, dict]]:
+    """N stream entries as a node publishes them (sipguard's own signing and wire modules)."""
+    from sipguard.cluster.signing import Signer
+    from sipguard.cluster.wire import ban_payload
+    from sipguard.model import Ban
+
+    signer = Signer(SECRET, prefix)
+    base = int(ipaddress.ip_address("198.18.0.0")) + 65536
+    now = time.time()
+    out = []
+    for i in range(n):
+        ip = str(ipaddress.ip_address(base + i))
+        ban = Ban(ip=ip, reason="import", created=now, expires=now + 3600, score=0.0, offence=1, manual=True)
+        bid = f"{origin}:{i:016x}"
+        out.append((f"{i + 1}-0", {"op": "ban", "ip": ip, "id": bid, "origin": origin,
+                                   "ban": ban_payload(ban, bid, origin, signer)}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bans", type=int, default=100_000)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-secret", action="store_true")
+    ap.add_argument("--ipset", action="store_true", help="the ipset enforcer, in a network namespace of its own")
+    args = ap.parse_args(argv)
+    if not args.ipset:
+        return run(args)
+    from lab.netns import Netns, in_netns
+
+    with Netns(f"sgl-fa{os.getpid() % 100000}") as ns, in_netns(ns.name):  # (threads and children inherit it)
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from test_cluster import RedisServer, cluster_cfg
+
+    from sipguard.config import Config
+    from sipguard.enforce import make_enforcer
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+
+    tmp = Path(tempfile.mkdtemp(prefix="sg-apply-"))
+    redis = RedisServer(tmp)
+    redis.start()
+    try:
+        raw = cluster_cfg(redis.url, "recv")
+        if not args.no_secret:
+            raw["cluster"]["secret"] = SECRET
+        raw["cluster"]["max_bans"] = args.bans + 1000
+        raw["enforce"]["maxelem"] = args.bans + 1000
+        if args.ipset:
+            raw["enforce"].update(backend="ipset", set_prefix="sgfa", chain="SGFA")
+        cfg = Config.model_validate(raw)
+        (tmp / "kamailio.log").touch()
+        store = Store.open_state_dir(tmp / "state")
+        enf = make_enforcer(cfg.enforce, str(tmp / "state")) if args.ipset else DryRunEnforcer()
+        daemon = build_daemon(cfg, store, enf, logs=[str(tmp / "kamailio.log")])
+        daemon.setup()
+        bridge, book = daemon.parts.fleet, daemon.parts.book
+        entries = signed_entries(args.bans, cfg.cluster.key_prefix)
+        prof = cProfile.Profile() if args.profile else None
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        if prof:
+            prof.enable()
+        for k in range(0, len(entries), 1000):
+            bridge.queue.put(("entries", entries[k:k + 1000]))
+        while bridge.stats.applied_bans < args.bans:
+            bridge.tick(time.time(), book)
+        if prof:
+            prof.disable()
+        took = time.perf_counter() - t0
+        cpu = time.thread_time() - c0  # the applying thread's own CPU: what the load of others does not add
+        held = len(enf.entries())
+        res = {"bans": args.bans, "enforcer": "ipset" if args.ipset else "dryrun", "held": held, "seconds": round(took, 3), "cpu_seconds": round(cpu, 3),
+               "us_per_entry": round(took / args.bans * 1e6, 1), "cpu_us_per_entry": round(cpu / args.bans * 1e6, 1),
+               "apply_batches": bridge.stats.apply_batches, "unverified": bridge.stats.unverified,
+               "malformed": bridge.stats.malformed, "load": os.getloadavg()[0]}
+        print(res)
+        if prof:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            pstats.Stats(prof).sort_stats("cumtime").print_stats(30)
+        daemon.stop()
+        for hook in daemon.parts.hooks:
+            hook.close()
+        daemon.parts.follower.close()
+        return res
+    finally:
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
