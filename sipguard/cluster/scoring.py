@@ -14,6 +14,11 @@ source's offences), and `verdicts` recounts each from the members whose tags ver
 that reaches the threshold on verified events alone becomes a ban (its id, score and escalation from
 verified members only); forged members are named so the bridge can remove them. `claim_args` builds
 the PUBLISH_LUA call that claims that ban once for the fleet.
+
+Evidence: a ban the cluster score decided carries this node's own records among its verified members:
+those of the batch being scored by their uid (`score_args` remembers what it sent, `take` forgets it),
+those of earlier batches by time from the local Policy's evidence (`evidence_for`: the events `scored`
+restored, with their text). Other nodes' records stay on those nodes (never published).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class ClusterPolicy:
         self._maxlen = cfg.stream_maxlen
         self._seq = itertools.count(int(time.time() * 1000) % 10**12)  # event uids, unique per node
         self._buffer: list[Event] = []
+        self._sent: dict[str, Event] = {}  # uid -> event, of the batch taken last (its evidence, by uid)
         self._own = PolicyStats()  # counted here while the fleet scores; `stats` adds the local ones
         self._jail_index = {j.name: n + 1 for n, j in enumerate(local.jails)}
         self._jails = {j.name: j for j in local.jails}
@@ -128,8 +134,9 @@ class ClusterPolicy:
 
     # -- the bridge's side ---------------------------------------------------------------------
     def take(self) -> list[Event]:
-        """The events buffered since the last call (to score in Redis), oldest first."""
+        """The events buffered since the last call (to score in Redis), oldest first: a new batch."""
         events, self._buffer = self._buffer, []
+        self._sent = {}
         return events
 
     def score_args(self, events: list[Event], now: float) -> list:
@@ -146,8 +153,10 @@ class ClusterPolicy:
             args += [j.name, j.cfg.findtime, j.cfg.threshold, bt, "1" if j.cfg.reset_on_success else "0"]
         seq = self._seq
         tag = self.signer.tag
+        sent = self._sent
         for ev in events:
             uid, at, w = f"{self._node}.{next(seq)}", f"{ev.time:.6f}", repr(float(ev.weight))
+            sent[uid] = ev
             js = self._kind_jails[ev.kind]
             tags = "" if js == "S" or not self.signer.enabled else ",".join(
                 tag("ev", *event_parts(ev.ip, name, uid, w, at)) for name in self._kind_names[ev.kind])
@@ -158,10 +167,12 @@ class ClusterPolicy:
         """The script's candidates, recounted on verified evidence: (the bans they make, {key suffix
         (`s:IP:JAIL`, `off:IP`): forged members}). A candidate whose verified events do not reach the
         threshold makes no ban; its forged members are listed for removal. Escalation counts verified
-        offences only."""
+        offences only. Each ban carries this node's records among its verified members: the batch's own
+        by uid (what `score_args` sent), earlier batches' as the local Policy holds them, by time."""
         out: list[Verdict] = []
         forged: dict[str, list[str]] = {}
         verify, signed = self.signer.verify, self.signer.enabled
+        node, sent = self._node, self._sent
         for raw in candidates:
             try:
                 c = json.loads(raw)
@@ -172,6 +183,8 @@ class ClusterPolicy:
             members = c.get("ev") if isinstance(c.get("ev"), list) else []  # Lua's empty table is {}
             offs = c.get("off") if isinstance(c.get("off"), list) else []
             score, bad = 0.0, []
+            batch: list[Event] = []  # this node's verified members: of the batch scored now (by uid) ...
+            earlier: dict[str, int] = {}  # ... and of earlier batches (how many at each time)
             for m, sc in zip(members[0::2], members[1::2]):
                 parts = str(m).split("|")
                 try:
@@ -182,6 +195,11 @@ class ClusterPolicy:
                 if len(parts) == 3 and verify(parts[2], "ev", *event_parts(ip, name, parts[0], parts[1], t), now=now) \
                         or len(parts) == 2 and not signed:  # an untagged event counts in an unsigned fleet only
                     score += w
+                    ev = sent.get(parts[0])
+                    if ev is not None:
+                        batch.append(ev)
+                    elif parts[0].rpartition(".")[0] == node:
+                        earlier[t] = earlier.get(t, 0) + 1
                 else:
                     bad.append(m)
             if bad:
@@ -204,8 +222,10 @@ class ClusterPolicy:
             if bad:
                 forged[f"off:{ip}"] = bad
             duration = jail.cfg.bantime if "bantime" in jail.cfg.model_fields_set else self.local.ban_duration(offence)
+            evidence = self.local.evidence_for(ip, name, _counted(earlier), batch) if batch or earlier else ()
             ban = Ban(ip=ip, reason=plain_text(f"{name}:{c.get('filter')}"), created=now,
-                      expires=None if duration is None else now + duration, score=score, offence=offence)
+                      expires=None if duration is None else now + duration, score=score, offence=offence,
+                      evidence=evidence)
             ban_id = f"{self._node}:{uid}"
             member = f"{ban_id}|{self.signer.tag('off', *offence_parts(ip, ban_id, at))}" if signed else ban_id
             out.append(Verdict(ban, ban_id, member, at))
@@ -219,7 +239,8 @@ class ClusterPolicy:
 
     def scored(self, events: list[Event], banned: Iterable[str]) -> None:
         """Redis scored `events` and decided bans on `banned`: keep the local windows warm (for when
-        Redis goes away) and count and note those bans."""
+        Redis goes away) and their records as evidence (for the fleet's next bans, and the local Policy's),
+        and count and note those bans."""
         self.local.restore(events)
         st = self._own
         for ip in banned:
@@ -235,3 +256,16 @@ class ClusterPolicy:
             if d is not None:
                 out.append(d)
         return out
+
+
+def _counted(left: dict[str, int]) -> Callable[[Event], bool]:
+    """Whether an event held from an earlier batch is one of this node's verified members: `left` counts
+    those members per time ("%.6f", as sent), each matched once, the earliest held event first."""
+    def counted(ev: Event) -> bool:
+        k = f"{ev.time:.6f}"
+        n = left.get(k, 0)
+        if n <= 0:
+            return False
+        left[k] = n - 1
+        return True
+    return counted
