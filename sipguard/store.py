@@ -432,28 +432,30 @@ class Store:
         """`recent_events`, read as they are consumed: a start with a million recent events replays
         them into the policy in bounded memory. Each has the record text kept with it ("" when none)."""
         kinds = {k.value: k for k in EventKind}
+        col, first = self._text_col()
         cur = self.conn.execute(
-            f"SELECT e.time, e.ip, e.filter, e.kind, e.weight, {self._text_col()} FROM events e "
-            f"LEFT JOIN cleared c ON c.ip = e.ip {self._text_join()}"
+            f"SELECT e.time, e.ip, e.filter, e.kind, e.weight, {col} FROM events e "
+            "LEFT JOIN cleared c ON c.ip = e.ip "
             "WHERE e.time >= ? AND (c.time IS NULL OR e.time > c.time) ORDER BY e.time, e.id",
-            (since,),
+            (*first, since),
         )
         try:
             while rows := cur.fetchmany(10_000):
                 for t, ip, f, k, w, text in rows:
-                    yield Event(t, ip, f, kinds[k], w, text if type(text) is str else _text(text) or "")
+                    yield Event(t, ip, f, kinds[k], w, "" if text is None else text if type(text) is str
+                                else _text(text) or "")
         finally:
             cur.close()
 
-    def _text_col(self) -> str:
-        return "x.text" if self._has_texts() else "NULL"
-
-    def _text_join(self) -> str:
-        return "LEFT JOIN event_texts x ON x.id = e.id " if self._has_texts() else ""
-
-    def _has_texts(self) -> bool:
-        """False only for a database from before event texts, read as it is (read-only)."""
-        return not self.readonly or "event_texts" in self._tables()
+    def _text_col(self) -> tuple[str, tuple]:
+        """The column of an events query (`events e`) giving each event's kept text, and its argument: looked
+        up only for ids from the oldest text on (a restart reads a million events at the cost of none)."""
+        if self.readonly and "event_texts" not in self._tables():
+            return "NULL", ()  # a database from before event texts, read as it is
+        first = self.conn.execute("SELECT min(id) FROM event_texts").fetchone()[0]
+        if first is None:
+            return "NULL", ()
+        return "CASE WHEN e.id >= ? THEN (SELECT text FROM event_texts WHERE id = e.id) END", (first,)
 
     def count_events(self) -> int:
         return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -634,11 +636,12 @@ class Store:
         """`ip`'s stored events newer than `since` that still count (not before an unban), oldest first
         (the newest `limit`), each with the record text kept with it ("" when none)."""
         kinds = {k.value: k for k in EventKind}
+        col, first = self._text_col()
         rows = self.conn.execute(
             "SELECT time, ip, filter, kind, weight, text FROM (SELECT e.id, e.time, e.ip, e.filter, e.kind, e.weight, "
-            f"{self._text_col()} AS text FROM events e LEFT JOIN cleared c ON c.ip = e.ip {self._text_join()}"
+            f"{col} AS text FROM events e LEFT JOIN cleared c ON c.ip = e.ip "
             "WHERE e.ip = ? AND e.time >= ? AND (c.time IS NULL OR e.time > c.time) ORDER BY e.time DESC, e.id DESC "
-            "LIMIT ?) ORDER BY time, id", (ip, since, limit))
+            "LIMIT ?) ORDER BY time, id", (*first, ip, since, limit))
         return [Event(_time(t), i, _text(f) or "", kinds[k], _time(w), _text(x) or "")
                 for t, i, f, k, w, x in rows if k in kinds]
 
