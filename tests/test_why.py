@@ -5,7 +5,8 @@ evidence bound under a spray, and the kernel asked (not assumed) in a namespace 
 Evidence beyond one daemon's memory: a ban the fleet's score decided (three daemons on a real
 redis-server of the test's own: 127.0.0.1, a free port, no persistence, stopped by its PID) keeps the
 deciding node's exact lines and the other nodes show their own; a ban completed after a daemon restart
-shows the lines read before it; the record texts the store keeps stay bounded under a spray.
+(alone, and scored by the fleet) shows the lines read before it; the record texts the store keeps stay
+bounded under a spray.
 """
 
 from __future__ import annotations
@@ -557,6 +558,32 @@ def test_ban_completed_after_a_restart_shows_the_lines_from_before_it(tmp_path):
         assert [e.text for e in rep.ban.evidence] == [record(x) for x in (*before, after)]
         text = r.text(ip)
         assert all(record(x) in text for x in (*before, after))
+
+
+def test_fleet_ban_completed_after_a_restart_shows_the_lines_from_before_it(tmp_path):
+    from test_cluster import Node, RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    a = Node(tmp_path, server.url, "edge1")
+    try:
+        a.start()
+        wait_for(lambda: a.bridge.in_sync())
+        ip = "198.18.43.5"
+        a1, a2, a3 = (fleet_line(ip, u) for u in ("1001", "1002", "1003"))
+        a.write(a1, a2)
+        wait_for(lambda: a.bridge.stats.scored >= 2 and len(a.store.events_of(ip, 0)) == 2)
+        a.stop()
+        a.start()  # the same state, log and Redis: a restart
+        wait_for(lambda: a.bridge.in_sync())
+        a.write(a3)
+        wait_for(lambda: a.store.get_ban(ip) is not None and a.store.evidence_of(ip))
+        assert a.bridge.stats.cluster_bans == 1  # decided by the fleet's score, after the restart
+        rep = explain(a.store, a.cfg, NOBODY, ip, time.time(), a.enforcer)
+        assert [e.text for e in rep.ban.evidence] == [record(x) for x in (a1, a2, a3)]
+    finally:
+        a.stop()
+        server.stop()
 
 
 def test_event_texts_stay_bounded_under_a_spray(tmp_path, monkeypatch):
