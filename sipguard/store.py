@@ -61,8 +61,8 @@ EVENT_TEXTS = 100_000
 """Recent events whose record text is kept (the newest; successes keep none), each at most
 EVIDENCE_CHARS + 1 characters: what a restart gives back to the policy, so a ban it completes shows the
 records read before it, and what `why` shows of a ban another fleet node decided. Older texts go in the
-transaction that stores newer ones, so a spray of any size holds at most this many (about 10 MB for
-Kamailio's usual lines, 52 MB at the most)."""
+transaction that stores newer ones, so a spray of any size holds at most this many (13 MB more in a
+1,000,000-source spray of Kamailio's usual lines; about 55 MB at the most)."""
 _TEXT_CAP = EVIDENCE_CHARS + 1  # one more than evidence shows: it is still cut (and marked) there
 
 _BAN_COLS = "ip, reason, created, expires, score, offence, manual, refused"
