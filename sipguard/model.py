@@ -57,8 +57,9 @@ class EventKind(str, Enum):
 class Event(NamedTuple):
     """A filter hit: `ip` is the normalised source address Kamailio printed as $si.
 
-    `text` is the matched record's text (a reference to the Record's own string, never a copy; ""
-    for an event read back from the store, which keeps no text): the evidence a ban keeps.
+    `text` is the matched record's text (a reference to the Record's own string, never a copy; an
+    event read back from the store has the capped text it keeps for the newest events, else ""): the
+    evidence a ban keeps.
 
     `captures` holds the regex's other named groups as (name, value) pairs, e.g. ("dest", "+4420..."):
     attacker text, at most CAPTURE_CHARS characters each, used only as a counting key by distinct jails

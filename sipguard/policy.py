@@ -1,7 +1,9 @@
 """Scoring and decisions: Event -> Decision, from jails (kinds, findtime, threshold), escalation
 and the allow-list; each Decision carries its evidence (the last `[policy] evidence_lines` records
-that counted, for `sipguard why`). A distinct jail counts the distinct values of one named capture
-of its events (distinct users tried, distinct destinations dialled) instead of the events themselves.
+that counted, for `sipguard why`), held by `EvidenceKeeper`, which the fleet's bans draw on too
+(`Policy.evidence_for`, called by sipguard/cluster/scoring.py). A distinct jail counts the distinct
+values of one named capture of its events (distinct users tried, distinct destinations dialled)
+instead of the events themselves.
 
 Pure in-memory arithmetic over state it is handed (restored events, offence history): it reads
 no file, writes no database and touches no kernel, so every rule is testable with a table.
@@ -10,7 +12,7 @@ no file, writes no database and touches no kernel, so every rule is testable wit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +30,69 @@ EVIDENCE_SOURCES = 10_000
 least recently active lose theirs first (their ban then shows only the records from there on). Bounds
 the memory of evidence under a spray: at most EVIDENCE_SOURCES x evidence_lines texts of at most
 EVIDENCE_CHARS each per jail."""
+
+
+class EvidenceKeeper:
+    """Per (jail, source) the last `lines` events with text that counted towards a ban not made yet: the
+    one place evidence is held, for the local Policy's decisions and the fleet's (both through `Policy`).
+
+    Bounded: at most `sources` sources per jail (EVIDENCE_SOURCES; beyond it the least recently active
+    tenth goes at once), `lines` events each, each text at most EVIDENCE_CHARS + 1 characters (cut and
+    marked when it becomes Evidence). The events themselves are held (references, no copy) unless a text
+    is longer than that.
+    """
+
+    __slots__ = ("lines", "sources", "_held")
+
+    def __init__(self, jails: Iterable[str], lines: int, sources: int = EVIDENCE_SOURCES) -> None:
+        self.lines = lines
+        self.sources = sources
+        self._held: dict[str, dict[str, list[Event]]] = {j: {} for j in jails}
+
+    def keep(self, jail: str, ev: Event) -> None:
+        """Hold `ev` as evidence of its source in `jail` (its last `lines`; bounded sources)."""
+        if len(ev.text) > EVIDENCE_CHARS:
+            ev = ev._replace(text=ev.text[:EVIDENCE_CHARS + 1])  # bounded memory; still cut (and marked) later
+        held = self._held[jail]
+        got = held.pop(ev.ip, None)  # re-inserted below: dict order is least recently active first
+        if got is None:
+            got = [ev]
+        else:
+            got.append(ev)
+            if len(got) > self.lines:
+                del got[0]
+        held[ev.ip] = got
+        if len(held) > self.sources:
+            for ip in list(islice(held, len(held) - self.sources + self.sources // 10)):
+                del held[ip]
+
+    def pick(self, jail: str, ip: str, counted: Callable[[Event], bool], more: Iterable[Event] = ()
+             ) -> tuple[Evidence, ...]:
+        """A ban's evidence: of `ip`'s events held in `jail` those `counted` says counted, and `more` (the
+        events not held yet that counted, e.g. the one that decided), the last `lines` in time order."""
+        got = [e for e in self._held[jail].get(ip, ()) if counted(e)]
+        got += [e for e in more if e.text]
+        got.sort(key=lambda e: e.time)  # (stable: events of one time stay in the order they came)
+        return tuple(evidence_of(e) for e in got[-self.lines:]) if self.lines > 0 else ()
+
+    def forget(self, ip: str, jails: Iterable[str]) -> None:
+        """`ip` holds nothing in `jails` any more (a ban, an unban, a success that reset them)."""
+        for jail in jails:
+            self._held[jail].pop(ip, None)
+
+    def drop(self, jail: str, ips: Iterable[str], *, compact: bool = False) -> None:
+        """Sources whose windows `jail` forgot (evicted, expired) hold nothing there; `compact`: rebuild
+        the jail's dict afterwards (a dict keeps its size after deletions)."""
+        held = self._held[jail]
+        for ip in ips:
+            held.pop(ip, None)
+        if compact:
+            self._held[jail] = dict(held)
+
+    @property
+    def evidence(self) -> dict[tuple[str, str], list[Evidence]]:
+        """Everything held as {(source, jail): [Evidence, ...]} (a copy, for inspection and tests)."""
+        return {(ip, name): [evidence_of(e) for e in v] for name, held in self._held.items() for ip, v in held.items()}
 
 
 @dataclass(slots=True)
@@ -121,11 +186,12 @@ class Policy:
     `banned` holds sources with a ban in force, whose events are not scored again until the ban
     ends (`release`).
 
-    Evidence: per (source, jail) the last `evidence_lines` events with text that counted and did not
-    decide (references to their record texts, capped at EVIDENCE_CHARS), for at most
-    EVIDENCE_SOURCES sources per jail; a Decision takes those inside the jail's findtime and the event
-    that decided. A jail that bans on one event (threshold 1) keeps nothing. Restored events carry no
-    text and leave none.
+    Evidence (`EvidenceKeeper`): per (source, jail) the last `evidence_lines` events with text that
+    counted and did not decide (references to their record texts, capped at EVIDENCE_CHARS), for at
+    most EVIDENCE_SOURCES sources per jail; a Decision takes those inside the jail's findtime and the
+    event that decided. A jail that bans on one event (threshold 1) keeps nothing. Restored events are
+    held like observed ones when they carry text: the records the store kept with recent events (a
+    restart), and the fleet's scored events (`ClusterPolicy.scored`), whose bans `evidence_for` picks.
 
     A distinct jail (`distinct = "dest"`) keeps instead, per source, the hashes of the distinct values
     of that capture it saw inside findtime, each with the time it was last seen, least recently seen
@@ -161,11 +227,12 @@ class Policy:
         self.stats = PolicyStats()
         self.max_findtime = max((j.cfg.findtime for j in self.jails), default=0.0)
         self.evidence_lines = cfg.evidence_lines if evidence else 0
-        self._evid: dict[str, dict[str, list[Event]]] = {j.name: {} for j in self.jails}
+        self._keeper = EvidenceKeeper((j.name for j in self.jails), self.evidence_lines)
 
     # -- state from outside ------------------------------------------------------------------
     def restore(self, events: Iterable[Event]) -> None:
-        """Replay stored events into the windows after a restart (no decisions are made)."""
+        """Replay events into the windows (no decisions are made): the stored ones after a restart, the
+        fleet's scored ones; those with text are held as evidence like observed ones."""
         for ev in events:
             self._score(ev, decide=False)
 
@@ -201,7 +268,7 @@ class Policy:
                 self.stats.resets += 1
             return None
         ip, t, w = ev.ip, ev.time, ev.weight
-        keep = decide and self.evidence_lines and ev.text
+        keep = self.evidence_lines and ev.text
         for jail in self._by_kind.get(ev.kind, ()):
             if jail.distinct is not None:
                 got = self._count_distinct(jail, ev, decide)
@@ -232,12 +299,12 @@ class Policy:
                 score = _prune_and_sum(win, since)
             wins[ip] = win
             if len(wins) > self.max_tracked:
-                self._evict(wins, self._evid[jail.name])
+                self._evict(wins, jail.name)
             if decide and score >= jail.cfg.threshold:
                 self.stats.decisions += 1
                 return self._decide(ev, jail, score)
             if keep:
-                self._keep(self._evid[jail.name], ev)
+                self._keeper.keep(jail.name, ev)
         return None
 
     def _count_distinct(self, jail: _Jail, ev: Event, decide: bool) -> Decision | None:
@@ -263,38 +330,22 @@ class Policy:
                 del seen[old]
         srcs[ev.ip] = seen
         if len(srcs) > self.max_tracked:
-            self._evict(srcs, self._evid[jail.name])
+            self._evict(srcs, jail.name)
         score = float(len(seen))
         if decide and score >= jail.cfg.threshold:
             self.stats.decisions += 1
             return self._decide(ev, jail, score)
-        if decide and self.evidence_lines and ev.text:
-            self._keep(self._evid[jail.name], ev)
+        if self.evidence_lines and ev.text:
+            self._keeper.keep(jail.name, ev)
         return None
 
-    def _keep(self, held: dict[str, list[Event]], ev: Event) -> None:
-        """Hold `ev` as evidence of its source in one jail (the last evidence_lines; bounded sources).
-        The event itself is held (no new object) unless its text is longer than evidence keeps."""
-        if len(ev.text) > EVIDENCE_CHARS:
-            ev = ev._replace(text=ev.text[:EVIDENCE_CHARS + 1])  # bounded memory; still cut (and marked) later
-        got = held.pop(ev.ip, None)
-        if got is None:
-            got = [ev]
-        else:
-            got.append(ev)
-            if len(got) > self.evidence_lines:
-                del got[0]
-        held[ev.ip] = got
-        if len(held) > EVIDENCE_SOURCES:
-            for ip in list(islice(held, len(held) - EVIDENCE_SOURCES + EVIDENCE_SOURCES // 10)):
-                del held[ip]
-
-    def _evict(self, wins: dict, evid: dict) -> None:
+    def _evict(self, wins: dict, jail: str) -> None:
         """Forget the least recently active tenth of a full jail at once (amortised O(1))."""
         n = len(wins) - self.max_tracked + self.max_tracked // 10
-        for ip in list(islice(wins, n)):
+        gone = list(islice(wins, n))
+        for ip in gone:
             del wins[ip]
-            evid.pop(ip, None)
+        self._keeper.drop(jail, gone)
         self.stats.evicted += n
 
     @property
@@ -310,7 +361,15 @@ class Policy:
     @property
     def evidence(self) -> dict[tuple[str, str], list[Evidence]]:
         """Every source's held evidence as {(source, jail): [Evidence, ...]} (a copy, for inspection and tests)."""
-        return {(ip, name): [evidence_of(e) for e in v] for name, held in self._evid.items() for ip, v in held.items()}
+        return self._keeper.evidence
+
+    def evidence_for(self, ip: str, jail: str, counted: Callable[[Event], bool], more: Iterable[Event] = ()
+                     ) -> tuple[Evidence, ...]:
+        """The evidence of a ban of `ip` by `jail` decided elsewhere (the fleet's score): of the events held
+        (observed or restored with text) those `counted` says counted, in the order they came, and `more`
+        (events known to have counted, not held: the batch being scored), the last evidence_lines in time
+        order. Changes nothing."""
+        return self._keeper.pick(jail, ip, counted, more)
 
     @property
     def tracked(self) -> int:
@@ -326,11 +385,7 @@ class Policy:
         evidence: tuple[Evidence, ...] = ()
         if self.evidence_lines:
             since = ev.time - jail.cfg.findtime
-            held = [e for e in self._evid[jail.name].get(ev.ip, ()) if e.time >= since]
-            if ev.text:
-                held.append(ev)
-            held.sort(key=lambda e: e.time)  # (stable: events of one time stay in the order they came)
-            evidence = tuple(evidence_of(e) for e in held[-self.evidence_lines:])
+            evidence = self._keeper.pick(jail.name, ev.ip, lambda e: e.time >= since, (ev,))
         self.note_ban(ev.ip)
         return Decision(ip=ev.ip, reason=f"{jail.name}:{ev.filter}", score=score,
                         duration=duration, offence=offence, time=ev.time, evidence=evidence)
@@ -350,11 +405,11 @@ class Policy:
     def _clear(self, ip: str, jails: Iterable[_Jail]) -> bool:
         hit = False
         for jail in jails:
-            self._evid[jail.name].pop(ip, None)
             if self._win[jail.name].pop(ip, None) is not None:
                 hit = True
             if jail.distinct is not None and self._dist[jail.name].pop(ip, None) is not None:
                 hit = True
+        self._keeper.forget(ip, (j.name for j in jails))
         return hit
 
     def expire(self, now: float) -> int:
@@ -364,28 +419,24 @@ class Policy:
             wins = self._win[jail.name]
             since = now - jail.cfg.findtime
             dead = [ip for ip, w in wins.items() if ((not w or w[-2] < since) if type(w) is list else w < since)]
-            evid = self._evid[jail.name]
             for ip in dead:
                 del wins[ip]
-                evid.pop(ip, None)
             n += len(dead)
             if dead:  # a dict keeps its size after deletions: rebuild a much smaller one
                 self._win[jail.name] = dict(wins)
-                self._evid[jail.name] = dict(evid)
+                self._keeper.drop(jail.name, dead, compact=True)
         for jail in self.jails:
             if jail.distinct is None:
                 continue
             srcs = self._dist[jail.name]
             since = now - jail.cfg.findtime
             dead = [ip for ip, seen in srcs.items() if not seen or max(seen.values()) < since]
-            evid = self._evid[jail.name]
             for ip in dead:
                 del srcs[ip]
-                evid.pop(ip, None)
             n += len(dead)
             if dead:
                 self._dist[jail.name] = dict(srcs)
-                self._evid[jail.name] = dict(evid)
+                self._keeper.drop(jail.name, dead, compact=True)
         horizon = now - self.cfg.offence_memory
         for ip in [ip for ip, ts in self.offences.items() if not ts or ts[-1] < horizon]:
             del self.offences[ip]

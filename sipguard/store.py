@@ -1,5 +1,5 @@
-"""The SQLite memory of every stage: events, bans, ban history, the evidence kept with each ban,
-source positions, CLI requests, the fleet's outbox and held ban ids, and the queries behind
+"""The SQLite memory of every stage: events (and the text of the newest ones), bans, ban history, the
+evidence kept with each ban, source positions, CLI requests, the fleet's outbox and held ban ids, and the queries behind
 `sipguard report` and `sipguard why`.
 
 The only module that runs SQL (the standard sqlite3 module over one WAL database): every table is
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import SipguardError
-from .model import Ban, Event, EventKind, Evidence
+from .model import EVIDENCE_CHARS, Ban, Event, EventKind, Evidence
 
 log = logging.getLogger("sipguard.store")
 
@@ -57,6 +57,14 @@ TIME_LIMIT = 1e15
 """Report queries count only rows whose time is a number below this (ages beyond any real clock):
 text, infinite or absurd times from a database written by something else are left out, not fatal."""
 
+EVENT_TEXTS = 100_000
+"""Recent events whose record text is kept (the newest; successes keep none), each at most
+EVIDENCE_CHARS + 1 characters: what a restart gives back to the policy, so a ban it completes shows the
+records read before it, and what `why` shows of a ban another fleet node decided. Older texts go in the
+transaction that stores newer ones, so a spray of any size holds at most this many (13 MB more in a
+1,000,000-source spray of Kamailio's usual lines; about 55 MB at the most)."""
+_TEXT_CAP = EVIDENCE_CHARS + 1  # one more than evidence shows: it is still cut (and marked) there
+
 _BAN_COLS = "ip, reason, created, expires, score, offence, manual, refused"
 _ACTIVE = "(expires IS NULL OR expires > ?)"
 
@@ -65,6 +73,8 @@ _SCHEMA = (
     '"kind" TEXT, "weight" REAL)',
     'CREATE INDEX IF NOT EXISTS "idx_events_time" ON "events" ("time")',
     'CREATE INDEX IF NOT EXISTS "idx_events_ip_time" ON "events" ("ip", "time")',
+    # the record text of the newest EVENT_TEXTS events (id = events.id): evidence across a restart
+    'CREATE TABLE IF NOT EXISTS "event_texts" ("id" INTEGER PRIMARY KEY, "text" TEXT)',
     'CREATE TABLE IF NOT EXISTS "bans" ("ip" TEXT PRIMARY KEY, "reason" TEXT NOT NULL, "score" REAL, '
     '"created" REAL NOT NULL, "expires" REAL, "offence" INTEGER, "manual" INTEGER, "refused" TEXT)',
     'CREATE TABLE IF NOT EXISTS "ban_log" ("id" INTEGER PRIMARY KEY, "time" REAL, "action" TEXT, "ip" TEXT, '
@@ -85,7 +95,7 @@ _SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "evidence" ("ip" TEXT NOT NULL, "created" REAL NOT NULL, "seq" INTEGER NOT NULL, '
     '"time" REAL, "filter" TEXT, "weight" REAL, "text" TEXT, "cut" INTEGER, PRIMARY KEY ("ip", "created", "seq"))',
 )
-_TABLES = ("events", "bans", "ban_log", "positions", "control", "cleared", "cluster_outbox", "cluster_bans", "meta",
+_TABLES = ("events", "event_texts", "bans", "ban_log", "positions", "control", "cleared", "cluster_outbox", "cluster_bans", "meta",
            "evidence")
 _INDEXES = ("idx_events_time", "idx_events_ip_time", "idx_ban_log_ip_time", "idx_ban_log_time")
 
@@ -387,10 +397,32 @@ class Store:
 
     # -- events ---------------------------------------------------------------------------
     def add_events(self, events: Iterable[Event]) -> None:
+        """Store a batch's events, and the record text of those that can be evidence (every kind but a
+        success), capped; only the newest EVENT_TEXTS texts stay (the older go in this statement's
+        transaction, by id: a range of the primary key, so the cost follows the batch, not the table)."""
+        events = events if isinstance(events, list) else list(events)
+        if not events:
+            return
+        q = self.conn.execute
+        # ids given here (as SQLite would: one past the largest), so the texts name their events; a text's
+        # id is never reused, even after every event was pruned
+        base = max(q("SELECT coalesce(max(id), 0) FROM events").fetchone()[0],
+                   q("SELECT coalesce(max(id), 0) FROM event_texts").fetchone()[0])
         self.conn.executemany(
-            "INSERT INTO events (time, ip, filter, kind, weight) VALUES (?, ?, ?, ?, ?)",
-            ((e.time, e.ip, e.filter, e.kind.value, e.weight) for e in events),
+            "INSERT INTO events (id, time, ip, filter, kind, weight) VALUES (?, ?, ?, ?, ?, ?)",
+            ((base + k, e.time, e.ip, e.filter, e.kind.value, e.weight) for k, e in enumerate(events, 1)),
         )
+        success = EventKind.SUCCESS
+        first = max(0, len(events) - EVENT_TEXTS)  # (a batch larger than that: only its newest)
+        texts = [(base + 1 + k, e.text[:_TEXT_CAP]) for k in range(first, len(events))
+                 if (e := events[k]).text and e.kind is not success]
+        if texts:
+            self.conn.executemany("INSERT OR REPLACE INTO event_texts (id, text) VALUES (?, ?)", texts)
+            q("DELETE FROM event_texts WHERE id <= ?", (base + len(events) - EVENT_TEXTS,))
+
+    def count_event_texts(self) -> int:
+        """How many stored events keep their record text (at most EVENT_TEXTS)."""
+        return self.conn.execute("SELECT count(*) FROM event_texts").fetchone()[0]
 
     def recent_events(self, since: float) -> list[Event]:
         """Events newer than `since`, minus those from before an unban of their source."""
@@ -398,20 +430,32 @@ class Store:
 
     def iter_recent_events(self, since: float) -> Iterator[Event]:
         """`recent_events`, read as they are consumed: a start with a million recent events replays
-        them into the policy in bounded memory."""
+        them into the policy in bounded memory. Each has the record text kept with it ("" when none)."""
         kinds = {k.value: k for k in EventKind}
+        col, first = self._text_col()
         cur = self.conn.execute(
-            "SELECT e.time, e.ip, e.filter, e.kind, e.weight FROM events e "
+            f"SELECT e.time, e.ip, e.filter, e.kind, e.weight, {col} FROM events e "
             "LEFT JOIN cleared c ON c.ip = e.ip "
             "WHERE e.time >= ? AND (c.time IS NULL OR e.time > c.time) ORDER BY e.time, e.id",
-            (since,),
+            (*first, since),
         )
         try:
             while rows := cur.fetchmany(10_000):
-                for t, ip, f, k, w in rows:
-                    yield Event(t, ip, f, kinds[k], w)
+                for t, ip, f, k, w, text in rows:
+                    yield Event(t, ip, f, kinds[k], w, "" if text is None else text if type(text) is str
+                                else _text(text) or "")
         finally:
             cur.close()
+
+    def _text_col(self) -> tuple[str, tuple]:
+        """The column of an events query (`events e`) giving each event's kept text, and its argument: looked
+        up only for ids from the oldest text on (a restart reads a million events at the cost of none)."""
+        if self.readonly and "event_texts" not in self._tables():
+            return "NULL", ()  # a database from before event texts, read as it is
+        first = self.conn.execute("SELECT min(id) FROM event_texts").fetchone()[0]
+        if first is None:
+            return "NULL", ()
+        return "CASE WHEN e.id >= ? THEN (SELECT text FROM event_texts WHERE id = e.id) END", (first,)
 
     def count_events(self) -> int:
         return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -590,14 +634,16 @@ class Store:
 
     def events_of(self, ip: str, since: float, limit: int = 10_000) -> list[Event]:
         """`ip`'s stored events newer than `since` that still count (not before an unban), oldest first
-        (the newest `limit`)."""
+        (the newest `limit`), each with the record text kept with it ("" when none)."""
         kinds = {k.value: k for k in EventKind}
+        col, first = self._text_col()
         rows = self.conn.execute(
-            "SELECT time, ip, filter, kind, weight FROM (SELECT e.id, e.time, e.ip, e.filter, e.kind, e.weight "
-            "FROM events e LEFT JOIN cleared c ON c.ip = e.ip "
+            "SELECT time, ip, filter, kind, weight, text FROM (SELECT e.id, e.time, e.ip, e.filter, e.kind, e.weight, "
+            f"{col} AS text FROM events e LEFT JOIN cleared c ON c.ip = e.ip "
             "WHERE e.ip = ? AND e.time >= ? AND (c.time IS NULL OR e.time > c.time) ORDER BY e.time DESC, e.id DESC "
-            "LIMIT ?) ORDER BY time, id", (ip, since, limit))
-        return [Event(_time(t), i, _text(f) or "", kinds[k], _time(w)) for t, i, f, k, w in rows if k in kinds]
+            "LIMIT ?) ORDER BY time, id", (*first, ip, since, limit))
+        return [Event(_time(t), i, _text(f) or "", kinds[k], _time(w), _text(x) or "")
+                for t, i, f, k, w, x in rows if k in kinds]
 
     def network_bans(self) -> list[Ban]:
         """Every stored CIDR ban (an address may be banned by one that covers it)."""
@@ -742,7 +788,7 @@ class Store:
 
     # -- pruning --------------------------------------------------------------------------
     def prune(self, now: float, event_retention: float, max_events: int, history_retention: float) -> int:
-        """Keep the database bounded: old events, old history, old control rows go.
+        """Keep the database bounded: old events (and their texts), old history, old control rows go.
 
         Events go PRUNE_CHUNK at a time, each chunk its own short transaction, so a big prune (a spray
         ageing out) never holds the write lock long enough to keep a CLI command waiting."""
@@ -757,6 +803,10 @@ class Store:
             if k == 0:
                 break
         with self.transaction():
+            # the texts of events pruned (the oldest ids; a text outlives no event for long, and EVENT_TEXTS
+            # bounds them anyway)
+            self.conn.execute("DELETE FROM event_texts WHERE id < coalesce((SELECT min(id) FROM events), "
+                              "9223372036854775807)")
             self.conn.execute("DELETE FROM ban_log WHERE time < ?", (now - history_retention,))
             # evidence goes with the history, except that of a ban still in force
             self.conn.execute("DELETE FROM evidence WHERE created < ? AND NOT EXISTS (SELECT 1 FROM bans b "

@@ -249,7 +249,7 @@ def test_disk_full_on_a_real_tmpfs_loses_nothing(tmp_path: Path) -> None:
     # the flood: before every 20 auth lines (seq i..i+19) a scanner line (a ban) from seq n + i // 20,
     # so every batch the daemon reads decides bans
     expected = set(range(n)) | {n + i // 20 for i in range(100, n, 20)}
-    with tmpfs("6m") as state:
+    with tmpfs("12m") as state:  # (the store keeps the text of recent events: room for them and the WAL)
         with Running(tmp_path, state) as r:
             d, store = r.daemon, r.store
             r.write(b"".join(auth_line(i) for i in range(100)))

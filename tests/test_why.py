@@ -2,6 +2,11 @@
 those lines (escaped), the score arithmetic and the kernel's answer; an address not banned, a manual ban,
 an escalated second ban, an allow-listed address, a fleet ban, hostile evidence printed literally, the
 evidence bound under a spray, and the kernel asked (not assumed) in a namespace with ipset and nftables.
+Evidence beyond one daemon's memory: a ban the fleet's score decided (three daemons on a real
+redis-server of the test's own: 127.0.0.1, a free port, no persistence, stopped by its PID) keeps the
+deciding node's exact lines and the other nodes show their own; a ban completed after a daemon restart
+(alone, and scored by the fleet) shows the lines read before it; the record texts the store keeps stay
+bounded under a spray.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from sipguard.config import Config
 from sipguard.enforce.dryrun import DryRunEnforcer
 from sipguard.model import EVIDENCE_CHARS, Ban, Event, EventKind
 from sipguard.policy import EVIDENCE_SOURCES, Policy
+from sipguard import store as store_module
 from sipguard.store import Store
 from sipguard.wiring import build_daemon
 from waiting import wait_for
@@ -397,3 +403,220 @@ def test_daemon_ban_in_a_namespace_kernel_checked_not_assumed(tmp_path, backend)
                     os.killpg(daemon.pid, signal.SIGKILL)
                     daemon.wait(10)
             err.close()
+
+
+# -- evidence of fleet-scored bans ---------------------------------------------------------------
+SECRET = "why-fleet-secret-0123456789"
+
+
+def fleet_line(ip: str, user: str) -> str:
+    """An auth failure as the fleet tests' nodes read it (classic syslog: one-second timestamps)."""
+    from test_cluster import syslog as classic
+
+    return classic(f"NOTICE: <script>: auth failed for user {user} from {ip}:5060 method REGISTER")
+
+
+def record(line: str) -> str:
+    return line.split(": ", 1)[1].rstrip("\n")
+
+
+def test_fleet_scored_ban_keeps_this_nodes_lines_and_the_others_show_their_own(tmp_path):
+    from test_cluster import Node, RedisServer  # (skips, or fails as root, without redis-server)
+
+    server = RedisServer(tmp_path)
+    server.start()
+    nodes: list = []
+    try:
+        for name in ("edge1", "edge2", "edge3"):
+            n = Node(tmp_path, server.url, name)
+            n.raw_cfg["cluster"]["secret"] = SECRET  # a signed fleet: only verified members count
+            n.cfg = Config.model_validate(n.raw_cfg)
+            nodes.append(n.start())
+        wait_for(lambda: all(n.bridge.in_sync() for n in nodes))
+        a, b, c = nodes
+        ip = "198.18.40.7"
+        a1, b1, a2, a3 = (fleet_line(ip, u) for u in ("1001", "2001", "1002", "1003"))
+        a.write(a1)
+        wait_for(lambda: a.bridge.stats.scored >= 1)
+        b.write(b1)
+        wait_for(lambda: b.bridge.stats.scored >= 1)
+        a.write(a2, a3)  # a2 makes the fleet's score 3 (auth's threshold): edge1 decides; a3 comes after
+        wait_for(lambda: all(ip in n.enforced() for n in nodes), timeout=5)
+        wait_for(lambda: all(n.store.get_ban(ip) is not None for n in nodes))
+        assert a.bridge.stats.cluster_bans == 1 and b.bridge.stats.cluster_bans == c.bridge.stats.cluster_bans == 0
+
+        # edge1 (decided it): its own two records that counted, exact, oldest first; not b1 (edge2's), not a3
+        rep = explain(a.store, a.cfg, NOBODY, ip, time.time(), a.enforcer)
+        assert rep.ban.fleet.this_node and rep.ban.fleet.origin == "edge1" and rep.ban.fleet.own_evidence == []
+        assert [e.text for e in rep.ban.evidence] == [record(a1), record(a2)]
+        assert rep.ban.score == 3 and rep.ban.arithmetic.threshold == 3
+        cfg_a = a.config_file()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("SIPGUARD_CONFIG", None)
+
+        def cli(node, cfg_file, *args):
+            p = subprocess.run([*CLI, "--config", str(cfg_file), "--state-dir", str(node.dir / "state"), "why", ip,
+                                *args], capture_output=True, text=True, timeout=60, env=env)
+            assert p.returncode == 0, p.stderr
+            return p.stdout
+
+        got = WhyReport.model_validate_json(cli(a, cfg_a, "--json"))
+        assert [e.text for e in got.ban.evidence] == [record(a1), record(a2)]
+        assert got.ban.fleet.origin == "edge1" and got.ban.fleet.this_node
+        text = cli(a, cfg_a)
+        assert "evidence (2 records that counted, oldest first):" in text
+        assert record(a1) in text and record(a2) in text and record(a3) not in text and record(b1) not in text
+
+        # edge2: what edge1 published, and edge2's own record of it (from the texts its store keeps)
+        got = WhyReport.model_validate_json(cli(b, b.config_file(), "--json"))
+        f = got.ban.fleet
+        assert (f.origin, f.this_node, f.reason, f.score) == ("edge1", False, "auth:auth-failure", 3)
+        assert got.ban.evidence == [] and [e.text for e in f.own_evidence] == [record(b1)]
+        assert got.ban.arithmetic.sum == 1 and got.ban.arithmetic.score == 3  # edge1's events made up the rest
+        text = cli(b, b.config_file())
+        assert "fleet: decided by node edge1" in text
+        assert "= 1 < 3 (score recorded with the ban: 3)" in text
+        assert "(the fleet's score: the other nodes' events make up the rest)" in text
+        assert "evidence: node edge1 keeps the records that decided it; this node's own (1, oldest first):" in text
+        assert record(b1) in text and record(a1) not in text
+        # edge3 saw nothing of it
+        got = WhyReport.model_validate_json(cli(c, c.config_file(), "--json"))
+        assert got.ban.fleet.origin == "edge1" and got.ban.evidence == [] and got.ban.fleet.own_evidence == []
+        assert "this node's own records of it: none" in cli(c, c.config_file())
+    finally:
+        for n in nodes:
+            n.stop()
+        server.stop()
+
+
+def test_fleet_verdicts_carry_exactly_the_members_of_this_node(tmp_path):
+    """ClusterPolicy on the real score script, batch by batch: the deciding batch's records by uid (a
+    record after the decision, of the same second, is not one), earlier batches' by time, and a record
+    before another node's success (which reset the fleet's window) is not one either."""
+    from test_cluster import RedisServer
+
+    from sipguard.cluster.scoring import ClusterPolicy
+    from sipguard.cluster.scripts import SCORE_LUA
+    from sipguard.cluster.signing import Signer
+    from sipguard.config import ClusterConfig
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        client = server.client()
+        script = client.register_script(SCORE_LUA)
+        pcfg = Config().policy
+        prefix = "sgwhy:"
+
+        def node(name):
+            return ClusterPolicy(Policy(pcfg, NOBODY), ClusterConfig(redis_url=server.url, node_name=name,
+                                                                     key_prefix=prefix), lambda: True,
+                                 Signer(SECRET, prefix))
+
+        one, two = node("edge1"), node("edge2")
+        ip, t = "198.18.41.9", time.time() - 30
+
+        def ev(at, text, kind=EventKind.AUTH_FAILURE):
+            return Event(at, ip, "auth-failure" if kind is EventKind.AUTH_FAILURE else "register-success", kind,
+                         1.0 if kind is EventKind.AUTH_FAILURE else 0.0, text)
+
+        def batch(cp, *events):
+            for e in events:
+                assert cp.observe(e) is None
+            sent = cp.take()
+            candidates = script(args=cp.score_args(sent, round(t + 60, 3)))[0]
+            verdicts, forged = cp.verdicts(candidates, round(t + 60, 3))
+            assert not forged
+            cp.scored(sent, [v.ban.ip for v in verdicts])
+            return verdicts
+
+        assert batch(one, ev(t - 10, "r0")) == []  # held by edge1, then reset by edge2's success
+        assert batch(two, ev(t - 5, "ok", EventKind.SUCCESS)) == []
+        assert batch(one, ev(t, "r1")) == []
+        assert batch(two, ev(t + 1, "x2")) == []
+        [v] = batch(one, ev(t + 2, "r3"), ev(t + 2, "r4"))  # r3 decides (score 3); r4, the same second, after
+        assert v.ban.score == 3 and [e.text for e in v.ban.evidence] == ["r1", "r3"]
+        assert [e.time for e in v.ban.evidence] == [t, t + 2]
+    finally:
+        server.stop()
+
+
+# -- evidence across a restart -------------------------------------------------------------------
+def test_ban_completed_after_a_restart_shows_the_lines_from_before_it(tmp_path):
+    ip = "198.18.42.3"
+    before = [syslog(f"NOTICE: <script>: auth failed for user 10{k} from {ip}:5060 method REGISTER") for k in (1, 2)]
+    with Running(tmp_path) as r:
+        r.write(*before)
+        wait_for(lambda: len(r.store.events_of(ip, 0)) == 2)
+        assert r.store.get_ban(ip) is None
+    after = syslog(f"NOTICE: <script>: auth failed for user 103 from {ip}:5060 method REGISTER")
+    with Running(tmp_path) as r:  # the same state and log: a restart
+        assert r.daemon.parts.scorer.score(ip, time.time()).get("auth") == 2  # restored from the store
+        r.write(after)
+        wait_for(lambda: r.store.get_ban(ip) is not None and r.store.evidence_of(ip))
+        rep = r.why(ip)
+        assert [e.text for e in rep.ban.evidence] == [record(x) for x in (*before, after)]
+        text = r.text(ip)
+        assert all(record(x) in text for x in (*before, after))
+
+
+def test_fleet_ban_completed_after_a_restart_shows_the_lines_from_before_it(tmp_path):
+    from test_cluster import Node, RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    a = Node(tmp_path, server.url, "edge1")
+    try:
+        a.start()
+        wait_for(lambda: a.bridge.in_sync())
+        ip = "198.18.43.5"
+        a1, a2, a3 = (fleet_line(ip, u) for u in ("1001", "1002", "1003"))
+        a.write(a1, a2)
+        wait_for(lambda: a.bridge.stats.scored >= 2 and len(a.store.events_of(ip, 0)) == 2)
+        a.stop()
+        a.start()  # the same state, log and Redis: a restart
+        wait_for(lambda: a.bridge.in_sync())
+        a.write(a3)
+        wait_for(lambda: a.store.get_ban(ip) is not None and a.store.evidence_of(ip))
+        assert a.bridge.stats.cluster_bans == 1  # decided by the fleet's score, after the restart
+        rep = explain(a.store, a.cfg, NOBODY, ip, time.time(), a.enforcer)
+        assert [e.text for e in rep.ban.evidence] == [record(x) for x in (a1, a2, a3)]
+    finally:
+        a.stop()
+        server.stop()
+
+
+def test_event_texts_stay_bounded_under_a_spray(tmp_path, monkeypatch):
+    """The newest EVENT_TEXTS texts stay (each capped), whatever the spray; successes keep none; a
+    restart restores only those, into the policy's bounded evidence; pruned events take their texts."""
+    monkeypatch.setattr(store_module, "EVENT_TEXTS", 3000)
+    store = Store.open_state_dir(tmp_path / "state")
+    now = time.time()
+    long = "NOTICE: <script>: auth failed for user " + "x" * 5000 + " from {ip}:5060 method REGISTER"
+    n, size = 60_000, 2000
+    for start in range(0, n, size):
+        evs = [Event(now - n + i, f"2001:db8:42::{i:x}", "auth-failure", EventKind.AUTH_FAILURE, 1.0, long)
+               for i in range(start, start + size)]
+        evs.append(Event(now - n + start, "198.18.42.9", "register-success", EventKind.SUCCESS, 0.0, "success"))
+        with store.transaction():
+            store.add_events(evs)
+        assert store.count_event_texts() <= 3000
+    # the texts of the newest 3,000 events, successes excepted
+    newest = store.conn.execute("SELECT ip, kind FROM events ORDER BY id DESC LIMIT 3000").fetchall()
+    sprayed = {ip for ip, kind in newest if kind != "success"}
+    assert store.count_events() == n + n // size and store.count_event_texts() == len(sprayed) == 3000 - 2
+    assert store.conn.execute("SELECT max(length(text)) FROM event_texts").fetchone()[0] == EVIDENCE_CHARS + 1
+    # a 60,000-source spray of 5 KB lines: the texts take about 3,000 x 513 bytes, not 60,000 x 5 KB
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0] * store.conn.execute("PRAGMA page_size").fetchone()[0]
+    assert pages < 12_000_000, pages
+    restored = [e for e in store.iter_recent_events(0) if e.text]
+    assert len(restored) == len(sprayed) and {e.ip for e in restored} == sprayed
+    assert sprayed <= {f"2001:db8:42::{i:x}" for i in range(n - 3000, n)}
+    assert all(e.kind is EventKind.AUTH_FAILURE for e in restored)
+    policy = Policy(Config().policy, NOBODY)
+    policy.restore(store.iter_recent_events(0))
+    held = policy.evidence
+    assert len(held) == len(sprayed) and all(len(v) == 1 and v[0].cut for v in held.values())
+    # the events pruned take their texts with them
+    store.prune(now, 999.5, 10**6, 90 * 86400)  # the newest 1,000 events stay
+    assert store.count_events() <= 1000 + 30 and store.count_event_texts() <= 1000

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..addresses import AllowList, networks_holding, parse_target
 from ..config import Config, JailConfig, format_duration
 from ..errors import SipguardError
-from ..model import Ban, Event, EventKind, Evidence
+from ..model import Ban, Event, EventKind, Evidence, evidence_of
 from ..policy import Policy
 from ..text import printable
 from .app import _iso, app, ctx
@@ -92,6 +92,10 @@ class WhyFleet(_Model):
     id: str = Field(description="the ban's fleet id")
     reason: Optional[str] = Field(description="the reason that node published")
     score: float = Field(description="the score that node published")
+    own_evidence: list[WhyEvidence] = Field(description="a ban another node decided: this node's own records of "
+                                                        "its jail in the window that ended with it, oldest first "
+                                                        "(the record texts kept with recent events; [policy] "
+                                                        "evidence_lines at most; empty when this node decided it)")
 
 
 class WhyBan(_Model):
@@ -244,6 +248,7 @@ def explain(store: Store, cfg: Config, allow: AllowList, ip: str, now: float,
         jail = jails.get(jail_name) if filt and not ban.manual else None
         kept = evidence.get(ban.created, [])
         arithmetic = escalation = None
+        counted: list[Event] = []
         if jail is not None:
             anchor = kept[-1].time if kept else ban.created
             counted = _jail_events(store.events_of(ip, anchor - jail.findtime), jail, anchor - jail.findtime,
@@ -256,8 +261,11 @@ def explain(store: Store, cfg: Config, allow: AllowList, ip: str, now: float,
         fleet = None
         if origin is not None:
             me = cfg.cluster.node_name if cfg.cluster is not None else None
+            own: list[Evidence] = []
+            if origin.origin != me and jail is not None and pc.evidence_lines:  # the records stay with that node
+                own = [evidence_of(e) for e in counted if e.text][-pc.evidence_lines:]
             fleet = WhyFleet(origin=origin.origin, this_node=origin.origin == me, id=origin.id, reason=ban.reason,
-                             score=_finite(ban.score))
+                             score=_finite(ban.score), own_evidence=_evidence(own))
         why_ban = WhyBan(reason=ban.reason, jail=jail_name if jail is not None else None,
                          filter=filt if jail is not None else None, manual=ban.manual, created=_iso(ban.created),
                          expires=_iso(ban.expires), remaining=ban.remaining(now), score=_finite(ban.score),
@@ -369,13 +377,21 @@ def render(r: WhyReport, write: Callable[[str], object]) -> None:
                 line(f"    {e.time}  {clean(e.filter)}  +{e.weight:g}")
             line(f"    = {a.sum:g} {'>=' if a.sum >= a.threshold else '<'} {a.threshold:g} "
                  f"(score recorded with the ban: {a.score:g})")
+            if b.fleet is not None and a.sum < a.score:
+                line("    (the fleet's score: the other nodes' events make up the rest)")
         if b.evidence:
             line(f"  evidence ({len(b.evidence)} records that counted, oldest first):")
             for ev in b.evidence:
                 line(f"    {ev.time}  {clean(ev.filter)}  {clean(ev.text)}" + ("  [cut]" if ev.cut else ""))
+        elif b.fleet is not None and not b.fleet.this_node:
+            own = b.fleet.own_evidence
+            line(f"  evidence: node {clean(b.fleet.origin)} keeps the records that decided it; this node's own "
+                 + (f"({len(own)}, oldest first):" if own else "records of it: none"))
+            for ev in own:
+                line(f"    {ev.time}  {clean(ev.filter)}  {clean(ev.text)}" + ("  [cut]" if ev.cut else ""))
         elif not b.manual:
-            line("  evidence: none kept (made before evidence was kept, by another node, or from events read "
-                 "before a restart)")
+            line("  evidence: none kept (made before evidence was kept, or from records read before a restart "
+                 "that were no longer kept with their events)")
         e = b.escalation
         if e is not None:
             earlier = f"after {len(e.earlier)} earlier automatic bans ({', '.join(t or '?' for t in e.earlier)})" \

@@ -235,7 +235,8 @@ class ClusterBridge:
     def score_batch(self, now: float) -> list[tuple[str, list[Ban]]]:
         """Score the buffered events in Redis: the bans decided on verified events and claimed for the
         fleet (cause FLEET_SCORE), and those this node must decide itself (cause POLICY): when Redis fails
-        now, when a forged shared ban stands in the way of a decision or of scoring a source at all."""
+        now, when a forged shared ban stands in the way of a decision or of scoring a source at all. Each
+        carries this node's records that counted (`Ban.evidence`, from `verdicts`; the ban book stores it)."""
         pol = self.policy
         events = pol.take()
         if not events:

@@ -19,6 +19,11 @@ Distinct jails (`distinct = "dest"`): an event counts there only with the value 
 count (`_Jail.value`); Redis gets that value's hash (`value_hash`: the same on every node, never the
 attacker's text) as the member's weight field, `d` + hash, signed like a weight, and keeps one member
 per value; `verdicts` counts the distinct verified values.
+
+Evidence: a ban the cluster score decided carries this node's own records among its verified members:
+those of the batch being scored by their uid (`score_args` remembers what it sent, `take` forgets it),
+those of earlier batches by time from the local Policy's evidence (`evidence_for`: the events `scored`
+restored, with their text). Other nodes' records stay on those nodes (never published).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class ClusterPolicy:
         self._maxlen = cfg.stream_maxlen
         self._seq = itertools.count(int(time.time() * 1000) % 10**12)  # event uids, unique per node
         self._buffer: list[Event] = []
+        self._sent: dict[str, Event] = {}  # uid -> event, of the batch taken last (its evidence, by uid)
         self._own = PolicyStats()  # counted here while the fleet scores; `stats` adds the local ones
         self._jail_index = {j.name: n + 1 for n, j in enumerate(local.jails)}
         self._jails = {j.name: j for j in local.jails}
@@ -136,8 +142,9 @@ class ClusterPolicy:
 
     # -- the bridge's side ---------------------------------------------------------------------
     def take(self) -> list[Event]:
-        """The events buffered since the last call (to score in Redis), oldest first."""
+        """The events buffered since the last call (to score in Redis), oldest first: a new batch."""
         events, self._buffer = self._buffer, []
+        self._sent = {}
         return events
 
     def score_args(self, events: list[Event], now: float) -> list:
@@ -155,8 +162,10 @@ class ClusterPolicy:
                      "" if j.distinct is None else j.cfg.max_values]
         seq = self._seq
         tag = self.signer.tag
+        sent = self._sent
         for ev in events:
             uid, at, w = f"{self._node}.{next(seq)}", f"{ev.time:.6f}", repr(float(ev.weight))
+            sent[uid] = ev
             if ev.kind in self._kind_distinct:
                 items, tags = self._distinct_items(ev, uid, w, at)
                 args += [ev.ip, items, at, w, ev.filter, uid, tags]
@@ -188,10 +197,12 @@ class ClusterPolicy:
         """The script's candidates, recounted on verified evidence: (the bans they make, {key suffix
         (`s:IP:JAIL`, `off:IP`): forged members}). A candidate whose verified events do not reach the
         threshold makes no ban; its forged members are listed for removal. Escalation counts verified
-        offences only."""
+        offences only. Each ban carries this node's records among its verified members: the batch's own
+        by uid (what `score_args` sent), earlier batches' as the local Policy holds them, by time."""
         out: list[Verdict] = []
         forged: dict[str, list[str]] = {}
         verify, signed = self.signer.verify, self.signer.enabled
+        node, sent = self._node, self._sent
         for raw in candidates:
             try:
                 c = json.loads(raw)
@@ -204,6 +215,8 @@ class ClusterPolicy:
             score, bad = 0.0, []
             distinct = jail.distinct is not None
             values: set[str] = set()  # a distinct jail: the verified values
+            batch: list[Event] = []  # this node's verified members: of the batch scored now (by uid) ...
+            earlier: dict[str, int] = {}  # ... and of earlier batches (how many at each time)
             for m, sc in zip(members[0::2], members[1::2]):
                 parts = str(m).split("|")
                 try:
@@ -222,6 +235,11 @@ class ClusterPolicy:
                     score += w
                     if distinct:
                         values.add(parts[1])
+                    ev = sent.get(parts[0])
+                    if ev is not None:
+                        batch.append(ev)
+                    elif parts[0].rpartition(".")[0] == node:
+                        earlier[t] = earlier.get(t, 0) + 1
                 else:
                     bad.append(m)
             if distinct:
@@ -246,8 +264,10 @@ class ClusterPolicy:
             if bad:
                 forged[f"off:{ip}"] = bad
             duration = jail.cfg.bantime if "bantime" in jail.cfg.model_fields_set else self.local.ban_duration(offence)
+            evidence = self.local.evidence_for(ip, name, _counted(earlier), batch) if batch or earlier else ()
             ban = Ban(ip=ip, reason=plain_text(f"{name}:{c.get('filter')}"), created=now,
-                      expires=None if duration is None else now + duration, score=score, offence=offence)
+                      expires=None if duration is None else now + duration, score=score, offence=offence,
+                      evidence=evidence)
             ban_id = f"{self._node}:{uid}"
             member = f"{ban_id}|{self.signer.tag('off', *offence_parts(ip, ban_id, at))}" if signed else ban_id
             out.append(Verdict(ban, ban_id, member, at))
@@ -261,7 +281,8 @@ class ClusterPolicy:
 
     def scored(self, events: list[Event], banned: Iterable[str]) -> None:
         """Redis scored `events` and decided bans on `banned`: keep the local windows warm (for when
-        Redis goes away) and count and note those bans."""
+        Redis goes away) and their records as evidence (for the fleet's next bans, and the local Policy's),
+        and count and note those bans."""
         self.local.restore(events)
         st = self._own
         for ip in banned:
@@ -283,3 +304,16 @@ def value_hash(value: str) -> str:
     """The hash a distinct jail's value is known by in Redis: the same on every node, 16 hex digits, so
     the attacker's text itself never reaches the fleet."""
     return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def _counted(left: dict[str, int]) -> Callable[[Event], bool]:
+    """Whether an event held from an earlier batch is one of this node's verified members: `left` counts
+    those members per time ("%.6f", as sent), each matched once, the earliest held event first."""
+    def counted(ev: Event) -> bool:
+        k = f"{ev.time:.6f}"
+        n = left.get(k, 0)
+        if n <= 0:
+            return False
+        left[k] = n - 1
+        return True
+    return counted
