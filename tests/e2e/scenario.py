@@ -4,11 +4,21 @@
 (`make demo`) both call :func:`run_scenario`. Topology (all in network namespaces this module
 creates and deletes, addresses in 198.18.0.0/15 only)::
 
-    PREFIX-proxy   198.18.0.1 on bridge br0: Kamailio (examples/kamailio/kamailio.cfg) logging
-                   through a private rsyslogd (RSYSLOG_FileFormat) to a file; `sipguard run`
-                   follows it with the kernel enforcer ([enforce] backend = "auto"); the
+    PREFIX-proxy   198.18.0.1 on bridge br0: Kamailio (examples/kamailio/kamailio.cfg) and
+                   `sipguard run` with the kernel enforcer ([enforce] backend = "auto"); the
                    baseline firewall (`sipguard firewall apply --force`) is applied there
     PREFIX-lab-cN  one attacker or the phone each, with one address, bridged to the proxy
+
+The log path (`log_path`), between Kamailio's syslog(3) calls and sipguard:
+
+    "rsyslog"  a private rsyslogd (RSYSLOG_FileFormat) writes a file, `[sources] logs` follows it
+    "journal"  a private systemd-journald (tests/lab/journald.py): Kamailio runs as user kamailio
+               in the cgroup of kamailio.service, so journald records _SYSTEMD_UNIT=kamailio.service
+               itself; sipguard follows `[sources] journal = ["kamailio.service"]` through
+               journalctl on that journal. A local user (nobody) also logs a Kamailio-looking
+               scanner line naming 198.18.0.99 with `logger -t kamailio`: it must ban nobody.
+
+and `log_engine` None (Kamailio's classic text) or "json:UM" (its JSON log engine, CEE form).
 
 Measurements: a packet tap on br0 (AF_PACKET, kernel timestamps) gives each source's first
 packet and every reply the proxy sent; a watcher polls the kernel set (ipset, or the nft set)
@@ -25,6 +35,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -40,6 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 from tests.lab import NS_PREFIXES, REPO_ROOT
+from tests.lab import journald as lab_journald
 from tests.lab.capture_real_logs import _SV_WRAPPER, SYSTEM_PY
 from tests.lab.kamailio import Kamailio
 from tests.lab.netns import Lab, Netns, in_netns, kill_pid, list_namespaces, run
@@ -50,6 +62,11 @@ DOMAIN = "sipguard.test"
 FAKE = "198.18.0.99"                 # only ever appears inside injected text
 PHONE_UA = "Zoiper rv2.10.20.1"      # what the "slowed" tools pretend to be
 PHONE_IP = "198.18.0.50"
+LOG_PATHS = ("rsyslog", "journal")
+LOG_ENGINES = (None, "json:UM")
+KAMAILIO_UNIT = "kamailio.service"
+NOBODY = 65534                       # the local user who forges a Kamailio line into the journal
+FORGED = f"WARNING: <script>: Blocked scanner UA 'friendly-scanner' from {FAKE}:5060"
 MAX_BAN_LATENCY = 2.0                # seconds, decisive packet -> address in the kernel set
 SG_ARGV = [sys.executable, "-m", "sipguard"]
 
@@ -78,6 +95,7 @@ def cleanup_stale(prefix: str, echo: Echo | None = None) -> list[str]:
                 kill_pid(int(pid), timeout=3)
         run(["ip", "netns", "del", name], check=False)
         gone.append(name)
+    gone += lab_journald.cleanup_stale(prefix + "jd-")  # a private journald of the journal path
     if gone and echo:
         echo(f"cleaned up leftovers of an interrupted run: {', '.join(gone)}")
     return gone
@@ -445,7 +463,7 @@ SG_CONFIG = """\
 state_dir = "{state}"
 
 [sources]
-logs = ["{log}"]
+{sources}
 from_start = true
 
 [enforce]
@@ -475,15 +493,31 @@ class Result:
     second_svmap: str
     log_lines: int
     problems: list[str]
+    log_path: str = "rsyslog"
+    log_engine: str | None = None
+
+    @property
+    def path_title(self) -> str:
+        how = ("a private rsyslogd to a file" if self.log_path == "rsyslog"
+               else f"syslog(3) into a private systemd-journald ({KAMAILIO_UNIT}), read through journalctl")
+        return f"{how}, {'the JSON log engine (' + self.log_engine + ')' if self.log_engine else 'classic text'}"
 
 
 class Scenario:
     """Build the lab, run everything, tear it down. Use as a context manager."""
 
-    def __init__(self, prefix: str = "sge2e-", echo: Echo = print, keep: bool = False):
+    def __init__(self, prefix: str = "sge2e-", echo: Echo = print, keep: bool = False,
+                 log_path: str = "rsyslog", log_engine: str | None = None):
         if prefix not in SCENARIO_PREFIXES:
             raise ValueError("prefix must be sge2e- or sgdemo-")
+        if log_path not in LOG_PATHS:
+            raise ValueError(f"log_path must be one of {LOG_PATHS}")
+        if log_engine not in LOG_ENGINES:
+            raise ValueError(f"log_engine must be one of {LOG_ENGINES}")
         self.prefix = prefix
+        self.log_path = log_path
+        self.log_engine = log_engine
+        self.journald: lab_journald.PrivateJournald | None = None
         self.echo = echo
         self.keep = keep
         self.work = Path(tempfile.mkdtemp(prefix=f"{prefix}work-"))
@@ -526,7 +560,16 @@ class Scenario:
     def setup(self) -> None:
         cleanup_stale(self.prefix, self.echo)
         self.state.mkdir(parents=True)
-        self.cfgfile.write_text(SG_CONFIG.format(state=self.state, log=self.logfile))
+        if self.log_path == "journal":
+            jd = lab_journald.PrivateJournald(prefix=f"{self.prefix}jd-", units=True)
+            jd.__enter__()  # closes itself if it fails to start
+            self.journald = jd
+            self.logfile = self.work / "journal.json"  # what journald stored, dumped after the run
+            sources = (f'journal = ["{KAMAILIO_UNIT}"]\n'
+                       f'journalctl = "{self.journald.journalctl}"')
+        else:
+            sources = f'logs = ["{self.logfile}"]'
+        self.cfgfile.write_text(SG_CONFIG.format(state=self.state, sources=sources))
         self.lab = Lab("lab", proxy_ip=PROXY, prefix=self.prefix, hub_name=f"{self.prefix}proxy")
         self.lab.__enter__()
         self.echo(f"[{_ts()}] namespace {self.proxy.name}: proxy {PROXY} on bridge br0")
@@ -535,11 +578,19 @@ class Scenario:
         self.firewall_msg = (r.stdout + r.stderr).strip()
         self.echo(f"[{_ts()}] baseline firewall applied in {self.proxy.name} (INPUT policy DROP; "
                   "SIP 5060/udp+tcp open)")
-        self.kam = Kamailio(self.proxy, PROXY, logmode="rsyslog", template="RSYSLOG_FileFormat",
-                            logfile=self.logfile, domain=DOMAIN)
-        self.kam.start()
-        self.echo(f"[{_ts()}] Kamailio 5.6 running ({self.kam.kamailio_pid}), logging via a private "
-                  f"rsyslogd to {self.logfile}")
+        engine = f" with --log-engine={self.log_engine}" if self.log_engine else ""
+        if self.journald is not None:
+            self.kam = Kamailio(self.proxy, PROXY, logmode="journal", journald=self.journald,
+                                unit=KAMAILIO_UNIT, user="kamailio", domain=DOMAIN, log_engine=self.log_engine)
+            self.kam.start()
+            self.echo(f"[{_ts()}] Kamailio 5.6 running{engine} ({self.kam.kamailio_pid}, user kamailio, cgroup "
+                      f"{KAMAILIO_UNIT}), logging through syslog(3) into a private systemd-journald")
+        else:
+            self.kam = Kamailio(self.proxy, PROXY, logmode="rsyslog", template="RSYSLOG_FileFormat",
+                                logfile=self.logfile, domain=DOMAIN, log_engine=self.log_engine)
+            self.kam.start()
+            self.echo(f"[{_ts()}] Kamailio 5.6 running{engine} ({self.kam.kamailio_pid}), logging via a "
+                      f"private rsyslogd to {self.logfile}")
         self.sg_fh = open(self.sg_out, "ab")
         self.sg_proc = self.proxy.popen(*SG_ARGV, "--config", str(self.cfgfile), "--state-dir",
                                         str(self.state), "run", stdin=subprocess.DEVNULL,
@@ -553,7 +604,8 @@ class Scenario:
             time.sleep(0.1)
         else:
             raise RuntimeError(f"sipguard run did not start: {self.sg_out.read_text()[-2000:]}")
-        self.echo(f"[{_ts()}] sipguard run (pid {self.sg_proc.pid}) follows the log inside "
+        what = f"the journal of {KAMAILIO_UNIT} (journalctl)" if self.journald is not None else "the log"
+        self.echo(f"[{_ts()}] sipguard run (pid {self.sg_proc.pid}) follows {what} inside "
                   f"{self.proxy.name}, enforcer backend \"auto\"")
         self.tap = PacketTap(self.proxy.name)
         self.tap.start()
@@ -577,6 +629,8 @@ class Scenario:
                 pass
         if self.lab is not None:
             self.lab.close()  # stops sipguard (tracked PID) and deletes every namespace
+        if self.journald is not None:
+            self.journald.close()  # after Kamailio and sipguard (and its journalctl) are gone
         if getattr(self, "sg_fh", None):
             self.sg_fh.close()
         if not self.keep:
@@ -601,6 +655,12 @@ class Scenario:
                   "every 3 s and sends an OPTIONS keepalive every 0.5 s from now on")
         atts = attacks()
         nss = {a.key: self.lab.add_client(a.ip) for a in atts}
+        if self.journald is not None:
+            # a local account claims to be Kamailio: SYSLOG_IDENTIFIER is the sender's to choose
+            for ident in ("kamailio", "/usr/sbin/kamailio"):
+                self.journald.run("logger", "-p", "local0.warning", "-t", ident, FORGED, user=NOBODY)
+            self.echo(f"[{_ts()}] user nobody logged a forged Kamailio line naming {FAKE} "
+                      "(logger -t kamailio, -t /usr/sbin/kamailio)")
         self.echo(f"[{_ts()}] {len(atts)} attackers start at once, each from its own address")
         t_att = time.monotonic()
         threads = []
@@ -657,7 +717,17 @@ class Scenario:
         time.sleep(0.3)  # let rsyslog flush the last lines
 
         # decisive log lines, by sipguard's own parser and filters
-        events = log_events(self.logfile)
+        if self.journald is not None:
+            entries = self.journald.entries()
+            self.logfile.write_text("".join(json.dumps(e) + "\n" for e in entries))
+            problems += journal_problems(entries)
+            events = log_events(self.logfile, journal=True)
+            log_lines = sum(1 for e in entries if e.get("_SYSTEMD_UNIT") == KAMAILIO_UNIT)
+        else:
+            events = log_events(self.logfile)
+            log_lines = sum(1 for _ in self.logfile.open("rb"))
+        if self.log_engine and not any(b"@cee:" in ln for ln in self.logfile.open("rb")):
+            problems.append(f"--log-engine={self.log_engine}: no CEE record in what Kamailio logged")
         for a in atts:
             a.first_packet = self.tap.first_from(a.ip, after=a.started - 1)
             a.reason = by_ip.get(a.ip, {}).get("reason", "")
@@ -671,24 +741,43 @@ class Scenario:
                         f"{self.tap.count_to(a.ip, a.kernel)} replies to it") if a.kernel else ""
         phone_banned = PHONE_IP in by_ip or PHONE_IP in self.watcher.first_seen
         fake_banned = FAKE in by_ip or any(ip.startswith(FAKE) for ip in self.watcher.first_seen)
-        log_lines = sum(1 for _ in self.logfile.open("rb"))
         durations["total"] = time.monotonic() - self.t0
         return Result(atts, list(self.phone.results), self.phone.error, phone_banned, fake_banned, bans,
                       kernel_final, counters, fw.stdout, backend, durations, second_svmap, log_lines,
-                      problems)
+                      problems, self.log_path, self.log_engine)
 
 
-def log_events(logfile: Path) -> list[tuple[float, str, str]]:
-    """(log time, source address, event kind) of every line sipguard's shipped filters match."""
+def journal_problems(entries: list[dict]) -> list[str]:
+    """What must hold of the private journal for the journal run to prove anything: Kamailio's entries
+    came over syslog with journald's own _SYSTEMD_UNIT, and the forged lines did reach the journal
+    (from user nobody, without the unit)."""
+    bad = []
+    kam = [e for e in entries if e.get("_SYSTEMD_UNIT") == KAMAILIO_UNIT]
+    if not kam:
+        bad.append(f"no journal entry with _SYSTEMD_UNIT={KAMAILIO_UNIT}")
+    elif not all(e.get("_TRANSPORT") == "syslog" and e.get("_UID") == str(pwd.getpwnam("kamailio").pw_uid)
+                 for e in kam):
+        bad.append(f"Kamailio's entries did not all come over syslog as user kamailio: "
+                   f"{sorted({(str(e.get('_TRANSPORT')), str(e.get('_UID'))) for e in kam})}")
+    forged = [e for e in entries if FAKE in str(e.get("MESSAGE")) and e.get("_UID") == str(NOBODY)]
+    if len(forged) < 2 or any("_SYSTEMD_UNIT" in e and e["_SYSTEMD_UNIT"] == KAMAILIO_UNIT for e in forged):
+        bad.append(f"the forged lines did not reach the journal as user nobody's: {forged[:2]}")
+    return bad
+
+
+def log_events(logfile: Path, journal: bool = False) -> list[tuple[float, str, str]]:
+    """(log time, source address, event kind) of every record sipguard's shipped filters match: in a
+    log file, or (*journal*) in journal JSON entries, trusted as the daemon does (by _SYSTEMD_UNIT)."""
     from sipguard.filters import FilterSet
-    from sipguard.formats import RecordParser
+    from sipguard.formats import JournalParser, JournalTrust, RecordParser
     from sipguard.config import SHIPPED_FILTERS
     from sipguard.pipeline import Pipeline
     from sipguard.sources import read_file
 
     fs = FilterSet.load([SHIPPED_FILTERS])
+    parser = JournalParser(trust=JournalTrust.of(units=[KAMAILIO_UNIT])) if journal else RecordParser("auto")
     out = []
-    for rec in Pipeline(RecordParser("auto"), fs).records(read_file(str(logfile))):
+    for rec in Pipeline(parser, fs).records(read_file(str(logfile))):
         ev = fs.match(rec, time.time())
         if ev is not None and rec.time is not None:
             out.append((rec.time, ev.ip, ev.kind.value))
@@ -773,13 +862,15 @@ def report(res: Result, echo: Echo = print) -> None:
          f"banned: {'YES' if res.phone_banned else 'no'}")
     echo(f"{FAKE} (written into User-Agent/From by an attacker): banned: {'YES' if res.fake_banned else 'no'}")
     d = res.durations
-    echo(f"Kamailio wrote {res.log_lines} log lines. Setup {d.get('setup', 0):.1f}s, attacks "
+    echo(f"Log path: Kamailio through {res.path_title}.")
+    echo(f"Kamailio wrote {res.log_lines} {'journal entries' if res.log_path == 'journal' else 'log lines'}. Setup {d.get('setup', 0):.1f}s, attacks "
          f"{d.get('attacks', 0):.1f}s, proof {d.get('proof', 0):.1f}s, total {d.get('total', 0):.1f}s.")
 
 
-def run_scenario(prefix: str = "sge2e-", echo: Echo = print, keep: bool = False) -> tuple[Result, list[str]]:
+def run_scenario(prefix: str = "sge2e-", echo: Echo = print, keep: bool = False, log_path: str = "rsyslog",
+                 log_engine: str | None = None) -> tuple[Result, list[str]]:
     """Build, run, measure, tear down. Returns the result and the list of failed checks."""
-    with Scenario(prefix=prefix, echo=echo, keep=keep) as sc:
+    with Scenario(prefix=prefix, echo=echo, keep=keep, log_path=log_path, log_engine=log_engine) as sc:
         res = sc.run()
     return res, check(res)
 

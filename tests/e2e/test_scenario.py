@@ -2,11 +2,18 @@
 
 The scenario (tests/e2e/scenario.py, shared with `make demo`) builds namespaces sge2e-*, runs
 Kamailio with examples/kamailio/kamailio.cfg behind the baseline firewall, `sipguard run` with the
-kernel enforcer, a legitimate phone and nine attackers (svmap, svwar, svcrack stock and with a
-phone's User-Agent, a pike flood, malformed requests, a SIP/3.0 request line, text injection), and
-checks that every attacker is banned in the kernel within 2 s of the packet that completed the
-evidence, that banned sources get no answer, and that the phone and the address named only in
-attacker text are never banned. Needs root (namespaces, netfilter); skipped only without it.
+kernel enforcer, a legitimate phone and ten attackers (svmap, svwar, svcrack stock and with a
+phone's User-Agent, a pike flood, malformed requests, a SIP/3.0 request line, text injection, a
+scanner User-Agent holding a CR/LF and a forged line), and checks that every attacker is banned in
+the kernel within 2 s of the packet that completed the evidence, that banned sources get no answer,
+and that the phone and the address named only in attacker text are never banned.
+
+Once per log path between Kamailio and sipguard: a private rsyslogd writing a file (classic text,
+and Kamailio's JSON log engine `--log-engine=json:UM`), and a private systemd-journald that records
+`_SYSTEMD_UNIT=kamailio.service` (Kamailio runs in that unit's cgroup, as user kamailio), followed
+through journalctl with `[sources] journal = ["kamailio.service"]` (classic text and JSON engine);
+in the journal runs a local user also forges a Kamailio line naming 198.18.0.99, which bans nobody.
+Needs root (namespaces, netfilter, journald); skipped only without it.
 """
 
 from __future__ import annotations
@@ -17,16 +24,25 @@ import pytest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
+RUNS = [  # (log path, Kamailio's log engine)
+    pytest.param("rsyslog", None, id="rsyslog"),
+    pytest.param("journal", None, id="journal"),
+    pytest.param("journal", "json:UM", id="journal-json"),
+    pytest.param("rsyslog", "json:UM", id="rsyslog-json"),
+]
 
-def test_real_kamailio_under_attack(capsys):
+
+@pytest.mark.parametrize(("log_path", "log_engine"), RUNS)
+def test_real_kamailio_under_attack(capsys, log_path, log_engine):
     from tests.e2e.scenario import MAX_BAN_LATENCY, check, report, run_scenario
 
     lines: list[str] = []
-    res, _ = run_scenario(prefix="sge2e-", echo=lines.append)
+    res, _ = run_scenario(prefix="sge2e-", echo=lines.append, log_path=log_path, log_engine=log_engine)
     report(res, echo=lines.append)
     failures = check(res)
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+    assert (res.log_path, res.log_engine) == (log_path, log_engine)
     assert not failures, "\n".join(failures)
     for a in res.attacks:
         assert a.latency_decisive is not None and a.latency_decisive <= MAX_BAN_LATENCY
