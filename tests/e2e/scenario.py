@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import pwd
 import re
@@ -740,6 +741,13 @@ class Scenario:
             a.proof += (f"; after the ban: {self.tap.count_from(a.ip, a.kernel)} packets from it dropped, "
                         f"{self.tap.count_to(a.ip, a.kernel)} replies to it") if a.kernel else ""
         phone_banned = PHONE_IP in by_ip or PHONE_IP in self.watcher.first_seen
+        for t, what, status in self.phone.results:
+            if status is None:  # what the tap saw of an unanswered request (sent at most 1.5 s before)
+                sent = self.tap.count_from(PHONE_IP, t - 1.6) - self.tap.count_from(PHONE_IP, t)
+                got = self.tap.count_to(PHONE_IP, t - 1.6) - self.tap.count_to(PHONE_IP, t)
+                problems.append(f"phone {what} at {time.strftime('%H:%M:%S', time.gmtime(t))}"
+                                f".{int(t % 1 * 1000):03d} UTC unanswered: on br0 {sent} packets from "
+                                f"the phone, {got} to it in the 1.6 s before")
         fake_banned = FAKE in by_ip or any(ip.startswith(FAKE) for ip in self.watcher.first_seen)
         durations["total"] = time.monotonic() - self.t0
         return Result(atts, list(self.phone.results), self.phone.error, phone_banned, fake_banned, bans,
@@ -777,10 +785,19 @@ def log_events(logfile: Path, journal: bool = False) -> list[tuple[float, str, s
     fs = FilterSet.load([SHIPPED_FILTERS])
     parser = JournalParser(trust=JournalTrust.of(units=[KAMAILIO_UNIT])) if journal else RecordParser("auto")
     out = []
-    for rec in Pipeline(parser, fs).records(read_file(str(logfile))):
-        ev = fs.match(rec, time.time())
-        if ev is not None and rec.time is not None:
-            out.append((rec.time, ev.ip, ev.kind.value))
+    # the parser's warnings (the forged entries are not Kamailio's) were the daemon's to give: quiet here
+    quiet = logging.NullHandler()
+    fmt_log = logging.getLogger("sipguard.formats")
+    fmt_log.addHandler(quiet)
+    old_propagate, fmt_log.propagate = fmt_log.propagate, False
+    try:
+        for rec in Pipeline(parser, fs).records(read_file(str(logfile))):
+            ev = fs.match(rec, time.time())
+            if ev is not None and rec.time is not None:
+                out.append((rec.time, ev.ip, ev.kind.value))
+    finally:
+        fmt_log.removeHandler(quiet)
+        fmt_log.propagate = old_propagate
     return out
 
 
@@ -860,7 +877,9 @@ def report(res: Result, echo: Echo = print) -> None:
          f"{sum(1 for r in ph if r[1].startswith('REGISTER'))} REGISTER incl. the typo), "
          f"{ok} answered 200, {sum(1 for r in ph if r[2] is None)} unanswered; "
          f"banned: {'YES' if res.phone_banned else 'no'}")
-    echo(f"{FAKE} (written into User-Agent/From by an attacker): banned: {'YES' if res.fake_banned else 'no'}")
+    forged = ", and logged as Kamailio by user nobody (logger -t kamailio)" if res.log_path == "journal" else ""
+    echo(f"{FAKE} (written into User-Agent/From by an attacker{forged}): banned: "
+         f"{'YES' if res.fake_banned else 'no'}")
     d = res.durations
     echo(f"Log path: Kamailio through {res.path_title}.")
     echo(f"Kamailio wrote {res.log_lines} {'journal entries' if res.log_path == 'journal' else 'log lines'}. Setup {d.get('setup', 0):.1f}s, attacks "
