@@ -15,8 +15,14 @@ The log path (`log_path`), between Kamailio's syslog(3) calls and sipguard:
     "journal"  a private systemd-journald (tests/lab/journald.py): Kamailio runs as user kamailio
                in the cgroup of kamailio.service, so journald records _SYSTEMD_UNIT=kamailio.service
                itself; sipguard follows `[sources] journal = ["kamailio.service"]` through
-               journalctl on that journal. A local user (nobody) also logs a Kamailio-looking
-               scanner line naming 198.18.0.99 with `logger -t kamailio`: it must ban nobody.
+               journalctl on that journal
+    "journal-ident"  the same journald, Kamailio as user kamailio outside any unit; sipguard follows
+               `[sources] journal_identifiers = ["kamailio"]`, which any sender can claim, and
+               trusts only journald's _EXE=/usr/sbin/kamailio with _UID of user kamailio
+
+In both journal paths a local user (nobody) also logs a Kamailio-looking scanner line naming
+198.18.0.99 under the identifiers kamailio and /usr/sbin/kamailio (`logger -t`, and a long-lived
+sender whose _EXE journald records): it must ban nobody.
 
 and `log_engine` None (Kamailio's classic text) or "json:UM" (its JSON log engine, CEE form).
 
@@ -63,7 +69,8 @@ DOMAIN = "sipguard.test"
 FAKE = "198.18.0.99"                 # only ever appears inside injected text
 PHONE_UA = "Zoiper rv2.10.20.1"      # what the "slowed" tools pretend to be
 PHONE_IP = "198.18.0.50"
-LOG_PATHS = ("rsyslog", "journal")
+LOG_PATHS = ("rsyslog", "journal", "journal-ident")
+KAMAILIO_EXE = "/usr/sbin/kamailio"
 LOG_ENGINES = (None, "json:UM")
 KAMAILIO_UNIT = "kamailio.service"
 NOBODY = 65534                       # the local user who forges a Kamailio line into the journal
@@ -499,8 +506,10 @@ class Result:
 
     @property
     def path_title(self) -> str:
-        how = ("a private rsyslogd to a file" if self.log_path == "rsyslog"
-               else f"syslog(3) into a private systemd-journald ({KAMAILIO_UNIT}), read through journalctl")
+        how = {"rsyslog": "a private rsyslogd to a file",
+               "journal": f"syslog(3) into a private systemd-journald ({KAMAILIO_UNIT}), read through journalctl",
+               "journal-ident": "syslog(3) into a private systemd-journald (identifier kamailio, trusted by "
+                                f"_EXE={KAMAILIO_EXE} and _UID of user kamailio), read through journalctl"}[self.log_path]
         return f"{how}, {'the JSON log engine (' + self.log_engine + ')' if self.log_engine else 'classic text'}"
 
 
@@ -561,13 +570,16 @@ class Scenario:
     def setup(self) -> None:
         cleanup_stale(self.prefix, self.echo)
         self.state.mkdir(parents=True)
-        if self.log_path == "journal":
-            jd = lab_journald.PrivateJournald(prefix=f"{self.prefix}jd-", units=True)
+        if self.log_path.startswith("journal"):
+            by_unit = self.log_path == "journal"
+            jd = lab_journald.PrivateJournald(prefix=f"{self.prefix}jd-", units=by_unit)
             jd.__enter__()  # closes itself if it fails to start
             self.journald = jd
             self.logfile = self.work / "journal.json"  # what journald stored, dumped after the run
-            sources = (f'journal = ["{KAMAILIO_UNIT}"]\n'
-                       f'journalctl = "{self.journald.journalctl}"')
+            sources = (f'journal = ["{KAMAILIO_UNIT}"]' if by_unit else
+                       f'journal_identifiers = ["kamailio"]\njournal_executables = ["{KAMAILIO_EXE}"]\n'
+                       'journal_users = ["kamailio"]')
+            sources += f'\njournalctl = "{self.journald.journalctl}"'
         else:
             sources = f'logs = ["{self.logfile}"]'
         self.cfgfile.write_text(SG_CONFIG.format(state=self.state, sources=sources))
@@ -581,11 +593,13 @@ class Scenario:
                   "SIP 5060/udp+tcp open)")
         engine = f" with --log-engine={self.log_engine}" if self.log_engine else ""
         if self.journald is not None:
+            unit = KAMAILIO_UNIT if self.log_path == "journal" else None
             self.kam = Kamailio(self.proxy, PROXY, logmode="journal", journald=self.journald,
-                                unit=KAMAILIO_UNIT, user="kamailio", domain=DOMAIN, log_engine=self.log_engine)
+                                unit=unit, user="kamailio", domain=DOMAIN, log_engine=self.log_engine)
             self.kam.start()
-            self.echo(f"[{_ts()}] Kamailio 5.6 running{engine} ({self.kam.kamailio_pid}, user kamailio, cgroup "
-                      f"{KAMAILIO_UNIT}), logging through syslog(3) into a private systemd-journald")
+            self.echo(f"[{_ts()}] Kamailio 5.6 running{engine} ({self.kam.kamailio_pid}, user kamailio, "
+                      f"{'cgroup ' + unit if unit else 'in no unit'}), logging through syslog(3) into a "
+                      "private systemd-journald")
         else:
             self.kam = Kamailio(self.proxy, PROXY, logmode="rsyslog", template="RSYSLOG_FileFormat",
                                 logfile=self.logfile, domain=DOMAIN, log_engine=self.log_engine)
@@ -605,7 +619,8 @@ class Scenario:
             time.sleep(0.1)
         else:
             raise RuntimeError(f"sipguard run did not start: {self.sg_out.read_text()[-2000:]}")
-        what = f"the journal of {KAMAILIO_UNIT} (journalctl)" if self.journald is not None else "the log"
+        what = {"rsyslog": "the log", "journal": f"the journal of {KAMAILIO_UNIT} (journalctl)",
+                "journal-ident": "the journal's identifier kamailio (journalctl)"}[self.log_path]
         self.echo(f"[{_ts()}] sipguard run (pid {self.sg_proc.pid}) follows {what} inside "
                   f"{self.proxy.name}, enforcer backend \"auto\"")
         self.tap = PacketTap(self.proxy.name)
@@ -658,10 +673,14 @@ class Scenario:
         nss = {a.key: self.lab.add_client(a.ip) for a in atts}
         if self.journald is not None:
             # a local account claims to be Kamailio: SYSLOG_IDENTIFIER is the sender's to choose
-            for ident in ("kamailio", "/usr/sbin/kamailio"):
-                self.journald.run("logger", "-p", "local0.warning", "-t", ident, FORGED, user=NOBODY)
-            self.echo(f"[{_ts()}] user nobody logged a forged Kamailio line naming {FAKE} "
-                      "(logger -t kamailio, -t /usr/sbin/kamailio)")
+            with lab_journald.Sender(self.journald, user=NOBODY) as forger:
+                for ident in ("kamailio", KAMAILIO_EXE):
+                    self.journald.run("logger", "-p", "local0.warning", "-t", ident, FORGED, user=NOBODY)
+                    forger.send(FORGED, ident=ident)
+                    forger.send(FORGED, ident=ident, mode="native")
+                time.sleep(0.3)  # the sender lives on while journald reads its /proc entries
+            self.echo(f"[{_ts()}] user nobody logged forged Kamailio lines naming {FAKE} "
+                      f"(logger -t kamailio / -t {KAMAILIO_EXE}, a python sender: syslog and native)")
         self.echo(f"[{_ts()}] {len(atts)} attackers start at once, each from its own address")
         t_att = time.monotonic()
         threads = []
@@ -721,9 +740,9 @@ class Scenario:
         if self.journald is not None:
             entries = self.journald.entries()
             self.logfile.write_text("".join(json.dumps(e) + "\n" for e in entries))
-            problems += journal_problems(entries)
-            events = log_events(self.logfile, journal=True)
-            log_lines = sum(1 for e in entries if e.get("_SYSTEMD_UNIT") == KAMAILIO_UNIT)
+            problems += journal_problems(entries, self.log_path)
+            events = log_events(self.logfile, journal=self.log_path)
+            log_lines = sum(1 for e in entries if _kamailios(e, self.log_path))
         else:
             events = log_events(self.logfile)
             log_lines = sum(1 for _ in self.logfile.open("rb"))
@@ -755,35 +774,53 @@ class Scenario:
                       problems, self.log_path, self.log_engine)
 
 
-def journal_problems(entries: list[dict]) -> list[str]:
+def _trust(log_path: str):
+    """How the daemon's config of this journal path decides which entries are Kamailio's."""
+    from sipguard.formats import JournalTrust
+
+    if log_path == "journal":
+        return JournalTrust.of(units=[KAMAILIO_UNIT])
+    return JournalTrust.of(executables=[KAMAILIO_EXE], uids=[pwd.getpwnam("kamailio").pw_uid])
+
+
+def _kamailios(entry: dict, log_path: str) -> bool:
+    """Whether journald's own fields say Kamailio wrote *entry* (by the path's trust)."""
+    return _trust(log_path).trusts(entry)
+
+
+def journal_problems(entries: list[dict], log_path: str = "journal") -> list[str]:
     """What must hold of the private journal for the journal run to prove anything: Kamailio's entries
-    came over syslog with journald's own _SYSTEMD_UNIT, and the forged lines did reach the journal
-    (from user nobody, without the unit)."""
+    came over syslog with journald's own fields (_SYSTEMD_UNIT, or _EXE and _UID), and the forged lines
+    did reach the journal, from user nobody, with the identifiers Kamailio uses but not its fields."""
     bad = []
-    kam = [e for e in entries if e.get("_SYSTEMD_UNIT") == KAMAILIO_UNIT]
+    kam = [e for e in entries if _kamailios(e, log_path)]
     if not kam:
-        bad.append(f"no journal entry with _SYSTEMD_UNIT={KAMAILIO_UNIT}")
+        bad.append(f"no journal entry trusted as Kamailio's ({log_path})")
     elif not all(e.get("_TRANSPORT") == "syslog" and e.get("_UID") == str(pwd.getpwnam("kamailio").pw_uid)
                  for e in kam):
         bad.append(f"Kamailio's entries did not all come over syslog as user kamailio: "
                    f"{sorted({(str(e.get('_TRANSPORT')), str(e.get('_UID'))) for e in kam})}")
     forged = [e for e in entries if FAKE in str(e.get("MESSAGE")) and e.get("_UID") == str(NOBODY)]
-    if len(forged) < 2 or any("_SYSTEMD_UNIT" in e and e["_SYSTEMD_UNIT"] == KAMAILIO_UNIT for e in forged):
+    idents = {e.get("SYSLOG_IDENTIFIER") for e in forged}
+    if len(forged) < 6 or idents != {"kamailio", KAMAILIO_EXE} or any(_kamailios(e, log_path) for e in forged):
         bad.append(f"the forged lines did not reach the journal as user nobody's: {forged[:2]}")
+    if not any(e.get("_EXE") for e in forged):
+        bad.append("journald recorded no _EXE for any forged line (the sender must outlive its lines)")
     return bad
 
 
-def log_events(logfile: Path, journal: bool = False) -> list[tuple[float, str, str]]:
+def log_events(logfile: Path, journal: str | None = None) -> list[tuple[float, str, str]]:
     """(log time, source address, event kind) of every record sipguard's shipped filters match: in a
-    log file, or (*journal*) in journal JSON entries, trusted as the daemon does (by _SYSTEMD_UNIT)."""
+    log file, or (*journal*: the journal log path) in journal JSON entries, trusted as the daemon's
+    config of that path does."""
     from sipguard.filters import FilterSet
-    from sipguard.formats import JournalParser, JournalTrust, RecordParser
+    from sipguard.formats import JournalParser, RecordParser
     from sipguard.config import SHIPPED_FILTERS
     from sipguard.pipeline import Pipeline
     from sipguard.sources import read_file
 
     fs = FilterSet.load([SHIPPED_FILTERS])
-    parser = JournalParser(trust=JournalTrust.of(units=[KAMAILIO_UNIT])) if journal else RecordParser("auto")
+    parser = JournalParser(trust=_trust(journal)) if journal else RecordParser("auto")
     out = []
     # the parser's warnings (the forged entries are not Kamailio's) were the daemon's to give: quiet here
     quiet = logging.NullHandler()
@@ -877,12 +914,12 @@ def report(res: Result, echo: Echo = print) -> None:
          f"{sum(1 for r in ph if r[1].startswith('REGISTER'))} REGISTER incl. the typo), "
          f"{ok} answered 200, {sum(1 for r in ph if r[2] is None)} unanswered; "
          f"banned: {'YES' if res.phone_banned else 'no'}")
-    forged = ", and logged as Kamailio by user nobody (logger -t kamailio)" if res.log_path == "journal" else ""
+    forged = ", and logged as Kamailio by user nobody" if res.log_path.startswith("journal") else ""
     echo(f"{FAKE} (written into User-Agent/From by an attacker{forged}): banned: "
          f"{'YES' if res.fake_banned else 'no'}")
     d = res.durations
     echo(f"Log path: Kamailio through {res.path_title}.")
-    echo(f"Kamailio wrote {res.log_lines} {'journal entries' if res.log_path == 'journal' else 'log lines'}. Setup {d.get('setup', 0):.1f}s, attacks "
+    echo(f"Kamailio wrote {res.log_lines} {'journal entries' if res.log_path.startswith('journal') else 'log lines'}. Setup {d.get('setup', 0):.1f}s, attacks "
          f"{d.get('attacks', 0):.1f}s, proof {d.get('proof', 0):.1f}s, total {d.get('total', 0):.1f}s.")
 
 

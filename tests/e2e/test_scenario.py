@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for networ
 RUNS = [  # (log path, Kamailio's log engine)
     pytest.param("rsyslog", None, id="rsyslog"),
     pytest.param("journal", None, id="journal"),
-    pytest.param("journal", "json:UM", id="journal-json"),
+    pytest.param("journal-ident", "json:UM", id="journal-ident-json"),
     pytest.param("rsyslog", "json:UM", id="rsyslog-json"),
 ]
 
