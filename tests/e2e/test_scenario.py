@@ -47,3 +47,30 @@ def test_real_kamailio_under_attack(capsys, log_path, log_engine):
     for a in res.attacks:
         assert a.latency_decisive is not None and a.latency_decisive <= MAX_BAN_LATENCY
     assert res.durations["total"] < 180
+
+
+def test_cleanup_stale_ends_a_leftover_private_journald():
+    """What an interrupted journal run leaves (a private journald with Kamailio's unit cgroup, no
+    close()) is ended by PID and removed by the next run's cleanup, and nothing else is touched."""
+    from tests.e2e.scenario import cleanup_stale
+    from tests.lab.journald import PrivateJournald, available
+
+    if not available():
+        pytest.skip("needs systemd-journald, unshare/nsenter/setpriv")
+    left = PrivateJournald(prefix="sge2e-jd-", units=True)
+    other = PrivateJournald(prefix="sgh-jd-")  # not this scenario's: must survive
+    try:
+        other.start()
+        left.start()
+        init, jd = left.init_pid, left.journald_pid()
+        assert init and jd and os.path.exists(f"/proc/{jd}")
+        gone = cleanup_stale("sge2e-")
+        assert str(left.tmp) in gone and not left.tmp.exists()
+        assert not os.path.exists(f"/proc/{init}") and not os.path.exists(f"/proc/{jd}")
+        assert other.journald_pid() is not None and other.tmp.exists()
+        assert cleanup_stale("sge2e-") == []
+    finally:
+        try:
+            left.close()
+        finally:
+            other.close()

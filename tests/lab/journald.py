@@ -210,7 +210,8 @@ done
                               text=True, timeout=30)
 
     def close(self) -> None:
-        (self.tmp / "stop").touch()
+        if self.tmp.exists():  # cleanup_stale may have removed it already
+            (self.tmp / "stop").touch()
         if self.init_pid:
             try:
                 os.kill(self.init_pid, signal.SIGKILL)  # PID 1 of the namespace: everything in it ends
