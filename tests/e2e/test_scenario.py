@@ -8,11 +8,13 @@ scanner User-Agent holding a CR/LF and a forged line), and checks that every att
 the kernel within 2 s of the packet that completed the evidence, that banned sources get no answer,
 and that the phone and the address named only in attacker text are never banned.
 
-Once per log path between Kamailio and sipguard: a private rsyslogd writing a file (classic text,
-and Kamailio's JSON log engine `--log-engine=json:UM`), and a private systemd-journald that records
-`_SYSTEMD_UNIT=kamailio.service` (Kamailio runs in that unit's cgroup, as user kamailio), followed
-through journalctl with `[sources] journal = ["kamailio.service"]` (classic text and JSON engine);
-in the journal runs a local user also forges a Kamailio line naming 198.18.0.99, which bans nobody.
+Four runs, by log path between Kamailio and sipguard: a private rsyslogd writing a file (Kamailio's
+classic text, and its JSON log engine `--log-engine=json:UM`); a private systemd-journald that
+records `_SYSTEMD_UNIT=kamailio.service` (Kamailio runs in that unit's cgroup, as user kamailio),
+followed through journalctl with `[sources] journal = ["kamailio.service"]` (classic text); the
+same journald with Kamailio in no unit, followed with `journal_identifiers = ["kamailio"]` and
+trusted by `_EXE=/usr/sbin/kamailio` and `_UID` of user kamailio (JSON engine). In the journal runs
+a local user (nobody) also forges Kamailio lines naming 198.18.0.99, which must ban nobody.
 Needs root (namespaces, netfilter, journald); skipped only without it.
 """
 
