@@ -2,9 +2,9 @@
 
 The scenario (tests/e2e/scenario.py, shared with `make demo`) builds namespaces sge2e-*, runs
 Kamailio with examples/kamailio/kamailio.cfg behind the baseline firewall, `sipguard run` with the
-kernel enforcer, a legitimate phone and ten attackers (svmap, svwar, svcrack stock and with a
+kernel enforcer, a legitimate phone (which also calls two numbers) and eleven attackers (svmap, svwar, svcrack stock and with a
 phone's User-Agent, a pike flood, malformed requests, a SIP/3.0 request line, text injection, a
-scanner User-Agent holding a CR/LF and a forged line), and checks that every attacker is banned in
+scanner User-Agent holding a CR/LF and a forged line, a toll-fraud prober), and checks that every attacker is banned in
 the kernel within 2 s of the packet that completed the evidence, that banned sources get no answer,
 and that the phone and the address named only in attacker text are never banned.
 
