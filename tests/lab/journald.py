@@ -16,6 +16,7 @@ puts a process into ``/system.slice/kamailio.service`` first: journald then reco
 ``_SYSTEMD_UNIT=kamailio.service`` for it, as under a real systemd. The cgroups are removed in
 ``close()``.
 ``journalctl`` is a wrapper script reading our journal directory from the host side.
+``cleanup_stale(prefix)`` removes what an interrupted run left (its work dir records PID 1).
 
 Everything is stopped by PID in ``close()`` (SIGKILL of the namespace's PID 1 ends every process in
 it) and the temporary directory removed, even on failure. Nothing of the host's journal, network or
@@ -118,6 +119,7 @@ sysctl -q -w net.unix.max_dgram_qlen=512
             kids = _children(self.proc.pid)
             if kids and self.init_pid is None:
                 self.init_pid = kids[0]
+                (t / "init.pid").write_text(str(self.init_pid))  # for cleanup_stale after a crash
             if self.init_pid and self.journald_pid() and (self.sock / "dev-log").exists() \
                     and (self.sock / "socket").exists():
                 return
@@ -145,13 +147,8 @@ done
 
     def _remove_cgroups(self) -> None:
         """Our cgroups, bottom up, once their processes are gone (bounded retries)."""
-        if not self.cgroup:
-            return
-        script = (f"mount -t cgroup2 none /sys/fs/cgroup || exit 0\n[ -d /sys/fs/cgroup{self.cgroup} ] || exit 0\n"
-                  f"for i in $(seq 50); do find /sys/fs/cgroup{self.cgroup} -depth -type d -exec rmdir {{}} \\; "
-                  f"2>/dev/null; [ -d /sys/fs/cgroup{self.cgroup} ] || exit 0; sleep 0.1; done\nexit 1\n")
-        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], timeout=30,
-                       capture_output=True)
+        if self.cgroup:
+            _remove_cgroup(self.cgroup)
 
     def journald_pid(self) -> int | None:
         """journald's PID as the host sees it (the child of the namespace's PID 1)."""
@@ -213,7 +210,8 @@ done
                               text=True, timeout=30)
 
     def close(self) -> None:
-        (self.tmp / "stop").touch()
+        if self.tmp.exists():  # cleanup_stale may have removed it already
+            (self.tmp / "stop").touch()
         if self.init_pid:
             try:
                 os.kill(self.init_pid, signal.SIGKILL)  # PID 1 of the namespace: everything in it ends
@@ -264,6 +262,46 @@ done
         p = subprocess.run([str(self.journalctl), "--output=json", "--all", "--no-pager", "--quiet", *args],
                            capture_output=True, timeout=30)
         return [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
+
+
+def _remove_cgroup(cgroup: str) -> None:
+    """The cgroup `/NAME` of a PrivateJournald(units=True) and those below it, bottom up, once their
+    processes are gone (bounded retries), seen through a cgroup2 mount of a private mount namespace."""
+    script = (f"mount -t cgroup2 none /sys/fs/cgroup || exit 0\n[ -d /sys/fs/cgroup{cgroup} ] || exit 0\n"
+              f"for i in $(seq 50); do find /sys/fs/cgroup{cgroup} -depth -type d -exec rmdir {{}} \\; "
+              f"2>/dev/null; [ -d /sys/fs/cgroup{cgroup} ] || exit 0; sleep 0.1; done\nexit 1\n")
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], timeout=30,
+                   capture_output=True)
+
+
+def cleanup_stale(prefix: str) -> list[str]:
+    """Private journalds an interrupted run left behind, made with this *prefix* (their work dirs in the
+    temp dir): SIGKILL of each one's namespace PID 1 (only when its command line still names the work
+    dir, so a reused PID is never hit) ends every process in it; then its cgroup and dir are removed.
+    Only for prefixes a single run owns (the e2e scenario's). Returns the dirs removed."""
+    if len(prefix) < 4 or "/" in prefix:
+        raise ValueError(f"refusing to clean prefix {prefix!r}")
+    gone = []
+    for d in sorted(Path(tempfile.gettempdir()).glob(prefix + "*")):
+        if not d.is_dir() or not (d / "init.sh").is_file():
+            continue
+        try:
+            pid = int((d / "init.pid").read_text())
+            alive = str(d) in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            pid, alive = 0, False
+        if alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        _remove_cgroup(f"/{d.name}")
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(str(d))
+    return gone
 
 
 _SENDER = r"""

@@ -16,6 +16,19 @@ Two log modes:
     ``kamailio -E``: Kamailio writes to stderr, redirected to *logfile*.  No
     syslog escaping: CR/LF copied from SIP messages end up as real new lines.
 
+``logmode="journal"``
+    Kamailio's syslog(3) calls go to a private systemd-journald
+    (``journald=``, a :class:`tests.lab.journald.PrivateJournald`): Kamailio
+    runs inside that journald's PID and mount namespaces (``/dev/log`` is
+    journald's syslog socket) and in the network namespace *ns*, as *user*
+    (Debian's ``User=kamailio``), in the cgroup of *unit* when given
+    (``PrivateJournald(units=True)``: journald then records
+    ``_SYSTEMD_UNIT=kamailio.service``, as under a real systemd).  Nothing is
+    written to *logfile*; ``journal_entries()`` reads what journald stored.
+
+*log_engine* adds ``--log-engine=ENGINE`` (e.g. ``"json:UM"``, Kamailio's JSON
+log engine) in every mode.
+
 Usage::
 
     with Kamailio(lab.hub, lab.proxy_ip, logmode="rsyslog",
@@ -23,12 +36,15 @@ Usage::
         ...  # k.wait_for("INFO: <core>", timeout=5)
 
 All processes are stopped by PID in ``__exit__`` (Kamailio main process first,
-then rsyslogd, then the wrapper shell); the temp dir is removed unless
-``keep_workdir=True``.
+then rsyslogd, then the wrapper shell or ``nsenter``); the temp dir is removed
+unless ``keep_workdir=True``.  The journal mode's journald is the caller's to
+close (after Kamailio).
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -115,6 +131,20 @@ wait $!
 """
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _shq(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
@@ -122,7 +152,9 @@ def _shq(s: str) -> str:
 class Kamailio:
     """Kamailio in network namespace *ns*, listening on *listen_ip*:5060.
 
-    Parameters: *logmode* ``"rsyslog"`` or ``"stderr"``; *template* for
+    Parameters: *logmode* ``"rsyslog"``, ``"stderr"`` or ``"journal"`` (with
+    *journald*, *unit* and *user*: see the module docstring); *log_engine*
+    (``"json:UM"``) for ``--log-engine``; *template* for
     rsyslog mode; *logfile* where the log lines go (appended to); *defines*
     extra ``#!define`` names; *cfg* another config file with the same
     ``#!substdef`` markers (e.g. a copy with ``debug=3``); *keep_workdir*
@@ -134,9 +166,17 @@ class Kamailio:
                  template: str = "RSYSLOG_TraditionalFileFormat",
                  logfile: str | Path | None = None, domain: str = "sipguard.test",
                  defines: list[str] | None = None, keep_workdir: bool = False,
-                 startup_timeout: float = 10.0, cfg: Path | None = None):
-        if logmode not in ("rsyslog", "stderr"):
-            raise ValueError("logmode must be 'rsyslog' or 'stderr'")
+                 startup_timeout: float = 10.0, cfg: Path | None = None,
+                 journald=None, unit: str | None = "kamailio.service", user: str | None = "kamailio",
+                 log_engine: str | None = None):
+        if logmode not in ("rsyslog", "stderr", "journal"):
+            raise ValueError("logmode must be 'rsyslog', 'stderr' or 'journal'")
+        if (logmode == "journal") != (journald is not None):
+            raise ValueError("logmode 'journal' needs journald= (and only it takes one)")
+        if unit is not None and logmode == "journal" and not journald.cgroup:
+            raise ValueError("unit= needs PrivateJournald(units=True) (or pass unit=None)")
+        if log_engine is not None and not re.fullmatch(r"[a-z]+(:[A-Za-z]*)?", log_engine):
+            raise ValueError(f"log_engine {log_engine!r}: expected e.g. 'json:UM'")
         self.ns = ns
         self.listen_ip = check_addr(listen_ip)
         self.logmode = logmode
@@ -146,6 +186,10 @@ class Kamailio:
         self.keep_workdir = keep_workdir
         self.startup_timeout = startup_timeout
         self.cfg_src = cfg
+        self.journald = journald
+        self.unit = unit if logmode == "journal" else None
+        self.user = user if logmode == "journal" else None
+        self.log_engine = log_engine
         self.work = Path(tempfile.mkdtemp(prefix="sgl-kam-"))
         self.logfile = Path(logfile) if logfile else self.work / "kamailio.log"
         self.proc: subprocess.Popen | None = None
@@ -166,10 +210,13 @@ class Kamailio:
         self.stop()
 
     def kamailio_argv(self, cfg: Path) -> list[str]:
-        argv = ["kamailio", "-DD", "-f", str(cfg), "-P", str(self.work / "kamailio.main.pid"),
+        pidfile = self.work / ("run" if self.user else "") / "kamailio.main.pid"  # where *user* may write
+        argv = ["kamailio", "-DD", "-f", str(cfg), "-P", str(pidfile),
                 "-Y", str(self.work / "run"), "-w", str(self.work)]
         if self.logmode == "stderr":
             argv.insert(2, "-E")
+        if self.log_engine:
+            argv.append(f"--log-engine={self.log_engine}")
         return argv
 
     def start(self) -> None:
@@ -177,7 +224,9 @@ class Kamailio:
         cfg = prepare_config(self.work, self.listen_ip, self.domain, cfg=self.cfg_src,
                              defines=self.defines)
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        if self.logmode == "stderr":
+        if self.logmode == "journal":
+            self._start_journal(cfg)
+        elif self.logmode == "stderr":
             self._stderr_fh = open(self.logfile, "ab")
             self.proc = self.ns.popen(*self.kamailio_argv(cfg), stdin=subprocess.DEVNULL,
                                       stdout=self._stderr_fh, stderr=self._stderr_fh)
@@ -200,6 +249,31 @@ class Kamailio:
         if self.kamailio_pid:
             self.ns.track_pid(self.kamailio_pid)
         self._wait_listening()
+
+    def _start_journal(self, cfg: Path) -> None:
+        """Kamailio via nsenter into the journald's namespaces (and *unit*'s cgroup), as *user*."""
+        self.work.chmod(0o755)  # mkdtemp's 0700: the kamailio user reads its config here
+        if self.user is not None:
+            pw = pwd.getpwnam(self.user)
+            for path in (self.work / "run", *(self.work / "dbtext").rglob("*"), self.work / "dbtext"):
+                os.chown(path, pw.pw_uid, pw.pw_gid)  # usrloc db_mode 2 writes the location table back
+        self._stderr_fh = open(self.work / "wrapper.err", "ab")
+        self.proc = self.journald.popen(*self.kamailio_argv(cfg), user=self.user, netns=self.ns.name,
+                                        unit=self.unit, stdin=subprocess.DEVNULL, stdout=self._stderr_fh,
+                                        stderr=self._stderr_fh)
+        # nsenter --pid forks once; its child (sh -> setpriv -> exec) becomes Kamailio's main process
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            kids = _children(self.proc.pid)
+            if kids and _comm(kids[0]) == "kamailio":
+                self.kamailio_pid = kids[0]
+                break
+            time.sleep(0.05)
+
+    def journal_entries(self) -> list[dict]:
+        """Every entry of the private journal (journal mode), as `journalctl --output=json` gives it."""
+        assert self.journald is not None
+        return self.journald.entries()
 
     def _read_pid(self, name: str, timeout: float) -> int | None:
         path = self.work / name
