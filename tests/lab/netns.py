@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 from . import NS_PREFIX, NS_PREFIXES
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
+BR0_MAC = "02:53:47:00:00:01"  # the lab bridge's own address (see Lab.__enter__)
 CLONE_NEWNET = 0x40000000
 _START_NS = os.readlink("/proc/self/ns/net")  # the namespace the test process started in (the host's)
 
@@ -265,6 +266,10 @@ class Lab:
         try:
             self.hub.create()
             self.hub.ip("link", "add", "br0", "type", "bridge")
+            # a fixed (locally administered) address: a bridge otherwise takes its ports' lowest MAC, so
+            # adding a client's port can change it while earlier clients' neighbour entries hold the old
+            # one, and those clients go unanswered for seconds (seen as a phone "stall" during attacks)
+            self.hub.ip("link", "set", "br0", "address", BR0_MAC)
             self.hub.add_addr("br0", f"{self.proxy_ip}/{self.prefixlen}")
             self.hub.ip("link", "set", "br0", "up")
             return self
