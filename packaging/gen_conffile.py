@@ -133,7 +133,23 @@ def render() -> str:
             # the jails are tables of their own: [policy.jails.NAME]
             lines += section("policy", model, data["policy"], skip=("jails",))
             for jname, jail in cfg.policy.jails.items():
-                lines += section("policy", JailConfig, jail.model_dump(), header=f"[policy.jails.{jname}]")
+                # a counting jail: the distinct-jail options (distinct, prefixes, max_values) do not apply to it
+                only_distinct = () if jail.distinct is not None else ("distinct", "prefixes", "max_values")
+                lines += section("policy", JailConfig, jail.model_dump(), header=f"[policy.jails.{jname}]",
+                                 skip=only_distinct)
+            lines += [
+                "",
+                "# A distinct jail counts distinct values of a named capture instead of events (none by default):",
+                "# distinct destinations dialled per source is toll-fraud probing (README: fraud probes).",
+                "# An example (remove the '## ' to use it; the options are those of the jails above, plus these):",
+                "## [policy.jails.fraud]",
+                '## kinds = ["dial", "probe"]',
+                '## distinct = "dest"           # the capture counted; default none (a counting jail)',
+                '## prefixes = ["+", "00"]      # only values starting so count; default [] (every value)',
+                "## max_values = 100            # distinct values kept per source (default)",
+                '## findtime = "1h"',
+                "## threshold = 5",
+            ]
             continue
         lines += section(name, model, data[name])
     lines += section("cluster", ClusterConfig, None)

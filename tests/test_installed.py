@@ -217,3 +217,16 @@ def test_installed_with_debians_stock_kamailio_config(debs):
     with InstalledHost("trixie", debs["trixie"], tag=f"is{os.getpid() % 100000}", stock_config=True) as h:
         h.step_install(fallback_sources=os.environ.get("SIPGUARD_INSTALLED_WRITE_SOURCES") == "1")
         h.step_attack_stock()
+
+
+def test_conffile_distinct_jail_example_is_valid(tmp_path):
+    """The conffile's commented distinct-jail example, with its '## ' removed, is a jail sipguard loads."""
+    from sipguard.config import load_config
+
+    text = gen_conffile.render()
+    example = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert example and example[0] == "[policy.jails.fraud]", example
+    p = tmp_path / "fraud.toml"
+    p.write_text("\n".join(example) + "\n")
+    jail = load_config(p).policy.jails["fraud"]
+    assert (jail.distinct, jail.prefixes, jail.threshold, jail.max_values) == ("dest", ["+", "00"], 5, 100)
