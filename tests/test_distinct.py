@@ -243,7 +243,7 @@ def test_the_scenario_senders_against_a_real_kamailio(tmp_path: Path) -> None:
     assert [n for _t, n, _s in phone.call_results] == list(PHONE_CALLS)
     assert all(st == "404" for _t, _n, st in phone.call_results), phone.call_results  # not served here
     assert out == "fraud:" + " ".join(["407"] * len(FRAUD_NUMBERS)), out  # challenged each time
-    sg = Config.model_validate(__import__("tomllib").loads(SG_CONFIG.format(state=tmp_path, log=log)))
+    sg = Config.model_validate(__import__("tomllib").loads(SG_CONFIG.format(state=tmp_path, sources=f'logs = ["{log}"]')))
     sg = sg.model_copy(update={"allowlist": sg.allowlist.model_copy(update={"include_host_addresses": False})})
     bans = {b.ip: b for b in scan_files([str(log)], sg).bans}
     assert set(bans) == {"198.18.0.20"} and bans["198.18.0.20"].reason.startswith("fraud:"), bans
