@@ -216,7 +216,7 @@ def test_spray_across_three_nodes_bans_on_all(fleet):
     for n in fleet:  # one failure per node: under every node's threshold of 3
         n.write(auth_failed(ip))
         wait_for(lambda: n.bridge.stats.scored >= 1)
-    wait_for(lambda: all_enforce(fleet, ip), timeout=3)
+    wait_for(lambda: all_enforce(fleet, ip), timeout=15)  # (speed is the bench's; here: it happens)
     bans = [n.store.get_ban(ip) for n in fleet]
     assert len({(b.created, b.expires) for b in bans}) == 1  # the same absolute expiry everywhere
     assert bans[0].reason.startswith("auth:") and bans[0].score == 3 and not bans[0].manual
