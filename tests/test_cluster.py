@@ -217,6 +217,8 @@ def test_spray_across_three_nodes_bans_on_all(fleet):
         n.write(auth_failed(ip))
         wait_for(lambda: n.bridge.stats.scored >= 1)
     wait_for(lambda: all_enforce(fleet, ip), timeout=15)  # (speed is the bench's; here: it happens)
+    # the ban book writes the kernel first and the store in the batch's transaction after it
+    wait_for(lambda: all(n.store.get_ban(ip) is not None for n in fleet))
     bans = [n.store.get_ban(ip) for n in fleet]
     assert len({(b.created, b.expires) for b in bans}) == 1  # the same absolute expiry everywhere
     assert bans[0].reason.startswith("auth:") and bans[0].score == 3 and not bans[0].manual
