@@ -163,25 +163,18 @@ done
 
     def restart(self, timeout: float = 10.0) -> None:
         """Stop journald (SIGTERM: it syncs and closes its files) and wait for the loop's new one."""
-        old = self.journald_pid()
-        assert old is not None
-        (self.sock / "dev-log").unlink(missing_ok=True)
-        os.kill(old, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            new = self.journald_pid()
-            if new and new != old and (self.sock / "dev-log").exists():
-                time.sleep(0.1)
-                return
-            time.sleep(0.05)
-        raise RuntimeError("journald did not come back")
+        self._replace(signal.SIGTERM, timeout)
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL journald (no sync: its file stays dirty) and wait for the loop's new one."""
+        self._replace(signal.SIGKILL, timeout)
+
+    def _replace(self, sig: int, timeout: float) -> None:
+        """End the running journald with `sig` and wait until the loop's new one listens on dev-log."""
         old = self.journald_pid()
         assert old is not None
         (self.sock / "dev-log").unlink(missing_ok=True)
-        os.kill(old, signal.SIGKILL)
+        os.kill(old, sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             new = self.journald_pid()
