@@ -32,7 +32,7 @@ from sipguard.cluster.wire import Unverified, ban_payload, parse_ban, parse_unba
 from sipguard.config import ClusterConfig, Config, load_config
 from sipguard.errors import ConfigError
 from sipguard.model import Ban
-from test_cluster import REDIS, Node, RedisServer, _Closing, auth_failed  # noqa: F401 (REDIS: skips/fails there)
+from test_cluster import REDIS, Node, RedisServer, _Closing, all_enforce, auth_failed  # noqa: F401 (REDIS: skips/fails there)
 from waiting import wait_for
 
 SECRET = "fleet-secret-0123456789abcdef"
@@ -82,10 +82,6 @@ def fleet(tmp_path, redis_server):
 
 def enforced_anywhere(nodes, ip: str) -> bool:
     return any(ip in n.enforced() for n in nodes)
-
-
-def all_enforce(nodes, ip: str) -> bool:
-    return all(ip in n.enforced() for n in nodes)
 
 
 def stored_anywhere(nodes, ip: str) -> bool:
