@@ -171,13 +171,33 @@ class FiltersConfig(Section):
 
 
 class JailConfig(Section):
-    """fail2ban's jail: events of these kinds, summed inside findtime, ban at threshold."""
+    """fail2ban's jail: events of these kinds, summed inside findtime, ban at threshold.
+
+    A distinct jail (`distinct = "dest"`) counts instead the distinct values of that named capture of
+    its filters' regexes (Event.captures) per source inside findtime: distinct users tried from one
+    source is enumeration, distinct destinations dialled is fraud probing. `prefixes` narrows what
+    counts to values starting with one of them (international prefixes, premium ranges); at most
+    `max_values` values are kept per source (attacker text, kept hashed), so a spray stays bounded.
+    """
 
     kinds: list[EventKind]
     findtime: Duration
     threshold: float = Field(gt=0)
     reset_on_success: bool = False
     bantime: MaybePermanent | None = None  # None: the policy's escalating ban time
+    distinct: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,31}$")  # count distinct values of this capture
+    prefixes: list[Annotated[str, Field(min_length=1, max_length=32)]] = []  # distinct jail: only values starting so
+    max_values: int = Field(100, ge=1, le=10_000)  # distinct jail: values kept per source
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "JailConfig":
+        if self.distinct is None:
+            if self.prefixes or "max_values" in self.model_fields_set:
+                raise ValueError("prefixes and max_values are read only with distinct = \"<capture>\"")
+            return self
+        if self.threshold > self.max_values:
+            raise ValueError(f"threshold {self.threshold:g} can never be reached with max_values {self.max_values}")
+        return self
 
     @field_validator("kinds")
     @classmethod

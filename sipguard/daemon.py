@@ -98,6 +98,7 @@ class BatchReport:
     bans: list[Ban]
     read_time: float
     skipped: dict[str, int]
+    losses: dict[str, int] = field(default_factory=dict)  # loss notices so far (formats/losses.py)
 
 
 class Hook(Protocol):
@@ -348,7 +349,8 @@ class Daemon:
         """A batch is stored: the hooks hear it, then housekeeping."""
         p = self.parts
         if p.hooks:
-            report = BatchReport(batch.lines_by_source, batch.events, batch.bans, batch.read_time, self.skipped())
+            report = BatchReport(batch.lines_by_source, batch.events, batch.bans, batch.read_time, self.skipped(),
+                                 p.pipeline.losses.stats.as_dict())
             for hook in p.hooks:
                 hook.on_batch(report)
         self.stats.bans += len(batch.bans)
@@ -534,6 +536,7 @@ class Daemon:
             "sources": _counters(p.follower.stats),
             "formats": self.parse_counters(),
             "filters": _counters(p.filters.stats),
+            "losses": p.pipeline.losses.stats.as_dict(),
             "policy": asdict(p.policy.stats),
             "bans": asdict(p.book.stats),
         }

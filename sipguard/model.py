@@ -50,6 +50,7 @@ class EventKind(str, Enum):
     SCANNER = "scanner"
     AUTH_FAILURE = "auth_failure"
     PROBE = "probe"  # challenge sent / unknown user: harmless once, suspicious in bulk
+    DIAL = "dial"  # an INVITE dialled a destination (captured): counted only by distinct jails
     SUCCESS = "success"  # clears the source's auth-failure / probe score
 
 
@@ -58,6 +59,10 @@ class Event(NamedTuple):
 
     `text` is the matched record's text (a reference to the Record's own string, never a copy; ""
     for an event read back from the store, which keeps no text): the evidence a ban keeps.
+
+    `captures` holds the regex's other named groups as (name, value) pairs, e.g. ("dest", "+4420..."):
+    attacker text, at most CAPTURE_CHARS characters each, used only as a counting key by distinct jails
+    (policy.py), never as an address; () for most filters and for an event read back from the store.
     """
 
     time: float
@@ -66,6 +71,11 @@ class Event(NamedTuple):
     kind: EventKind
     weight: float
     text: str = ""
+    captures: tuple[tuple[str, str], ...] = ()
+
+
+CAPTURE_CHARS = 64
+"""The longest captured value an Event carries (longer ones are cut to this: still a key, bounded)."""
 
 
 class Evidence(NamedTuple):

@@ -34,6 +34,9 @@ line:
   characters), or a NUL, `FE FF` or `FF FE` byte (what json.loads would read as UTF-16/32).
 - plain Lines, sources with another parser, and `sparse=False`: every line.
 
+Loss notices (journald's "Suppressed N messages", rsyslog's rate-limit messages) in a LineBatch are
+counted by `losses` (formats/losses.py) before any parsing, whether or not the lines are parsed.
+
 Never reads a file or a follower, never touches the store or the policy: it is handed lines and
 hands back events, records and counts.
 """
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 
 from .filters import FilterSet, Verdict, trigger_lines
 from .formats import JournalParser, Parser, RecordParser
+from .formats.losses import LossNotices
 from .model import Event, Line, Record
 from .sources import LineBatch
 
@@ -114,6 +118,7 @@ class Pipeline:
         self._start: dict[str, int] = {}  # per source: literal mask of the line its pending record began on
         self._fed: dict[str, Parser] = {}  # sources fed since the last flush, in first-fed order
         self.n_lines = self.n_parsed = self.n_records = self.n_events = 0
+        self.losses = LossNotices()  # lines lost before they reached us, as journald / rsyslog say
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -121,6 +126,9 @@ class Pipeline:
         """The events of `lines` (in the order parsing every line gives them), then, unless
         `flush=False` (more of the same input follows), those of the records still pending."""
         res = BatchResult()
+        if isinstance(lines, LineBatch):
+            for seg in lines.segments:
+                self.losses.scan(seg[2])
         if self.sparse and isinstance(lines, LineBatch):
             parsers = self.parsers
             for src, off, data in lines.segments:

@@ -1,6 +1,7 @@
 """Scoring and decisions: Event -> Decision, from jails (kinds, findtime, threshold), escalation
 and the allow-list; each Decision carries its evidence (the last `[policy] evidence_lines` records
-that counted, for `sipguard why`).
+that counted, for `sipguard why`). A distinct jail counts the distinct values of one named capture
+of its events (distinct users tried, distinct destinations dialled) instead of the events themselves.
 
 Pure in-memory arithmetic over state it is handed (restored events, offence history): it reads
 no file, writes no database and touches no kernel, so every rule is testable with a table.
@@ -90,9 +91,22 @@ class _Jail:
     name: str
     cfg: JailConfig
     kinds: frozenset[EventKind] = field(init=False)
+    distinct: str | None = field(init=False)
+    prefixes: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.kinds = frozenset(self.cfg.kinds)
+        self.distinct = self.cfg.distinct
+        self.prefixes = tuple(self.cfg.prefixes)
+
+    def value(self, ev: Event) -> str | None:
+        """A distinct jail: the value `ev` counts with (its capture, inside `prefixes`), or None when it
+        does not count here (no such capture, another prefix, weight 0). The fleet's scorer asks the same."""
+        name = self.distinct
+        value = next((v for k, v in ev.captures if k == name), None)
+        if value is None or ev.weight <= 0 or (self.prefixes and not value.startswith(self.prefixes)):
+            return None
+        return value
 
 
 class Policy:
@@ -112,6 +126,13 @@ class Policy:
     EVIDENCE_SOURCES sources per jail; a Decision takes those inside the jail's findtime and the event
     that decided. A jail that bans on one event (threshold 1) keeps nothing. Restored events carry no
     text and leave none.
+
+    A distinct jail (`distinct = "dest"`) keeps instead, per source, the hashes of the distinct values
+    of that capture it saw inside findtime, each with the time it was last seen, least recently seen
+    first: at most `max_values` per source (the oldest go first) and at most `max_tracked` sources. Its
+    score is how many there are. An event without that capture, with a value outside the jail's
+    `prefixes`, or of weight 0 does not count in it. Restored events carry no captures (the store keeps
+    none), so after a restart a distinct jail counts anew.
     """
 
     def __init__(
@@ -133,6 +154,7 @@ class Policy:
                 self._by_kind.setdefault(kind, []).append(jail)
         self._reset_jails = [j for j in self.jails if j.cfg.reset_on_success]
         self._win: dict[str, dict[str, float | list[float]]] = {j.name: {} for j in self.jails}
+        self._dist: dict[str, dict[str, dict[int, float]]] = {j.name: {} for j in self.jails if j.distinct}
         self.max_tracked = cfg.max_tracked
         self.offences: dict[str, list[float]] = {k: list(v) for k, v in (offences or {}).items()}
         self.banned: set[str] = set()
@@ -181,6 +203,11 @@ class Policy:
         ip, t, w = ev.ip, ev.time, ev.weight
         keep = decide and self.evidence_lines and ev.text
         for jail in self._by_kind.get(ev.kind, ()):
+            if jail.distinct is not None:
+                got = self._count_distinct(jail, ev, decide)
+                if got is not None:
+                    return got
+                continue
             wins = self._win[jail.name]
             old = wins.pop(ip, None)  # re-inserted below: dict order is least recently active first
             since = t - jail.cfg.findtime
@@ -213,6 +240,38 @@ class Policy:
                 self._keep(self._evid[jail.name], ev)
         return None
 
+    def _count_distinct(self, jail: _Jail, ev: Event, decide: bool) -> Decision | None:
+        """Count `ev` in a distinct jail: its capture's value, hashed, as seen now; a Decision when the
+        source's distinct values inside findtime reach the threshold."""
+        value = jail.value(ev)
+        if value is None:
+            return None
+        srcs = self._dist[jail.name]
+        t = ev.time
+        seen = srcs.pop(ev.ip, None)  # re-inserted below: least recently active source first
+        if seen is None:
+            seen = {}
+        h = hash(value)  # a counting key only: never kept as text, never an address
+        last = seen.pop(h, None)
+        seen[h] = t if last is None or t > last else last
+        since = t - jail.cfg.findtime
+        for old in [k for k, when in seen.items() if when < since]:
+            del seen[old]
+        over = len(seen) - jail.cfg.max_values
+        if over > 0:
+            for old in list(islice(seen, over)):
+                del seen[old]
+        srcs[ev.ip] = seen
+        if len(srcs) > self.max_tracked:
+            self._evict(srcs, self._evid[jail.name])
+        score = float(len(seen))
+        if decide and score >= jail.cfg.threshold:
+            self.stats.decisions += 1
+            return self._decide(ev, jail, score)
+        if decide and self.evidence_lines and ev.text:
+            self._keep(self._evid[jail.name], ev)
+        return None
+
     def _keep(self, held: dict[str, list[Event]], ev: Event) -> None:
         """Hold `ev` as evidence of its source in one jail (the last evidence_lines; bounded sources).
         The event itself is held (no new object) unless its text is longer than evidence keeps."""
@@ -241,8 +300,12 @@ class Policy:
     @property
     def windows(self) -> dict[tuple[str, str], list[float]]:
         """Every window as {(source, jail): [t0, w0, ...]} (a copy, for inspection and tests)."""
-        return {(ip, name): (list(w) if type(w) is list else [w, 1.0])
-                for name, wins in self._win.items() for ip, w in wins.items()}
+        out = {(ip, name): (list(w) if type(w) is list else [w, 1.0])
+               for name, wins in self._win.items() for ip, w in wins.items()}
+        for name, srcs in self._dist.items():  # a distinct jail: each value's last time, weight 1
+            for ip, seen in srcs.items():
+                out[(ip, name)] = [x for when in sorted(seen.values()) for x in (when, 1.0)]
+        return out
 
     @property
     def evidence(self) -> dict[tuple[str, str], list[Evidence]]:
@@ -252,7 +315,7 @@ class Policy:
     @property
     def tracked(self) -> int:
         """How many (source, jail) windows are held."""
-        return sum(len(w) for w in self._win.values())
+        return sum(len(w) for w in self._win.values()) + sum(len(s) for s in self._dist.values())
 
     def _decide(self, ev: Event, jail: _Jail, score: float) -> Decision:
         history = [t for t in self.offences.get(ev.ip, ()) if t >= ev.time - self.cfg.offence_memory]
@@ -290,6 +353,8 @@ class Policy:
             self._evid[jail.name].pop(ip, None)
             if self._win[jail.name].pop(ip, None) is not None:
                 hit = True
+            if jail.distinct is not None and self._dist[jail.name].pop(ip, None) is not None:
+                hit = True
         return hit
 
     def expire(self, now: float) -> int:
@@ -307,6 +372,20 @@ class Policy:
             if dead:  # a dict keeps its size after deletions: rebuild a much smaller one
                 self._win[jail.name] = dict(wins)
                 self._evid[jail.name] = dict(evid)
+        for jail in self.jails:
+            if jail.distinct is None:
+                continue
+            srcs = self._dist[jail.name]
+            since = now - jail.cfg.findtime
+            dead = [ip for ip, seen in srcs.items() if not seen or max(seen.values()) < since]
+            evid = self._evid[jail.name]
+            for ip in dead:
+                del srcs[ip]
+                evid.pop(ip, None)
+            n += len(dead)
+            if dead:
+                self._dist[jail.name] = dict(srcs)
+                self._evid[jail.name] = dict(evid)
         horizon = now - self.cfg.offence_memory
         for ip in [ip for ip, ts in self.offences.items() if not ts or ts[-1] < horizon]:
             del self.offences[ip]
@@ -317,6 +396,11 @@ class Policy:
         """Current score per jail for one source (for `status` and tests)."""
         out = {}
         for jail in self.jails:
+            if jail.distinct is not None:
+                seen = self._dist[jail.name].get(ip)
+                if seen:
+                    out[jail.name] = float(sum(1 for when in seen.values() if when >= now - jail.cfg.findtime))
+                continue
             win = self._win[jail.name].get(ip)
             if type(win) is list:
                 if win:

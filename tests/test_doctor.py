@@ -38,6 +38,10 @@ LINES = {
     "auth-challenge": "NOTICE: <script>: auth challenge for user 1000 from {ip}:5060 method REGISTER",
     "unknown-user": "NOTICE: <script>: unknown user 1234 from {ip}:5060 method REGISTER",
     "register-success": "NOTICE: <script>: REGISTER success for user 1000 from {ip}:5060",
+    "call-attempt": "NOTICE: <script>: call attempt to +442079460000 from {ip}:5060",
+    "call-refused": "NOTICE: <script>: INVITE refused (not authenticated) to +442079460000 from {ip}:5060",
+    "acl-refused": "NOTICE: <script>: ACL refused INVITE to +88216000000 from {ip}:5060",
+    "secfilter": "WARNING: <script>: secfilter blocked REGISTER (blacklisted UA) from {ip}:5060",
 }
 
 
@@ -113,7 +117,7 @@ def test_logs_missing_unreadable_empty_foreign_stale_and_good(tmp_path):
     assert "empty" in p.message
     write_log(log, now, program="sshd")
     (p,) = problems(run(host(), "logs"))
-    assert "none of the last 7 lines is a record of kamailio" in p.message and "[sources] programs" in p.fix
+    assert f"none of the last {len(LINES)} lines is a record of kamailio" in p.message and "[sources] programs" in p.fix
     write_log(log, now, age=7200)
     (p,) = problems(run(host(), "logs"))
     assert "last written 2h ago" in p.message
@@ -133,7 +137,7 @@ def test_journal_sources(tmp_path):
     entries.write_text("")
     (p,) = problems(run(Host(cfg, tmp_path / "state", now=now), "logs"))
     assert "no entries at all" in p.message
-    rows = [{"MESSAGE": LINES[n].format(ip=f"198.18.0.{i + 10}"), "__REALTIME_TIMESTAMP": str(int((now - 70 + i * 10) * 1e6)),
+    rows = [{"MESSAGE": LINES[n].format(ip=f"198.18.0.{i + 10}"), "__REALTIME_TIMESTAMP": str(int((now - 10 * len(LINES) + i * 10) * 1e6)),
              "_PID": "4242", "_SYSTEMD_UNIT": "kamailio.service", "SYSLOG_IDENTIFIER": "kamailio", "_HOSTNAME": "sip1", "_TRANSPORT": "syslog"}
             for i, n in enumerate(LINES)]
     entries.write_text("".join(json.dumps(r) + "\n" for r in rows))

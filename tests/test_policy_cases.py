@@ -6,8 +6,9 @@ A case is a directory (in the spirit of CrowdSec's pkg/leakybucket/testdata/<sce
 * `policy.toml`: the policy config, the same keys as the `[policy]` section of sipguard.toml
   (validated as that section, so an unknown key fails the case);
 * `events.jsonl`: the events in, one per line: `time` (seconds from the case's start), `ip`,
-  `filter`, `kind`, `weight`, and optionally `batch` (a label: consecutive events with the same
-  label are read in one batch);
+  `filter`, `kind`, `weight`, optionally `captures` (the regex's named groups, e.g. {"dest": "+44..."},
+  what distinct jails count) and `batch` (a label: consecutive events with the same label are read in
+  one batch);
 * `decisions.jsonl`: the decisions out, in order: `event` (0-based index of the event that decided
   it, among the lines of events.jsonl), `time` (that event's time), `ip`, `reason`, `score`,
   `duration` (seconds, null = permanent) and `offence`;
@@ -79,8 +80,9 @@ def load_case(name: str) -> tuple[PolicyConfig, list[list[tuple[int, Event]]], l
     label = None
     for i, line in enumerate(l for l in (d / "events.jsonl").read_text().splitlines() if l.strip()):
         e = json.loads(line)
-        assert set(e) <= {"time", "ip", "filter", "kind", "weight", "batch"}, e
-        ev = Event(T0 + e["time"], e["ip"], e["filter"], EventKind(e["kind"]), float(e["weight"]))
+        assert set(e) <= {"time", "ip", "filter", "kind", "weight", "batch", "captures"}, e
+        ev = Event(T0 + e["time"], e["ip"], e["filter"], EventKind(e["kind"]), float(e["weight"]),
+                   captures=tuple(e.get("captures", {}).items()))
         if "batch" in e and e["batch"] == label:
             batches[-1].append((i, ev))
         else:
@@ -183,7 +185,7 @@ class ScriptRun(Run):
         if not events:
             return []
         args = self.cp.score_args(events, round(now, 3))
-        first = 9 + 5 * len(self.cfg.jails)  # ARGV layout: see sipguard/cluster/lua/score.lua
+        first = 9 + 6 * len(self.cfg.jails)  # ARGV layout: see sipguard/cluster/lua/score.lua
         assert len(args) == first + 7 * len(events)
         by_uid = {args[first + 7 * k + 5]: ev for k, ev in enumerate(events)}
         candidates, _resets, _skipped, _held = self.script(args=args)

@@ -70,6 +70,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON (short for
             vals = st.get(part) or {}
             if vals:
                 out.print(f"{part}: " + ", ".join(f"{k}={v}" for k, v in vals.items() if k != "started"))
+        lost = st.get("losses") or {}
+        if lost.get("notices"):
+            out.print(f"lines lost before sipguard read them: {lost.get('lost', 0)} by {lost['notices']} notices "
+                      f"(journald {lost.get('journald', 0)}, rsyslog {lost.get('rsyslog', 0)}): lift the limits, "
+                      "see README 'Lines lost in a storm'")
     sc = info["source_choice"]
     out.print(f"sources{'' if sc.get('saved') else ' (the daemon would choose)'}: {sc['described']} "
               f"({sc['reason']})", markup=False)
@@ -118,5 +123,7 @@ def check_config() -> None:
     out.print(f"filters: {', '.join(fs.names)}")
     for name, j in cfg.policy.jails.items():
         out.print(f"jail {name}: {'+'.join(k.value for k in j.kinds)} >= {j.threshold:g} in "
-                  f"{format_duration(j.findtime)}" + (", reset on success" if j.reset_on_success else ""))
+                  f"{format_duration(j.findtime)}" + (", reset on success" if j.reset_on_success else "")
+                  + ("" if j.distinct is None else f", distinct values of {j.distinct!r}"
+                     + (f" starting {' / '.join(j.prefixes)}" if j.prefixes else "") + f" (at most {j.max_values} kept)"))
 

@@ -14,10 +14,16 @@ source's offences), and `verdicts` recounts each from the members whose tags ver
 that reaches the threshold on verified events alone becomes a ban (its id, score and escalation from
 verified members only); forged members are named so the bridge can remove them. `claim_args` builds
 the PUBLISH_LUA call that claims that ban once for the fleet.
+
+Distinct jails (`distinct = "dest"`): an event counts there only with the value the local Policy would
+count (`_Jail.value`); Redis gets that value's hash (`value_hash`: the same on every node, never the
+attacker's text) as the member's weight field, `d` + hash, signed like a weight, and keeps one member
+per value; `verdicts` counts the distinct verified values.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -68,6 +74,8 @@ class ClusterPolicy:
         self._jails = {j.name: j for j in local.jails}
         self._kind_names: dict[EventKind, list[str]] = {
             kind: [j.name for j in local.jails if kind in j.kinds] for kind in EventKind}
+        self._kind_distinct = {kind for kind in EventKind
+                               if any(kind in j.kinds and j.distinct is not None for j in local.jails)}
         self._kind_jails: dict[EventKind, str] = {}
         for kind in EventKind:
             idx = [str(self._jail_index[j.name]) for j in local.jails if kind in j.kinds]
@@ -143,16 +151,38 @@ class ClusterPolicy:
                 bt = "perm" if j.cfg.bantime is None else repr(float(j.cfg.bantime))
             else:
                 bt = ""
-            args += [j.name, j.cfg.findtime, j.cfg.threshold, bt, "1" if j.cfg.reset_on_success else "0"]
+            args += [j.name, j.cfg.findtime, j.cfg.threshold, bt, "1" if j.cfg.reset_on_success else "0",
+                     "" if j.distinct is None else j.cfg.max_values]
         seq = self._seq
         tag = self.signer.tag
         for ev in events:
             uid, at, w = f"{self._node}.{next(seq)}", f"{ev.time:.6f}", repr(float(ev.weight))
+            if ev.kind in self._kind_distinct:
+                items, tags = self._distinct_items(ev, uid, w, at)
+                args += [ev.ip, items, at, w, ev.filter, uid, tags]
+                continue
             js = self._kind_jails[ev.kind]
             tags = "" if js == "S" or not self.signer.enabled else ",".join(
                 tag("ev", *event_parts(ev.ip, name, uid, w, at)) for name in self._kind_names[ev.kind])
             args += [ev.ip, js, at, w, ev.filter, uid, tags]
         return args
+
+    def _distinct_items(self, ev: Event, uid: str, w: str, at: str) -> tuple[str, str]:
+        """The jails field and the tags of an event of a kind some distinct jail counts (see lua/score.lua)."""
+        items, tags = [], []
+        for name in self._kind_names[ev.kind]:
+            jail = self._jails[name]
+            idx, weight = str(self._jail_index[name]), w
+            if jail.distinct is not None:
+                value = jail.value(ev)
+                if value is None:
+                    continue
+                h = value_hash(value)
+                idx, weight = f"{idx}:{h}", "d" + h
+            items.append(idx)
+            if self.signer.enabled:
+                tags.append(self.signer.tag("ev", *event_parts(ev.ip, name, uid, weight, at)))
+        return ",".join(items), ",".join(tags)
 
     def verdicts(self, candidates: Iterable[str], now: float) -> tuple[list[Verdict], dict[str, list[str]]]:
         """The script's candidates, recounted on verified evidence: (the bans they make, {key suffix
@@ -172,18 +202,30 @@ class ClusterPolicy:
             members = c.get("ev") if isinstance(c.get("ev"), list) else []  # Lua's empty table is {}
             offs = c.get("off") if isinstance(c.get("off"), list) else []
             score, bad = 0.0, []
+            distinct = jail.distinct is not None
+            values: set[str] = set()  # a distinct jail: the verified values
             for m, sc in zip(members[0::2], members[1::2]):
                 parts = str(m).split("|")
                 try:
-                    w, t = float(parts[1]), f"{float(sc):.6f}"
+                    t = f"{float(sc):.6f}"
+                    if distinct:
+                        if not parts[1].startswith("d"):
+                            raise ValueError(parts[1])
+                        w = 0.0
+                    else:
+                        w = float(parts[1])
                 except (IndexError, ValueError):
                     bad.append(m)
                     continue
                 if len(parts) == 3 and verify(parts[2], "ev", *event_parts(ip, name, parts[0], parts[1], t), now=now) \
                         or len(parts) == 2 and not signed:  # an untagged event counts in an unsigned fleet only
                     score += w
+                    if distinct:
+                        values.add(parts[1])
                 else:
                     bad.append(m)
+            if distinct:
+                score = float(len(values))
             if bad:
                 forged[f"s:{ip}:{name}"] = bad
             if score < jail.cfg.threshold:
@@ -235,3 +277,9 @@ class ClusterPolicy:
             if d is not None:
                 out.append(d)
         return out
+
+
+def value_hash(value: str) -> str:
+    """The hash a distinct jail's value is known by in Redis: the same on every node, 16 hex digits, so
+    the attacker's text itself never reaches the fleet."""
+    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()

@@ -33,13 +33,21 @@ CONTRACT = {
     "auth-challenge": "xlog(\"L_NOTICE\", \"auth challenge for user $fU from $si:$sp method $rm\\n\");",
     "unknown-user": "xlog(\"L_NOTICE\", \"unknown user $fU from $si:$sp method $rm\\n\");",
     "register-success": "xlog(\"L_NOTICE\", \"REGISTER success for user $fU from $si:$sp\\n\");",
+    "call-attempt": "xlog(\"L_NOTICE\", \"call attempt to $rU from $si:$sp\\n\");  (every initial INVITE)",
+    "call-refused": "xlog(\"L_NOTICE\", \"$rm refused (not authenticated|relay denied|not local) to $rU from "
+                    "$si:$sp\\n\");",
+    "acl-refused": "xlog(\"L_NOTICE\", \"ACL refused $rm to $rU from $si:$sp\\n\");  (permissions: "
+                   "allow_source_address)",
+    "secfilter": "xlog(\"L_WARN\", \"secfilter blocked $rm (<verdict>) from $si:$sp\\n\");  (route[SECFILTER])",
 }
 """The example config's line each shipped filter reads (README, "Making Kamailio print what sipguard reads")."""
 
-SCRIPT_FILTERS = ("scanner-ua", "malformed", "auth-failure", "auth-challenge", "unknown-user", "register-success")
+SCRIPT_FILTERS = ("scanner-ua", "malformed", "auth-failure", "auth-challenge", "unknown-user", "register-success",
+                  "call-attempt", "call-refused", "acl-refused", "secfilter")
 """Filters that read the example config's own xlog lines (not lines Kamailio prints by itself)."""
 
-ATTACK_ONLY = frozenset({"pike-block", "scanner-ua", "malformed", "auth-failure", "unknown-user"})
+ATTACK_ONLY = frozenset({"pike-block", "scanner-ua", "malformed", "auth-failure", "unknown-user", "acl-refused",
+                         "secfilter"})
 """Filters whose lines only an attack (or a typo) makes: never seeing them is normal on a quiet host."""
 
 

@@ -86,6 +86,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._active: dict[str, tuple[str, str, float | None]] = {}  # ip -> (family, reason, expires)
         self._skipped: dict[str, int] = {}
+        self._losses: dict[str, int] = {}  # loss notices of journald / rsyslog (formats/losses.py)
         self._store = (False, 0)  # (a batch is held because the store refuses it, refused commits so far)
         self._fleet: tuple[bool, int, float] | None = None  # (in sync, outbox, seconds out of sync); None: no fleet
         self._fleet_refused: dict[str, int] = {}  # what this node refused from the fleet, by kind
@@ -121,6 +122,15 @@ class Metrics:
         """The daemon's skipped-line counters by reason, as of its last batch."""
         with self._lock:
             self._skipped = dict(counters)
+
+    def set_losses(self, counters: dict[str, int]) -> None:
+        """The loss notices seen so far (LossStats.as_dict), as of the daemon's last batch."""
+        with self._lock:
+            self._losses = dict(counters)
+
+    def losses(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._losses)
 
     def skipped(self) -> dict[str, int]:
         with self._lock:
@@ -222,6 +232,14 @@ class _Collector:
         for reason, n in sorted(self.m.skipped().items()):
             c.add_metric([reason], n)
         yield c
+        losses = self.m.losses()
+        yield CounterMetricFamily("sipguard_log_lines_lost", "Lines journald or rsyslog say they dropped before "
+                                  "sipguard could read them (their rate-limit notices)", value=losses.get("lost", 0))
+        c = CounterMetricFamily("sipguard_log_loss_notices", "Rate-limit notices of journald / rsyslog seen",
+                                labels=["origin"])
+        for origin in ("journald", "rsyslog"):
+            c.add_metric([origin], losses.get(origin, 0))
+        yield c
         stalled, errors = self.m.store()
         yield GaugeMetricFamily("sipguard_store_stalled", "1 while a batch the store refused is held and retried "
                                 "(nothing more is read until it lands)", value=int(stalled))
@@ -312,6 +330,7 @@ class MetricsHook:
     def on_batch(self, report: Any) -> None:  # daemon.BatchReport
         self.metrics.observe_batch(report.lines_by_source, report.events, report.bans, report.read_time)
         self.metrics.set_skipped(report.skipped)
+        self.metrics.set_losses(report.losses)
 
     def tick(self, now: float, book: Any) -> None:
         """Once a second: the fleet view the bridge keeps in the store (fleet mode only)."""

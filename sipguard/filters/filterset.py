@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple, overload
 from ..addresses import normalize_ip
 from ..config import check_trusted, trusted_as_installed
 from ..errors import ConfigError
-from ..model import Event, Record
+from ..model import CAPTURE_CHARS, Event, Record
 from .search import search_literals
 from .spec import _KIND_ORDER, CompiledFilter, compile_spec, load_spec
 
@@ -216,6 +216,9 @@ class FilterSet:
                 stats["events"] += 1
                 self.hits[f.name] += 1
                 t = record.time
+                if f.captures:  # counting keys for distinct jails (attacker text, bounded, never an address)
+                    caps = tuple((k, v[:CAPTURE_CHARS]) for k, v in m.groupdict().items() if k != "ip" and v)
+                    return Event(now if t is None else t, ip, f.name, f.kind, f.weight, text, caps)
                 return Event(now if t is None else t, ip, f.name, f.kind, f.weight, text)  # text: the evidence
         if not tried:
             stats["multiline" if refused else "skipped"] += 1

@@ -6,6 +6,10 @@ without the named group `ip`, a regex with nested unbounded quantifiers (catastr
 and a regex whose address is not anchored at the end of the record (unless the file says
 `unanchored = true` with a `reason`) are ConfigErrors naming the file, the key or line, the regex and
 the reason (the static checks are check.py's). Never matches a record (FilterSet does).
+
+Named captures: every named group of a regex other than `ip` (lower-case names, e.g. `(?P<dest>...)`
+for a dialled number, `(?P<user>...)`) travels with the event as a counting key (`CompiledFilter.captures`,
+`Event.captures`) for distinct jails; it is never an address.
 """
 
 from __future__ import annotations
@@ -37,8 +41,12 @@ MACROS = {
 # can never be read as a success that clears its sender's score.
 _KIND_ORDER = {
     EventKind.FLOOD: 0, EventKind.MALFORMED: 1, EventKind.SCANNER: 2,
-    EventKind.AUTH_FAILURE: 3, EventKind.PROBE: 4, EventKind.SUCCESS: 5,
+    EventKind.AUTH_FAILURE: 3, EventKind.PROBE: 4, EventKind.DIAL: 5, EventKind.SUCCESS: 6,
 }
+
+CAPTURE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+"""The names a regex's groups other than `ip` may have: they travel with the event (Event.captures) as
+counting keys for distinct jails (`distinct = "user"`, `"dest"`)."""
 
 StrictStr = Annotated[str, Strict()]
 NonEmptyStr = Annotated[str, Strict(), Field(min_length=1, max_length=4096)]
@@ -92,6 +100,7 @@ class CompiledFilter:
     description: str
     path: str
     enabled: bool = True  # the file's own `enabled`; FilterSet.load's arguments can override it
+    captures: tuple[str, ...] = ()  # named groups besides `ip` in any regex: they travel with the event
 
 
 def expand_macros(pattern: str) -> str:
@@ -146,6 +155,10 @@ def compile_spec(spec: FilterSpec, path: str, text: str = "") -> CompiledFilter:
             raise ConfigError(path, where, f"invalid regex: {e}") from None
         if need_ip and "ip" not in rx.groupindex:
             raise ConfigError(path, where, "regex has no named group 'ip' (?P<ip>...)")
+        for name in rx.groupindex:
+            if need_ip and name != "ip" and not CAPTURE_NAME.match(name):
+                raise ConfigError(path, where, f"named group {name!r}: a capture besides 'ip' is a counting "
+                                  "key and needs a lower-case name (a-z, 0-9, _), e.g. (?P<dest>...)")
         return rx
 
     def where(key: str, i: int | None = None) -> str:
@@ -180,6 +193,7 @@ def compile_spec(spec: FilterSpec, path: str, text: str = "") -> CompiledFilter:
         description=spec.description,
         path=path,
         enabled=spec.enabled,
+        captures=tuple(dict.fromkeys(n for rx in regexes for n in rx.groupindex if n != "ip")),
     )
 
 

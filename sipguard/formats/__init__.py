@@ -2,8 +2,9 @@
 
 `records.py` reads log files (syslog in its on-disk forms, journalctl text, Kamailio stderr) and
 joins continuation lines; `journal.py` reads journalctl's JSON entries. Both have the `Parser` shape
-the pipeline feeds. Never decides what is an attack and never raises on input: unknown text is
-counted and skipped.
+the pipeline feeds; `losses.py` recognises the notices journald and rsyslog write when their rate
+limits drop lines (the pipeline counts them). Never decides what is an attack and never raises on
+input: unknown text is counted and skipped.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from typing import Any
 
 from ..model import Line, Record
 from . import kjson
+from .losses import JOURNAL_DROPPED
 
 log = logging.getLogger("sipguard.formats")
 
@@ -122,7 +123,7 @@ class JournalParser:
         self.stats: Counter[str] = Counter({"lines": 0, "records": 0, "garbage": 0, "forged": 0,
                                             "other_program": 0, "untrusted": 0, "binary_message": 0,
                                             "too_long": 0, "json_invalid": 0, "untrusted_stderr": 0,
-                                            "unsafe_json": 0})
+                                            "unsafe_json": 0, "loss_notice": 0})
 
     def feed(self, line: Line) -> list[Record]:
         st = self.stats
@@ -153,6 +154,9 @@ class JournalParser:
             st["binary_message"] += 1
         text = text.rstrip("\r\n")
         program = entry.get("SYSLOG_IDENTIFIER") or entry.get("_COMM")
+        if entry.get("_TRANSPORT") == "driver" and entry.get("MESSAGE_ID") == JOURNAL_DROPPED:
+            st["loss_notice"] += 1  # journald's own "Suppressed N messages": counted by formats/losses.py
+            return []
         if self.trust is not None:
             if not self.trust.trusts(entry):
                 st["other_program"] += 1

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from tests.lab import NS_PREFIXES, REPO_ROOT
-from tests.lab.capture_real_logs import _SV_WRAPPER, SYSTEM_PY
+from tests.lab.capture_real_logs import _SV_WRAPPER, SYSTEM_PY, invite
 from tests.lab.kamailio import Kamailio
 from tests.lab.netns import Lab, Netns, in_netns, kill_pid, list_namespaces, run
 from tests.lab.sip import SipClient, build_request
@@ -241,16 +241,25 @@ class KernelWatcher(threading.Thread):
 
 
 # -- the legitimate phone ------------------------------------------------------------------------
+PHONE_CALLS = ("+442079460123", "+33140000000", "+442079460123")
+"""The international numbers the phone dials (with its password) during the attacks: it must stay
+unbanned although the fraud jail counts distinct destinations (2 here, the jail bans at 5)."""
+
+
 class Phone(threading.Thread):
     """A real phone: one REGISTER with a typo'd password, then the right one; then, for the whole
     scenario, a REGISTER every *reregister* seconds (challenge + answer, as phones do) and an OPTIONS
-    keepalive every *keepalive* seconds. Records every request and whether it was answered."""
+    keepalive every *keepalive* seconds, and a call to each of *calls* (authenticated INVITEs, from a
+    second port, every *call_every* seconds). Records every request and whether it was answered."""
 
     def __init__(self, ns: Netns, ip: str, user: str = "1000", password: str = "secret1000",
-                 reregister: float = 3.0, keepalive: float = 0.5, max_seconds: float = 300):
+                 reregister: float = 3.0, keepalive: float = 0.5, max_seconds: float = 300,
+                 calls: tuple[str, ...] = PHONE_CALLS, call_every: float = 2.0):
         super().__init__(daemon=True, name="phone")
         self.ns, self.ip, self.user, self.password = ns, ip, user, password
         self.reregister, self.keepalive = reregister, keepalive
+        self.calls, self.call_every = list(calls), call_every
+        self.call_results: list[tuple[float, str, str]] = []  # (time, number, final status or "None")
         self.deadline = time.monotonic() + max_seconds
         self.stop_event = threading.Event()
         self.results: list[tuple[float, str, int | None]] = []  # (time, what, status or None)
@@ -271,12 +280,21 @@ class Phone(threading.Thread):
                 self._note("REGISTER", r)
                 if r is not None and r.status == 200:
                     self.registered.set()
-                last_reg = time.monotonic()
+                last_reg = last_call = time.monotonic()
                 for _ in range(100_000):  # bounded; ends on stop or deadline
                     if self.stop_event.wait(self.keepalive) or time.monotonic() > self.deadline:
                         break
                     c.drain(max_packets=20, timeout=0.0)
-                    if time.monotonic() - last_reg >= self.reregister:
+                    if self.calls and time.monotonic() - last_call >= self.call_every:
+                        last_call = time.monotonic()
+                        number = self.calls.pop(0)
+                        # its own socket: the call's reply retransmissions never reach the keepalives
+                        with SipClient(PROXY, netns=self.ns.name, local_ip=self.ip, local_port=5070,
+                                       domain=DOMAIN, timeout=1.5) as cc:
+                            self.call_results.append((time.time(), number, invite(
+                                cc, self.ip, number, from_user=self.user, password=self.password,
+                                user_agent="Yealink SIP-T46S 66.86.0.15", timeout=1.5)))
+                    elif time.monotonic() - last_reg >= self.reregister:
                         last_reg = time.monotonic()
                         self._note("REGISTER", c.register(
                             self.user, password=self.password, user_agent="Yealink SIP-T46S 66.86.0.15"))
@@ -415,6 +433,21 @@ def a_crlf_ua(sc: "Scenario", ns: Netns, ip: str) -> str:
     return f"crlf-ua:{r and r.status}"
 
 
+FRAUD_NUMBERS = tuple(f"+88216{n:06d}" if n % 3 == 0 else f"+4420794{n:05d}" for n in range(8))
+
+
+def a_fraud(sc: "Scenario", ns: Netns, ip: str) -> str:
+    """A toll-fraud prober: unauthenticated INVITEs (From a real user, no password) to eight different
+    international numbers, slowly (one every 0.6 s: 8 probe events, under the probe jail's 10); only
+    the distinct jail (distinct destinations) sees it. Once banned, its INVITEs go unanswered."""
+    out = []
+    with _client(ns, ip, timeout=0.4) as c:
+        for number in FRAUD_NUMBERS:
+            out.append(invite(c, ip, number, timeout=0.4))
+            time.sleep(0.6)
+    return "fraud:" + " ".join(out)
+
+
 def attacks() -> list[Attack]:
     n = "198.18.0."
     return [
@@ -436,6 +469,8 @@ def attacks() -> list[Attack]:
                "scanner", 1, ("scanner",), a_injection),
         Attack("crlf-ua", n + "19", f"scanner User-Agent with a CR/LF and a forged line naming '{FAKE}'",
                "scanner", 1, ("scanner",), a_crlf_ua),
+        Attack("fraud", n + "20", "toll-fraud prober: unauthenticated INVITEs to 8 + numbers, 1 per 0.6 s",
+               "fraud", 5, ("dial",), a_fraud),
     ]
 
 
@@ -451,6 +486,14 @@ from_start = true
 [enforce]
 backend = "auto"
 
+# distinct destinations dialled from one source (README: fraud probes)
+[policy.jails.fraud]
+kinds = ["dial", "probe"]
+distinct = "dest"
+prefixes = ["+", "00"]
+findtime = "1h"
+threshold = 5
+
 [firewall]
 public_interface = "any"
 sip_udp = [5060]
@@ -464,6 +507,7 @@ class Result:
     attacks: list[Attack]
     phone_results: list[tuple[float, str, int | None]]
     phone_error: str | None
+    phone_calls: list[tuple[float, str, str]]
     phone_banned: bool
     fake_banned: bool
     bans: list[dict]
@@ -673,7 +717,8 @@ class Scenario:
         fake_banned = FAKE in by_ip or any(ip.startswith(FAKE) for ip in self.watcher.first_seen)
         log_lines = sum(1 for _ in self.logfile.open("rb"))
         durations["total"] = time.monotonic() - self.t0
-        return Result(atts, list(self.phone.results), self.phone.error, phone_banned, fake_banned, bans,
+        return Result(atts, list(self.phone.results), self.phone.error, list(self.phone.call_results),
+                      phone_banned, fake_banned, bans,
                       kernel_final, counters, fw.stdout, backend, durations, second_svmap, log_lines,
                       problems)
 
@@ -720,6 +765,8 @@ def check(res: Result) -> list[str]:
             bad.append(f"{a.key} ({a.ip}) got replies after its ban: {a.proof}")
     if res.phone_banned:
         bad.append(f"the legitimate phone {PHONE_IP} was banned")
+    if len(res.phone_calls) != len(PHONE_CALLS) or any(st == "None" for _t, _n, st in res.phone_calls):
+        bad.append(f"the phone's calls were not all answered: {res.phone_calls}")
     if res.phone_error:
         bad.append(f"phone error: {res.phone_error}")
     unanswered = [r for r in res.phone_results if r[2] is None]
@@ -771,6 +818,8 @@ def report(res: Result, echo: Echo = print) -> None:
          f"{sum(1 for r in ph if r[1].startswith('REGISTER'))} REGISTER incl. the typo), "
          f"{ok} answered 200, {sum(1 for r in ph if r[2] is None)} unanswered; "
          f"banned: {'YES' if res.phone_banned else 'no'}")
+    echo(f"  its calls (authenticated, the numbers are not served here): "
+         f"{', '.join(f'{n} -> {st}' for _t, n, st in res.phone_calls) or 'none'}")
     echo(f"{FAKE} (written into User-Agent/From by an attacker): banned: {'YES' if res.fake_banned else 'no'}")
     d = res.durations
     echo(f"Kamailio wrote {res.log_lines} log lines. Setup {d.get('setup', 0):.1f}s, attacks "

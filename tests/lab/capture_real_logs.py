@@ -32,6 +32,11 @@ Formats (output file name -> how the log is produced):
 
 Every format gets the same scenario, including the CR/LF User-Agents (.31 with a forged log
 line folded in, .34 a plain folded UA) and the Call-ID carrying a whole fake JSON record (.35).
+
+``fraud`` (``python -m tests.lab.capture_real_logs fraud``) plays :data:`FRAUD_SCENARIO` instead (the
+lines of the fraud-probe, ACL and secfilter filters: unauthenticated INVITEs to ``+`` numbers, relay
+denied, a call to a number not served, ACL refusals, secfilter verdicts) and writes
+``fraud-traditional.log`` and ``fraud-stderr.log``, in namespaces named after this process's PID.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from pathlib import Path
 from . import REPO_ROOT
 from .kamailio import Kamailio
 from .netns import Lab
-from .sip import SipClient, build_request
+from .sip import SipClient, build_request, digest_authorization, parse_digest_challenge, rand_token
 
 OUT_DIR = REPO_ROOT / "tests" / "data" / "real"
 PROXY = "198.18.0.1"
@@ -465,7 +470,128 @@ def capture(name: str, only: set[int] | None = None, verbose: bool = True) -> Pa
     return out
 
 
+# -- the fraud probes, ACL refusals and secfilter verdicts (issue 12 part 4) ----------------------
+
+def invite(c: SipClient, ip: str, dest: str, *, from_user: str = "1000", from_domain: str = DOMAIN,
+           ruri_domain: str = DOMAIN, password: str | None = None, user_agent: str | None = None,
+           timeout: float = 1.0) -> str:
+    """One initial INVITE from *from_user*@*from_domain* to sip:*dest*@*ruri_domain* (answered with a
+    digest once when challenged and *password* is given); the final status, CANCELled if it rings."""
+    call_id = f"{rand_token(16)}@{ip}"
+    tag = rand_token(8)
+    ruri = f"sip:{dest}@{ruri_domain}"
+    kw = dict(from_uri=f"sip:{from_user}@{from_domain}", to_uri=ruri, local_ip=ip, call_id=call_id,
+              from_tag=tag, contact=f"<sip:{from_user}@{ip}:5060>")
+    if user_agent is not None:
+        kw["user_agent"] = user_agent
+    r = c.request(build_request("INVITE", ruri, cseq=1, **kw), timeout)
+    if r is not None and r.status in (401, 407) and password is not None:
+        c.send(build_request("ACK", ruri, cseq="1", cseq_method="ACK", **kw))
+        hname = "WWW-Authenticate" if r.status == 401 else "Proxy-Authenticate"
+        ch = parse_digest_challenge(r.header(hname) or "")
+        auth = digest_authorization("INVITE", ruri, from_user, ch.get("realm", DOMAIN), password,
+                                    ch.get("nonce", ""), qop="auth" if "auth" in ch.get("qop", "") else None,
+                                    opaque=ch.get("opaque"),
+                                    header_name="Authorization" if r.status == 401 else "Proxy-Authorization")
+        r = c.request(build_request("INVITE", ruri, cseq=2, extra_headers=[auth], **kw), timeout)
+    return str(r and r.status)
+
+
+def fr_prober(lab, ns, ip):
+    """A fraud prober: unauthenticated INVITEs to many international numbers, slowly."""
+    with client(ns, ip) as c:
+        return " ".join(invite(c, ip, f"+4420794600{n:02d}") for n in range(6))
+
+
+def fr_relay(lab, ns, ip):
+    with client(ns, ip) as c:
+        return invite(c, ip, "+18005550100", from_domain="198.18.0.41", ruri_domain="pstn.example.net")
+
+
+def fr_acl(lab, ns, ip):
+    with client(ns, ip) as c:
+        return " ".join(invite(c, ip, d, from_domain="gw.example.net") for d in ("+88216000000", "0044207946000"))
+
+
+def fr_not_local(lab, ns, ip):
+    with client(ns, ip) as c:
+        return " ".join(invite(c, ip, d, password="secret1000") for d in ("+4930901820", "1005"))
+
+
+def fr_bad_ua(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.request(c.build_register("1000", user_agent="pplsip/1.0"), 1.0)
+    return str(r and r.status)
+
+
+def fr_bad_user(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.request(c.build_register("scanme"), 1.0)
+    return str(r and r.status)
+
+
+def fr_bad_dest(lab, ns, ip):
+    with client(ns, ip) as c:
+        return invite(c, ip, "+88213000123")
+
+
+def fr_sqli(lab, ns, ip):
+    with client(ns, ip) as c:
+        r = c.request(c.build_register("1000", user_agent="Yealink' OR '1'='1"), 1.0)
+    return str(r and r.status)
+
+
+def fr_phone(lab, ns, ip):
+    """A legitimate phone: registers, then calls a few numbers with its password."""
+    with client(ns, ip) as c:
+        out = [str((r := c.register("1000", password="secret1000")) and r.status)]
+        out += [invite(c, ip, d, password="secret1000") for d in ("+4420794611", "1000", "+33140000000")]
+    return " ".join(out)
+
+
+FRAUD_SCENARIO = [
+    (40, "fraud prober: unauthenticated INVITEs to 6 + numbers", fr_prober),
+    (41, "INVITE to a foreign domain (relay denied)", fr_relay),
+    (42, "INVITEs to the PSTN from a foreign caller (ACL refused)", fr_acl),
+    (43, "authenticated INVITEs to numbers not served (not local)", fr_not_local),
+    (44, "secfilter: blacklisted User-Agent pplsip", fr_bad_ua),
+    (45, "secfilter: blacklisted From user scanme", fr_bad_user),
+    (46, "secfilter: blacklisted destination +88213", fr_bad_dest),
+    (47, "secfilter: SQL injection in the User-Agent", fr_sqli),
+    (48, "a legitimate phone calling three numbers", fr_phone),
+]
+
+
+def capture_fraud(name: str, verbose: bool = True) -> Path:
+    """Play :data:`FRAUD_SCENARIO` against a fresh Kamailio; writes OUT_DIR/fraud-<name>.log."""
+    import os
+
+    logmode, template, _engine = FORMATS[name]
+    with tempfile.TemporaryDirectory(prefix="sgl-cap-") as tmp:
+        logfile = Path(tmp) / f"{name}.log"
+        with Lab(f"fr{os.getpid() % 100000}", proxy_ip=PROXY) as lab:
+            with Kamailio(lab.hub, PROXY, logmode=logmode, template=template or "RSYSLOG_TraditionalFileFormat",
+                          logfile=logfile, domain=DOMAIN):
+                time.sleep(1.0)
+                for octet, desc, fn in FRAUD_SCENARIO:
+                    ip = f"{NET}{octet}"
+                    ns = lab.add_client(ip)
+                    res = fn(lab, ns, ip)
+                    if verbose:
+                        print(f"[fraud-{name}] {ip:<14} {desc}: {res!s:.120}", flush=True)
+                    time.sleep(0.3)
+                time.sleep(1.0)
+        out = OUT_DIR / f"fraud-{name}.log"
+        shutil.copyfile(logfile, out)
+    return out
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["fraud"]:
+        for n in ("traditional", "stderr"):
+            path = capture_fraud(n)
+            print(f"wrote {path} ({sum(1 for _ in path.open('rb'))} lines)")
+        return 0
     names = argv or list(FORMATS)
     for n in names:
         if n not in FORMATS:
