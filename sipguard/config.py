@@ -418,6 +418,7 @@ class HtableConfig(Section):
     enabled: bool = False
     rpc: str = "unix:/run/kamailio/kamailio_rpc.sock"  # unix:DGRAM-SOCKET | fifo:PATH | http://HOST:PORT/RPC
     table: str = Field("ipban", pattern=r"^[A-Za-z0-9_]{1,64}$")
+    user_table: str = Field("userban", pattern=r"^[A-Za-z0-9_]{1,64}$")  # user bans (office policy), USER@ADDRESS
     value: int = 2  # what $sht(ipban=>$si) is set to (the script's pike block sets 1: resync leaves those alone)
     timeout: Duration = 2.0  # per RPC call
     # where Kamailio's replies come back (sipguard's own directory; the FIFO transport needs Kamailio's

@@ -155,3 +155,101 @@ def test_user_text_never_decides_the_address(user):
         assert d.ip == OFFICE
         if d.user is not None:
             assert d.user == user and user_key(d.user, d.ip).endswith("@" + OFFICE)
+
+
+# -- the ban book: a user ban skips the kernel, lands in the store and the htable mirror ---------------
+
+class FakeRpc:
+    """Kamailio's htable over JSON-RPC, in memory (the real one: test_the_office_against_real_kamailio)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[str, int]] = {"ipban": {}, "userban": {}}
+        self.calls: list[tuple] = []
+
+    def call(self, method: str, *params):
+        self.calls.append((method, *params))
+        t = self.tables.setdefault(params[0], {})
+        if method in ("htable.setxi", "htable.seti"):
+            t[params[1]] = params[2]
+        elif method == "htable.delete":
+            t.pop(params[1], None)
+        elif method == "htable.dump":
+            return [{"slot": [{"name": k, "value": v} for k, v in t.items()]}]
+        return None
+
+
+def _book(tmp_path, htable: bool = True):
+    from sipguard.bans import BanBook
+    from sipguard.config import HtableConfig
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.enforce.stack import EnforcerStack
+    from sipguard.extras.htable import HtableEnforcer
+    from sipguard.store import Store
+
+    store = Store.open_state_dir(tmp_path / "st")
+    kernel, rpc = DryRunEnforcer(), FakeRpc()
+    mirrors = [HtableEnforcer(HtableConfig(enabled=True), rpc)] if htable else []  # type: ignore[arg-type]
+    p = policy()
+    return BanBook(store, EnforcerStack(kernel, mirrors), p), store, kernel, rpc, p
+
+
+def test_a_user_ban_goes_through_the_book_to_the_store_and_kamailio_never_the_kernel(tmp_path):
+    from sipguard.bans import ban_from_decision
+
+    book, store, kernel, rpc, p = _book(tmp_path)
+    (d,) = run(p, [ok(0, "a")] + [fail(10 + i, "stale") for i in range(3)])
+    now = 100.0
+    book.ban([ban_from_decision(d, now)], now)
+    book.commit(now)
+    assert kernel.entries() == [] and rpc.tables["ipban"] == {}  # the office keeps working
+    assert rpc.tables["userban"] == {f"stale@{OFFICE}": 2}
+    assert ("htable.setxi", "userban", f"stale@{OFFICE}", 2, 3600) in rpc.calls
+    (b,) = store.active_user_bans(now)
+    assert (b.ip, b.user, b.reason, b.expires) == (OFFICE, "stale", "office_user:auth-failure", now + 3600)
+    assert store.get_ban(OFFICE) is None and book.held(now) == [] and [x.user for x in book.held_users(now)] == ["stale"]
+    assert OFFICE not in p.banned and (OFFICE, "stale") in p.user_banned
+    # a resync keeps it and drops a stale sipguard entry (value 2), leaves others
+    rpc.tables["userban"].update({"gone@198.18.0.9": 2, "theirs@198.18.0.9": 1})
+    book.resync(now)
+    assert rpc.tables["userban"] == {f"stale@{OFFICE}": 2, "theirs@198.18.0.9": 1}
+    # expiry: out of Kamailio, the store and the scorer
+    later = now + 3601
+    book.expire(later)
+    book.commit(later)
+    assert store.active_user_bans(later) == [] and f"stale@{OFFICE}" not in rpc.tables["userban"]
+    assert not p.user_banned
+    actions = [h for h in store.history(100) if "user=stale" in str(h)]
+    assert len(actions) == 2
+
+
+def test_a_user_ban_without_htable_is_stored_and_listed_only(tmp_path, caplog):
+    from sipguard.bans import ban_from_decision
+
+    book, store, kernel, rpc, p = _book(tmp_path, htable=False)
+    (d,) = run(p, [ok(0, "a")] + [fail(10 + i, "stale") for i in range(3)])
+    book.ban([ban_from_decision(d, 100.0)], 100.0)
+    book.commit(100.0)
+    assert kernel.entries() == [] and [b.user for b in store.active_user_bans(100.0)] == ["stale"]
+    assert "htable" in caplog.text
+
+
+def test_list_shows_a_user_ban_escaped(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sipguard.model import Ban
+    from sipguard.store import Store
+
+    hostile = "st\x1b[31male\u202e"
+    store = Store.open_state_dir(tmp_path / "st")
+    with store.transaction():
+        store.put_user_bans([Ban(OFFICE, "office_user:auth-failure", 1e9, 4e9, 3.0, user=hostile)], 1e9)
+    store.close()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    base = [sys.executable, "-m", "sipguard", "--state-dir", str(tmp_path / "st"), "list"]
+    rows = json.loads(subprocess.run([*base, "--json"], capture_output=True, text=True, env=env, check=True).stdout)
+    assert [(r["ip"], r["user"], r["reason"]) for r in rows] == [(OFFICE, hostile, "office_user:auth-failure")]
+    plain = subprocess.run(base, capture_output=True, text=True, env=env, check=True).stdout
+    assert OFFICE in plain and "\x1b" not in plain and "\u202e" not in plain and "st\\x1b[31male" in plain

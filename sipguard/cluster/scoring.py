@@ -106,6 +106,13 @@ class ClusterPolicy:
     def release(self, ip: str) -> None:
         self.local.release(ip)
 
+    def note_user_ban(self, ip: str, user: str) -> None:
+        """A user ban (the office policy) is in force: the local policy stops scoring that user there."""
+        self.local.note_user_ban(ip, user)
+
+    def release_user(self, ip: str, user: str) -> None:
+        self.local.release_user(ip, user)
+
     def restore(self, events: Iterable[Event]) -> None:
         self.local.restore(events)
 
