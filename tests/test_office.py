@@ -5,6 +5,8 @@ policy scores as before."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -253,3 +255,80 @@ def test_list_shows_a_user_ban_escaped(tmp_path):
     assert [(r["ip"], r["user"], r["reason"]) for r in rows] == [(OFFICE, hostile, "office_user:auth-failure")]
     plain = subprocess.run(base, capture_output=True, text=True, env=env, check=True).stdout
     assert OFFICE in plain and "\x1b" not in plain and "\u202e" not in plain and "st\\x1b[31male" in plain
+
+
+# -- against the real Kamailio: the failing user gets 403, the other users of the address register -------
+
+@pytest.mark.root
+@pytest.mark.skipif(__import__("os").geteuid() != 0 or __import__("shutil").which("kamailio") is None,
+                    reason="needs root and kamailio")
+def test_the_office_against_real_kamailio(tmp_path):
+    """Two users behind one address: 300000 registers, 300001 has a stale password. Kamailio's own log
+    lines (through a private rsyslogd) drive sipguard's daemon (dry-run kernel, the htable mirror to this
+    Kamailio): a user ban of 300001 at that address in `userban`, then Kamailio answers 300001 with 403
+    while 300000 still registers and the address is in neither the kernel nor `ipban`."""
+    import os
+    import shutil
+    import tempfile
+    import threading
+
+    from waiting import wait_for
+
+    from sipguard.config import Config
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.extras.htable import JsonRpc, dump_keys
+    from sipguard.store import Store
+    from sipguard.wiring import build_daemon
+    from tests.lab.load import LoadKamailio, User, subscriber_table
+    from tests.lab.netns import Lab
+    from tests.lab.sip import SipClient
+
+    client_ip = "198.18.0.32"
+    good, stale = User("300000", "right-one", client_ip), User("300001", "new-secret", client_ip)
+    with Lab(f"of{os.getpid() % 100000}", prefix="sgo-") as lab:
+        with LoadKamailio(lab.hub, lab.proxy_ip, logmode="rsyslog", template="RSYSLOG_TraditionalFileFormat",
+                          subscriber=subscriber_table([good, stale])) as k:
+            client = lab.add_client(client_ip)
+            rpc_url = f"unix:{k.work / 'run' / 'kamailio_rpc.sock'}"
+            rpc = JsonRpc(rpc_url)
+            users = lambda: dump_keys(rpc.call("htable.dump", "userban"))  # noqa: E731
+            ipban = lambda: dump_keys(rpc.call("htable.dump", "ipban"))  # noqa: E731
+            replies = Path(tempfile.mkdtemp(prefix="sgo-of-", dir="/tmp")) / "r"
+            store = Store.open_state_dir(tmp_path / "st")
+            cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                         "daemon": {"control_interval": 0.05},
+                                         "htable": {"enabled": True, "rpc": rpc_url, "reply_dir": str(replies),
+                                                    "reply_group": ""}})
+            kernel = DryRunEnforcer()
+            d = build_daemon(cfg, store, kernel, logs=[str(k.logfile)])
+            th = threading.Thread(target=d.run, daemon=True)
+            th.start()
+            try:
+                wait_for(lambda: d.ready.is_set(), timeout=8.0)
+                with SipClient(server=lab.proxy_ip, netns=client.name, local_ip=client_ip, timeout=2.0) as sip:
+                    r = sip.register(good.user, password=good.password)
+                    assert r is not None and r.status == 200
+                    wait_for(lambda: k.logfile.read_text().count("REGISTER success for user 300000") >= 1,
+                             timeout=5.0)
+                    for _ in range(3):  # the stale phone: a wrong password, three times
+                        r = sip.register(stale.user, password="old-secret")
+                        assert r is not None and r.status == 401
+                    wait_for(lambda: f"300001@{client_ip}" in users(), timeout=8.0)
+                    sip.drain()
+                    r = sip.register(stale.user, password="old-secret")
+                    assert r is not None and r.status == 403  # refused before auth, by the userban entry
+                    r = sip.register(stale.user, password=stale.password)
+                    assert r is not None and r.status == 403  # even with the right password, until it ends
+                    r = sip.register(good.user, password=good.password)
+                    assert r is not None and r.status == 200  # the office's other user goes on
+                    r = sip.options()
+                    assert r is not None and r.status == 200  # the address is not banned
+                assert kernel.entries() == [] and client_ip not in ipban()
+                assert [(b.ip, b.user) for b in Store.open_state_dir(tmp_path / "st", readonly=True)
+                        .active_user_bans(__import__("time").time())] == [(client_ip, "300001")]
+            finally:
+                d.stop()
+                th.join(10)
+                store.close()
+                shutil.rmtree(replies.parent, ignore_errors=True)
+            assert not th.is_alive()
