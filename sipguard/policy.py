@@ -296,6 +296,14 @@ class Policy:
             self.stats.resets += 1
         self._uevid.pop((ev.ip, user), None)
 
+    def office_failure(self, ev: Event) -> bool:
+        """Is `ev` an auth failure the office policy scores (a user capture, at an address with a recent
+        success for another user)? The fleet's scorer decides those here, not in Redis."""
+        if self._office is None or ev.kind is not EventKind.AUTH_FAILURE:
+            return False
+        user = capture(ev, "user")
+        return user is not None and self._is_office(ev.ip, user, ev.time)
+
     def _is_office(self, ip: str, user: str, t: float) -> bool:
         """Has `ip` had a success for a user other than `user` within success_within?"""
         seen = self._succ.get(ip)

@@ -332,3 +332,42 @@ def test_the_office_against_real_kamailio(tmp_path):
                 store.close()
                 shutil.rmtree(replies.parent, ignore_errors=True)
             assert not th.is_alive()
+
+
+def test_why_shows_the_user_bans_at_an_address(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from sipguard.model import Ban
+    from sipguard.store import Store
+
+    store = Store.open_state_dir(tmp_path / "st")
+    now = time.time()
+    with store.transaction():
+        store.put_user_bans([Ban(OFFICE, "office_user:auth-failure", now, now + 3600, 3.0, user="st\x1bale"),
+                             Ban(OFFICE, "office_user:auth-failure", now - 7200, now - 3600, 3.0, user="over")], now)
+    store.close()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    base = [sys.executable, "-m", "sipguard", "--state-dir", str(tmp_path / "st"), "why", OFFICE]
+    r = json.loads(subprocess.run([*base, "--json"], capture_output=True, text=True, env=env, check=True).stdout)
+    assert r["banned"] is False and [u["user"] for u in r["user_bans"]] == ["st\x1bale"]
+    text = subprocess.run(base, capture_output=True, text=True, env=env, check=True).stdout
+    assert "not banned" in text and "user ban: user st\\x1bale at this address only" in text and "\x1b" not in text
+
+
+def test_fleet_mode_decides_an_offices_failures_on_the_node_not_in_redis():
+    """SCORE_LUA does not know the office policy: while the fleet scores, an office's auth failures are
+    decided by the node's local Policy (never buffered for Redis); any other event is buffered as before."""
+    from sipguard.cluster import ClusterPolicy
+    from sipguard.config import ClusterConfig
+
+    cp = ClusterPolicy(policy(), ClusterConfig(redis_url="unix:///unused.sock", node_name="n1"), scoring=lambda: True)
+    assert cp.observe(ok(0, "a")) is None
+    cp.scored(cp.take(), [])  # Redis scored the success: the local windows learn it
+    got = [cp.observe(fail(10 + i, "stale")) for i in range(3)]
+    assert cp.take() == [] and got[:2] == [None, None] and got[2].user == "stale" and got[2].ip == OFFICE
+    other = fail(20, "x", ip="198.18.0.50")  # no success there: Redis scores it, as before
+    assert cp.observe(other) is None and cp.take() == [other]

@@ -19,6 +19,12 @@ Distinct jails (`distinct = "dest"`): an event counts there only with the value 
 count (`_Jail.value`); Redis gets that value's hash (`value_hash`: the same on every node, never the
 attacker's text) as the member's weight field, `d` + hash, signed like a weight, and keeps one member
 per value; `verdicts` counts the distinct verified values.
+
+The office policy ([policy.office]): SCORE_LUA does not know it yet. An auth failure the local Policy
+scores as an office's (`Policy.office_failure`: a user capture at an address with a recent success for
+another user, learnt from the successes this node saw) is decided by the local Policy on this node and
+never sent to Redis, so the fleet's per-address auth jail does not ban the office; its user bans stay on
+this node (not on the fleet stream) and its address bans are published like any local ban.
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ class ClusterPolicy:
         if ev.ip in self.local.banned:
             st.while_banned += 1
             return None
+        if self.local.office_failure(ev):  # the office policy: decided by this node (see the module doc)
+            return self.local.observe(ev, count=False)
         if ev.kind in self._kind_jails:
             self._buffer.append(ev)
         return None
