@@ -96,7 +96,7 @@ def test_captures_travel_with_the_event(shipped: FilterSet) -> None:
     e = shipped.match(Record("WARNING: <script>: secfilter blocked INVITE (SQL injection) from 198.18.0.47:5060"), 0.0)
     assert (e.filter, e.kind, e.captures) == ("secfilter", EventKind.SCANNER, ())
     e = shipped.match(Record("NOTICE: <script>: auth failed for user 1000 from 198.18.0.5:5060 method REGISTER"), 0.0)
-    assert e.captures == ()
+    assert e.captures == (("user", "1000"),)  # the office policy's key (it was () before the office policy)
 
 
 def test_a_long_value_is_cut(shipped: FilterSet) -> None:
