@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
            "registrations": res.registrations, "calls_ok": res.calls_ok, "calls_failed": res.calls_failed,
            "log_lines": res.log_lines, "sg_cpu_seconds": res.sg_cpu_seconds, "latencies": res.latencies,
            "p50": pct(res.latencies, 50), "p99": pct(res.latencies, 99), "legit_banned": res.legit_banned,
-           "special": res.special, "problems": res.problems, "office_stories": stories,
+           "special": res.special, "problems": res.problems, "office_stories": stories, "user_bans": res.user_bans,
            "fail2ban_banned": None if f2b is None else sorted(f2b["banned"])}
     if not a.no_write:
         write_section(text)
