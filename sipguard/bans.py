@@ -30,6 +30,12 @@ nothing is banned or lifted, so the scorer and the listeners hear nothing.
 
 Listeners (the fleet's publisher) hear every change inside the same transaction, after the store rows.
 The book never decides who is banned: the policy, the operator, the fleet and the blocklists do.
+
+A **user ban** (`Ban.user`, the office policy: one user at one address) takes a path of its own: never
+the kernel (the other users behind that address must keep working) but the mirrors that hold user bans
+(`EnforcerStack.ban_users`: Kamailio's htable), the scorer's `note_user_ban` / `release_user` when it has
+them, and the store's `user_bans` table; it expires and is resynced like the others. The listeners do
+not hear user bans: the fleet stream does not carry them.
 """
 
 from __future__ import annotations

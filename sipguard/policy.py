@@ -3,6 +3,13 @@ and the allow-list; each Decision carries its evidence (the last `[policy] evide
 that counted, for `sipguard why`). A distinct jail counts the distinct values of one named capture
 of its events (distinct users tried, distinct destinations dialled) instead of the events themselves.
 
+The office policy ([policy.office], on by default): many users behind one NAT address. Once an address
+has had a success for some user (the `user` capture) within `success_within`, its auth failures for
+another user are counted per (address, user): at `user_threshold` a Decision with `user` set (a user
+ban: that user at that address only), and the address itself is decided only by the office's own two
+jails, `office_users` (distinct failing users) and `office_rate` (failures, whatever the users). Those two
+are not in `jails` (the fleet scores `jails`; it leaves office failures to this Policy).
+
 Pure in-memory arithmetic over state it is handed (restored events, offence history): it reads
 no file, writes no database and touches no kernel, so every rule is testable with a table.
 """

@@ -1,5 +1,5 @@
-"""The SQLite memory of every stage: events, bans, ban history, the evidence kept with each ban,
-source positions, CLI requests, the fleet's outbox and held ban ids, and the queries behind
+"""The SQLite memory of every stage: events, bans (the office policy's user bans in a table of their own),
+ban history, the evidence kept with each ban, source positions, CLI requests, the fleet's outbox and held ban ids, and the queries behind
 `sipguard report` and `sipguard why`.
 
 The only module that runs SQL (the standard sqlite3 module over one WAL database): every table is
