@@ -208,8 +208,9 @@ class BanBook:
             self._pending.extend(_PutUser(b) for b in bans)
         self.stats.bans += len(bans)
 
-    def unban_user(self, ip: str, user: str, now: float, *, action: str = "userunban") -> None:
-        """Lift the user ban of `user` at `ip`: Kamailio's entry, the scorer, then queued for the store."""
+    def unban_user(self, ip: str, user: str, now: float, *, action: str = "userunban", store: bool = True) -> None:
+        """Lift the user ban of `user` at `ip`: Kamailio's entry, the scorer, then queued for the store
+        (`store=False`: a CLI request the daemon mirrors, the store changed already)."""
         mirror = self._user_mirror()
         if mirror is not None:
             try:
@@ -222,7 +223,8 @@ class BanBook:
         release = getattr(self.scorer, "release_user", None)
         if release is not None:
             release(ip, user)
-        self._pending.append(_RemoveUser(ip, user, action))
+        if store:
+            self._pending.append(_RemoveUser(ip, user, action))
         if action == "userexpire":
             self.stats.expired += 1
         else:
@@ -280,6 +282,8 @@ class BanBook:
                 self.ban([ban], now, MANUAL, store=False)
         elif req.action == "unban" and req.target:
             self.unban([req.target], now, MANUAL, at=req.time, store=False)
+        elif req.action == "unban_user" and req.target and isinstance(req.payload.get("user"), str):
+            self.unban_user(req.target, req.payload["user"], now, store=False)
         elif req.action in ("unban_all", "sync"):
             active = self.store.active_bans(now)
             keep = {b.ip for b in active}

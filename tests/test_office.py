@@ -371,3 +371,33 @@ def test_fleet_mode_decides_an_offices_failures_on_the_node_not_in_redis():
     assert cp.take() == [] and got[:2] == [None, None] and got[2].user == "stale" and got[2].ip == OFFICE
     other = fail(20, "x", ip="198.18.0.50")  # no success there: Redis scores it, as before
     assert cp.observe(other) is None and cp.take() == [other]
+
+
+def test_unban_user_lifts_a_user_ban_and_the_daemon_mirrors_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from sipguard.model import Ban
+    from sipguard.store import Store
+
+    book, store, kernel, rpc, p = _book(tmp_path)
+    now = time.time()
+    b = Ban(OFFICE, "office_user:auth-failure", now, now + 3600, 3.0, user="stale")
+    book.ban([b], now)
+    book.commit(now)
+    assert rpc.tables["userban"] == {f"stale@{OFFICE}": 2} and (OFFICE, "stale") in p.user_banned
+    last = store.last_request_id()
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    base = [sys.executable, "-m", "sipguard", "--state-dir", str(tmp_path / "st"), "unban", OFFICE]
+    r = subprocess.run([*base, "--user", "stale"], capture_output=True, text=True, env=env, check=True)
+    assert f"lifted the user ban of stale at {OFFICE}" in r.stdout
+    r = subprocess.run([*base, "--user", "other"], capture_output=True, text=True, env=env, check=True)
+    assert "had no user ban" in r.stdout
+    assert store.active_user_bans(time.time()) == [] and store.get_ban(OFFICE) is None
+    (req,) = store.requests_after(last)
+    assert (req.action, req.target, req.payload) == ("unban_user", OFFICE, {"user": "stale"})
+    book.apply_request(req, time.time())  # what the running daemon does with it
+    book.commit(time.time())
+    assert rpc.tables["userban"] == {} and not p.user_banned and kernel.entries() == []

@@ -271,11 +271,22 @@ def ban(
 def unban(
     target: Annotated[Optional[str], typer.Argument(help="IP address or CIDR")] = None,
     all_: Annotated[bool, typer.Option("--all", help="lift every ban")] = False,
+    user: Annotated[Optional[str], typer.Option(
+        "--user", help="lift the user ban of this user at the address (the office policy), not an address ban")] = None,
 ) -> None:
     """Lift a ban (or all of them)."""
     if all_ == bool(target):
         raise SipguardError("give either an address or --all")
     store = ctx.store()
+    if user is not None:
+        if all_:
+            raise SipguardError("--user needs an address, not --all")
+        from ..actions import manual_unban_user
+
+        ub = manual_unban_user(store, target or "", user)  # out.print escapes what it prints
+        out.print(f"user {user} at {target} had no user ban" if ub is None else
+                  f"lifted the user ban of {user} at {ub.ip}")
+        return
     enforcer = _kernel_enforcer()
     try:
         if all_:
