@@ -123,7 +123,8 @@ class WhyKernel(_Model):
 
 class WhyPast(_Model):
     time: Optional[str] = Field(description="when")
-    action: str = Field(description="ban, unban, expire or delist")
+    action: str = Field(description="ban, unban, expire or delist; userban, userunban or userexpire for a user "
+                                    "ban (the office policy; its reason then ends with user=USER)")
     reason: Optional[str] = Field(description="the ban's reason")
     score: float = Field(description="its score")
     offence: int = Field(description="its offence number")
