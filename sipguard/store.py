@@ -31,7 +31,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -465,8 +465,9 @@ class Store:
     # -- user bans (the office policy) -------------------------------------------------------
     def put_user_bans(self, bans: Iterable[Ban], now: float) -> None:
         """Store user bans (Ban.user set), replacing one of the same (address, user); each logged in the
-        history with the reason `REASON user=USER`."""
+        history with the reason `REASON user=USER`, its evidence kept under the key USER@ADDRESS."""
         rows = [b for b in bans if b.user is not None]
+        self.add_evidence([replace(b, ip=b.key) for b in rows if b.evidence])
         self.conn.executemany(
             'INSERT OR REPLACE INTO user_bans (ip, "user", reason, score, created, expires) VALUES (?, ?, ?, ?, ?, ?)',
             [(b.ip, b.user, b.reason, b.score, b.created, b.expires) for b in rows])

@@ -208,6 +208,9 @@ def test_a_user_ban_goes_through_the_book_to_the_store_and_kamailio_never_the_ke
     assert ("htable.setxi", "userban", f"stale@{OFFICE}", 2, 3600) in rpc.calls
     (b,) = store.active_user_bans(now)
     assert (b.ip, b.user, b.reason, b.expires) == (OFFICE, "stale", "office_user:auth-failure", now + 3600)
+    kept = store.evidence_of(f"stale@{OFFICE}")[now]  # the records that decided it (for `why`)
+    assert len(kept) == 3 and all("auth failed for user stale" in e.text for e in kept)
+    assert store.evidence_of(OFFICE) == {}
     assert store.get_ban(OFFICE) is None and book.held(now) == [] and [x.user for x in book.held_users(now)] == ["stale"]
     assert OFFICE not in p.banned and (OFFICE, "stale") in p.user_banned
     # a resync keeps it and drops a stale sipguard entry (value 2), leaves others
@@ -341,21 +344,24 @@ def test_why_shows_the_user_bans_at_an_address(tmp_path):
     import sys
     import time
 
-    from sipguard.model import Ban
+    from sipguard.model import Ban, Evidence
     from sipguard.store import Store
 
     store = Store.open_state_dir(tmp_path / "st")
     now = time.time()
     with store.transaction():
-        store.put_user_bans([Ban(OFFICE, "office_user:auth-failure", now, now + 3600, 3.0, user="st\x1bale"),
+        store.put_user_bans([Ban(OFFICE, "office_user:auth-failure", now, now + 3600, 3.0, user="st\x1bale",
+                                 evidence=(Evidence(now - 5, "auth-failure", 1.0, "auth failed for user st\x1bale"),)),
                              Ban(OFFICE, "office_user:auth-failure", now - 7200, now - 3600, 3.0, user="over")], now)
     store.close()
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     base = [sys.executable, "-m", "sipguard", "--state-dir", str(tmp_path / "st"), "why", OFFICE]
     r = json.loads(subprocess.run([*base, "--json"], capture_output=True, text=True, env=env, check=True).stdout)
     assert r["banned"] is False and [u["user"] for u in r["user_bans"]] == ["st\x1bale"]
+    assert [e["text"] for e in r["user_bans"][0]["evidence"]] == ["auth failed for user st\x1bale"]
     text = subprocess.run(base, capture_output=True, text=True, env=env, check=True).stdout
     assert "not banned" in text and "user ban: user st\\x1bale at this address only" in text and "\x1b" not in text
+    assert "auth-failure  auth failed for user st\\x1bale" in text
 
 
 def test_fleet_mode_decides_an_offices_failures_on_the_node_not_in_redis():

@@ -151,6 +151,7 @@ class WhyUserBan(_Model):
     created: Optional[str] = Field(description="since when (ISO 8601 UTC)")
     expires: Optional[str] = Field(description="until when (null: permanent)")
     score: float = Field(description="that user's failures counted there")
+    evidence: list[WhyEvidence] = Field(description="the records that decided it, oldest first")
 
 
 class WhyReport(_Model):
@@ -308,7 +309,7 @@ def explain(store: Store, cfg: Config, allow: AllowList, ip: str, now: float,
         next_duration = policy.ban_duration(offences + 1)
     backend = cfg.enforce.backend
     user_bans = [WhyUserBan(user=b.user or "", reason=b.reason, created=_iso(b.created), expires=_iso(b.expires),
-                            score=_finite(b.score))
+                            score=_finite(b.score), evidence=_evidence(store.evidence_of(b.key).get(b.created, [])))
                  for b in store.user_bans_of(ip) if b.expires is None or b.expires > now]
     return WhyReport(ip=ip, now=_iso(now), banned=ban is not None, ban=why_ban, covered_by=covering,
                      user_bans=user_bans,
@@ -402,6 +403,8 @@ def render(r: WhyReport, write: Callable[[str], object]) -> None:
     for u in r.user_bans:
         line(f"  user ban: user {clean(u.user)} at this address only ({clean(u.reason)}, Kamailio's htable, "
              f"not the kernel), since {u.created}, until {u.expires or 'never'}")
+        for ev in u.evidence:
+            line(f"    {ev.time}  {clean(ev.filter)}  {clean(ev.text)}" + ("  [cut]" if ev.cut else ""))
     for c in r.covered_by:
         held = k.covering.get(c)
         line(f"  covered by the CIDR ban {c}" + ("" if held is None else f" (kernel: {'holds it' if held else 'NOT held'})"))
