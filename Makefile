@@ -4,12 +4,13 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps redis-server redis-sentinel openssl chromium systemd fail2ban python3-pyinotify faketime gcc libc6-dev logrotate sip-tester
+APT_PACKAGES := python3-venv iproute2 iptables ipset nftables kamailio rsyslog sipvicious procps redis-server redis-sentinel openssl chromium systemd fail2ban python3-pyinotify faketime gcc libc6-dev logrotate sip-tester \
+  systemd-container debootstrap lintian dpkg-dev zstd
 PYTEST_ARGS ?=
 # The distribution's interpreter (the one python3-venv is installed for, and fail2ban runs on)
 SYSTEM_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 
-.PHONY: setup apt venv test demo bench clean
+.PHONY: setup apt venv test demo demo-host deb bench clean
 
 setup: apt venv
 
@@ -48,6 +49,19 @@ bench: setup
 
 demo: setup
 	$(PY) -m tests.e2e.demo
+
+# The Debian package: dist/sipguard_<version>~deb<N>_<arch>.deb, built in a clean debootstrap root of DIST
+# (bookworm = Debian 12, trixie = Debian 13; default: this machine's), cached as a tar.zst under
+# /var/cache/sipguard-build (or $$SIPGUARD_BUILD_CACHE). Needs root (debootstrap, systemd-nspawn).
+DIST ?=
+deb: apt
+	python3 packaging/build_deb.py $(if $(DIST),--dist $(DIST))
+
+# The .deb installed on a real systemd host (a Debian 12, then 13 container with systemd as PID 1 in a lab
+# namespace, Kamailio as kamailio.service logging to the journal), attacked, restarted, rebooted, upgraded,
+# removed and purged: the steps of tests/test_installed.py, printed as they go.
+demo-host: setup
+	$(PY) -m pytest tests/test_installed.py -s -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

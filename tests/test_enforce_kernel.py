@@ -341,31 +341,40 @@ def lab(request, tmp_path):
 @root
 def test_ban_drops_then_unban_and_expiry_restore(lab: Lab):
     lab.expect(set(), "before any ban")
+
+    def counted_down(timeout: float | None, full: float, since: float) -> bool:
+        """A kernel timeout set to `full` seconds at some moment after `since` (the CLI's run and the
+        packet checks in between take seconds on a loaded machine: the bound is what really elapsed)."""
+        return timeout is not None and full - (time.time() - since) - 1 <= timeout <= full
+
+    t0 = time.time()
     lab.cli("ban", PEER4, "--for", "10m")
     lab.cli("ban", PEER6, "--for", "permanent")
     lab.expect({"4", "6"}, "while banned")
     held = lab.entries()
-    assert abs(held[PEER4] - 600) <= 2 and held[PEER6] is None, held
+    assert counted_down(held[PEER4], 600, t0) and held[PEER6] is None, held
     lab.cli("unban", PEER4)
     lab.expect({"6"}, "after unbanning the v4 address")
     lab.cli("unban", PEER6)
     lab.expect(set(), "after unbanning both")
     assert lab.entries() == {}
 
-    lab.cli("ban", PEER4, "--for", "2s")
-    lab.cli("ban", PEER6, "--for", "2s")
-    t_banned = time.time()
-    lab.expect({"4", "6"}, "during a 2 s ban")
-    time.sleep(max(0.0, t_banned + 2.6 - time.time()))
-    lab.expect(set(), "after the 2 s ban expired (kernel timeout, no daemon)")
+    both = lab.tmp / "both.txt"
+    both.write_text(f"{PEER4}\n{PEER6}\n")
+    lab.cli("ban", "--from-file", str(both), "--for", "4s")  # one batch: both timeouts start together
+    t_banned = time.time()  # (after the CLI returned: the kernel's 4 s began before this)
+    lab.expect({"4", "6"}, "during a 4 s ban")
+    time.sleep(max(0.0, t_banned + 4.6 - time.time()))
+    lab.expect(set(), "after the 4 s ban expired (kernel timeout, no daemon)")
 
+    t0 = time.time()
     lab.cli("ban", "198.18.64.0/28", "--for", "1h", "--force")  # covers this host too: --force
     lab.cli("ban", "2001:db8:64::/120", "--for", "1h", "--force")
     lab.expect({"4", "6"}, "while the CIDRs are banned")
     held = lab.entries()
-    assert abs(held["198.18.64.0/28"] - 3600) <= 2 and abs(held["2001:db8:64::/120"] - 3600) <= 2, held
+    assert counted_down(held["198.18.64.0/28"], 3600, t0) and counted_down(held["2001:db8:64::/120"], 3600, t0), held
     listing = {b["ip"]: b for b in json.loads(lab.cli("list", "--kernel", "--json").stdout)}
-    assert listing["198.18.64.0/28"]["kernel"]["timeout"] == pytest.approx(3600, abs=3)
+    assert counted_down(listing["198.18.64.0/28"]["kernel"]["timeout"], 3600, t0), listing
     lab.cli("unban", "--all")
     lab.expect(set(), "after unban --all")
     assert lab.entries() == {}

@@ -83,3 +83,33 @@ def test_service_contract():
     assert "rsyslog.service" in text and "kamailio.service" in text
     fw = (UNITS / "sipguard-firewall.service").read_text()
     assert "firewall apply" in fw and "Type=oneshot" in fw
+
+
+def test_packaged_units_verify_clean(tmp_path):
+    """The .deb's units (packaging/build_deb.py: ExecStart=/usr/bin/sipguard) verify as cleanly."""
+    import sys
+
+    sys.path.insert(0, str(UNITS.parent / "packaging"))
+    import build_deb
+
+    stub = tmp_path / "bin" / "sipguard"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    paths = []
+    for name in NAMES:
+        text = build_deb.unit_text(name)
+        assert "/usr/bin/sipguard " in text and "/usr/local/bin" not in text, name
+        p = tmp_path / name
+        p.write_text(text.replace("/usr/bin/sipguard", str(stub)))
+        paths.append(p)
+    problems = _verify(paths)
+    assert not problems, "\n".join(problems)
+
+
+def test_service_never_pulls_in_the_baseline_firewall():
+    """Starting sipguard.service (the package's postinst does) must not apply the baseline firewall."""
+    text = (UNITS / "sipguard.service").read_text()
+    for key in ("Wants=", "Requires=", "BindsTo=", "Requisite="):
+        assert not any(ln.startswith(key) and "sipguard-firewall" in ln for ln in text.splitlines()), key
+    assert "Before=kamailio.service" in text

@@ -2,6 +2,8 @@
 
 `remove` undoes both sides: the firewall's tables (sipguard.firewall.remove), then the enforcer's sets and
 hook (sipguard.enforce.remove_all); the firewall package itself never deletes the enforcer's sets.
+`remove-hook` is the enforcer's part alone (what the Debian package's prerm runs on `apt remove`: an applied
+baseline firewall stays, since removing it could open the host).
 
 Everything printed goes out line by line escaped (`_lines`), and is never cut.
 
@@ -96,6 +98,15 @@ def remove_cmd() -> None:
     cfg = _ctx().cfg
     firewall.remove(cfg, _state_dir(), echo=_echo, warn=_warn)  # the tables: the firewall's part
     for msg in remove_all(cfg.enforce):  # the sets and the ban hook: the enforcer's part
+        _echo(msg)
+
+
+@firewall_app.command("remove-hook")
+def remove_hook_cmd() -> None:
+    """Remove only sipguard's ban hook chain and sets (kernel bans); an applied baseline firewall stays."""
+    from ..enforce import remove_all
+
+    for msg in remove_all(_ctx().cfg.enforce):
         _echo(msg)
 
 

@@ -273,9 +273,11 @@ class Phone(threading.Thread):
         try:
             with SipClient(PROXY, netns=self.ns.name, local_ip=self.ip, domain=DOMAIN,
                            timeout=1.5) as c:
-                self._note("REGISTER (typo)", c.register(self.user, password="secret100O",
+                # as real phones do: a quoted display name in From (the config's SQL-injection check
+                # must look at user parts only, never at a whole header)
+                self._note("REGISTER (typo)", c.register(self.user, password="secret100O", from_display="Front Desk",
                                                          user_agent="Yealink SIP-T46S 66.86.0.15"))
-                r = c.register(self.user, password=self.password,
+                r = c.register(self.user, password=self.password, from_display="Front Desk",
                                user_agent="Yealink SIP-T46S 66.86.0.15")
                 self._note("REGISTER", r)
                 if r is not None and r.status == 200:
@@ -475,6 +477,16 @@ def attacks() -> list[Attack]:
 
 
 # -- the scenario -------------------------------------------------------------------------------
+FRAUD_JAIL = """\
+# distinct destinations dialled from one source (README: fraud probes)
+[policy.jails.fraud]
+kinds = ["dial", "probe"]
+distinct = "dest"
+prefixes = ["+", "00"]
+findtime = "1h"
+threshold = 5
+"""
+
 SG_CONFIG = """\
 # sipguard config of the e2e scenario: defaults everywhere except where the files are
 state_dir = "{state}"
@@ -486,14 +498,7 @@ from_start = true
 [enforce]
 backend = "auto"
 
-# distinct destinations dialled from one source (README: fraud probes)
-[policy.jails.fraud]
-kinds = ["dial", "probe"]
-distinct = "dest"
-prefixes = ["+", "00"]
-findtime = "1h"
-threshold = 5
-
+""" + FRAUD_JAIL + """
 [firewall]
 public_interface = "any"
 sip_udp = [5060]

@@ -81,13 +81,6 @@ from_start = true
 [enforce]
 backend = "ipset"
 
-# distinct destinations dialled from one source, as tests/e2e/scenario.py (its fraud prober runs here too)
-[policy.jails.fraud]
-kinds = ["dial", "probe"]
-distinct = "dest"
-prefixes = ["+", "00"]
-findtime = "1h"
-threshold = 5
 """
 
 
@@ -478,7 +471,9 @@ class LoadLab:
         if gone:
             self.echo(f"removed leftovers of an interrupted load run: {', '.join(gone)}")
         self.state.mkdir(parents=True)
-        self.cfgfile.write_text(SG_CONFIG.format(state=self.state, log=self.logfile) + self.cfg.sg_extra)
+        from tests.e2e.scenario import FRAUD_JAIL  # the scenario's attacks include its fraud prober
+
+        self.cfgfile.write_text(SG_CONFIG.format(state=self.state, log=self.logfile) + FRAUD_JAIL + self.cfg.sg_extra)
         self.lab = Lab(self.tag, proxy_ip=PROXY)
         self.lab.__enter__()
         # the phones' namespace, routed behind a /30
