@@ -123,6 +123,31 @@ def manual_unban(store: Store, target: str, enforcer: Enforcer | None = None, no
     return ban
 
 
+def manual_unban_user(store: Store, target: str, user: str, now: float | None = None) -> Ban | None:
+    """Lift the user ban (the office policy) of `user` at address `target`: the store here, Kamailio's
+    htable entry by the running daemon (a control request). None when there was none."""
+    now = time.time() if now is None else now
+    try:
+        ip = parse_target(target)
+    except ValueError as exc:
+        raise SipguardError(str(exc)) from None
+    ban = next((b for b in store.user_bans_of(ip) if b.user == user), None)
+    if ban is None:
+        return None
+    book = _book(store, None)  # no kernel: a user ban is Kamailio's (the daemon lifts its htable entry)
+    book.unban_user(ip, user, now)
+    try:
+        with store.transaction():
+            book.write(now)
+            store.request("unban_user", ip, user=user)
+    except BaseException:
+        book.failed()
+        raise
+    book.written()
+    ring(store.path)
+    return ban
+
+
 def unban_all(store: Store, enforcer: Enforcer | None = None, now: float | None = None) -> list[Ban]:
     """Lift every ban (one kernel batch, one store transaction)."""
     now = time.time() if now is None else now

@@ -263,7 +263,8 @@ class Daemon:
         for cause, bans in batches:
             for ban in p.book.ban(bans, now, cause):
                 new_bans.append(ban)
-                log.warning("banned %s for %s (%s, score %.1f, offence %d)", ban.ip,
+                log.warning("banned %s for %s (%s, score %.1f, offence %d)",
+                            ban.ip if ban.user is None else f"user {ban.user!r} at {ban.ip} (Kamailio only)",
                             "ever" if ban.expires is None else f"{ban.expires - now:.0f}s", ban.reason,
                             ban.score, ban.offence)
         held, self._unstored = self._unstored, None

@@ -24,6 +24,12 @@ Evidence: a ban the cluster score decided carries this node's own records among 
 those of the batch being scored by their uid (`score_args` remembers what it sent, `take` forgets it),
 those of earlier batches by time from the local Policy's evidence (`evidence_for`: the events `scored`
 restored, with their text). Other nodes' records stay on those nodes (never published).
+
+The office policy ([policy.office]): SCORE_LUA does not know it yet. An auth failure the local Policy
+scores as an office's (`Policy.office_failure`: a user capture at an address with a recent success for
+another user, learnt from the successes this node saw) is decided by the local Policy on this node and
+never sent to Redis, so the fleet's per-address auth jail does not ban the office; its user bans stay on
+this node (not on the fleet stream) and its address bans are published like any local ban.
 """
 
 from __future__ import annotations
@@ -102,6 +108,8 @@ class ClusterPolicy:
         if ev.ip in self.local.banned:
             st.while_banned += 1
             return None
+        if self.local.office_failure(ev):  # the office policy: decided by this node (see the module doc)
+            return self.local.observe(ev, count=False)
         if ev.kind in self._kind_jails:
             self._buffer.append(ev)
         return None
@@ -111,6 +119,13 @@ class ClusterPolicy:
 
     def release(self, ip: str) -> None:
         self.local.release(ip)
+
+    def note_user_ban(self, ip: str, user: str) -> None:
+        """A user ban (the office policy) is in force: the local policy stops scoring that user there."""
+        self.local.note_user_ban(ip, user)
+
+    def release_user(self, ip: str, user: str) -> None:
+        self.local.release_user(ip, user)
 
     def restore(self, events: Iterable[Event]) -> None:
         self.local.restore(events)
