@@ -145,7 +145,8 @@ def main(argv: list[str]) -> int:
                   flush=True)
             for n in names:
                 stem, engine, scenario = CAPTURES[n]
-                cursor = last_cursor(c)
+                c.sh("systemctl stop kamailio.service", timeout=60)  # the boot's (or last capture's) instance
+                cursor = last_cursor(c)  # each capture starts with its own Kamailio's start-up
                 restart_kamailio(c, engine)
                 time.sleep(1.0)
                 play(lab, scenario, n)
