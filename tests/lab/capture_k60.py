@@ -13,9 +13,10 @@ Debian) boots with systemd as PID 1 (tests/lab/container.py) in the hub namespac
 in the container) with `examples/kamailio/kamailio.cfg` minus its `log_name="kamailio"` line, so the
 syslog identifier is the stock one, argv[0] `/usr/sbin/kamailio`. The senders are
 tests/lab/capture_real_logs.py's (the same SCENARIO as the 5.6.3 captures, and FRAUD_SCENARIO), from
-the host's SIPVicious and the lab's SIP client, each from its own address. Each capture restarts
-kamailio.service (fresh pike and htable state) and is dumped from the container's journal with the
-commands an operator uses, after the cursor of the previous one:
+the host's SIPVicious and the lab's SIP client, each from its own address. Each capture stops
+kamailio.service (the boot started it with Debian's stock config, or it is the previous capture's),
+takes the journal's cursor, starts it again (fresh pike and htable state) and, after the scenario and a
+stop (its shutdown lines flushed), dumps what came after that cursor with the commands an operator uses:
 
 * ``journal``      -> ``k60-journal.json`` (``journalctl -u kamailio.service -o json``) and
   ``k60-journal-short-iso.log`` (``journalctl -u kamailio.service -o short-iso``): the classic engine
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,8 +108,6 @@ def journal(c: Container, fmt: str, after: str | None) -> bytes:
     argv = ["journalctl", "-u", "kamailio.service", "-o", fmt, "--no-pager"]
     if after:
         argv.append(f"--after-cursor={after}")
-    import subprocess
-
     r = subprocess.run(c.cmd(*argv), capture_output=True, timeout=60)
     if r.returncode != 0:
         raise RuntimeError(f"journalctl failed: {r.stderr[-500:]!r}")
