@@ -400,3 +400,21 @@ def test_k60_capture_as_the_daemon_reads_it(name: str, filters: FilterSet) -> No
     if kjson:  # read as the JSON engine's records, not as text that happens to match
         assert sum('"msg"' in r.text or r.text.startswith("@cee") for r in records) == 0
         assert b"@cee: {" in path.read_bytes()
+
+
+def test_k60_fraud_capture_bans_like_the_5_6_one() -> None:
+    """The default policy plus test_distinct's fraud jail on Kamailio 6.0.1's fraud capture (`sipguard
+    scan` of the journalctl short-iso text): the prober (.40) and the secfilter senders are banned, exactly as in
+    5.6.3's fraud-traditional.log; the phone (.48) and the callers refused once or twice are not."""
+    from sipguard.config import Config
+    from sipguard.scan import scan_files
+    from test_distinct import FRAUD
+
+    cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                 "policy": {"jails": {"fraud": FRAUD}}})
+    bans = {}
+    for name in ("fraud-traditional.log", "k60-fraud-journal-short-iso.log"):
+        bans[name] = {(b.ip, b.reason) for b in scan_files([str(REAL / name)], cfg).bans}
+    assert bans["k60-fraud-journal-short-iso.log"] == bans["fraud-traditional.log"]
+    assert {ip for ip, _ in bans["fraud-traditional.log"]} == {
+        "198.18.0.40", "198.18.0.44", "198.18.0.45", "198.18.0.46", "198.18.0.47"}
