@@ -15,8 +15,8 @@ In each live run one sender per line of the log contract (README "Making Kamaili
 reads") sends from its own address, and every contract line must appear in the form the shipped filters
 match (the text Kamailio printed, checked by a regex per line) and give the right (filter, address)
 events through sipguard's own formats, pipeline and filters; 198.18.0.99, injected into a User-Agent,
-is never an event's address. `kamailio -c` must also fail on a config naming a module that does not
-exist (so the check is a real one). Namespaces are `sgk60-<pid>-*`; everything is torn down even on
+is never an event's address. `kamailio -c` must pass without a warning or error line, and fail on the
+same config naming a module that does not exist (so the check is a real one). Namespaces are `sgk60-<pid>-*`; everything is torn down even on
 failure. The time of each version's part is printed with -s.
 """
 
@@ -220,10 +220,12 @@ def check_contract(records: list, label: str) -> None:
 
 
 def _config_check(argv_prefix: list[str], cfg: str, run) -> str:
-    """`kamailio -c -f CFG` passes; the same config naming a module that does not exist fails."""
+    """`kamailio -c -f CFG` passes, without a warning (nothing deprecated, renamed or gone)."""
     r = run([*argv_prefix, "kamailio", "-c", "-f", cfg])
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "config file ok" in out, out[-3000:]
+    notes = [ln for ln in out.splitlines() if re.search(r"\b(WARNING|ERROR|CRITICAL|BUG|deprecated)\b", ln, re.I)]
+    assert not notes, notes  # nothing deprecated or renamed on either version
     return out
 
 
