@@ -532,28 +532,25 @@ class Store:
             (now, action, ip, f"{b.reason} user={user}", b.score, b.expires))
         return b
 
+    def _user_bans(self, where: str, args: tuple, order: str) -> list[Ban]:
+        """User bans matching `where` (a database from before user bans: none)."""
+        if "user_bans" not in self._tables():
+            return []
+        rows = self.conn.execute(f'SELECT ip, "user", reason, score, created, expires FROM user_bans WHERE {where} '
+                                 f'ORDER BY {order}', args)
+        return [_user_ban(r) for r in rows]
+
     def user_bans_of(self, ip: str) -> list[Ban]:
         """The user bans stored at one address (in force or not), oldest first."""
-        if "user_bans" not in self._tables():
-            return []
-        rows = self.conn.execute('SELECT ip, "user", reason, score, created, expires FROM user_bans WHERE ip = ? '
-                                 'ORDER BY created, "user"', (ip,))
-        return [_user_ban(r) for r in rows]
+        return self._user_bans("ip = ?", (ip,), 'created, "user"')
 
     def active_user_bans(self, now: float) -> list[Ban]:
-        """Every user ban in force, oldest first (a database from before user bans: none)."""
-        if "user_bans" not in self._tables():
-            return []
-        rows = self.conn.execute(f'SELECT ip, "user", reason, score, created, expires FROM user_bans WHERE {_ACTIVE} '
-                                 'ORDER BY created, ip, "user"', (now,))
-        return [_user_ban(r) for r in rows]
+        """Every user ban in force, oldest first."""
+        return self._user_bans(_ACTIVE, (now,), 'created, ip, "user"')
 
     def expired_user_bans(self, now: float) -> list[Ban]:
-        if "user_bans" not in self._tables():
-            return []
-        rows = self.conn.execute('SELECT ip, "user", reason, score, created, expires FROM user_bans '
-                                 'WHERE expires IS NOT NULL AND expires <= ?', (now,))
-        return [_user_ban(r) for r in rows]
+        """Every user ban whose time is up, oldest first."""
+        return self._user_bans("expires IS NOT NULL AND expires <= ?", (now,), 'created, ip, "user"')
 
     def get_ban(self, ip: str) -> Ban | None:
         row = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE ip = ?", (ip,)).fetchone()

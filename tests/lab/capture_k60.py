@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from . import REPO_ROOT
-from .capture_real_logs import DOMAIN, FRAUD_SCENARIO, NET, PROXY, SCENARIO
+from .capture_real_logs import DOMAIN, FRAUD_SCENARIO, PROXY, SCENARIO, play
 from .container import Container
 from .kamailio import prepare_config
 from .netns import Lab
@@ -116,17 +116,6 @@ def journal(c: Container, fmt: str, after: str | None) -> bytes:
 
 def version(c: Container) -> str:
     return c.sh("kamailio -v | head -1").stdout.strip()
-
-
-def play(lab: Lab, scenario, label: str, verbose: bool = True) -> None:
-    for octet, desc, fn in scenario:
-        ip = f"{NET}{octet}"
-        ns = lab.add_client(ip)
-        t0 = time.monotonic()
-        res = fn(lab, ns, ip)
-        if verbose:
-            print(f"[{label}] {ip:<14} {desc}: {res!s:.100} ({time.monotonic() - t0:.1f}s)", flush=True)
-        time.sleep(0.3)
 
 
 def main(argv: list[str]) -> int:
