@@ -22,6 +22,7 @@ import math
 import re
 import socket
 import unicodedata
+from dataclasses import replace
 from typing import Any
 
 from ..addresses import parse_target
@@ -246,10 +247,7 @@ def parse_user_ban(payload: str, signer: Signer | None = None, now: float | None
     user = checked_user(d.get("user"))
     rest = {k: v for k, v in d.items() if k not in ("sig", "user")}
     ban, ban_id, origin = parse_ban(json.dumps(rest), None, now)  # the address ban's bounds, already verified
-    if "/" in ban.ip:
-        raise ValueError("a user ban is of one address, not a network")
-    return Ban(ip=ban.ip, reason=ban.reason, created=ban.created, expires=ban.expires, score=ban.score,
-               offence=ban.offence, manual=ban.manual, user=user), ban_id, origin
+    return replace(ban, user=user), ban_id, origin  # (a network: the guard rails, then the bridge, refuse it)
 
 
 def parse_user_unban(fields: dict, signer: Signer | None = None, now: float | None = None
