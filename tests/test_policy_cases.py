@@ -336,3 +336,54 @@ def test_comparison_tells_a_difference_apart():
                    {"reason": "auth-slow:auth-failure"}, {"user": "stale"}):
         assert comparable([base]) != comparable([dict(base, **change)]), change
     assert math.isclose(0.1 + 0.1 + 0.1, 0.3) and 0.1 + 0.1 + 0.1 != 0.3  # why scores are rounded
+
+
+def test_forged_successes_and_user_bans_decide_nothing(redis_client):
+    """What a stranger writes into Redis for the office policy decides nothing: a success member it ZADDs
+    (no valid tag) makes the address an office in the script, but the node's `office_checks` finds no
+    verified success for another user, names the member for removal and leaves those failures to the local
+    Policy (which saw no success: the auth jail bans the address); a forged user ban in the shared user-ban
+    hash that made the script skip a user's failures is left to the local Policy the same way."""
+    cfg = Config.model_validate({"policy": {"bantime": "1h"}}).policy
+    prefix = "case:forged-office:"
+    run = ScriptRun(cfg, redis_client, prefix, fleet=True)
+    cp, ip = run.cp, "198.18.60.1"
+    try:
+        forged = f"x.1|d{cp.user_hash('alice')}|AAAAAAAAAAAAAAAAAAAAAA"
+        redis_client.zadd(prefix + f"s:{ip}:office_ok", {forged: T0})
+        fails = [Event(T0 + k, ip, "auth-failure", EventKind.AUTH_FAILURE, 1.0, captures=(("user", "stale"),))
+                 for k in range(1, 4)]
+        for ev in fails:
+            assert cp.observe(ev) is None
+        events = cp.take()
+        result = run.script(args=cp.score_args(events, T0 + 3))
+        # the script took it for an office: a user candidate (on signed failures), none in the auth jail
+        assert [json.loads(c)["jail"] for c in result[0]] == ["office_user"]
+        verdicts, _ = cp.verdicts(result[0], T0 + 3)
+        assert [v.ban.user for v in verdicts] == ["stale"]
+        bad, here = cp.office_checks([result], T0 + 3)
+        assert bad == {f"s:{ip}:office_ok": [forged]} and here == {(ip, cp.user_hash("stale"))}
+        assert cp.office_verdicts(verdicts, here) == []  # the user ban rested on the forged success
+        assert cp.decided_here(events, here) == events
+        (d,) = [d for d in cp.decide_locally(events) if d is not None]
+        assert (d.ip, d.reason, d.user) == (ip, "auth:auth-failure", None)
+        # a genuine success (signed by a node) verifies: nothing is left to the local Policy
+        ok = Event(T0 + 10, "198.18.60.2", "register-success", EventKind.SUCCESS, 0.0, captures=(("user", "alice"),))
+        fail = Event(T0 + 11, "198.18.60.2", "auth-failure", EventKind.AUTH_FAILURE, 1.0, captures=(("user", "bob"),))
+        cp.observe(ok)
+        cp.observe(fail)
+        result = run.script(args=cp.score_args(cp.take(), T0 + 11))
+        assert cp.office_checks([result], T0 + 11) == ({}, set())
+        # a forged user ban (no valid tag) in the shared hash: the script skips bob's failure, the node does not
+        redis_client.hset(prefix + "ubans", f"198.18.60.2|{cp.user_hash('bob')}",
+                          json.dumps({"ip": "198.18.60.2", "user": "bob", "created": T0, "expires": None,
+                                      "reason": "x", "score": 3.0, "offence": 1, "manual": False, "id": "e:1",
+                                      "origin": "e", "sig": "AAAAAAAAAAAAAAAAAAAAAA"}))
+        cp.observe(fail._replace(time=T0 + 12))
+        result = run.script(args=cp.score_args(cp.take(), T0 + 12))
+        assert result[2] == 1  # skipped for the user ban ...
+        assert cp.office_checks([result], T0 + 12)[1] == {("198.18.60.2", cp.user_hash("bob"))}  # ... not verified
+    finally:
+        keys = list(redis_client.scan_iter(prefix + "*"))
+        if keys:
+            redis_client.delete(*keys)

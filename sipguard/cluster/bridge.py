@@ -263,6 +263,7 @@ class ClusterBridge:
             office_forged, office_local = pol.office_checks(results, at)  # (the office policy, verified)
             for key, members in office_forged.items():
                 forged.setdefault(key, []).extend(members)
+            verdicts = pol.office_verdicts(verdicts, office_local)
             claims: list = []
             if verdicts or forged:
                 with self.client.pipeline(transaction=False) as pipe:

@@ -285,6 +285,16 @@ class ClusterPolicy:
                     local.add((ip, h))
         return forged, local
 
+    def office_verdicts(self, verdicts: list[Verdict], pairs: set[tuple[str, str]]) -> list[Verdict]:
+        """`verdicts` without those that rest on an office `office_checks` did not verify: a user ban of one
+        of `pairs`, an address ban by an office jail of one of their addresses (the local Policy decides)."""
+        if not pairs:
+            return verdicts
+        ips = {ip for ip, _ in pairs}
+        return [v for v in verdicts if not (
+            (v.ban.ip, v.user_hash) in pairs if v.ban.user is not None
+            else v.ban.ip in ips and v.ban.reason.startswith(("office_users:", "office_rate:")))]
+
     def decided_here(self, events: Iterable[Event], pairs: set[tuple[str, str]]) -> list[Event]:
         """Of `events`, the auth failures of the (ip, user hash) pairs `office_checks` left to this node."""
         if not pairs:
