@@ -380,6 +380,27 @@ class Policy:
         """The office's two address jails (`office_users`, `office_rate`), empty when the policy is off."""
         return self._office_jails
 
+    def note_office(self, ip: str, user: str, t: float) -> None:
+        """The fleet says `ip` had, at `t`, a verified success for a user other than `user` (seen by another
+        node: sipguard/cluster/scoring.py): remembered like a success of this node's own, under a key that is
+        no user's, so `ip` is an office for `user` (and, until it ages out, for the others: the fleet's
+        successes come hashed, not named; it only matters while Redis is away)."""
+        if self._office is None:
+            return
+        seen = self._succ.pop(ip, None)
+        if seen is None:
+            seen = {}
+        k = hash(("fleet", user))  # never hash(user) of a user: the success was another's
+        if seen.get(k, -math.inf) < t:
+            seen.pop(k, None)
+            seen[k] = t
+        if len(seen) > self._office.max_users:
+            del seen[next(iter(seen))]
+        self._succ[ip] = seen
+        if len(self._succ) > self.max_tracked:
+            for old in list(islice(self._succ, len(self._succ) - self.max_tracked + self.max_tracked // 10)):
+                del self._succ[old]
+
     def office_failure(self, ev: Event) -> bool:
         """Is `ev` an auth failure the office policy scores (a user capture, at an address with a recent
         success for another user, as this node's own successes say)?"""

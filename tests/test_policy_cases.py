@@ -387,3 +387,30 @@ def test_forged_successes_and_user_bans_decide_nothing(redis_client):
         keys = list(redis_client.scan_iter(prefix + "*"))
         if keys:
             redis_client.delete(*keys)
+
+
+def test_a_node_remembers_the_fleets_offices_for_when_redis_goes_away(redis_client):
+    """Node a sees the office's success, node b two failures of its stale phone (scored in Redis as the
+    office's, on a's verified success); then Redis goes away and b's local Policy decides the third: a user
+    ban, as the fleet would have made, not the address ban of the auth jail (b never saw a success itself)."""
+    cfg = Config.model_validate({"policy": {"bantime": "1h"}}).policy
+    prefix = "case:office-outage:"
+    run = ScriptRun(cfg, redis_client, prefix, fleet=True)
+    a, b, ip = run.node("a"), run.node("b"), "198.18.61.1"
+    try:
+        a.observe(Event(T0, ip, "register-success", EventKind.SUCCESS, 0.0, captures=(("user", "alice"),)))
+        run.script(args=a.score_args(a.take(), T0))
+        fails = [Event(T0 + k, ip, "auth-failure", EventKind.AUTH_FAILURE, 1.0, "auth failed for user stale",
+                       (("user", "stale"),)) for k in (1, 2, 3)]
+        for ev in fails[:2]:
+            b.observe(ev)
+        events = b.take()
+        result = run.script(args=b.score_args(events, T0 + 2))
+        assert result[0] == [] and b.office_checks([result], T0 + 2) == ({}, set())
+        b.scored(events, [])
+        (d,) = b.decide_locally(fails[2:])  # Redis away: the local Policy decides
+        assert (d.ip, d.user, d.reason) == (ip, "stale", "office_user:auth-failure") and ip not in b.banned
+    finally:
+        keys = list(redis_client.scan_iter(prefix + "*"))
+        if keys:
+            redis_client.delete(*keys)

@@ -96,6 +96,7 @@ class ClusterPolicy:
         self._jails.update((j.name, j) for j in local.office_jails)
         self._user_hashes: dict[str, str] = {}  # user -> keyed hash (bounded: cleared when big)
         self._unsendable: list[Ban] = []
+        self._offices: set[tuple[str, str]] = set()  # (ip, user hash) the last `office_checks` verified
         self._kind_names: dict[EventKind, list[str]] = {
             kind: [j.name for j in local.jails if kind in j.kinds] for kind in EventKind}
         self._kind_distinct = {kind for kind in EventKind
@@ -283,6 +284,8 @@ class ClusterPolicy:
                     forged.setdefault(f"s:{ip}:office_ok", []).extend(bad)
                 if not good:
                     local.add((ip, h))
+                else:
+                    self._offices.add((ip, h))
         return forged, local
 
     def office_verdicts(self, verdicts: list[Verdict], pairs: set[tuple[str, str]]) -> list[Verdict]:
@@ -479,7 +482,15 @@ class ClusterPolicy:
     def scored(self, events: list[Event], banned: Iterable[str]) -> None:
         """Redis scored `events` and decided bans on `banned`: keep the local windows warm (for when
         Redis goes away) and their records as evidence (for the fleet's next bans, and the local Policy's),
-        and count and note those bans."""
+        and count and note those bans. An office the script scored on verified successes other nodes saw
+        (`office_checks`) is taught to the local Policy first (`Policy.note_office`), so its windows keep
+        the office's failures where the fleet counted them, not in the address's auth jail."""
+        offices, self._offices = self._offices, set()
+        if offices:  # the fleet's verified successes, taught to the local Policy (for when Redis goes away)
+            for ev in events:
+                user = capture(ev, "user") if ev.kind is EventKind.AUTH_FAILURE else None
+                if user is not None and (ev.ip, self.user_hash(user)) in offices:
+                    self.local.note_office(ev.ip, user, ev.time)
         self.local.restore(events)
         st = self._own
         for ip in banned:
