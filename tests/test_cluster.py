@@ -655,3 +655,32 @@ def test_fleet_user_bans_pass_the_guard_rails_and_the_signature(office_fleet, re
     wait_for(lambda: "good@198.18.50.4" in a.kamailio.tables["userban"])  # edge1 has no such allow-list ...
     assert "u1@198.18.47.5" in a.kamailio.tables["userban"]  # ... so it holds that one
     assert all(not n.enforced() for n in office_fleet)  # never the kernel
+
+
+def test_user_bans_reach_a_late_joiner_and_survive_an_outage(office_fleet, redis_server):
+    """A node that was down when a user ban was made gets it from the shared user-ban hash with its
+    snapshot; a user ban decided by a node's local Policy while Redis is away waits in its outbox and
+    reaches the others when Redis is back."""
+    a, b, c = office_fleet
+    c.stop()
+    a.write(user_success("alice", OFFICE_IP))
+    wait_for(lambda: a.bridge.stats.scored >= 1)
+    b.write(*(user_failed("stale", OFFICE_IP) for _ in range(3)))
+    key = f"stale@{OFFICE_IP}"
+    wait_for(lambda: key in a.kamailio.tables["userban"], timeout=15)
+    c.start()
+    wait_for(lambda: key in c.kamailio.tables["userban"], timeout=15)  # from the snapshot
+    assert [(x.user, x.reason) for x in c.store.active_user_bans(time.time())] == [("stale", "office_user:auth-failure")]
+    assert OFFICE_IP not in c.enforced()
+    # Redis away: b decides alone (it sees the office's success itself), the user ban waits in its outbox
+    redis_server.stop()
+    wait_for(lambda: not b.bridge.redis_ok or not b.bridge.reader.connected, timeout=15)
+    other = "198.18.46.2"
+    b.write(user_success("carol", other), *(user_failed("old-phone", other) for _ in range(3)))
+    wait_for(lambda: b.store.active_user_bans(time.time()) and any(
+        x.user == "old-phone" for x in b.store.active_user_bans(time.time())), timeout=15)
+    assert b.bridge.outbox_size() >= 1 and other not in b.enforced()
+    redis_server.start()
+    key2 = f"old-phone@{other}"
+    wait_for(lambda: all(key2 in n.kamailio.tables["userban"] for n in office_fleet), timeout=20)
+    assert all(other not in n.enforced() and n.store.get_ban(other) is None for n in office_fleet)

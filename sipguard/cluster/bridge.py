@@ -475,6 +475,22 @@ class ClusterBridge:
         self.stats.applied_user_unbans += 1
         log.info("cluster: lifted the user ban of %r at %s", user, ip)
 
+    def _apply_user_snapshot(self, book: BanBook, now: float) -> None:
+        """With each snapshot: the shared user bans (the office policy) this node lacks, so a late joiner or
+        a restarted node holds them too; each verified, bounded and through the guard rails like a stream
+        entry. (Read here, on the main connection, beside the reader's snapshot of the address bans.)"""
+        try:
+            shared = list(self.client.hscan_iter(self.prefix + "ubans", count=1000))
+        except self._errors as exc:
+            self._down(exc)
+            return
+        for field, payload in shared:
+            try:
+                ban = parse_user_ban(payload, self.signer, now)[0]
+                self._apply_user_entry(book, {"op": "userban", "ip": ban.ip, "ban": payload}, now)
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                self._skipped(exc, f"shared user ban {plain_text(field, 120)}")
+
     def _gc_users(self, now: float) -> None:
         """Expired, malformed or forged user bans and old user unbans leave the shared user-ban hashes."""
         P = self.prefix
@@ -739,6 +755,7 @@ class ClusterBridge:
                     self._cur[ip] = None
                 self.stats.dropped_by_snapshot += len(drop)
         self.store.set_meta(EPOCH_META, epoch or "")
+        self._apply_user_snapshot(book, now)
         self.synced = True
         if not self.redis_ok:
             try:
