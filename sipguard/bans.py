@@ -71,7 +71,9 @@ class BannedSet(Protocol):
 
 
 class BanListener(Protocol):
-    """Hears every change the book makes, inside the transaction that stores it (the fleet publishes)."""
+    """Hears every change the book makes, inside the transaction that stores it (the fleet publishes).
+    A listener may also have `on_user_bans(bans, cause, now)` and `on_user_unbans([(ip, user)], cause, now)`
+    to hear user bans (the fleet's bridge has them); one without them does not hear user bans."""
 
     def on_bans(self, bans: Sequence[Ban], cause: str, now: float) -> None: ...
 

@@ -7,7 +7,8 @@
   Redis is away);
 * a ban listener (`on_bans` / `on_unbans`, called by the ban book inside the transaction that stores
   a change): this node's own bans and unbans go to the store's outbox (so a restart loses nothing)
-  and the fleet ban ids it holds are kept;
+  and the fleet ban ids it holds are kept; `on_user_bans` / `on_user_unbans` do the same for user
+  bans (the office policy), published as `userban` / `userunban`;
 * a hook (`tick`): it hands what the stream reader delivered (other nodes' bans and unbans,
   snapshots) to the ban book, publishes the outbox, keeps a heartbeat and garbage-collects the
   shared hashes.
@@ -19,7 +20,9 @@ on verified events, or the local Policy, does).
 
 What it writes to Redis is signed (`signing.py`), what it reads is verified and bounds-checked
 (`wire.py`) and passed through this node's guard rails (`guard.py`) before the ban book sees it;
-everything refused is counted in `ClusterStats` and logged rate-limited.
+everything refused is counted in `ClusterStats` and logged rate-limited. A user ban from the fleet
+(`_apply_user_entry`, and `_apply_user_snapshot` with each snapshot) passes the same guard rails for
+its address and goes to the ban book, which puts it in Kamailio's htable, never in the kernel.
 The design (scoring, sharing, signatures, failure, the Redis layout) is in README.md next to this file.
 """
 
