@@ -401,14 +401,6 @@ class Policy:
             for old in list(islice(self._succ, len(self._succ) - self.max_tracked + self.max_tracked // 10)):
                 del self._succ[old]
 
-    def office_failure(self, ev: Event) -> bool:
-        """Is `ev` an auth failure the office policy scores (a user capture, at an address with a recent
-        success for another user, as this node's own successes say)?"""
-        if self._office is None or ev.kind is not EventKind.AUTH_FAILURE:
-            return False
-        user = capture(ev, "user")
-        return user is not None and self._is_office(ev.ip, user, ev.time)
-
     def _is_office(self, ip: str, user: str, t: float) -> bool:
         """Has `ip` had a success for a user other than `user` within success_within?"""
         seen = self._succ.get(ip)
