@@ -2,7 +2,9 @@
 log file and dry-run enforcer.
 
 The redis-server is this test's own: 127.0.0.1, a free port, its own temp dir, no persistence, and it
-is stopped by its PID. Nothing here touches the kernel.
+is stopped by its PID. Nothing here touches the host's kernel: the one test with real kernel backends
+(the office's user ban across daemons) runs each `sipguard run` in a network namespace of its own
+(PID-unique `sgf-` names, deleted afterwards), with redis-server and Kamailio's RPC on UNIX sockets.
 """
 
 from __future__ import annotations
@@ -684,3 +686,137 @@ def test_user_bans_reach_a_late_joiner_and_survive_an_outage(office_fleet, redis
     key2 = f"old-phone@{other}"
     wait_for(lambda: all(key2 in n.kamailio.tables["userban"] for n in office_fleet), timeout=20)
     assert all(other not in n.enforced() and n.store.get_ban(other) is None for n in office_fleet)
+
+
+# -- the same with real daemons, each in a network namespace of its own with a real kernel backend ------
+class DgramKamailio:
+    """Kamailio's JSON-RPC over its UNIX datagram socket (jsonrpcs), the htables in memory: a thread of
+    this test on a socket in its temp dir (reachable from every namespace: it is a path); `close` stops it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.tables: dict[str, dict[str, int]] = {"ipban": {}, "userban": {}}
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            req = json.loads(data)
+            method, params = req["method"], req["params"]
+            t = self.tables.setdefault(params[0], {})
+            result = None
+            if method in ("htable.setxi", "htable.seti"):
+                t[params[1]] = params[2]
+            elif method == "htable.delete":
+                t.pop(params[1], None)
+            elif method == "htable.dump":
+                result = [{"slot": [{"name": k, "value": v} for k, v in list(t.items())]}]
+            try:
+                self.sock.sendto(json.dumps({"jsonrpc": "2.0", "result": result, "id": req["id"]}).encode(), addr)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _kernel_entries(backend: str) -> set[str]:
+    from sipguard.config import EnforceConfig
+    from sipguard.enforce import make_enforcer
+
+    e = make_enforcer(EnforceConfig(backend=backend))
+    try:
+        return {x.ip for x in e.entries()}
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("backend", ["nftables"])
+def test_office_user_ban_across_daemons_in_namespaces_never_reaches_their_kernels(tmp_path, backend):
+    """Two `sipguard run` daemons, each in a network namespace of its own (PID-unique names) with the real
+    nftables backend, one redis-server on a UNIX socket, each daemon's Kamailio htable on a UNIX datagram
+    socket: edge1 sees an office's success, edge2 its stale phone's failures. Both Kamailio htables get the
+    user ban; neither kernel set holds the office's address, while an attacker's address banned on edge1
+    is in both kernels (the kernel path works)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("needs root (network namespaces, netfilter)", pytrace=False)
+        pytest.skip("needs root")
+    import redis
+
+    from tests.lab.netns import Netns
+    from tests.netns_util import ns_call
+
+    sock = tmp_path / "redis.sock"
+    rproc = subprocess.Popen(
+        [REDIS, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700", "--dir", str(tmp_path),
+         "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = redis.Redis(unix_socket_path=str(sock), decode_responses=True, socket_timeout=5)
+    kams: list[DgramKamailio] = []
+    tag = f"sgf-{os.getpid() % 100000}-of"
+    try:
+        wait_for(lambda: sock.exists() and r.ping(), timeout=10)
+        with Netns(f"{tag}1") as ns1, Netns(f"{tag}2") as ns2:
+            nodes = []
+            for i, ns in ((1, ns1), (2, ns2)):
+                d = tmp_path / f"edge{i}"
+                d.mkdir()
+                kam = DgramKamailio(d / "kamailio.sock")
+                kams.append(kam)
+                (d / "kamailio.log").touch()
+                (d / "sipguard.toml").write_text(
+                    f'[enforce]\nbackend = "{backend}"\n[allowlist]\ninclude_host_addresses = false\n'
+                    f'[daemon]\ncontrol_interval = 0.05\n'
+                    f'[htable]\nenabled = true\nrpc = "unix:{kam.path}"\nreply_dir = "{d / "rpc"}"\nreply_group = ""\n'
+                    f'[cluster]\nredis_url = "unix://{sock}"\nnode_name = "edge{i}"\nkey_prefix = "sgns:"\n'
+                    f'secret = "{SECRET}"\nheartbeat_interval = 0.2\nsocket_timeout = 1\nretry_interval = 0.2\n')
+                (d / "sipguard.toml").chmod(0o600)  # (it holds the fleet's secret)
+                err = open(d / "daemon.err", "ab")
+                env = {**os.environ, "PYTHONPATH": os.getcwd()}
+                env.pop("SIPGUARD_CONFIG", None)
+                ns.popen(sys.executable, "-m", "sipguard", "--config", str(d / "sipguard.toml"), "--state-dir",
+                         str(d / "state"), "run", "--from-start", "--log", str(d / "kamailio.log"),
+                         stdout=subprocess.DEVNULL, stderr=err, env=env)
+                err.close()
+                nodes.append((ns, d, kam))
+
+            def in_sync(name: str) -> bool:
+                v = r.get(f"sgns:node:{name}")
+                return bool(v) and json.loads(v).get("in_sync") is True
+
+            wait_for(lambda: in_sync("edge1") and in_sync("edge2"), timeout=30)
+            (ns1, d1, k1), (ns2, d2, k2) = nodes
+            with (d1 / "kamailio.log").open("a") as f:
+                f.write(user_success("alice", OFFICE_IP) + user_success("bob", OFFICE_IP))
+                f.write("".join(auth_failed("198.18.70.9") for _ in range(3)))  # an attacker: a kernel ban
+            wait_for(lambda: r.zcard(f"sgns:s:{OFFICE_IP}:office_ok") == 2, timeout=15)
+            with (d2 / "kamailio.log").open("a") as f:
+                f.write("".join(user_failed("stale", OFFICE_IP) for _ in range(5)))
+            key = f"stale@{OFFICE_IP}"
+            wait_for(lambda: key in k1.tables["userban"] and key in k2.tables["userban"], timeout=20)
+            wait_for(lambda: all("198.18.70.9" in ns_call(ns.name, _kernel_entries, backend) for ns in (ns1, ns2)),
+                     timeout=20)
+            for ns, _d, kam in nodes:
+                held = ns_call(ns.name, _kernel_entries, backend)
+                assert OFFICE_IP not in held, held  # the office keeps working: never in the kernel
+                assert OFFICE_IP not in kam.tables["ipban"]
+            assert r.hget("sgns:bans", OFFICE_IP) is None and r.hlen("sgns:ubans") == 1
+    finally:
+        for k in kams:
+            k.close()
+        r.close()
+        rproc.kill()
+        rproc.wait(10)
