@@ -474,7 +474,8 @@ class ClusterPolicy:
                     user_ban_payload(v.ban, v.ban_id, self._node, self.signer), self.local.cfg.offence_memory,
                     unban_memory, "", "", "", v.offence_at, "1", f"{now:.6f}", v.user_hash, v.ban.user]
         if self._office is not None:  # an address ban also clears the office's address windows
-            jail_csv = ",".join(x for x in (jail_csv, "office_users,office_rate") if x)
+            names = [x for x in jail_csv.split(",") if x]
+            jail_csv = ",".join([*names, *(j.name for j in self.local.office_jails if j.name not in names)])
         return [self._prefix, maxlen, "ban", v.ban.ip, v.ban_id, self._node,
                 ban_payload(v.ban, v.ban_id, self._node, self.signer), self.local.cfg.offence_memory,
                 unban_memory, jail_csv, "", v.offence_member, v.offence_at, "1", f"{now:.6f}"]
