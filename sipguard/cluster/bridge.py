@@ -168,6 +168,7 @@ class ClusterBridge:
         self._ids: dict[str, tuple[str, str, float]] = {}
         self._flush_at = 0.0  # monotonic: publish again after a WAIT found too few replicas
         self._unreplicated: dict[str, str] = {}
+        self._user_snapshot_due = False  # a snapshot was applied: its user bans are read next (`tick`)
         self._tombstones: dict[str, str] = {}  # the unbans hash as read with the latest snapshot  # claimed bans no replica acknowledged: ip -> id (re-published)
 
     def outbox_size(self) -> int:
@@ -478,21 +479,33 @@ class ClusterBridge:
         self.stats.applied_user_unbans += 1
         log.info("cluster: lifted the user ban of %r at %s", user, ip)
 
-    def _apply_user_snapshot(self, book: BanBook, now: float) -> None:
-        """With each snapshot: the shared user bans (the office policy) this node lacks, so a late joiner or
-        a restarted node holds them too; each verified, bounded and through the guard rails like a stream
-        entry. (Read here, on the main connection, beside the reader's snapshot of the address bans.)"""
+    def _apply_user_snapshot(self, book: BanBook) -> None:
+        """After each snapshot (`tick`, once its chunk is stored): the shared user bans (the office policy)
+        this node lacks, so a late joiner or a restarted node holds them too; each verified, bounded and
+        through the guard rails like a stream entry, in one transaction of its own. (Read on the main
+        connection, beside the reader's snapshot of the address bans.)"""
+        self._user_snapshot_due = False
         try:
             shared = list(self.client.hscan_iter(self.prefix + "ubans", count=1000))
         except self._errors as exc:
             self._down(exc)
             return
-        for field, payload in shared:
-            try:
-                ban = parse_user_ban(payload, self.signer, now)[0]
-                self._apply_user_entry(book, {"op": "userban", "ip": ban.ip, "ban": payload}, now)
-            except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                self._skipped(exc, f"shared user ban {plain_text(field, 120)}")
+        if not shared:
+            return
+        now = time.time()
+        try:
+            with self.store.transaction():
+                for field, payload in shared:
+                    try:
+                        ban = parse_user_ban(payload, self.signer, now)[0]
+                        self._apply_user_entry(book, {"op": "userban", "ip": ban.ip, "ban": payload}, now)
+                    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                        self._skipped(exc, f"shared user ban {plain_text(field, 120)}")
+                book.write(now)
+        except BaseException:
+            book.failed()
+            raise
+        book.written()
 
     def _gc_users(self, now: float) -> None:
         """Expired, malformed or forged user bans and old user unbans leave the shared user-ban hashes."""
@@ -522,6 +535,8 @@ class ClusterBridge:
         if book.pending == 0:
             self._ids.clear()  # every handed-over ban is stored with its id
         self._drain(book)
+        if self._user_snapshot_due and self.redis_ok:
+            self._apply_user_snapshot(book)
         if not self.redis_ok and time.monotonic() >= self._retry_at and self.reader.connected:
             try:
                 self.client.ping()
@@ -758,7 +773,7 @@ class ClusterBridge:
                     self._cur[ip] = None
                 self.stats.dropped_by_snapshot += len(drop)
         self.store.set_meta(EPOCH_META, epoch or "")
-        self._apply_user_snapshot(book, now)
+        self._user_snapshot_due = True  # (read after this chunk's transaction: `_apply_user_snapshot`)
         self.synced = True
         if not self.redis_ok:
             try:
