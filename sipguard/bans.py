@@ -34,8 +34,8 @@ The book never decides who is banned: the policy, the operator, the fleet and th
 A **user ban** (`Ban.user`, the office policy: one user at one address) takes a path of its own: never
 the kernel (the other users behind that address must keep working) but the mirrors that hold user bans
 (`EnforcerStack.ban_users`: Kamailio's htable), the scorer's `note_user_ban` / `release_user` when it has
-them, and the store's `user_bans` table; it expires and is resynced like the others. The listeners do
-not hear user bans: the fleet stream does not carry them.
+them, and the store's `user_bans` table; it expires and is resynced like the others. Listeners that have
+`on_user_bans` / `on_user_unbans` hear them (the fleet stream carries them), in the same transaction.
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ class BannedSet(Protocol):
 
 
 class BanListener(Protocol):
-    """Hears every change the book makes, inside the transaction that stores it (the fleet publishes)."""
+    """Hears every change the book makes, inside the transaction that stores it (the fleet publishes).
+    A listener may also have `on_user_bans(bans, cause, now)` and `on_user_unbans([(ip, user)], cause, now)`
+    to hear user bans (the fleet's bridge has them); one without them does not hear user bans."""
 
     def on_bans(self, bans: Sequence[Ban], cause: str, now: float) -> None: ...
 
@@ -157,7 +159,7 @@ class BanBook:
             return []
         users = [b for b in bans if b.user is not None]
         if users:
-            self._ban_users(users, now, store)
+            self._ban_users(users, now, store, cause)
             bans = [b for b in bans if b.user is None]
             if not bans:
                 return users
@@ -182,10 +184,10 @@ class BanBook:
         return out_all
 
     # -- user bans (the office policy: one user at one address) -------------------------------
-    def _ban_users(self, bans: list[Ban], now: float, store: bool) -> None:
+    def _ban_users(self, bans: list[Ban], now: float, store: bool, cause: str = POLICY) -> None:
         """User bans never reach the kernel (the office behind the address must keep working): Kamailio's
         htable mirror holds them (`EnforcerStack.ban_users`), the scorer stops scoring that user there,
-        the store keeps them. Not heard by the listeners: the fleet stream does not carry them (yet)."""
+        the store keeps them, and the listeners with `on_user_bans` hear them (the fleet stream)."""
         mirror = self._user_mirror()
         if mirror is not None:
             try:
@@ -206,9 +208,11 @@ class BanBook:
             log.info("user ban: user %r at %s (%s)", b.user, b.ip, b.reason)
         if store:
             self._pending.extend(_PutUser(b) for b in bans)
+        self._heard.append(("userban", bans, cause, now))
         self.stats.bans += len(bans)
 
-    def unban_user(self, ip: str, user: str, now: float, *, action: str = "userunban", store: bool = True) -> None:
+    def unban_user(self, ip: str, user: str, now: float, *, action: str = "userunban", store: bool = True,
+                   cause: str = MANUAL) -> None:
         """Lift the user ban of `user` at `ip`: Kamailio's entry, the scorer, then queued for the store
         (`store=False`: a CLI request the daemon mirrors, the store changed already)."""
         mirror = self._user_mirror()
@@ -225,6 +229,7 @@ class BanBook:
             release(ip, user)
         if store:
             self._pending.append(_RemoveUser(ip, user, action))
+        self._heard.append(("userunban", [(ip, user)], EXPIRY if action == "userexpire" else cause, now))
         if action == "userexpire":
             self.stats.expired += 1
         else:
@@ -390,6 +395,10 @@ class BanBook:
                     li.on_bans(items, cause, now)  # type: ignore[arg-type]
                 elif kind == "unban":
                     li.on_unbans(items, t, cause, now)  # type: ignore[arg-type]
+                elif kind in ("userban", "userunban"):  # (listeners without them do not hear user bans)
+                    hear = getattr(li, "on_user_bans" if kind == "userban" else "on_user_unbans", None)
+                    if hear is not None:
+                        hear(items, cause, now)
                 else:
                     li.on_unbans(["*"], t, cause, now)
         self._marks = (n, heard)

@@ -10,7 +10,8 @@ has had a success for some user (the `user` capture) within `success_within`, it
 another user are counted per (address, user): at `user_threshold` a Decision with `user` set (a user
 ban: that user at that address only), and the address itself is decided only by the office's own two
 jails, `office_users` (distinct failing users) and `office_rate` (failures, whatever the users). Those two
-are not in `jails` (the fleet scores `jails`; it leaves office failures to this Policy).
+are not in `jails` (`office_jails`); the fleet's score script (sipguard/cluster/lua/score.lua) scores the
+same policy in Redis, with successes shared across the nodes, and the shared policy cases pin that both agree.
 
 Pure in-memory arithmetic over state it is handed (restored events, offence history): it reads
 no file, writes no database and touches no kernel, so every rule is testable with a table.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .addresses import AllowList
-from .config import MAX_DURATION, JailConfig, PolicyConfig
+from .config import MAX_DURATION, JailConfig, OfficeConfig, PolicyConfig
 from .model import EVIDENCE_CHARS, Decision, Event, EventKind, Evidence, capture, evidence_of
 
 
@@ -369,13 +370,36 @@ class Policy:
             self.stats.resets += 1
         self._uevid.pop((ev.ip, user), None)
 
-    def office_failure(self, ev: Event) -> bool:
-        """Is `ev` an auth failure the office policy scores (a user capture, at an address with a recent
-        success for another user)? The fleet's scorer decides those here, not in Redis."""
-        if self._office is None or ev.kind is not EventKind.AUTH_FAILURE:
-            return False
-        user = capture(ev, "user")
-        return user is not None and self._is_office(ev.ip, user, ev.time)
+    @property
+    def office(self) -> OfficeConfig | None:
+        """The office policy's config when it is on ([policy.office] enabled), else None."""
+        return self._office
+
+    @property
+    def office_jails(self) -> tuple[_Jail, ...]:
+        """The office's two address jails (`office_users`, `office_rate`), empty when the policy is off."""
+        return self._office_jails
+
+    def note_office(self, ip: str, user: str, t: float) -> None:
+        """The fleet says `ip` had, at `t`, a verified success for a user other than `user` (seen by another
+        node: sipguard/cluster/scoring.py): remembered like a success of this node's own, under a key that is
+        no user's, so `ip` is an office for `user` (and, until it ages out, for the others: the fleet's
+        successes come hashed, not named; it only matters while Redis is away)."""
+        if self._office is None:
+            return
+        seen = self._succ.pop(ip, None)
+        if seen is None:
+            seen = {}
+        k = hash(("fleet", user))  # never hash(user) of a user: the success was another's
+        if seen.get(k, -math.inf) < t:
+            seen.pop(k, None)
+            seen[k] = t
+        if len(seen) > self._office.max_users:
+            del seen[next(iter(seen))]
+        self._succ[ip] = seen
+        if len(self._succ) > self.max_tracked:
+            for old in list(islice(self._succ, len(self._succ) - self.max_tracked + self.max_tracked // 10)):
+                del self._succ[old]
 
     def _is_office(self, ip: str, user: str, t: float) -> bool:
         """Has `ip` had a success for a user other than `user` within success_within?"""

@@ -364,19 +364,25 @@ def test_why_shows_the_user_bans_at_an_address(tmp_path):
     assert "auth-failure  auth failed for user st\\x1bale" in text
 
 
-def test_fleet_mode_decides_an_offices_failures_on_the_node_not_in_redis():
-    """SCORE_LUA does not know the office policy: while the fleet scores, an office's auth failures are
-    decided by the node's local Policy (never buffered for Redis); any other event is buffered as before."""
+def test_fleet_mode_sends_an_offices_successes_and_failures_to_redis():
+    """The office policy is scored in Redis (issue 17, fleet): while the fleet scores, successes and auth
+    failures with a user capture are buffered for the script like every other event (none decided by this
+    node alone), and the user reaches Redis only as its keyed hash, never as text."""
     from sipguard.cluster import ClusterPolicy
+    from sipguard.cluster.signing import Signer
     from sipguard.config import ClusterConfig
 
-    cp = ClusterPolicy(policy(), ClusterConfig(redis_url="unix:///unused.sock", node_name="n1"), scoring=lambda: True)
-    assert cp.observe(ok(0, "a")) is None
-    cp.scored(cp.take(), [])  # Redis scored the success: the local windows learn it
-    got = [cp.observe(fail(10 + i, "stale")) for i in range(3)]
-    assert cp.take() == [] and got[:2] == [None, None] and got[2].user == "stale" and got[2].ip == OFFICE
-    other = fail(20, "x", ip="198.18.0.50")  # no success there: Redis scores it, as before
-    assert cp.observe(other) is None and cp.take() == [other]
+    cp = ClusterPolicy(policy(), ClusterConfig(redis_url="unix:///unused.sock", node_name="n1"), scoring=lambda: True,
+                       signer=Signer("s3cret", "sipguard:"))
+    evs = [ok(0, "a"), *(fail(10 + i, "stale") for i in range(3)), fail(20, "x", ip="198.18.0.50")]
+    assert [cp.observe(e) for e in evs] == [None] * 5
+    got = cp.take()
+    assert got == evs
+    args = [str(a) for a in cp.score_args(got, 30.0)]
+    assert not any("stale" in a for a in args)
+    h = cp.user_hash("stale")
+    assert h == Signer("s3cret", "sipguard:").keyed_hash("stale") != Signer("other", "sipguard:").keyed_hash("stale")
+    assert f";{h}" in args[args.index(OFFICE, args.index(OFFICE) + 1) + 1]  # a failure: its jails, ';', the hash
 
 
 def test_unban_user_lifts_a_user_ban_and_the_daemon_mirrors_it(tmp_path):
