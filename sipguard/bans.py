@@ -287,6 +287,10 @@ class BanBook:
                 self.ban([ban], now, MANUAL, store=False)
         elif req.action == "unban" and req.target:
             self.unban([req.target], now, MANUAL, at=req.time, store=False)
+        elif req.action == "ban_user" and req.target and isinstance(req.payload.get("user"), str):
+            got = [b for b in self.store.user_bans_of(req.target) if b.user == req.payload["user"]]
+            if got and (got[0].expires is None or got[0].expires > now):
+                self.ban(got, now, MANUAL, store=False)
         elif req.action == "unban_user" and req.target and isinstance(req.payload.get("user"), str):
             self.unban_user(req.target, req.payload["user"], now, store=False)
         elif req.action in ("unban_all", "sync"):

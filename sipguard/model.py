@@ -7,6 +7,7 @@ a tuple is built at half the cost of a frozen dataclass.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import NamedTuple
@@ -76,6 +77,15 @@ class Event(NamedTuple):
 
 
 CAPTURE_CHARS = 64
+
+
+def checked_user(v: object) -> str:
+    """A user ban's user: 1 to CAPTURE_CHARS printable characters (a control or format character refuses
+    it: it is attacker text, and never silently becomes another user); else ValueError."""
+    if not isinstance(v, str) or not 1 <= len(v) <= CAPTURE_CHARS or not v.isprintable() \
+            or any(unicodedata.category(c) == "Cf" for c in v):
+        raise ValueError("bad user")
+    return v
 """The longest captured value an Event carries (longer ones are cut to this: still a key, bounded)."""
 
 

@@ -119,11 +119,12 @@ def list_(
         return
     bans = store.iter_active_bans(now, **narrow)
     users: list[Ban] = []
-    if manual is not True:  # then the user bans (the office policy: one user at one address, in Kamailio only)
-        users = [b for b in store.active_user_bans(now) if (narrow["since"] is None or b.created >= narrow["since"])
-                 and (reason is None or b.reason == reason or b.reason.split(":", 1)[0] == reason)
-                 and (keep is None or keep(b))]
-        bans = itertools.chain(bans, users)
+    # then the user bans (the office policy: one user at one address, in Kamailio only)
+    users = [b for b in store.active_user_bans(now) if (narrow["since"] is None or b.created >= narrow["since"])
+             and (manual is None or b.manual is manual)
+             and (reason is None or b.reason == reason or b.reason.split(":", 1)[0] == reason)
+             and (keep is None or keep(b))]
+    bans = itertools.chain(bans, users)
     if keep is not None:
         bans = (b for b in bans if keep(b))
     held: dict[str, float | None] = {}
@@ -224,16 +225,30 @@ def ban(
     reason: Annotated[str, typer.Option("--reason", help="why (shown in list)")] = "manual",
     force: Annotated[bool, typer.Option("--force", help="ban even an allow-listed address")] = False,
     from_file: Annotated[Optional[Path], typer.Option("--from-file", help="one address/CIDR per line, # comments")] = None,
+    user: Annotated[Optional[str], typer.Option(
+        "--user", help="ban only this user at the address (the office policy: Kamailio answers that user 403 "
+                       "through the htable mirror; the address and its other users are not touched)")] = None,
 ) -> None:
-    """Ban an address or network by hand (or every one in a file, in one batch)."""
+    """Ban an address or network by hand (or every one in a file, in one batch), or one user at one
+    address (--user)."""
     from ..addresses import parse_target
 
     if bool(target) == bool(from_file):
         raise SipguardError("give either an address or --from-file FILE")
+    if user is not None and from_file is not None:
+        raise SipguardError("--user needs an address, not --from-file")
     dur = _duration_option(for_)
     if dur == "policy":
-        dur = ctx.cfg.policy.bantime
+        dur = ctx.cfg.policy.office.user_bantime if user is not None else ctx.cfg.policy.bantime
     allow = ctx.allow()
+    if user is not None:
+        from ..actions import manual_ban_user
+
+        ub = manual_ban_user(ctx.store(), target or "", user, dur, reason, allow, force=force)  # type: ignore[arg-type]
+        out.print(f"banned user {ub.user} at {ub.ip} for {format_duration(ub.remaining(time.time()))} ({ub.reason}); "
+                  "Kamailio enforces it through the htable mirror" + ("" if ctx.cfg.htable.enabled else
+                                                                       " ([htable] enabled = false: stored and listed only)"))
+        return
     if from_file is not None:
         targets = _read_targets(from_file, allow, force)  # all validated before anything changes
         store = ctx.store()

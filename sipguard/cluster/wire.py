@@ -27,7 +27,7 @@ from typing import Any
 
 from ..addresses import parse_target
 from ..config import MAX_DURATION
-from ..model import CAPTURE_CHARS, Ban
+from ..model import Ban, checked_user
 from .signing import Signer, ban_parts, unban_parts, user_ban_parts, user_unban_parts
 
 CREATED_SKEW = 86400.0  # a ban's `created` is at most a day away from this node's clock
@@ -215,15 +215,6 @@ def _float(v: str) -> float | None:
 
 
 # -- user bans (the office policy) ---------------------------------------------------------------------
-def checked_user(v: Any) -> str:
-    """A user ban's user: 1 to CAPTURE_CHARS printable characters (a control or format character refuses
-    it: it is attacker text, and never silently becomes another user); else ValueError."""
-    if not isinstance(v, str) or not 1 <= len(v) <= CAPTURE_CHARS or not v.isprintable() \
-            or any(unicodedata.category(c) == "Cf" for c in v):
-        raise ValueError("bad user")
-    return v
-
-
 def user_ban_payload(ban: Ban, ban_id: str, origin: str, signer: Signer | None = None) -> str:
     """The json of a user ban (Ban.user set) for the stream and the shared user-ban hash, signed as "userban"."""
     d = ban_dict(ban, ban_id, origin)
