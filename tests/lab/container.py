@@ -757,7 +757,7 @@ class InstalledHost:
         ok = self._until(lambda: "cluster: node edge1 via redis://127.0.0.1:6379/0: in sync" in self.sg("status").stdout,
                          15)
         status = self.sg("status").stdout
-        assert ok is not None and re.search(r"^\s+edge1: last heartbeat [\d.]+s ago, in sync$", status, re.M), status
+        assert ok is not None and re.search(r"^\s+edge1: last heartbeat -?[\d.]+s ago, in sync$", status, re.M), status
         ip = "198.18.0.89"
         self.sg("ban", ip, "--for", "1h", "--reason", "fleet-check")
         entry: dict = {}
