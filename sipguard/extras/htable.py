@@ -124,7 +124,15 @@ class ReplyDir:
                 raise RpcError(f"[htable] reply_dir {path}: cannot give it group {self.group} (sipguard must be in "
                                f"that group, e.g. SupplementaryGroups={self.group} in its unit)") from None
         self._gid = gid if gid is not None else st.st_gid
-        os.chmod(path, 0o2750)  # group may enter, never write; new reply paths inherit the group
+        # group may enter, never write; new reply paths inherit the group. Only when it is not so already:
+        # the packaged unit makes it 2750 itself (RuntimeDirectoryMode=) and its RestrictSUIDSGID=yes
+        # refuses any chmod that sets the setgid bit (EPERM; found in the installed-host test)
+        if stat.S_IMODE(os.lstat(path).st_mode) != 0o2750:
+            try:
+                os.chmod(path, 0o2750)
+            except PermissionError:
+                raise RpcError(f"[htable] reply_dir {path}: cannot make it mode 2750 (setgid); a unit with "
+                               f"RestrictSUIDSGID=yes must create it so: RuntimeDirectoryMode=2750") from None
         self._ready = True
 
     def new_path(self, kind: str) -> str:
