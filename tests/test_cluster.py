@@ -689,6 +689,44 @@ def test_user_bans_reach_a_late_joiner_and_survive_an_outage(office_fleet, redis
     assert all(other not in n.enforced() and n.store.get_ban(other) is None for n in office_fleet)
 
 
+def test_a_user_unban_made_while_a_node_was_away_reaches_it_with_its_snapshot(office_fleet, redis_server):
+    """`unban --user` on one node while another is stopped: the stopped node, started again, finds the
+    user ban gone from the shared hash with a signed tombstone newer than its ban, and lifts it (its
+    Kamailio entry too); a tombstone that does not verify lifts nothing."""
+    a, b, c = office_fleet
+    a.write(user_success("alice", OFFICE_IP))
+    wait_for(lambda: a.bridge.stats.scored >= 1)
+    b.write(*(user_failed("stale", OFFICE_IP) for _ in range(3)))
+    key = f"stale@{OFFICE_IP}"
+    wait_for(lambda: all(key in n.kamailio.tables["userban"] for n in office_fleet), timeout=15)
+    c.stop()
+    cli(a, "unban", OFFICE_IP, "--user", "stale")
+    wait_for(lambda: key not in a.kamailio.tables["userban"] and key not in b.kamailio.tables["userban"], timeout=15)
+    st = Store.open_state_dir(c.dir / "state", readonly=True)
+    assert [x.user for x in st.active_user_bans(time.time())] == ["stale"]  # c missed it
+    st.close()
+    c.start()
+    wait_for(lambda: c.bridge.in_sync() and not c.store.active_user_bans(time.time()), timeout=15)
+    wait_for(lambda: key not in c.kamailio.tables["userban"], timeout=15)
+    assert c.bridge.stats.dropped_by_snapshot >= 1
+    # a forged tombstone (a Redis writer without the secret) over another held user ban lifts nothing
+    other = "198.18.46.3"
+    a.write(user_success("bob", other))
+    wait_for(lambda: a.bridge.stats.scored >= 2)
+    b.write(*(user_failed("old", other) for _ in range(3)))
+    wait_for(lambda: any(x.user == "old" for x in c.store.active_user_bans(time.time())), timeout=15)
+    c.stop()
+    r = redis_server.client()
+    prefix = c.cfg.cluster.key_prefix
+    field = next(f for f in r.hkeys(prefix + "ubans") if f.startswith(other + "|"))
+    r.hdel(prefix + "ubans", field)
+    r.hset(prefix + "uunbans", field, f"{time.time():.6f}|forged-id|edge1|AAAAAAAAAAAAAAAAAAAAAA")
+    c.start()
+    wait_for(lambda: c.bridge.in_sync(), timeout=15)
+    time.sleep(1.0)
+    assert [x.user for x in c.store.active_user_bans(time.time())] == ["old"]
+
+
 # -- the same with real daemons, each in a network namespace of its own with a real kernel backend ------
 class DgramKamailio:
     """Kamailio's JSON-RPC over its UNIX datagram socket (jsonrpcs), the htables in memory: a thread of

@@ -51,7 +51,7 @@ from .scripts import HDEL_IF_LUA, PUBLISH_LUA, SCORE_LUA
 from .signing import Signer, offence_parts, unban_parts, user_unban_parts
 from .status import STATUS_META
 from .wire import (Unverified, ban_payload, canonical_ip, checked_user, parse_ban, parse_unban, parse_user_ban,
-                   parse_user_unban, plain_text, tombstone_at, user_ban_payload)
+                   parse_user_unban, plain_text, tombstone_at, user_ban_payload, user_tombstone_at)
 
 if TYPE_CHECKING:
     from ..addresses import AllowList
@@ -482,17 +482,30 @@ class ClusterBridge:
     def _apply_user_snapshot(self, book: BanBook) -> None:
         """After each snapshot (`tick`, once its chunk is stored): the shared user bans (the office policy)
         this node lacks, so a late joiner or a restarted node holds them too; each verified, bounded and
-        through the guard rails like a stream entry, in one transaction of its own. (Read on the main
-        connection, beside the reader's snapshot of the address bans.)"""
+        through the guard rails like a stream entry; and the user bans this node holds that were lifted
+        while it was away (not shared any more, and a verified tombstone in the user unbans hash newer
+        than the ban), lifted here too. One transaction of its own. (Read on the main connection, beside
+        the reader's snapshot of the address bans.)"""
         self._user_snapshot_due = False
+        now = time.time()
+        held = self.store.active_user_bans(now)
         try:
             shared = list(self.client.hscan_iter(self.prefix + "ubans", count=1000))
+            tombs = dict(self.client.hscan_iter(self.prefix + "uunbans", count=1000)) if held else {}
         except self._errors as exc:
             self._down(exc)
             return
-        if not shared:
+        if not shared and not held:
             return
-        now = time.time()
+        fields = {f for f, _ in shared}
+        lifted = []
+        for b in held:
+            field = f"{b.ip}|{self.policy.user_hash(b.user or '')}"
+            if field in fields or field not in tombs:
+                continue
+            at = user_tombstone_at(tombs[field], b.ip, b.user or "", self.signer, now)
+            if at is not None and at >= b.created:
+                lifted.append(b)
         try:
             with self.store.transaction():
                 for field, payload in shared:
@@ -501,6 +514,10 @@ class ClusterBridge:
                         self._apply_user_entry(book, {"op": "userban", "ip": ban.ip, "ban": payload}, now)
                     except (KeyError, ValueError, TypeError, AttributeError) as exc:
                         self._skipped(exc, f"shared user ban {plain_text(field, 120)}")
+                for b in lifted:
+                    book.unban_user(b.ip, b.user or "", now, cause=FLEET)
+                    log.info("cluster: the user ban of %r at %s was lifted while this node was away", b.user, b.ip)
+                self.stats.dropped_by_snapshot += len(lifted)
                 book.write(now)
         except BaseException:
             book.failed()

@@ -206,6 +206,20 @@ def tombstone_at(value: Any, ip: str, signer: Signer, now: float | None = None) 
     return _float(at)
 
 
+def user_tombstone_at(value: Any, ip: str, user: str, signer: Signer, now: float | None = None) -> float | None:
+    """The time of a verified unban of `user` at `ip` from its tombstone in the user unbans hash
+    (publish.lua writes "at|id|origin|sig"), else None."""
+    if not isinstance(value, str) or len(value) > 512:
+        return None
+    parts = value.split("|")
+    if len(parts) != 4:
+        return None if signer.enabled else _float(parts[0])
+    at, ban_id, origin, sig = parts
+    if signer.enabled and not signer.verify(sig, "userunban", *user_unban_parts(ip, user, ban_id, origin, at), now=now):
+        return None
+    return _float(at)
+
+
 def _float(v: str) -> float | None:
     try:
         t = float(v)

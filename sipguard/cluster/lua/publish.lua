@@ -54,7 +54,8 @@ if op == 'ban' then
 end
 -- User bans (the office policy): op 'userban' / 'userunban', ARGV[16] the user's keyed hash, ARGV[17] its
 -- text (an unban's); the shared user-ban hash P .. 'ubans' (field IP|HASH -> the signed json) and its
--- tombstones P .. 'uunbans' (field -> "at|sig"), never the address ban set.
+-- tombstones P .. 'uunbans' (field -> "at|id|origin|sig": a node that was away verifies it), never the address
+-- ban set.
 if op == 'userban' or op == 'userunban' then
   local uh, user = ARGV[16] or '', ARGV[17] or ''
   if not string.match(uh, '^%x+$') then return 0 end
@@ -85,7 +86,7 @@ if op == 'userban' or op == 'userunban' then
     if fields_of(cur) > at then return 0 end
     redis.call('HDEL', P .. 'ubans', field)
   end
-  if at > tomb then redis.call('HSET', P .. 'uunbans', field, payload .. '|' .. sig) end
+  if at > tomb then redis.call('HSET', P .. 'uunbans', field, payload .. '|' .. id .. '|' .. origin .. '|' .. sig) end
   redis.call('DEL', P .. 's:' .. ip .. ':office_user:' .. uh)
   redis.call('XADD', P .. 'stream', 'MAXLEN', '~', maxlen, '*', 'op', 'userunban', 'ip', ip, 'user', user,
              'id', id, 'origin', origin, 'at', payload, 'sig', sig)
