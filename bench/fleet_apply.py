@@ -1,11 +1,14 @@
-"""In-process profile of a receiving node's fleet apply path: N signed ban entries handed to the
-bridge as the stream reader would (chunks of 1000 in its queue), applied by the bridge's `tick`
-until the enforcer holds them all. Dry-run enforcer, or with --ipset the ipset enforcer (netlink) in a
+"""Profile of a receiving node's fleet apply path: N signed ban entries, applied by the bridge's `tick`
+until the enforcer holds them all. With `--via redis` (the default) they are appended to the stream
+(XADD, pipelines of 5000, from a thread of this process, as cluster_bench's burst writes them) and
+the node's stream reader (its process: XREAD, tags, bounds) hands them to the bridge, timed from the
+first written; with `--via queue` the raw entries are handed to the bridge's queue (chunks of 1000)
+and checked on the applying thread, in one process (the path before the reader's process). Dry-run enforcer, or with --ipset the ipset enforcer (netlink) in a
 network namespace made here (`sgl-fa<pid>`, with its own redis-server on its loopback, deleted at the
 end: the host's kernel is never touched; needs root); a private redis-server on 127.0.0.1, a
 `[cluster] secret`.
 
-    python bench/fleet_apply.py [--bans 100000] [--profile] [--ipset]
+    python bench/fleet_apply.py [--bans 100000] [--via redis|queue] [--profile] [--ipset]
 
 Prints the time to apply them all (wall clock and the applying thread's CPU time, which the load of
 other processes on a shared machine inflates less), per entry, and (with --profile) the top of cProfile.
@@ -22,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,11 +55,24 @@ def signed_entries(n: int, prefix: str, origin: str = "import") -> list[tuple[st
     return out
 
 
+def write_stream(url: str, prefix: str, entries: list[tuple[str, dict]]) -> None:
+    import redis as redis_py
+
+    r = redis_py.Redis.from_url(url)
+    for k in range(0, len(entries), 5000):
+        with r.pipeline(transaction=False) as pipe:
+            for _id, fields in entries[k:k + 5000]:
+                pipe.xadd(prefix + "stream", fields, maxlen=200_000, approximate=True)
+            pipe.execute()
+    r.close()
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bans", type=int, default=100_000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-secret", action="store_true")
+    ap.add_argument("--via", choices=("redis", "queue"), default="redis")
     ap.add_argument("--ipset", action="store_true", help="the ipset enforcer, in a network namespace of its own")
     args = ap.parse_args(argv)
     if not args.ipset:
@@ -99,16 +116,25 @@ def run(args: argparse.Namespace) -> dict:
         c0 = time.thread_time()
         if prof:
             prof.enable()
-        for k in range(0, len(entries), 1000):
-            bridge.queue.put(("entries", entries[k:k + 1000]))
+        writer = None
+        if args.via == "queue":
+            for k in range(0, len(entries), 1000):
+                bridge.queue.put(("entries", entries[k:k + 1000]))
+        else:
+            writer = threading.Thread(target=write_stream, args=(redis.url, cfg.cluster.key_prefix, entries))
+            writer.start()
         while bridge.stats.applied_bans < args.bans:
+            if args.via == "redis" and bridge.queue.empty() and not bridge.in_backlog():
+                time.sleep(0.0005)  # (the daemon waits for the reader's wake; no busy loop here either)
             bridge.tick(time.time(), book)
+        if writer is not None:
+            writer.join()
         if prof:
             prof.disable()
         took = time.perf_counter() - t0
         cpu = time.thread_time() - c0  # the applying thread's own CPU: what the load of others does not add
         held = len(enf.entries())
-        res = {"bans": args.bans, "enforcer": "ipset" if args.ipset else "dryrun", "held": held, "seconds": round(took, 3), "cpu_seconds": round(cpu, 3),
+        res = {"bans": args.bans, "via": args.via, "enforcer": "ipset" if args.ipset else "dryrun", "held": held, "seconds": round(took, 3), "cpu_seconds": round(cpu, 3),
                "us_per_entry": round(took / args.bans * 1e6, 1), "cpu_us_per_entry": round(cpu / args.bans * 1e6, 1),
                "apply_batches": bridge.stats.apply_batches, "unverified": bridge.stats.unverified,
                "malformed": bridge.stats.malformed, "load": os.getloadavg()[0]}

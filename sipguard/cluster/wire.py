@@ -206,3 +206,55 @@ def _float(v: str) -> float | None:
     except ValueError:
         return None
     return t if math.isfinite(t) else None
+
+
+# -- checked entries: what the stream reader's process hands the daemon -----------------------------
+# A stream entry or a shared ban, checked (tag, bounds, canonical address) and reduced to a tuple of
+# plain values, so the daemon's thread only applies it (the guard rails, the ban book, the store):
+#   ("ban", ip, reason, created, expires, score, offence, manual, ban_id, origin)
+#   ("unban", ip, at) / ("unban_all", "*", at)
+#   ("unverified", "") / ("malformed", why)      (skipped: the daemon counts and logs them)
+# The tuples are pickled through a pipe between two processes of the same node: never through Redis.
+
+def ban_fields(ban: Ban, ban_id: str, origin: str) -> tuple:
+    """A parsed ban as a checked "ban" tuple."""
+    return ("ban", ban.ip, ban.reason, ban.created, ban.expires, ban.score, ban.offence, ban.manual, ban_id, origin)
+
+
+def ban_of(item: tuple) -> tuple[Ban, str, str]:
+    """A checked "ban" tuple back to (Ban, id, origin)."""
+    _, ip, reason, created, expires, score, offence, manual, ban_id, origin = item
+    return Ban(ip, reason, created, expires, score, offence, manual), ban_id, origin
+
+
+def _skip(exc: BaseException) -> tuple:
+    if isinstance(exc, Unverified):
+        return ("unverified", "")
+    return ("malformed", plain_text(f"no {exc}" if isinstance(exc, KeyError) else exc, 120))
+
+
+def check_shared(payload: Any, signer: Signer | None, now: float) -> tuple:
+    """A value of the shared ban set → a checked "ban" tuple, or a skip tuple."""
+    try:
+        return ban_fields(*parse_ban(payload, signer, now))
+    except (ValueError, TypeError) as exc:
+        return _skip(exc)
+
+
+def check_entry(fields: Any, signer: Signer | None, now: float) -> tuple:
+    """A stream entry (its fields) → a checked tuple ("ban", "unban", "unban_all") or a skip tuple:
+    the tag verified, every bound checked, the entry's `ip` the same address as its ban's."""
+    try:
+        op = fields.get("op")
+        if op == "ban":
+            ban, ban_id, origin = parse_ban(fields["ban"], signer, now)
+            ip = fields.get("ip")
+            if ip != ban.ip and ban.ip != canonical_ip(ip):  # (the same text: canonical already)
+                raise ValueError("ip mismatch")
+            return ban_fields(ban, ban_id, origin)
+        if op in ("unban", "unban_all"):
+            op, ip, _, _, at = parse_unban(fields, signer, now)
+            return (op, ip, at)
+        raise ValueError("unknown op")
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        return _skip(exc)
