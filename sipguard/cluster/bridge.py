@@ -18,7 +18,8 @@ decide_locally), and bans only through the ban book; it never decides a ban itse
 on verified events, or the local Policy, does).
 
 What it writes to Redis is signed (`signing.py`), what it reads is verified and bounds-checked
-(`wire.py`) and passed through this node's guard rails (`guard.py`) before the ban book sees it;
+(`wire.py`: the stream and the shared set by the reader's process, `reader.py`; what the bridge reads
+itself here) and passed through this node's guard rails (`guard.py`) before the ban book sees it;
 everything refused is counted in `ClusterStats` and logged rate-limited.
 The design (scoring, sharing, signatures, failure, the Redis layout) is in README.md next to this file.
 """
