@@ -1,34 +1,40 @@
 """The fleet's stream reader: a process of its own that follows the ban stream and checks what it reads.
 
-The reading and the checking run in a child process (`follow`, started with multiprocessing's "spawn"
-by `StreamReader`), with its own Redis connection: XREAD BLOCK and its reply's parsing, each entry's
-json, its tag (`signing.py`) and its bounds (`wire.check_entry`), and the same for every value of the
-shared ban set at each (re)connect (`wire.check_shared`). It hands the daemon checked tuples of plain
-values, a whole XREAD reply per message, marshalled through a pipe; so the daemon's own thread only
-applies them (the guard rails, the ban book's kernel batch, the store): a 100,000-ban burst is verified on one core
-while it is applied on the other, and detection keeps its share of the daemon's thread.
+The reading and the checking run in a child process (`main` / `follow`, started by `StreamReader` as
+`python -c ...` with this very sipguard first on its path), with its own Redis connection: XREAD
+BLOCK and its reply's parsing, each entry's json, its tag (`signing.py`) and its bounds
+(`wire.check_entry`), and the same for every value of the shared ban set at each (re)connect
+(`wire.check_shared`). It hands the daemon checked tuples of plain values, a whole XREAD reply per
+message, marshalled through a pipe; so the daemon's own thread only applies them (the guard rails, the
+ban book's kernel batch, the store): a 100,000-ban burst is checked on one core while it is applied
+on the other, and detection keeps its share of the daemon's thread.
 
 It reads Redis (writing only the `epoch` key, when Redis has none: a new epoch tells every node that
 Redis lost its data). It never touches the store, the policy or the enforcer. In the daemon,
 `StreamReader` is a thread that starts the process, relays its messages to the bridge's queue and
 wakes the loop (`wake`, the follower's), so an entry is applied the moment XREAD returns it, not at the
-loop's next tick. The process ends with the reader (`stop`), when the daemon's process is gone, or is
-started again if it dies. The secret goes to it through the pipe multiprocessing starts it with (never
-a command line, never Redis).
+loop's next tick. The process ends with the reader (`stop`: SIGTERM to its PID) or when the daemon's
+process is gone, and is started again if it dies; when it cannot be started at all the same reading
+runs on the relay's thread. The config and the secret go to it through its stdin (never a command
+line, never Redis).
 """
 
 from __future__ import annotations
 
 import logging
 import marshal
-import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .connection import connect, describe_error, redis_errors
@@ -44,6 +50,7 @@ returns at once (XREAD BLOCK answers as soon as one is there). The replies are p
 (a dependency), in the reader's process."""
 
 PROTOCOL = 1  # of the messages between the reader's process and the daemon (marshalled plain values)
+_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding this sipguard package
 START_WAIT = 30.0  # seconds the reader's process may take to start (python and sipguard's imports) before it is retried
 
 
@@ -66,15 +73,15 @@ class StreamReader(threading.Thread):
         self.last_error: str | None = None  # why the last connection failed (passwords scrubbed)
         self.block_ms = 1000
         self.pid: int | None = None  # the reader process's
-        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
     def stop(self) -> None:
         self._stop_ev.set()
         with self._lock:
             proc = self._proc
-        if proc is not None and proc.is_alive():
-            proc.terminate()  # (a blocked XREAD ends now; the relay sees the pipe close)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # (its own child, by its PID: a blocked XREAD ends now; the relay sees the pipe close)
 
     def _put(self, item: tuple) -> None:
         self.out.put(item)
@@ -82,36 +89,70 @@ class StreamReader(threading.Thread):
             self.wake()
 
     def run(self) -> None:
-        ctx = multiprocessing.get_context("spawn")  # (never fork a daemon that has threads)
         secrets = self.cfg.secrets()
         while not self._stop_ev.is_set():
-            recv_end, send_end = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=follow, args=(self.cfg, secrets, send_end, self.block_ms, os.getpid()),
-                               name=f"sipguard-reader-{self.cfg.node_name}", daemon=True)
             with self._lock:
                 if self._stop_ev.is_set():
                     break
-                proc.start()
-                self._proc, self.pid = proc, proc.pid
-            send_end.close()
+                try:
+                    proc, conn = self._start(secrets)
+                except (OSError, ValueError, pickle.PicklingError):
+                    log.exception("cluster: could not start the stream reader's process; reading the stream "
+                                  "on a thread of the daemon instead (slower for a burst)")
+                    proc = conn = None
+                else:
+                    self._proc, self.pid = proc, proc.pid
+            if proc is None:
+                self._in_thread(secrets)
+                return
             try:
-                self._relay(recv_end)
+                self._relay(conn)
             finally:
-                recv_end.close()
-                if proc.is_alive():
-                    proc.terminate()
-                proc.join(5)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(5)
+                conn.close()
+                _end(proc)
             if self._stop_ev.is_set():
                 break
-            why = f"the stream reader's process ended (exit code {proc.exitcode})"
+            why = f"the stream reader's process ended (exit code {proc.returncode})"
             log.warning("cluster: %s; starting it again", why)
             if self.connected:
                 self.connected = False
                 self._put(("down", why))
             self._stop_ev.wait(self.cfg.retry_interval)
+
+    def _start(self, secrets: tuple) -> tuple[subprocess.Popen, Connection]:
+        """The reader's process: this python, this sipguard (its directory first on the path), the
+        config and the secret through its stdin, its messages through a pipe of their own."""
+        r, w = os.pipe()
+        try:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+            proc = subprocess.Popen([sys.executable, "-c", "from sipguard.cluster.reader import main; main()",
+                                     str(w)], stdin=subprocess.PIPE, pass_fds=(w,), env=env, close_fds=True)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(pickle.dumps((self.cfg, secrets, self.block_ms, os.getpid())))
+            proc.stdin.close()
+        except BaseException:
+            os.close(r)
+            _end(proc)
+            raise
+        return proc, Connection(r, writable=False)
+
+    def _in_thread(self, secrets: tuple) -> None:
+        """The fallback: `follow` on this thread (same checks, on the daemon's GIL) until `stop`."""
+        relay = self
+
+        class Direct:
+            def send_bytes(self, data: bytes) -> None:
+                relay._handle(marshal.loads(data))
+
+        self.pid = os.getpid()
+        follow(self.cfg, secrets, Direct(), self.block_ms, os.getppid(), alive=lambda: not self._stop_ev.is_set())
 
     def _relay(self, conn) -> None:  # noqa: ANN001 - a multiprocessing Connection
         """The process's messages until its pipe closes: states kept here, the rest to the bridge."""
@@ -126,40 +167,52 @@ class StreamReader(threading.Thread):
             except (ValueError, TypeError):  # (never: the process is this module's own)
                 log.exception("cluster: unreadable message from the stream reader's process")
                 return
-            kind = msg[0]
-            if kind == "hello":
-                if msg[1:] != (PROTOCOL,):  # (sipguard was upgraded under a running daemon: restart it)
-                    log.error("cluster: the stream reader's process runs another sipguard version; restart the daemon")
-                    return
-                self.started.set()
-            elif kind == "connected":
-                self.connected = True
-                self.started.set()
-            elif kind == "error":
-                _, self.last_error, was_connected = msg
-                self.connected = False
-                self.started.set()
-                if was_connected:
-                    self._put(("down", self.last_error))
-            elif kind == "disconnected":
-                self.connected = False
-            elif kind == "log":
-                log.log(msg[1], "cluster: %s", msg[2])
-            else:
-                self._put(msg)
+            if not self._handle(msg):
+                return
+
+    def _handle(self, msg: tuple) -> bool:
+        """One message of the reader: a state kept here, or an item for the bridge; False: stop reading."""
+        kind = msg[0]
+        if kind == "hello":
+            if msg[1:] != (PROTOCOL,):  # (sipguard was upgraded under a running daemon: restart it)
+                log.error("cluster: the stream reader's process runs another sipguard version; restart the daemon")
+                return False
+            self.started.set()
+        elif kind == "connected":
+            self.connected = True
+            self.started.set()
+        elif kind == "error":
+            _, self.last_error, was_connected = msg
+            self.connected = False
+            self.started.set()
+            if was_connected:
+                self._put(("down", self.last_error))
+        elif kind == "disconnected":
+            self.connected = False
+        elif kind == "log":
+            log.log(msg[1], "cluster: %s", msg[2])
+        else:
+            self._put(msg)
+        return True
 
 
-def follow(cfg: ClusterConfig, secrets: tuple, conn, block_ms: int, parent: int) -> None:  # noqa: ANN001
+def follow(cfg: ClusterConfig, secrets: tuple, conn, block_ms: int, parent: int,  # noqa: ANN001
+           alive: Callable[[], bool] | None = None) -> None:
     """The reader's process: follow the stream, check every entry, send the results through `conn`
     (a whole XREAD reply per message); reconnect after `retry_interval` when Redis fails; end when the
-    pipe closes or the daemon's process (`parent`) is gone."""
+    pipe closes or the daemon's process (`parent`) is gone (or, on a thread, when `alive` says so)."""
+    if alive is None:
+        def alive() -> bool:
+            return os.getppid() == parent
+
     from .signing import Signer
     from .wire import check_entry, check_shared
 
     def send(msg: tuple) -> None:  # marshal: plain values only, a sixth of pickle's time
         conn.send_bytes(marshal.dumps(msg))
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a terminal's ^C is the daemon's to handle)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a terminal's ^C is the daemon's to handle)
     current, previous, until = secrets
     signer = Signer(current, cfg.key_prefix, previous, until)
     P = cfg.key_prefix
@@ -168,7 +221,7 @@ def follow(cfg: ClusterConfig, secrets: tuple, conn, block_ms: int, parent: int)
     connected = False
     try:
         send(("hello", PROTOCOL))
-        while os.getppid() == parent:
+        while alive():
             try:
                 if client is None:
                     client = connect(cfg, extra_timeout=block_ms / 1000)
@@ -184,7 +237,7 @@ def follow(cfg: ClusterConfig, secrets: tuple, conn, block_ms: int, parent: int)
                 now = time.time()
                 send(("checked_snapshot", epoch, [(ip, check_shared(v, signer, now)) for ip, v in bans.items()],
                            taken))
-                while os.getppid() == parent:
+                while alive():
                     resp = client.xread({P + "stream": last}, count=XREAD_COUNT, block=block_ms)
                     for _stream, entries in resp or ():
                         if entries:
@@ -218,3 +271,21 @@ def _close(client) -> None:  # noqa: ANN001
             client.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Stop the reader's process (this module's own child, by its PID) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def main() -> None:
+    """The reader's process (`StreamReader._start` runs it): the config from stdin, then `follow`."""
+    conn = Connection(int(sys.argv[1]), readable=False)
+    cfg, secrets, block_ms, parent = pickle.load(sys.stdin.buffer)
+    follow(cfg, secrets, conn, block_ms, parent)
