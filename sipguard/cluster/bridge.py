@@ -436,6 +436,7 @@ class ClusterBridge:
 
     def _take(self) -> None:
         """What the reader delivered, in order, into the backlog (a snapshot as one item per ban)."""
+        self.reader.pump()  # (what its process sent and the relay thread has not handed over yet)
         try:
             while True:
                 item = self.queue.get_nowait()

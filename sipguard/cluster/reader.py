@@ -75,6 +75,8 @@ class StreamReader(threading.Thread):
         self.pid: int | None = None  # the reader process's
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self._conn: Connection | None = None  # the pipe from the reader's process, while it runs
+        self._reading = threading.Lock()  # held by whoever takes messages off the pipe (relay or `pump`)
 
     def stop(self) -> None:
         self._stop_ev.set()
@@ -83,10 +85,26 @@ class StreamReader(threading.Thread):
         if proc is not None and proc.poll() is None:
             proc.terminate()  # (its own child, by its PID: a blocked XREAD ends now; the relay sees the pipe close)
 
-    def _put(self, item: tuple) -> None:
+    def _put(self, item: tuple, wake: bool = True) -> None:
         self.out.put(item)
-        if self.wake is not None:
+        if wake and self.wake is not None:
             self.wake()
+
+    def pump(self) -> None:
+        """On the daemon's thread, before it applies: take what the reader's process has written to the
+        pipe and the relay has not taken yet (an awake loop needs no other thread's turn for it)."""
+        conn, lock = self._conn, self._reading
+        if conn is None or not lock.acquire(blocking=False):
+            return
+        try:
+            while conn.poll(0):
+                msg = marshal.loads(conn.recv_bytes())
+                if not self._handle(msg, wake=False):
+                    return
+        except (EOFError, OSError, ValueError, TypeError):
+            return  # (the relay sees the same and says so)
+        finally:
+            lock.release()
 
     def run(self) -> None:
         secrets = self.cfg.secrets()
@@ -159,18 +177,30 @@ class StreamReader(threading.Thread):
         if not conn.poll(START_WAIT):
             log.warning("cluster: the stream reader's process did not start within %.0f s", START_WAIT)
             return
-        while True:
-            try:
-                msg = marshal.loads(conn.recv_bytes())  # (from this node's own reader process)
-            except (EOFError, OSError):
+        try:  # its first message says which protocol it speaks; then `pump` may share the reading
+            if not self._handle(marshal.loads(conn.recv_bytes())):
                 return
-            except (ValueError, TypeError):  # (never: the process is this module's own)
-                log.exception("cluster: unreadable message from the stream reader's process")
-                return
-            if not self._handle(msg):
-                return
+        except (EOFError, OSError, ValueError, TypeError):
+            return
+        self._conn = conn
+        try:
+            while True:
+                try:
+                    conn.poll(None)  # (until a message or the end; the daemon's `pump` may take it first)
+                    with self._reading:
+                        while conn.poll(0):
+                            msg = marshal.loads(conn.recv_bytes())  # (from this node's own reader process)
+                            if not self._handle(msg):
+                                return
+                except (EOFError, OSError):
+                    return
+                except (ValueError, TypeError):  # (never: the process is this module's own)
+                    log.exception("cluster: unreadable message from the stream reader's process")
+                    return
+        finally:
+            self._conn = None
 
-    def _handle(self, msg: tuple) -> bool:
+    def _handle(self, msg: tuple, wake: bool = True) -> bool:
         """One message of the reader: a state kept here, or an item for the bridge; False: stop reading."""
         kind = msg[0]
         if kind == "hello":
@@ -186,13 +216,13 @@ class StreamReader(threading.Thread):
             self.connected = False
             self.started.set()
             if was_connected:
-                self._put(("down", self.last_error))
+                self._put(("down", self.last_error), wake)
         elif kind == "disconnected":
             self.connected = False
         elif kind == "log":
             log.log(msg[1], "cluster: %s", msg[2])
         else:
-            self._put(msg)
+            self._put(msg, wake)
         return True
 
 
