@@ -28,8 +28,10 @@ receiver that skipped any as unverified or malformed fails the run).
 
     python bench/cluster_bench.py [--bans 60] [--nodes 3,10] [--burst 100000] [--burst-nodes 3]
                                   [--seconds 5] [--scoring 1,3,10] [--idle 10] [--json FILE] [--no-write]
+                                  [--out DIR]
 
-Prints the results and replaces the "## Cluster" section of bench/RESULTS.md.
+Prints the results and replaces the "## Cluster" section of bench/RESULTS.md (with --out: writes it
+to DIR/cluster.md and the json to DIR/cluster.json, and leaves bench/RESULTS.md alone).
 """
 
 from __future__ import annotations
@@ -235,9 +237,16 @@ class Node:
         return time.monotonic()
 
     def cpu(self) -> float:
-        """CPU seconds (user + system) of the daemon process so far."""
-        fields = Path(f"/proc/{self.daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds (user + system) of the daemon process so far, its stream reader's process
+        (its child) included."""
+        total = 0.0
+        for pid in [self.daemon.pid, *children(self.daemon.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def reached(self, v4: int, since: float) -> float | None:
         with self.lock:
@@ -245,6 +254,20 @@ class Node:
                 if n >= v4 and t >= since:
                     return t
         return None
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (from /proc: each of its threads' children)."""
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out += [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
 
 
 def auth_failed(ip: str) -> str:
@@ -405,6 +428,7 @@ def bench_burst(nodes: list[Node], r, prefix: str, size: int, via: str) -> dict:
                 time.sleep(0.001)
             stop.wait(0.05)
 
+    c0 = recv.cpu()
     t0 = time.monotonic()
     writer = threading.Thread(target=own_bans, daemon=True)
     writer.start()
@@ -421,6 +445,7 @@ def bench_burst(nodes: list[Node], r, prefix: str, size: int, via: str) -> dict:
     t1 = time.monotonic()
     wait(lambda: recv.reached(base + size, t0) is not None, 120, "the burst on the receiver")
     done = recv.reached(base + size, t0)
+    recv_cpu = recv.cpu() - c0  # (its own bans' work too, a few hundred)
     first = next(t for n, t in recv.counts["sgb-v4"] if n > base and t >= t0)
     time.sleep(0.5)
     stop.set()
@@ -430,7 +455,7 @@ def bench_burst(nodes: list[Node], r, prefix: str, size: int, via: str) -> dict:
     if stats.get("unverified") or stats.get("malformed"):
         raise RuntimeError(f"the receiver skipped burst entries: {stats}")
     return {"inject": t1 - t0, "applied": done - t0, "after_inject": done - t1, "first": first - t0,
-            "own": own, "size": size, "unverified": stats.get("unverified"), "malformed": stats.get("malformed")}
+            "recv_cpu": recv_cpu, "own": own, "size": size, "unverified": stats.get("unverified"), "malformed": stats.get("malformed")}
 
 
 def score_worker(port: int, tmp: str, name: str, seconds: float, start_at: float, q) -> None:  # noqa: ANN001
@@ -524,10 +549,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--json", help="also write the results as json to this file")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds the idle CPU is measured over")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    ap.add_argument("--out", help="write the Cluster section (cluster.md) and the json (cluster.json) into this "
+                    "directory instead of bench/RESULTS.md (which is then left alone)")
     ap.add_argument("--poll", help=argparse.SUPPRESS)
     ap.add_argument("--interval", type=float, default=0.001, help=argparse.SUPPRESS)
     ap.add_argument("--agent", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        args.no_write = True
+        args.json = args.json or str(Path(args.out) / "cluster.json")
     if args.poll:
         return poll_main(args.poll, args.interval, 5000)
     if args.agent:
@@ -638,7 +669,8 @@ def report(args, lat: dict, cpu: dict, bursts: dict, score: dict, redis_version:
         rows = [("written onto the stream (pipelines of 5000)", "inject"),
                 ("first of them in the receiver's kernel", "first"),
                 ("all in the receiver's kernel, from the first written", "applied"),
-                ("... after the last was written", "after_inject")]
+                ("... after the last was written", "after_inject"),
+                ("the receiver's CPU meanwhile (its daemon and its reader process)", "recv_cpu")]
         for label, key in rows:
             text.append(f"| {label} | " + " | ".join(f"{b[key]:.2f} s" for b in bursts.values()) + " |")
         text.append("| the receiver's own bans meanwhile (log line -> kernel): samples, p50, p99 | " + " | ".join(
@@ -651,6 +683,9 @@ def report(args, lat: dict, cpu: dict, bursts: dict, score: dict, redis_version:
                     + ("Redis timed out: no figure" if v is None else f"{v:,.0f}") + " |")
     text.append("")
     print("\n".join(text))
+    if args.out:
+        (Path(args.out) / "cluster.md").write_text("\n".join(text))
+        print(f"wrote {Path(args.out) / 'cluster.md'} (bench/RESULTS.md left alone)")
     if not args.no_write:
         old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
         if "## Cluster\n" in old:  # replace our own section, leave the others' tables alone

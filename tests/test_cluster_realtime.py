@@ -251,3 +251,60 @@ def test_burst_of_100k_bans_on_the_stream_is_applied_in_batches(slow_fleet):
     for node in (b, b, b):
         node.write(auth_failed(ip))
     wait_for(lambda: all(ip in x.enforced() for x in slow_fleet), timeout=TICK / 2)
+
+
+def test_the_stream_reader_is_a_process_of_its_own_and_is_started_again_when_it_dies(slow_fleet):
+    """The stream is read and checked (XREAD, json, tag, bounds) in a process of the node's own; the
+    daemon's thread applies what it hands over. A reader process that dies is started again, and what
+    was published meanwhile still arrives (the new process reads the snapshot and the stream after it)."""
+    import os
+    import signal
+
+    a, b, c = slow_fleet
+    pid = b.bridge.reader.pid
+    assert pid is not None and pid != os.getpid()
+    assert os.path.exists(f"/proc/{pid}")
+    ip = "198.18.30.1"
+    with _Closing(a.cli_store()) as st:
+        manual_ban(st, ip, 3600, "first", ALLOW)
+    wait_for(lambda: ip in b.enforced(), timeout=TICK / 2)
+    os.kill(pid, signal.SIGKILL)  # (b's reader process: this test's own node started it)
+    ip2 = "198.18.30.2"
+    with _Closing(a.cli_store()) as st:
+        manual_ban(st, ip2, 3600, "meanwhile", ALLOW)
+    wait_for(lambda: b.bridge.reader.pid not in (None, pid) and b.bridge.reader.connected, timeout=30)
+    wait_for(lambda: ip2 in b.enforced() and b.bridge.in_sync(), timeout=30)
+    assert b.bridge.stats.malformed == 0 and b.bridge.stats.unverified == 0
+
+
+def test_checked_entries_are_what_the_daemon_applies():
+    """`wire.check_entry` (run in the reader's process) gives plain tuples: a verified ban as parse_ban
+    reads it, unbans with their time; unsigned, wrongly signed, mismatched or malformed entries as
+    skips (counted by the bridge), never a ban."""
+    from sipguard.cluster.signing import Signer
+    from sipguard.cluster.wire import ban_of, ban_payload, check_entry, check_shared, parse_ban
+    from sipguard.model import Ban
+
+    signer, other = Signer("s" * 24, "sgtest:"), Signer("t" * 24, "sgtest:")
+    now = time.time()
+    ban = Ban(ip="198.18.31.1", reason="r\x1b[2J", created=now, expires=now + 60, score=2.0, offence=1, manual=True)
+    payload = ban_payload(ban, "edge1:1", "edge1", signer)
+    got = check_entry({"op": "ban", "ip": ban.ip, "id": "edge1:1", "origin": "edge1", "ban": payload}, signer, now)
+    assert got[0] == "ban" and ban_of(got) == parse_ban(payload, signer, now)
+    assert ban_of(got)[0].reason == "r[2J"
+    assert check_shared(payload, signer, now) == got
+    forged = ban_payload(ban, "edge1:1", "edge1", other)
+    assert check_entry({"op": "ban", "ip": ban.ip, "ban": forged}, signer, now) == ("unverified", "")
+    assert check_shared(forged, signer, now) == ("unverified", "")
+    assert check_entry({"op": "ban", "ip": "198.18.31.2", "ban": payload}, signer, now)[0] == "malformed"
+    assert check_entry({"op": "ban", "ip": ban.ip}, signer, now)[0] == "malformed"
+    assert check_entry({"op": "nuke"}, signer, now) == ("malformed", "unknown op")
+    assert check_entry(["not", "a", "dict"], signer, now)[0] == "malformed"
+    assert check_shared("{not json", signer, now)[0] == "malformed"
+    assert check_shared('{"ip":"198.18.31.1","created":NaN}', None, now)[0] == "malformed"  # (json's fallback)
+    at = repr(now)
+    sig = signer.tag("unban", "unban", ban.ip, "edge1:2", "edge1", at)
+    assert check_entry({"op": "unban", "ip": ban.ip, "id": "edge1:2", "origin": "edge1", "at": at, "sig": sig},
+                       signer, now) == ("unban", ban.ip, now)
+    assert check_entry({"op": "unban", "ip": ban.ip, "id": "edge1:2", "origin": "edge1", "at": at, "sig": "x" * 22},
+                       signer, now) == ("unverified", "")

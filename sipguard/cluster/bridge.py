@@ -19,7 +19,8 @@ decide_locally), and bans only through the ban book; it never decides a ban itse
 on verified events, or the local Policy, does).
 
 What it writes to Redis is signed (`signing.py`), what it reads is verified and bounds-checked
-(`wire.py`) and passed through this node's guard rails (`guard.py`) before the ban book sees it;
+(`wire.py`: the stream and the shared set by the reader's process, `reader.py`; what the bridge reads
+itself here) and passed through this node's guard rails (`guard.py`) before the ban book sees it;
 everything refused is counted in `ClusterStats` and logged rate-limited. A user ban from the fleet
 (`_apply_user_entry`, and `_apply_user_snapshot` with each snapshot) passes the same guard rails for
 its address and goes to the ban book, which puts it in Kamailio's htable, never in the kernel.
@@ -50,7 +51,8 @@ from .scoring import ClusterPolicy
 from .scripts import HDEL_IF_LUA, PUBLISH_LUA, SCORE_LUA
 from .signing import Signer, offence_parts, unban_parts, user_unban_parts
 from .status import STATUS_META
-from .wire import (Unverified, ban_payload, canonical_ip, checked_user, parse_ban, parse_unban, parse_user_ban,
+from .reader import START_WAIT
+from .wire import (Unverified, ban_of, ban_payload, canonical_ip, check_entry, checked_user, parse_ban, parse_user_ban,
                    parse_user_unban, plain_text, tombstone_at, user_ban_payload, user_tombstone_at)
 
 if TYPE_CHECKING:
@@ -202,6 +204,8 @@ class ClusterBridge:
     def start(self, book: BanBook) -> None:
         self.reader.start()
         # wait briefly for the first snapshot so a node that starts with Redis up scores cluster-wide
+        # (once the reader's process runs: starting python and importing takes a moment of its own)
+        self.reader.started.wait(START_WAIT)
         deadline = time.monotonic() + max(1.0, 2 * self.cfg.socket_timeout)
         while time.monotonic() < deadline and self.queue.empty():
             time.sleep(0.01)
@@ -625,6 +629,7 @@ class ClusterBridge:
 
     def _take(self) -> None:
         """What the reader delivered, in order, into the backlog (a snapshot as one item per ban)."""
+        self.reader.pump()  # (what its process sent and the relay thread has not handed over yet)
         try:
             while True:
                 item = self.queue.get_nowait()
@@ -633,7 +638,13 @@ class ClusterBridge:
                     _kind, epoch, bans, taken = item
                     self._backlog.extend(("snap", ip, payload) for ip, payload in bans.items())
                     self._backlog.append(("snap_end", epoch, taken, frozenset(bans)))
-                elif kind == "entries":
+                elif kind == "checked_snapshot":  # (checked by the reader's process)
+                    _kind, epoch, bans, taken = item
+                    self._backlog.extend(("snapc", ip, checked) for ip, checked in bans)
+                    self._backlog.append(("snap_end", epoch, taken, frozenset(ip for ip, _ in bans)))
+                elif kind == "checked":
+                    self._backlog.extend(("checked", entry_id, checked) for entry_id, checked in item[1])
+                elif kind == "entries":  # (raw entries, checked here)
                     self._backlog.extend(("entry", entry_id, fields) for entry_id, fields in item[1])
                 else:
                     self._backlog.append(item)
@@ -656,7 +667,11 @@ class ClusterBridge:
             with self.store.transaction():
                 for item in chunk:
                     kind = item[0]
-                    if kind == "snap":
+                    if kind == "checked":
+                        self._apply_checked(book, item[1], item[2], now)
+                    elif kind == "snapc":
+                        self._apply_snap_checked(book, item[1], item[2], now)
+                    elif kind == "snap":
                         self._apply_snap_ban(book, item[1], item[2], now)
                     elif kind == "snap_end":
                         self._flush_batch(book, now)
@@ -687,7 +702,11 @@ class ClusterBridge:
         """The bans and held ids of the addresses a chunk bans, in a few queries (not two per entry)."""
         ips = []
         for item in chunk:
-            if item[0] == "snap":
+            kind = item[0]
+            if kind == "checked":
+                if item[2][0] == "ban":
+                    ips.append(item[2][1])
+            elif kind == "snap" or kind == "snapc":
                 ips.append(item[1])
             elif item[0] == "entry" and isinstance(item[2], dict) and isinstance(item[2].get("ip"), str):
                 ips.append(item[2]["ip"])
@@ -800,36 +819,50 @@ class ClusterBridge:
                 self._down(exc)
 
     def _apply_entry(self, book: BanBook, entry_id: str, fields: dict, now: float) -> None:
-        try:
-            op = fields.get("op")
-            if op == "ban":
-                ban, ban_id, origin = parse_ban(fields["ban"], self.signer, now)
-                ip = fields.get("ip")
-                if ip != ban.ip and ban.ip != canonical_ip(ip):  # (the same text: canonical already)
-                    raise ValueError("ip mismatch")
-                self._apply_ban(book, ban, ban_id, origin, now)
-            elif op in USER_OPS:
-                self._apply_user_entry(book, fields, now)
-            elif op in ("unban", "unban_all"):
-                op, ip, _, _, at = parse_unban(fields, self.signer, now)
-                if op == "unban":
-                    self._apply_unban(book, ip, at, now)
-                else:
-                    self._apply_unban_all(book, at, now)
-            else:
-                raise ValueError("unknown op")
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            self._skipped(exc, f"stream entry {plain_text(entry_id, 40)}")
+        """A raw stream entry: checked here (the reader's process checks what it reads), then applied."""
+        self._apply_checked(book, entry_id, check_entry(fields, self.signer, now), now)
+
+    def _apply_checked(self, book: BanBook, entry_id: str, checked: tuple, now: float) -> None:
+        """A checked stream entry (`wire.check_entry`'s tuple: tag, bounds and address checked)."""
+        op = checked[0]
+        if op == "ban":
+            ban, ban_id, origin = ban_of(checked)
+            self._apply_ban(book, ban, ban_id, origin, now)
+        elif op == "unban":
+            self._apply_unban(book, checked[1], checked[2], now)
+        elif op == "unban_all":
+            self._apply_unban_all(book, checked[2], now)
+        elif op == "user":
+            try:
+                self._apply_user_entry(book, checked[1], now)
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                self._skipped(exc, f"stream entry {plain_text(entry_id, 40)}")
+        else:
+            self._skip(op, checked[1], f"stream entry {plain_text(entry_id, 40)}")
+
+    def _apply_snap_checked(self, book: BanBook, ip: str, checked: tuple, now: float) -> None:
+        """A checked value of the shared ban set (`wire.check_shared`'s tuple)."""
+        if checked[0] != "ban":
+            self._skip(checked[0], checked[1], f"shared ban of {plain_text(ip, 64)}")
+            return
+        ban, ban_id, origin = ban_of(checked)
+        self._snap_ips.add(ban.ip)
+        self._apply_ban(book, ban, ban_id, origin, now)
 
     def _skipped(self, exc: BaseException, what: str) -> None:
         """Count and (rate-limited) log a value from Redis that is not applied."""
         if isinstance(exc, Unverified):
+            self._skip("unverified", "", what)
+        else:
+            self._skip("malformed", plain_text(f"no {exc}" if isinstance(exc, KeyError) else exc, 120), what)
+
+    def _skip(self, kind: str, why: str, what: str) -> None:
+        if kind == "unverified":
             self.stats.unverified += 1
             self.throttle.warn("unverified", "cluster: skipped %s: not signed by this fleet's secret", what)
         else:
             self.stats.malformed += 1
-            self.throttle.warn("malformed", "cluster: skipped malformed %s (%s)", what,
-                               plain_text(f"no {exc}" if isinstance(exc, KeyError) else exc, 120))
+            self.throttle.warn("malformed", "cluster: skipped malformed %s (%s)", what, why)
 
     def _apply_ban(self, book: BanBook, ban: Ban, ban_id: str, origin: str, now: float) -> None:
         """Gather a fleet ban for this chunk's kernel batch (or skip it: over, allow-listed, held, older)."""
@@ -920,6 +953,10 @@ class ClusterBridge:
         log.info("cluster: unbanned all (%d addresses)", len(lift))
 
     # -- heartbeat, status, gc --------------------------------------------------------------
+    def in_backlog(self) -> int:
+        """Fleet entries delivered and not yet applied."""
+        return len(self._backlog)
+
     def in_sync(self) -> bool:
         return self.redis_ok and self.synced and self.reader.connected and self.queue.empty() \
             and not self._backlog and self.outbox_size() == 0
