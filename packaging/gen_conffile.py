@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sipguard import __version__ as VERSION  # noqa: N812
-from sipguard.config import BlocklistConfig, ClusterConfig, Config, JailConfig
+from sipguard.config import BlocklistConfig, ClusterConfig, Config, JailConfig, OfficeConfig
 
 # options whose default is decided when the daemon starts: shown, never written as a value
 COMPUTED = {
@@ -131,7 +131,9 @@ def render() -> str:
         model = field.annotation
         if name == "policy":
             # the jails are tables of their own: [policy.jails.NAME]
-            lines += section("policy", model, data["policy"], skip=("jails",))
+            lines += section("policy", model, data["policy"], skip=("jails", "office"))
+            # the office policy: a table of its own, [policy.office]
+            lines += section("policy", OfficeConfig, data["policy"]["office"], header="[policy.office]")
             for jname, jail in cfg.policy.jails.items():
                 # a counting jail: the distinct-jail options (distinct, prefixes, max_values) do not apply to it
                 only_distinct = () if jail.distinct is not None else ("distinct", "prefixes", "max_values")
