@@ -17,8 +17,8 @@ from __future__ import annotations
 import threading
 import time
 
-BATCH_INTERVAL = 0.02
-"""Seconds between two batches of a steady stream of lines (at most 50 batches/s)."""
+BATCH_INTERVAL = 0.05
+"""Seconds between two batches of a steady stream of lines (at most 20 batches/s)."""
 
 
 class Pacer:
