@@ -5,7 +5,8 @@
 at the same rate into `sipguard run --dry-run` following a file, with nothing else running, so the
 daemon's own cost can be measured and profiled in a minute:
 
-    python -m bench.load_cpu [--rate 526] [--seconds 60] [--profile FILE] [--json FILE]
+    python -m bench.load_cpu [--rate 526] [--seconds 60] [--runs N] [--profile FILE] [--json FILE]
+                             [--replay CAPTURED_LOG]
 
 The log: Kamailio's lines as examples/kamailio/kamailio.cfg and rsyslog's RSYSLOG_FileFormat write
 them (`2026-12-01T23:16:17.138934+00:00 vm kamailio[11222]: NOTICE: <script>: ...`, stamped when
@@ -17,6 +18,8 @@ every 60 s a round of attacks from fresh addresses (a scanner User-Agent, malfor
 block, password guessing, extension enumeration, `+` numbers dialled). Every action starts at a
 random time (a Poisson process at the rate) and its lines follow each other by a few ms; the writer
 appends each line when it is due, in one write() with the other lines due then, as rsyslog does.
+`--replay LOG` writes a captured log of the load itself (`python -m bench.load --keep`) instead, each
+line at its own time after the first.
 
 Measured: the daemon's utime+stime (/proc) while idle before the log starts, and from the first
 line written until its committed position reached the end of the file: CPU seconds per 100,000
@@ -34,6 +37,7 @@ import json
 import os
 import pstats
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -119,6 +123,29 @@ def schedule(seconds: float, rate: float = RATE, seed: int = 17) -> list[tuple[f
     return [(t, m) for t, m in out if t < seconds]
 
 
+_CAPTURED = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)([+-]\d\d:\d\d|Z) \S+ kamailio\[\d+\]: (.*)$")
+
+
+def replay(path: Path, seconds: float) -> list[tuple[float, str]]:
+    """A captured log of the load (`python -m bench.load --keep`: its work directory's kamailio.log), at
+    the times it was written: (seconds after its first line, message), its first `seconds` seconds."""
+    out: list[tuple[float, str]] = []
+    t0 = None
+    with path.open(encoding="utf-8", errors="surrogateescape") as fh:
+        for raw in fh:
+            m = _CAPTURED.match(raw.rstrip("\n"))
+            if m is None:
+                continue
+            t = datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(2) == "Z" else m.group(2))).timestamp()
+            t0 = t if t0 is None else t0
+            if t - t0 >= seconds:
+                break
+            out.append((t - t0, m.group(3)))
+    if not out:
+        raise SystemExit(f"{path}: no RSYSLOG_FileFormat kamailio lines")
+    return out
+
+
 def _header(pid: int) -> bytes:
     now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     return f"{now} vm kamailio[{pid}]: ".encode()
@@ -165,8 +192,10 @@ def _threads(pid: int) -> dict[int, float]:
 
 
 def measure(work: Path, rate: float = RATE, seconds: float = 60.0, idle: float = 5.0, seed: int = 17,
-            profile: Path | None = None) -> dict:
-    lines = schedule(seconds, rate, seed)
+            profile: Path | None = None, captured: Path | None = None) -> dict:
+    lines = schedule(seconds, rate, seed) if captured is None else replay(captured, seconds)
+    if captured is not None:
+        rate = len(lines) / max(lines[-1][0], 1e-9)
     state = work / "state"
     shutil.rmtree(state, ignore_errors=True)
     target = work / "kamailio.log"
@@ -185,7 +214,8 @@ def measure(work: Path, rate: float = RATE, seconds: float = 60.0, idle: float =
         time.sleep(idle)
         c1 = _cpu(d.pid)
         t1 = _threads(d.pid)
-        log(f"load_cpu: writing {len(lines):,} lines at {rate:g}/s for {seconds:g} s")
+        log(f"load_cpu: writing {len(lines):,} lines at {rate:.0f}/s for {seconds:g} s"
+            + (f" (the times of {captured})" if captured else ""))
         wall0 = time.monotonic()
         written, took = write_at_rate(target, lines, random.Random(seed))
         caught = wait_for(lambda: db_offset(state, str(target)) >= written, 60, 0.01)
@@ -202,7 +232,7 @@ def measure(work: Path, rate: float = RATE, seconds: float = 60.0, idle: float =
         "cpu_share": busy / wall, "cpu_seconds_per_100k_lines": busy / len(lines) * 100_000,
         "idle_seconds": idle, "idle_cpu_share": (c1 - c0) / idle,
         "events": st.get("daemon", {}).get("events"), "bans": st.get("daemon", {}).get("bans"),
-        "profiled": profile is not None,
+        "profiled": profile is not None, "replayed": None if captured is None else str(captured),
         "main_thread_cpu_seconds": t2.get(d.pid, 0.0) - t1.get(d.pid, 0.0),
         "other_threads_cpu_seconds": {str(t): round(v - t1.get(t, 0.0), 2) for t, v in t2.items() if t != d.pid},
     }
@@ -220,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measured before")
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--runs", type=int, default=1, help="repeat; the median run is reported")
+    ap.add_argument("--replay", help="a captured load log (bench.load --keep) written at its own times instead")
     ap.add_argument("--profile", help="run the daemon under cProfile, write its stats here, print the top")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--work", help="scratch directory (default: a temp dir, removed)")
@@ -229,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="sgb-loadcpu-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        runs = [measure(work, a.rate, a.seconds, a.idle, a.seed + k, Path(a.profile) if a.profile else None)
-                for k in range(a.runs)]
+        runs = [measure(work, a.rate, a.seconds, a.idle, a.seed + k, Path(a.profile) if a.profile else None,
+                        Path(a.replay) if a.replay else None) for k in range(a.runs)]
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
