@@ -4,9 +4,11 @@ log format and the option parsers every verb module shares (tables: sipguard/cli
 Verb modules (`run`, `logs`, `bans`, `ops`, `doctor`, `why`, `firewall`) register their commands on `app`;
 this module imports none of them at import time. Its root group (`_Verbs`) imports the one module of the
 verb a command runs, named by sipguard/cli/verbs.py's table, and builds only that verb's command; `--help`
-lists the table's help lines without importing any verb module. It holds no logic of sipguard's stages. Values shown to the operator are printed
-literally (never as markup) with control characters escaped (sipguard.text), and never cut; so are the
-lines of sipguard's own log (EscapingFormatter).
+lists the table's help lines without importing any verb module. A verb module imported before the app
+runs (a test, an older `from . import x`) has its commands there from the start. It holds no logic of
+sipguard's stages. Values shown to the operator are printed literally (never as markup) with control
+characters escaped (sipguard.text), and never cut; so are the lines of sipguard's own log
+(EscapingFormatter).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .verbs import VERBS
 
 if TYPE_CHECKING:
     from ..store import Store
+
 
 class _Verbs(TyperGroup):
     """The root group: the verbs of sipguard/cli/verbs.py, each module imported (and its commands built)
@@ -97,6 +100,7 @@ class _Verbs(TyperGroup):
                 if near:
                     exc.message = f"{message.rstrip('.')}. Did you mean {', '.join(map(repr, near))}?"
             raise
+
 
 app = typer.Typer(
     cls=_Verbs,
