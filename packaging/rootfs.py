@@ -32,7 +32,8 @@ FLAVOURS = {
     "build": ["python3-venv", "python3-dev", "gcc", "libc6-dev"],
     # the test root: what an operator's Kamailio host has, plus what sipguard's package depends on
     # (so `apt-get install ./sipguard.deb` inside the booted container needs no network)
-    "test": ["kamailio", "iptables", "ipset", "nftables", "iproute2", "procps", "python3", "less"],
+    # (redis-server: the fleet's Redis, started by the test inside the container; disabled at boot)
+    "test": ["kamailio", "iptables", "ipset", "nftables", "iproute2", "procps", "python3", "less", "redis-server"],
 }
 
 

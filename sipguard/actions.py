@@ -1,4 +1,5 @@
-"""The operator's manual changes, as the CLI makes them: ban, ban a list, unban, unban everything.
+"""The operator's manual changes, as the CLI makes them: ban, ban a list, unban, unban everything, and
+the office policy's user bans (one user at one address) by hand.
 
 Each validates its targets (and the allow-list), then changes the bans through a ban book of its own
 (sipguard/bans.py: the kernel first, then the store) in strict mode, so a command changes both or
@@ -21,8 +22,9 @@ from .bans import MANUAL, BanBook
 from .doorbell import ring
 from .enforce.base import Enforcer
 from .errors import SipguardError
-from .model import Ban
+from .model import CAPTURE_CHARS, Ban, checked_user
 from .store import Store
+from .text import printable
 
 
 def _book(store: Store, enforcer: Enforcer | None) -> BanBook:
@@ -120,6 +122,74 @@ def manual_unban(store: Store, target: str, enforcer: Enforcer | None = None, no
     book = _book(store, enforcer)
     book.unban([ip], now, MANUAL)
     _store(book, store, now, {ip: ban}, "unban", ip)
+    return ban
+
+
+def manual_ban_user(
+    store: Store,
+    target: str,
+    user: str,
+    duration: float | None,
+    reason: str,
+    allow: AllowList,
+    force: bool = False,
+    now: float | None = None,
+) -> Ban:
+    """Ban one user at one address by hand (the office policy's narrow ban): the store here, Kamailio's
+    htable entry by the running daemon (a control request), never the kernel. A network is refused (a
+    user ban names one address), and so is an allow-listed address unless `force`."""
+    now = time.time() if now is None else now
+    try:
+        ip = parse_target(target)
+    except ValueError as exc:
+        raise SipguardError(str(exc)) from None
+    if "/" in ip:
+        raise SipguardError(f"{ip} is a network: a user ban is one user at one address")
+    try:
+        user = checked_user(user)
+    except ValueError:
+        raise SipguardError(f"{printable(user)!s} is not a user a ban can name: 1 to {CAPTURE_CHARS} printable "
+                            "characters, no control or format characters") from None
+    if ip in allow and not force:
+        raise SipguardError(f"{ip} is allow-listed (loopback, this host or [allowlist]); use --force to ban it anyway")
+    ban = Ban(ip=ip, reason=reason, created=now, expires=None if duration is None else now + duration,
+              score=0.0, offence=1, manual=True, user=user)
+    book = _book(store, None)  # no kernel: a user ban is Kamailio's (the daemon sets its htable entry)
+    [ban] = book.ban([ban], now, MANUAL)
+    try:
+        with store.transaction():
+            book.write(now)
+            store.request("ban_user", ip, user=user)
+    except BaseException:
+        book.failed()
+        raise
+    book.written()
+    ring(store.path)
+    return ban
+
+
+def manual_unban_user(store: Store, target: str, user: str, now: float | None = None) -> Ban | None:
+    """Lift the user ban (the office policy) of `user` at address `target`: the store here, Kamailio's
+    htable entry by the running daemon (a control request). None when there was none."""
+    now = time.time() if now is None else now
+    try:
+        ip = parse_target(target)
+    except ValueError as exc:
+        raise SipguardError(str(exc)) from None
+    ban = next((b for b in store.user_bans_of(ip) if b.user == user), None)
+    if ban is None:
+        return None
+    book = _book(store, None)  # no kernel: a user ban is Kamailio's (the daemon lifts its htable entry)
+    book.unban_user(ip, user, now)
+    try:
+        with store.transaction():
+            book.write(now)
+            store.request("unban_user", ip, user=user)
+    except BaseException:
+        book.failed()
+        raise
+    book.written()
+    ring(store.path)
     return ban
 
 

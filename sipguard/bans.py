@@ -30,6 +30,12 @@ nothing is banned or lifted, so the scorer and the listeners hear nothing.
 
 Listeners (the fleet's publisher) hear every change inside the same transaction, after the store rows.
 The book never decides who is banned: the policy, the operator, the fleet and the blocklists do.
+
+A **user ban** (`Ban.user`, the office policy: one user at one address) takes a path of its own: never
+the kernel (the other users behind that address must keep working) but the mirrors that hold user bans
+(`EnforcerStack.ban_users`: Kamailio's htable), the scorer's `note_user_ban` / `release_user` when it has
+them, and the store's `user_bans` table; it expires and is resynced like the others. Listeners that have
+`on_user_bans` / `on_user_unbans` hear them (the fleet stream carries them), in the same transaction.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from .enforce.base import SYNC_TOLERANCE, Enforcer, SyncReport
+from .enforce.stack import EnforcerStack
 from .model import Ban, Decision
 
 if TYPE_CHECKING:
@@ -64,7 +71,9 @@ class BannedSet(Protocol):
 
 
 class BanListener(Protocol):
-    """Hears every change the book makes, inside the transaction that stores it (the fleet publishes)."""
+    """Hears every change the book makes, inside the transaction that stores it (the fleet publishes).
+    A listener may also have `on_user_bans(bans, cause, now)` and `on_user_unbans([(ip, user)], cause, now)`
+    to hear user bans (the fleet's bridge has them); one without them does not hear user bans."""
 
     def on_bans(self, bans: Sequence[Ban], cause: str, now: float) -> None: ...
 
@@ -98,6 +107,18 @@ class _Put:
 
 
 @dataclass(frozen=True, slots=True)
+class _PutUser:
+    ban: Ban  # a user ban (Ban.user set)
+
+
+@dataclass(frozen=True, slots=True)
+class _RemoveUser:
+    ip: str
+    user: str
+    action: str  # userunban | userexpire
+
+
+@dataclass(frozen=True, slots=True)
 class _Remove:
     ip: str
     action: str  # unban | expire | delist
@@ -118,11 +139,12 @@ class BanBook:
         self.scorer = scorer
         self.listeners = tuple(listeners)
         self.stats = BookStats()
-        self._pending: list[_Put | _Remove] = []
+        self._pending: list[_Put | _Remove | _PutUser | _RemoveUser] = []
         self._heard: list[tuple[str, Sequence[Ban] | Sequence[str], str, float]] = []
         self._refused: dict[str, str | None] = {}
         self._marks = (0, 0)  # what the last `write` put into the open transaction
         self._overlay: dict[str, Ban | None] = {}  # the queued state of each address changed, not yet stored
+        self._warned_users = False
 
     # -- changes -----------------------------------------------------------------------------
     def ban(self, bans: Sequence[Ban], now: float, cause: str = POLICY, *, store: bool = True,
@@ -135,7 +157,17 @@ class BanBook:
         """
         if not bans:
             return []
+        users = [b for b in bans if b.user is not None]
+        if users:
+            self._ban_users(users, now, store, cause)
+            bans = [b for b in bans if b.user is None]
+            if not bans:
+                return users
         out = self._to_kernel(list(bans), now, batch)
+        if users:
+            out_all = [*users, *out]
+        else:
+            out_all = out
         if self.scorer is not None:
             for ban in out:
                 self.scorer.note_ban(ban.ip)
@@ -149,7 +181,63 @@ class BanBook:
             if ban.refused:
                 log.warning("%s refused %s (%s): kept in the store, shown as refused", self._name(), ban.ip,
                             ban.refused)
-        return out
+        return out_all
+
+    # -- user bans (the office policy: one user at one address) -------------------------------
+    def _ban_users(self, bans: list[Ban], now: float, store: bool, cause: str = POLICY) -> None:
+        """User bans never reach the kernel (the office behind the address must keep working): Kamailio's
+        htable mirror holds them (`EnforcerStack.ban_users`), the scorer stops scoring that user there,
+        the store keeps them, and the listeners with `on_user_bans` hear them (the fleet stream)."""
+        mirror = self._user_mirror()
+        if mirror is not None:
+            try:
+                mirror.ban_users(bans, now)
+            except Exception:  # noqa: BLE001 - kept in the store; the next resync retries
+                self.stats.kernel_errors += 1
+                if self.strict:
+                    raise
+                log.exception("htable mirror failed to hold %d user bans", len(bans))
+        elif not self._warned_users:
+            self._warned_users = True
+            log.warning("user bans (the office policy) are enforced by Kamailio through the htable mirror: "
+                        "[htable] enabled = false, so they are stored and listed only")
+        note = getattr(self.scorer, "note_user_ban", None)
+        for b in bans:
+            if note is not None:
+                note(b.ip, b.user)
+            log.info("user ban: user %r at %s (%s)", b.user, b.ip, b.reason)
+        if store:
+            self._pending.extend(_PutUser(b) for b in bans)
+        self._heard.append(("userban", bans, cause, now))
+        self.stats.bans += len(bans)
+
+    def unban_user(self, ip: str, user: str, now: float, *, action: str = "userunban", store: bool = True,
+                   cause: str = MANUAL) -> None:
+        """Lift the user ban of `user` at `ip`: Kamailio's entry, the scorer, then queued for the store
+        (`store=False`: a CLI request the daemon mirrors, the store changed already)."""
+        mirror = self._user_mirror()
+        if mirror is not None:
+            try:
+                mirror.unban_user(ip, user)
+            except Exception:  # noqa: BLE001 - the next resync removes it
+                self.stats.kernel_errors += 1
+                if self.strict:
+                    raise
+                log.exception("htable mirror failed to lift the user ban of %r at %s", user, ip)
+        release = getattr(self.scorer, "release_user", None)
+        if release is not None:
+            release(ip, user)
+        if store:
+            self._pending.append(_RemoveUser(ip, user, action))
+        self._heard.append(("userunban", [(ip, user)], EXPIRY if action == "userexpire" else cause, now))
+        if action == "userexpire":
+            self.stats.expired += 1
+        else:
+            self.stats.unbans += 1
+
+    def _user_mirror(self) -> EnforcerStack | None:
+        e = self.enforcer
+        return e if isinstance(e, EnforcerStack) and e.holds_users else None
 
     def unban(self, ips: Iterable[str], now: float, cause: str = MANUAL, *, at: float | None = None,
               action: str = "unban", store: bool = True, clear: bool = True) -> list[str]:
@@ -179,6 +267,11 @@ class BanBook:
 
     def expire(self, now: float) -> list[Ban]:
         """End every ban whose time is over (kernel entries expire by themselves; this tidies up)."""
+        gone = {(op.ip, op.user) for op in self._pending if isinstance(op, _RemoveUser)}
+        for b in self.store.expired_user_bans(now):
+            if (b.ip, b.user) not in gone:
+                self.unban_user(b.ip, b.user or "", now, action="userexpire")
+                log.info("user ban of %r at %s expired", b.user, b.ip)
         expired = [b for b in self.store.expired_bans(now) if not self._removing(b.ip)]
         if expired:
             self.unban([b.ip for b in expired], now, EXPIRY, action="expire", clear=False)
@@ -194,6 +287,12 @@ class BanBook:
                 self.ban([ban], now, MANUAL, store=False)
         elif req.action == "unban" and req.target:
             self.unban([req.target], now, MANUAL, at=req.time, store=False)
+        elif req.action == "ban_user" and req.target and isinstance(req.payload.get("user"), str):
+            got = [b for b in self.store.user_bans_of(req.target) if b.user == req.payload["user"]]
+            if got and (got[0].expires is None or got[0].expires > now):
+                self.ban(got, now, MANUAL, store=False)
+        elif req.action == "unban_user" and req.target and isinstance(req.payload.get("user"), str):
+            self.unban_user(req.target, req.payload["user"], now, store=False)
         elif req.action in ("unban_all", "sync"):
             active = self.store.active_bans(now)
             keep = {b.ip for b in active}
@@ -276,6 +375,12 @@ class BanBook:
             if isinstance(op, _Put):
                 run.append(op.ban)
                 continue
+            if isinstance(op, _PutUser):
+                store.put_user_bans([op.ban], now)
+                continue
+            if isinstance(op, _RemoveUser):
+                store.remove_user_ban(op.ip, op.user, now, action=op.action)
+                continue
             if run:
                 store.put_bans(run, now)
                 run = []
@@ -294,6 +399,10 @@ class BanBook:
                     li.on_bans(items, cause, now)  # type: ignore[arg-type]
                 elif kind == "unban":
                     li.on_unbans(items, t, cause, now)  # type: ignore[arg-type]
+                elif kind in ("userban", "userunban"):  # (listeners without them do not hear user bans)
+                    hear = getattr(li, "on_user_bans" if kind == "userban" else "on_user_unbans", None)
+                    if hear is not None:
+                        hear(items, cause, now)
                 else:
                     li.on_unbans(["*"], t, cause, now)
         self._marks = (n, heard)
@@ -359,7 +468,7 @@ class BanBook:
             if isinstance(op, _Put):
                 if op.ban.expires is None or op.ban.expires > now:
                     bans[op.ban.ip] = op.ban
-            else:
+            elif isinstance(op, _Remove):
                 bans.pop(op.ip, None)
         return sorted(bans.values(), key=lambda b: (b.created, b.ip))
 
@@ -406,6 +515,10 @@ class BanBook:
         if self.scorer is not None:
             for ban in active:
                 self.scorer.note_ban(ban.ip)
+            note = getattr(self.scorer, "note_user_ban", None)
+            if note is not None:
+                for ban in self.held_users(now):
+                    note(ban.ip, ban.user)
         report = self.resync(now, active)
         self.commit(now)
         return report
@@ -414,7 +527,26 @@ class BanBook:
         """Make the kernel hold exactly the bans in force (repairs flushes, re-arms long bans)."""
         if self.enforcer is None:
             return SyncReport()
-        return self._kernel_sync(self.held(now) if active is None else active, now)
+        report = self._kernel_sync(self.held(now) if active is None else active, now)
+        mirror = self._user_mirror()
+        if mirror is not None:
+            try:
+                mirror.sync_users(self.held_users(now), now)
+            except Exception:  # noqa: BLE001 - retried at the next resync
+                self.stats.kernel_errors += 1
+                log.exception("htable mirror: user ban resync failed")
+        return report
+
+    def held_users(self, now: float) -> list[Ban]:
+        """The user bans in force as the book knows them: the store's, with queued changes applied."""
+        bans = {(b.ip, b.user): b for b in self.store.active_user_bans(now)}
+        for op in self._pending:
+            if isinstance(op, _PutUser):
+                if op.ban.expires is None or op.ban.expires > now:
+                    bans[(op.ban.ip, op.ban.user)] = op.ban
+            elif isinstance(op, _RemoveUser):
+                bans.pop((op.ip, op.user), None)
+        return sorted(bans.values(), key=lambda b: (b.created, b.ip, b.user or ""))
 
     def _to_kernel(self, bans: list[Ban], now: float, batch: bool) -> list[Ban]:
         out: list[Ban] = []
@@ -488,4 +620,4 @@ class BanBook:
 def ban_from_decision(d: Decision, now: float) -> Ban:
     """The ban a policy decision asks for, starting `now`."""
     return Ban(ip=d.ip, reason=d.reason, created=now, expires=None if d.duration is None else now + d.duration,
-               score=d.score, offence=d.offence, manual=False, evidence=d.evidence)
+               score=d.score, offence=d.offence, manual=False, evidence=d.evidence, user=d.user)

@@ -219,6 +219,34 @@ def _default_jails() -> dict[str, JailConfig]:
     }
 
 
+OFFICE_JAILS = ("office_users", "office_rate")
+"""The names of the office policy's own address jails (sipguard/policy.py): no [policy.jails] table may take them."""
+
+
+class OfficeConfig(Section):
+    """The office policy (issue 17): many users behind one NAT address, one of them failing forever.
+
+    Once an address has had a successful REGISTER for some user within `success_within`, an auth failure
+    from it for ANOTHER user (the filters' `user` capture) is counted per (address, user) instead of in the
+    address's auth jails: `user_threshold` failures of that user inside `user_findtime` ban that user at that
+    address only (a user ban: not in the kernel, enforced by Kamailio through the htable mirror), for
+    `user_bantime`. The address itself is banned only when the failures say an attack comes from behind it:
+    `distinct_users` distinct failing users inside `findtime` (the `office_users` distinct jail) or `rate`
+    failures inside `findtime` whatever the users (the `office_rate` jail). An auth failure without a user
+    capture, or from an address without a recent success for another user, is scored as before.
+    """
+
+    enabled: bool = True
+    success_within: Duration = 3600  # a success for another user this recent makes the address an office
+    user_threshold: float = Field(3, gt=0)  # failures of one user at one office address ...
+    user_findtime: Duration = 600  # ... inside this: a ban of that user at that address
+    user_bantime: Duration = 3600
+    distinct_users: int = Field(5, ge=2, le=10_000)  # distinct failing users inside findtime: the address banned
+    rate: float = Field(30, gt=0)  # failures inside findtime, whatever the users: the address banned
+    findtime: Duration = 600
+    max_users: int = Field(100, ge=1, le=10_000)  # successful users remembered per address (least recent go first)
+
+
 class PolicyConfig(Section):
     """Ban times: bantime for a first offence, times factor per repeat, capped at max_bantime."""
 
@@ -229,6 +257,14 @@ class PolicyConfig(Section):
     max_tracked: int = Field(200_000, ge=100)  # sources scored at once per jail; least recently active go first
     evidence_lines: int = Field(5, ge=0, le=100)  # records kept with each ban (sipguard why); 0 = none
     jails: dict[str, JailConfig] = Field(default_factory=_default_jails)
+    office: OfficeConfig = Field(default_factory=OfficeConfig)
+
+    @model_validator(mode="after")
+    def _office_names(self) -> "PolicyConfig":
+        taken = sorted(set(OFFICE_JAILS) & set(self.jails)) if self.office.enabled else []
+        if taken:
+            raise ValueError(f"jail name {taken[0]!r} is the office policy's own ([policy.office]); pick another")
+        return self
 
     @field_validator("jails", mode="before")
     @classmethod
@@ -382,6 +418,7 @@ class HtableConfig(Section):
     enabled: bool = False
     rpc: str = "unix:/run/kamailio/kamailio_rpc.sock"  # unix:DGRAM-SOCKET | fifo:PATH | http://HOST:PORT/RPC
     table: str = Field("ipban", pattern=r"^[A-Za-z0-9_]{1,64}$")
+    user_table: str = Field("userban", pattern=r"^[A-Za-z0-9_]{1,64}$")  # user bans (office policy), USER@ADDRESS
     value: int = 2  # what $sht(ipban=>$si) is set to (the script's pike block sets 1: resync leaves those alone)
     timeout: Duration = 2.0  # per RPC call
     # where Kamailio's replies come back (sipguard's own directory; the FIFO transport needs Kamailio's

@@ -39,6 +39,8 @@ from .config import Config
 from .filters import FilterSet
 from .formats import Parser
 from .model import Ban, Event
+from .notify import ready as notify_ready
+from .notify import stopping as notify_stopping
 from .pipeline import Pipeline
 from .policy import Policy, Scorer
 from .sources import Follower, LineBatch, SourcePosition
@@ -207,6 +209,9 @@ class Daemon:
     def run(self, max_seconds: float | None = None) -> DaemonStats:
         p = self.parts
         self.setup()
+        # systemd (Type=notify): started only now, so units ordered after sipguard.service (kamailio)
+        # start behind the restored bans; outside systemd nothing is sent (sipguard/notify.py)
+        notify_ready(f"bans restored; following {', '.join(p.logs) or 'the journal'}")
         try:
             deadline = None if max_seconds is None else time.monotonic() + max_seconds
             interval = self.cfg.daemon.control_interval
@@ -225,6 +230,7 @@ class Daemon:
                     log.exception("error while processing a batch; continuing")
                     time.sleep(min(interval, 1.0))
         finally:
+            notify_stopping()
             if self._unstored is not None and not self.retry(housekeeping=False):
                 log.warning("stopping with %d events read but not stored: the next start reads their lines again",
                             len(self._unstored.events))
@@ -263,7 +269,8 @@ class Daemon:
         for cause, bans in batches:
             for ban in p.book.ban(bans, now, cause):
                 new_bans.append(ban)
-                log.warning("banned %s for %s (%s, score %.1f, offence %d)", ban.ip,
+                log.warning("banned %s for %s (%s, score %.1f, offence %d)",
+                            ban.ip if ban.user is None else f"user {ban.user!r} at {ban.ip} (Kamailio only)",
                             "ever" if ban.expires is None else f"{ban.expires - now:.0f}s", ban.reason,
                             ban.score, ban.offence)
         held, self._unstored = self._unstored, None

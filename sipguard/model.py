@@ -7,6 +7,7 @@ a tuple is built at half the cost of a frozen dataclass.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import NamedTuple
@@ -76,6 +77,15 @@ class Event(NamedTuple):
 
 
 CAPTURE_CHARS = 64
+
+
+def checked_user(v: object) -> str:
+    """A user ban's user: 1 to CAPTURE_CHARS printable characters (a control or format character refuses
+    it: it is attacker text, and never silently becomes another user); else ValueError."""
+    if not isinstance(v, str) or not 1 <= len(v) <= CAPTURE_CHARS or not v.isprintable() \
+            or any(unicodedata.category(c) == "Cf" for c in v):
+        raise ValueError("bad user")
+    return v
 """The longest captured value an Event carries (longer ones are cut to this: still a key, bounded)."""
 
 
@@ -93,6 +103,19 @@ class Evidence(NamedTuple):
 
 EVIDENCE_CHARS = 512
 """The longest evidence text kept (characters); a longer record is cut to this, marked `cut`."""
+
+
+def user_key(user: str, ip: str) -> str:
+    """The key of a user ban, USER@ADDRESS (Kamailio's `$fU@$si`, the htable mirror's key)."""
+    return f"{user}@{ip}"
+
+
+def capture(ev: Event, name: str) -> str | None:
+    """The value of one named capture of `ev`, None when it has none."""
+    for k, v in ev.captures:
+        if k == name:
+            return v
+    return None
 
 
 def evidence_of(ev: Event) -> Evidence:
@@ -114,6 +137,7 @@ class Decision:
     offence: int
     time: float
     evidence: tuple[Evidence, ...] = ()  # the last records that counted, oldest first
+    user: str | None = None  # a user ban (the office policy): only this user at `ip`; None: the address
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +154,15 @@ class Ban:
     refused: str | None = None  # why the enforcer cannot hold it (e.g. an ipset and a /0); None: enforced
     # the records that decided it (policy bans; stored beside the ban, never compared, never published)
     evidence: tuple[Evidence, ...] = field(default=(), compare=False, repr=False)
+    # a user ban (the office policy): only this user at `ip` is refused, by Kamailio (htable mirror), never
+    # the address in the kernel. Attacker text (the From user, at most CAPTURE_CHARS): printed escaped,
+    # a key for Kamailio only; it never decides which address the kernel bans. None: a ban of the address.
+    user: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What identifies the ban: the address, or USER@ADDRESS for a user ban (the htable key)."""
+        return self.ip if self.user is None else user_key(self.user, self.ip)
 
     def with_refusal(self, why: str | None) -> Ban:
         """The same ban, marked refused by the enforcer (None: enforceable)."""

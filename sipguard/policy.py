@@ -5,6 +5,14 @@ that counted, for `sipguard why`), held by `EvidenceKeeper`, which the fleet's b
 values of one named capture of its events (distinct users tried, distinct destinations dialled)
 instead of the events themselves.
 
+The office policy ([policy.office], on by default): many users behind one NAT address. Once an address
+has had a success for some user (the `user` capture) within `success_within`, its auth failures for
+another user are counted per (address, user): at `user_threshold` a Decision with `user` set (a user
+ban: that user at that address only), and the address itself is decided only by the office's own two
+jails, `office_users` (distinct failing users) and `office_rate` (failures, whatever the users). Those two
+are not in `jails` (`office_jails`); the fleet's score script (sipguard/cluster/lua/score.lua) scores the
+same policy in Redis, with successes shared across the nodes, and the shared policy cases pin that both agree.
+
 Pure in-memory arithmetic over state it is handed (restored events, offence history): it reads
 no file, writes no database and touches no kernel, so every rule is testable with a table.
 """
@@ -18,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .addresses import AllowList
-from .config import MAX_DURATION, JailConfig, PolicyConfig
-from .model import EVIDENCE_CHARS, Decision, Event, EventKind, Evidence, evidence_of
+from .config import MAX_DURATION, JailConfig, OfficeConfig, PolicyConfig
+from .model import EVIDENCE_CHARS, Decision, Event, EventKind, Evidence, capture, evidence_of
 
 
 DEFAULT_MAX_TRACKED = PolicyConfig.model_fields["max_tracked"].default
@@ -227,7 +235,28 @@ class Policy:
         self.stats = PolicyStats()
         self.max_findtime = max((j.cfg.findtime for j in self.jails), default=0.0)
         self.evidence_lines = cfg.evidence_lines if evidence else 0
-        self._keeper = EvidenceKeeper((j.name for j in self.jails), self.evidence_lines)
+        # the office policy: its two address jails (kept out of `jails`: the fleet scores `jails`), the
+        # addresses' recent successful users (hashed), per-(address, user) windows and evidence, user bans
+        oc = cfg.office
+        self._office = oc if oc.enabled else None
+        self._office_jails: tuple[_Jail, ...] = ()
+        if self._office is not None:
+            self._office_jails = (
+                _Jail("office_users", JailConfig(kinds=[EventKind.AUTH_FAILURE], findtime=oc.findtime,
+                                                  threshold=oc.distinct_users, distinct="user",
+                                                  max_values=max(100, oc.distinct_users))),
+                _Jail("office_rate", JailConfig(kinds=[EventKind.AUTH_FAILURE], findtime=oc.findtime,
+                                                 threshold=oc.rate)))
+            for j in self._office_jails:
+                self._win[j.name] = {}
+            self._dist["office_users"] = {}
+            self.max_findtime = max(self.max_findtime, oc.findtime, oc.user_findtime)
+        self._every = [*self.jails, *self._office_jails]
+        self._keeper = EvidenceKeeper((j.name for j in self._every), self.evidence_lines)
+        self._succ: dict[str, dict[int, float]] = {}
+        self._uwin: dict[tuple[str, str], list[float]] = {}
+        self._uevid: dict[tuple[str, str], list[Event]] = {}
+        self.user_banned: set[tuple[str, str]] = set()
 
     # -- state from outside ------------------------------------------------------------------
     def restore(self, events: Iterable[Event]) -> None:
@@ -238,12 +267,12 @@ class Policy:
 
     def note_ban(self, ip: str) -> None:
         self.banned.add(ip)
-        self._clear(ip, self.jails)
+        self._clear(ip, self._every)
 
     def release(self, ip: str) -> None:
         """The ban ended (expired or unbanned): forget its windows so old events don't re-ban."""
         self.banned.discard(ip)
-        self._clear(ip, self.jails)
+        self._clear(ip, self._every)
 
     # -- the decision ------------------------------------------------------------------------
     def observe(self, ev: Event, count: bool = True) -> Decision | None:
@@ -266,46 +295,180 @@ class Policy:
         if ev.kind is EventKind.SUCCESS:
             if self._clear(ev.ip, self._reset_jails):
                 self.stats.resets += 1
+            if self._office is not None:
+                self._note_success(ev)
             return None
-        ip, t, w = ev.ip, ev.time, ev.weight
-        keep = self.evidence_lines and ev.text
+        if self._office is not None and ev.kind is EventKind.AUTH_FAILURE:
+            user = capture(ev, "user")
+            if user is not None and self._is_office(ev.ip, user, ev.time):
+                return self._score_office(ev, user, decide)
+        keep = bool(self.evidence_lines and ev.text)
         for jail in self._by_kind.get(ev.kind, ()):
             if jail.distinct is not None:
                 got = self._count_distinct(jail, ev, decide)
-                if got is not None:
-                    return got
-                continue
-            wins = self._win[jail.name]
-            old = wins.pop(ip, None)  # re-inserted below: dict order is least recently active first
-            since = t - jail.cfg.findtime
-            if old is None and w == 1.0:
-                win: float | list[float] = t  # one event of weight 1.0: just its time
-                score = 1.0
             else:
-                if old is None:
-                    win = [t, w]
-                elif type(old) is not list:
-                    win = [old, 1.0, t, w] if t >= old else [t, w, old, 1.0]
-                else:
-                    win = old
-                    if win and t < win[-2]:  # a late event (a lagging source): keep the list in time order
-                        k = len(win) - 2
-                        while k > 0 and win[k - 2] > t:
-                            k -= 2
-                        win[k:k] = (t, w)
-                    else:
-                        win.append(t)
-                        win.append(w)
-                score = _prune_and_sum(win, since)
-            wins[ip] = win
-            if len(wins) > self.max_tracked:
-                self._evict(wins, jail.name)
-            if decide and score >= jail.cfg.threshold:
-                self.stats.decisions += 1
-                return self._decide(ev, jail, score)
-            if keep:
-                self._keeper.keep(jail.name, ev)
+                got = self._count(jail, ev, decide, keep)
+            if got is not None:
+                return got
         return None
+
+    def _count(self, jail: _Jail, ev: Event, decide: bool, keep: bool) -> Decision | None:
+        """Count `ev` in a counting jail; a Decision when the source's sum inside findtime reaches the threshold."""
+        ip, t, w = ev.ip, ev.time, ev.weight
+        wins = self._win[jail.name]
+        old = wins.pop(ip, None)  # re-inserted below: dict order is least recently active first
+        since = t - jail.cfg.findtime
+        if old is None and w == 1.0:
+            win: float | list[float] = t  # one event of weight 1.0: just its time
+            score = 1.0
+        else:
+            if old is None:
+                win = [t, w]
+            elif type(old) is not list:
+                win = [old, 1.0, t, w] if t >= old else [t, w, old, 1.0]
+            else:
+                win = old
+                if win and t < win[-2]:  # a late event (a lagging source): keep the list in time order
+                    k = len(win) - 2
+                    while k > 0 and win[k - 2] > t:
+                        k -= 2
+                    win[k:k] = (t, w)
+                else:
+                    win.append(t)
+                    win.append(w)
+            score = _prune_and_sum(win, since)
+        wins[ip] = win
+        if len(wins) > self.max_tracked:
+            self._evict(wins, jail.name)
+        if decide and score >= jail.cfg.threshold:
+            self.stats.decisions += 1
+            return self._decide(ev, jail, score)
+        if keep:
+            self._keeper.keep(jail.name, ev)
+        return None
+
+    # -- the office policy ([policy.office]) ----------------------------------------------------
+    def _note_success(self, ev: Event) -> None:
+        """A successful REGISTER for a user at an address: remembered (hashed) for `success_within`; that
+        user's own failure window there is cleared."""
+        user = capture(ev, "user")
+        if user is None:
+            return
+        seen = self._succ.pop(ev.ip, None)  # re-inserted: least recently active address first
+        if seen is None:
+            seen = {}
+        h = hash(user)  # a key only: never kept as text
+        seen.pop(h, None)
+        seen[h] = ev.time
+        if len(seen) > self._office.max_users:
+            del seen[next(iter(seen))]
+        self._succ[ev.ip] = seen
+        if len(self._succ) > self.max_tracked:
+            for ip in list(islice(self._succ, len(self._succ) - self.max_tracked + self.max_tracked // 10)):
+                del self._succ[ip]
+        if self._uwin.pop((ev.ip, user), None) is not None:
+            self.stats.resets += 1
+        self._uevid.pop((ev.ip, user), None)
+
+    @property
+    def office(self) -> OfficeConfig | None:
+        """The office policy's config when it is on ([policy.office] enabled), else None."""
+        return self._office
+
+    @property
+    def office_jails(self) -> tuple[_Jail, ...]:
+        """The office's two address jails (`office_users`, `office_rate`), empty when the policy is off."""
+        return self._office_jails
+
+    def note_office(self, ip: str, user: str, t: float) -> None:
+        """The fleet says `ip` had, at `t`, a verified success for a user other than `user` (seen by another
+        node: sipguard/cluster/scoring.py): remembered like a success of this node's own, under a key that is
+        no user's, so `ip` is an office for `user` (and, until it ages out, for the others: the fleet's
+        successes come hashed, not named; it only matters while Redis is away)."""
+        if self._office is None:
+            return
+        seen = self._succ.pop(ip, None)
+        if seen is None:
+            seen = {}
+        k = hash(("fleet", user))  # never hash(user) of a user: the success was another's
+        if seen.get(k, -math.inf) < t:
+            seen.pop(k, None)
+            seen[k] = t
+        if len(seen) > self._office.max_users:
+            del seen[next(iter(seen))]
+        self._succ[ip] = seen
+        if len(self._succ) > self.max_tracked:
+            for old in list(islice(self._succ, len(self._succ) - self.max_tracked + self.max_tracked // 10)):
+                del self._succ[old]
+
+    def _is_office(self, ip: str, user: str, t: float) -> bool:
+        """Has `ip` had a success for a user other than `user` within success_within?"""
+        seen = self._succ.get(ip)
+        if not seen:
+            return False
+        h = hash(user)
+        since = t - self._office.success_within
+        return any(when >= since and k != h for k, when in seen.items())
+
+    def _score_office(self, ev: Event, user: str, decide: bool) -> Decision | None:
+        """An auth failure for `user` at an office address: the address jails first (distinct failing
+        users, then the failure rate), then the per-(address, user) count that bans the user alone."""
+        key = (ev.ip, user)
+        if key in self.user_banned:
+            self.stats.while_banned += 1
+            return None
+        keep = bool(decide and self.evidence_lines and ev.text)
+        users_jail, rate_jail = self._office_jails
+        got = self._count_distinct(users_jail, ev, decide)
+        if got is None:
+            got = self._count(rate_jail, ev, decide, keep)
+        if got is not None:
+            return got
+        oc = self._office
+        win = self._uwin.pop(key, None)
+        if win is None:
+            win = []
+        win.append(ev.time)
+        win.append(ev.weight)
+        score = _prune_and_sum(win, ev.time - oc.user_findtime)
+        self._uwin[key] = win
+        if len(self._uwin) > self.max_tracked:
+            over = list(islice(self._uwin, len(self._uwin) - self.max_tracked + self.max_tracked // 10))
+            for k in over:
+                del self._uwin[k]
+                self._uevid.pop(k, None)
+            self.stats.evicted += len(over)
+        if not decide:
+            return None
+        if score >= oc.user_threshold:
+            self.stats.decisions += 1
+            held = [e for e in self._uevid.pop(key, ()) if e.time >= ev.time - oc.user_findtime]
+            if ev.text:
+                held.append(ev)
+            evidence = tuple(evidence_of(e) for e in held[-self.evidence_lines:]) if self.evidence_lines else ()
+            self.note_user_ban(ev.ip, user)
+            return Decision(ip=ev.ip, reason=f"office_user:{ev.filter}", score=score, duration=oc.user_bantime,
+                            offence=1, time=ev.time, evidence=evidence, user=user)
+        if keep:
+            got_ev = self._uevid.pop(key, [])
+            got_ev.append(ev if len(ev.text) <= EVIDENCE_CHARS else ev._replace(text=ev.text[:EVIDENCE_CHARS + 1]))
+            del got_ev[:-self.evidence_lines]
+            self._uevid[key] = got_ev
+            if len(self._uevid) > EVIDENCE_SOURCES:
+                for k in list(islice(self._uevid, len(self._uevid) - EVIDENCE_SOURCES + EVIDENCE_SOURCES // 10)):
+                    del self._uevid[k]
+        return None
+
+    def note_user_ban(self, ip: str, user: str) -> None:
+        """A user ban on (ip, user) is in force: that user's failures there are not scored until released."""
+        self.user_banned.add((ip, user))
+        self._uwin.pop((ip, user), None)
+        self._uevid.pop((ip, user), None)
+
+    def release_user(self, ip: str, user: str) -> None:
+        """The user ban on (ip, user) ended: its failures count anew."""
+        self.user_banned.discard((ip, user))
+        self._uwin.pop((ip, user), None)
 
     def _count_distinct(self, jail: _Jail, ev: Event, decide: bool) -> Decision | None:
         """Count `ev` in a distinct jail: its capture's value, hashed, as seen now; a Decision when the
@@ -374,7 +537,8 @@ class Policy:
     @property
     def tracked(self) -> int:
         """How many (source, jail) windows are held."""
-        return sum(len(w) for w in self._win.values()) + sum(len(s) for s in self._dist.values())
+        return (sum(len(w) for w in self._win.values()) + sum(len(s) for s in self._dist.values())
+                + len(self._uwin) + len(self._succ))
 
     def _decide(self, ev: Event, jail: _Jail, score: float) -> Decision:
         history = [t for t in self.offences.get(ev.ip, ()) if t >= ev.time - self.cfg.offence_memory]
@@ -415,7 +579,7 @@ class Policy:
     def expire(self, now: float) -> int:
         """Drop windows whose newest event is older than their findtime (bounds memory)."""
         n = 0
-        for jail in self.jails:
+        for jail in self._every:
             wins = self._win[jail.name]
             since = now - jail.cfg.findtime
             dead = [ip for ip, w in wins.items() if ((not w or w[-2] < since) if type(w) is list else w < since)]
@@ -425,7 +589,7 @@ class Policy:
             if dead:  # a dict keeps its size after deletions: rebuild a much smaller one
                 self._win[jail.name] = dict(wins)
                 self._keeper.drop(jail.name, dead, compact=True)
-        for jail in self.jails:
+        for jail in self._every:
             if jail.distinct is None:
                 continue
             srcs = self._dist[jail.name]
@@ -437,6 +601,19 @@ class Policy:
             if dead:
                 self._dist[jail.name] = dict(srcs)
                 self._keeper.drop(jail.name, dead, compact=True)
+        if self._office is not None:
+            since = now - self._office.success_within
+            gone = [ip for ip, seen in self._succ.items() if max(seen.values(), default=0.0) < since]
+            for ip in gone:
+                del self._succ[ip]
+            since = now - self._office.user_findtime
+            dead_u = [k for k, w in self._uwin.items() if not w or w[-2] < since]
+            for k in dead_u:
+                del self._uwin[k]
+                self._uevid.pop(k, None)
+            n += len(dead_u)
+            if gone or dead_u:
+                self._succ, self._uwin, self._uevid = dict(self._succ), dict(self._uwin), dict(self._uevid)
         horizon = now - self.cfg.offence_memory
         for ip in [ip for ip, ts in self.offences.items() if not ts or ts[-1] < horizon]:
             del self.offences[ip]
@@ -446,7 +623,7 @@ class Policy:
     def score(self, ip: str, now: float) -> dict[str, float]:
         """Current score per jail for one source (for `status` and tests)."""
         out = {}
-        for jail in self.jails:
+        for jail in self._every:
             if jail.distinct is not None:
                 seen = self._dist[jail.name].get(ip)
                 if seen:

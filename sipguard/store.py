@@ -1,5 +1,6 @@
-"""The SQLite memory of every stage: events (and the text of the newest ones), bans, ban history, the
-evidence kept with each ban, source positions, CLI requests, the fleet's outbox and held ban ids, and the queries behind
+"""The SQLite memory of every stage: events (and the text of the newest ones), bans (the office policy's user
+bans in a table of their own), ban history, the evidence kept with each ban, source positions, CLI requests,
+the fleet's outbox and held ban ids, and the queries behind
 `sipguard report` and `sipguard why`.
 
 The only module that runs SQL (the standard sqlite3 module over one WAL database): every table is
@@ -31,7 +32,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,9 +95,13 @@ _SCHEMA = (
     # the records that decided each automatic ban (a few per ban, each capped): pruned with the history
     'CREATE TABLE IF NOT EXISTS "evidence" ("ip" TEXT NOT NULL, "created" REAL NOT NULL, "seq" INTEGER NOT NULL, '
     '"time" REAL, "filter" TEXT, "weight" REAL, "text" TEXT, "cut" INTEGER, PRIMARY KEY ("ip", "created", "seq"))',
+    # user bans (the office policy): one user at one address, enforced by Kamailio (htable), never the kernel
+    'CREATE TABLE IF NOT EXISTS "user_bans" ("ip" TEXT NOT NULL, "user" TEXT NOT NULL, "reason" TEXT NOT NULL, '
+    '"score" REAL, "created" REAL NOT NULL, "expires" REAL, "manual" INTEGER NOT NULL DEFAULT 0, '
+    'PRIMARY KEY ("ip", "user"))',
 )
 _TABLES = ("events", "event_texts", "bans", "ban_log", "positions", "control", "cleared", "cluster_outbox", "cluster_bans", "meta",
-           "evidence")
+           "evidence", "user_bans")
 _INDEXES = ("idx_events_time", "idx_events_ip_time", "idx_ban_log_ip_time", "idx_ban_log_time")
 
 
@@ -128,7 +133,7 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class ControlRequest:
-    """A CLI action the running daemon must mirror (ban, unban, unban_all)."""
+    """A CLI action the running daemon must mirror (ban, unban, unban_all, sync, ban_user, unban_user)."""
 
     id: int
     time: float
@@ -308,7 +313,7 @@ class Store:
     def _schema_complete(self) -> bool:
         names = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
         return (names.issuperset(_TABLES + _INDEXES) and "refused" in self._columns("bans")
-                and "head" in self._columns("positions"))
+                and "head" in self._columns("positions") and "manual" in self._columns("user_bans"))
 
     def _create(self) -> None:
         """Every table and index (idempotent, in one transaction: first openers may race)."""
@@ -320,6 +325,8 @@ class Store:
             if "head" not in self._columns("positions"):  # from before fingerprints: "" = none (the inode decides)
                 self.conn.execute('ALTER TABLE "positions" ADD COLUMN "head" TEXT')
                 self.conn.execute('ALTER TABLE "positions" ADD COLUMN "tail" TEXT')
+            if "manual" not in self._columns("user_bans"):  # from before manual user bans: all automatic
+                self.conn.execute('ALTER TABLE "user_bans" ADD COLUMN "manual" INTEGER NOT NULL DEFAULT 0')
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def _retry(self, fn, what: str):  # noqa: ANN001, ANN202 - one statement that needs a lock
@@ -502,6 +509,52 @@ class Store:
         self.conn.execute("DELETE FROM bans WHERE ip = ?", (ip,))
         self._log(action, ban, now)
         return ban
+
+    # -- user bans (the office policy) -------------------------------------------------------
+    def put_user_bans(self, bans: Iterable[Ban], now: float) -> None:
+        """Store user bans (Ban.user set), replacing one of the same (address, user); each logged in the
+        history with the reason `REASON user=USER`, its evidence kept under the key USER@ADDRESS."""
+        rows = [b for b in bans if b.user is not None]
+        self.add_evidence([replace(b, ip=b.key) for b in rows if b.evidence])
+        self.conn.executemany(
+            'INSERT OR REPLACE INTO user_bans (ip, "user", reason, score, created, expires, manual) '
+            'VALUES (?, ?, ?, ?, ?, ?, ?)',
+            [(b.ip, b.user, b.reason, b.score, b.created, b.expires, int(b.manual)) for b in rows])
+        self.conn.executemany(
+            "INSERT INTO ban_log (time, action, ip, reason, score, expires, offence, manual) "
+            "VALUES (?, 'userban', ?, ?, ?, ?, ?, ?)",
+            [(now, b.ip, f"{b.reason} user={b.user}", b.score, b.expires, b.offence, int(b.manual)) for b in rows])
+
+    def remove_user_ban(self, ip: str, user: str, now: float, action: str = "userunban") -> Ban | None:
+        got = [b for b in self.user_bans_of(ip) if b.user == user]
+        if not got:
+            return None
+        self.conn.execute('DELETE FROM user_bans WHERE ip = ? AND "user" = ?', (ip, user))
+        b = got[0]
+        self.conn.execute(
+            "INSERT INTO ban_log (time, action, ip, reason, score, expires, offence, manual) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+            (now, action, ip, f"{b.reason} user={user}", b.score, b.expires, int(b.manual)))
+        return b
+
+    def _user_bans(self, where: str, args: tuple, order: str) -> list[Ban]:
+        """User bans matching `where` (a database from before user bans: none)."""
+        if "user_bans" not in self._tables():
+            return []
+        rows = self.conn.execute(f'SELECT ip, "user", reason, score, created, expires, manual FROM user_bans WHERE {where} '
+                                 f'ORDER BY {order}', args)
+        return [_user_ban(r) for r in rows]
+
+    def user_bans_of(self, ip: str) -> list[Ban]:
+        """The user bans stored at one address (in force or not), oldest first."""
+        return self._user_bans("ip = ?", (ip,), 'created, "user"')
+
+    def active_user_bans(self, now: float) -> list[Ban]:
+        """Every user ban in force, oldest first."""
+        return self._user_bans(_ACTIVE, (now,), 'created, ip, "user"')
+
+    def expired_user_bans(self, now: float) -> list[Ban]:
+        """Every user ban whose time is up, oldest first."""
+        return self._user_bans("expires IS NOT NULL AND expires <= ?", (now,), 'created, ip, "user"')
 
     def get_ban(self, ip: str) -> Ban | None:
         row = self.conn.execute(f"SELECT {self._ban_cols} FROM bans WHERE ip = ?", (ip,)).fetchone()
@@ -883,6 +936,14 @@ def _text(value: object) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def _user_ban(row: tuple) -> Ban:
+    ip, user, reason, score, created, expires, manual = row
+    score = _time(score) if score is not None else 0.0
+    return Ban(ip=_text(ip), reason=_text(reason), created=_time(created),  # type: ignore[arg-type]
+               expires=None if expires is None else _time(expires), score=score if math.isfinite(score) else 0.0,
+               user=_text(user), manual=bool(manual))
 
 
 def _ban(row: tuple) -> Ban:

@@ -98,3 +98,88 @@ def test_status_without_daemon(state):
     assert r.exit_code == 0 and "not running" in r.output
     r = sg(state, "status", "--json")
     assert json.loads(r.stdout)["daemon"] == "not running"
+
+
+def test_manual_user_ban_roundtrip(state):
+    """`ban ADDRESS --user USER`: one user at one address (the office policy's narrow ban), listed with its
+    user, never an address ban; `unban --user` lifts it; a network, a control character and an allow-listed
+    address are refused with a clear error and change nothing."""
+    r = sg(state, "ban", "198.18.0.40", "--user", "1001", "--for", "2h", "--reason", "stale phone")
+    assert r.exit_code == 0, r.output
+    assert "1001" in r.output and "198.18.0.40" in r.output
+    got = json.loads(sg(state, "list", "--json").stdout)
+    assert [(b["ip"], b["user"], b["reason"], b["manual"]) for b in got] == [("198.18.0.40", "1001", "stale phone", True)]
+    assert json.loads(sg(state, "list", "--json", "--manual").stdout)[0]["user"] == "1001"
+    why = sg(state, "why", "198.18.0.40")
+    assert why.exit_code == 0 and "1001" in why.output, why.output
+    for bad, msg in ((["198.18.4.0/24", "--user", "1001"], "network"),
+                     (["198.18.0.41", "--user", "10\x1b[2J01"], "not a user"),
+                     (["198.18.9.20", "--user", "1001"], "allow-listed"),
+                     (["198.18.0.42", "--user", ""], "not a user")):
+        r = sg(state, "ban", *bad)
+        said = str(r.exception) + r.output
+        assert r.exit_code != 0 and msg in said, (bad, said)
+        assert "\x1b" not in said
+    assert len(json.loads(sg(state, "list", "--json").stdout)) == 1
+    r = sg(state, "unban", "198.18.0.40", "--user", "1001")
+    assert r.exit_code == 0 and "lifted" in r.output, r.output
+    assert json.loads(sg(state, "list", "--json").stdout) == []
+
+
+def test_manual_user_ban_reaches_the_daemons_mirror(tmp_path):
+    """The daemon mirrors a CLI user ban (control request `ban_user`) into the user-ban holder of its
+    enforcer stack and its scorer, never into the kernel; the unban lifts it there too."""
+    from sipguard.actions import manual_ban_user, manual_unban_user
+    from sipguard.addresses import AllowList
+    from sipguard.bans import BanBook
+    from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.enforce.stack import EnforcerStack
+    from sipguard.store import Store
+
+    class Mirror:
+        holds_users = True
+
+        def __init__(self):
+            self.users: set[tuple[str, str]] = set()
+
+        def ban_users(self, bans, now):
+            self.users |= {(b.ip, b.user) for b in bans}
+
+        def unban_user(self, ip, user):
+            self.users.discard((ip, user))
+
+        def __getattr__(self, name):  # the address side of a mirror: nothing to hold here
+            return lambda *a, **k: None
+
+    class Scorer:
+        def __init__(self):
+            self.users: set[tuple[str, str]] = set()
+
+        def note_ban(self, ip): ...
+
+        def release(self, ip): ...
+
+        def note_user_ban(self, ip, user):
+            self.users.add((ip, user))
+
+        def release_user(self, ip, user):
+            self.users.discard((ip, user))
+
+    store = Store.open_state_dir(tmp_path / "st")
+    kernel = DryRunEnforcer()
+    mirror = Mirror()
+    stack = EnforcerStack(kernel, [mirror])
+    scorer = Scorer()
+    book = BanBook(store, stack, scorer=scorer)
+    last = max((r.id for r in store.requests_after(0)), default=0)
+    manual_ban_user(store, "198.18.0.40", "1001", 600.0, "manual", AllowList([]))
+    for req in store.requests_after(last):
+        book.apply_request(req, req.time)
+        last = req.id
+    assert mirror.users == {("198.18.0.40", "1001")} and scorer.users == {("198.18.0.40", "1001")}
+    assert kernel.entries() == []
+    manual_unban_user(store, "198.18.0.40", "1001")
+    for req in store.requests_after(last):
+        book.apply_request(req, req.time)
+    assert mirror.users == set() and scorer.users == set()
+    store.close()

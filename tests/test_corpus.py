@@ -296,7 +296,7 @@ def test_real_capture(path: Path, filters: FilterSet) -> None:
     if path.name.startswith("rsyslog-"):  # rsyslog's own rate-limit notices (tests/test_storm.py): no event
         assert got == set()
         return
-    if path.name.startswith("fraud-"):
+    if path.name.removeprefix("k60-").startswith("fraud-"):  # k60-: the Kamailio 6.0.1 captures
         assert got == EXPECTED_FRAUD
         got, parser = _real_events(path, filters, trust=False)  # the default
         if path.name == "fraud-stderr.log":  # plain stderr text: not read without trust_plain_stderr
@@ -328,7 +328,8 @@ def test_real_captures_present() -> None:
             "json-cee.log", "json-cee-iso.log"} <= names, names
 
 
-JOURNAL_JSON = sorted(REAL.glob("journal*.json")) if REAL.is_dir() else []
+# journal*.json: Kamailio 5.6.3 into a private journald; k60-*.json: 6.0.1 as Debian 13's kamailio.service
+JOURNAL_JSON = sorted([*REAL.glob("journal*.json"), *REAL.glob("k60-*.json")]) if REAL.is_dir() else []
 
 
 @pytest.mark.parametrize("path", JOURNAL_JSON, ids=[p.name for p in JOURNAL_JSON])
@@ -341,12 +342,79 @@ def test_real_journal_json_capture(path: Path, filters: FilterSet) -> None:
         Line(path.name, b, i) for i, b in enumerate(path.read_bytes().split(b"\n")) if b)
     got = {(e.filter, e.ip) for r in records if (e := filters.match(r, NOW)) is not None}
     assert all(ip != INJECTED for _, ip in got), got
-    assert got == EXPECTED - NOT_CAPTURED.get(path.name, set())
+    fraud = "fraud" in path.name  # FRAUD_SCENARIO (no CR/LF sender in it)
+    assert got == (EXPECTED_FRAUD if fraud else EXPECTED - NOT_CAPTURED.get(path.name, set()))
     assert parser.stats["garbage"] == 0 and parser.stats["json_invalid"] == 0
     # the classic engine's raw CR makes journalctl print MESSAGE as bytes; the JSON engine escapes it
-    assert (parser.stats["binary_message"] >= 1) == ("kjson" not in path.name)
+    assert (parser.stats["binary_message"] >= 1) == ("kjson" not in path.name and not fraud)
 
 
 def test_real_journal_captures_present() -> None:
     names = {p.name for p in JOURNAL_JSON} | {p.name for p in REAL_FILES}
     assert {"journal.json", "journal-kjson.json", "journal-short-iso.log", "journal-kjson-short-iso.log"} <= names
+    assert set(K60) <= names, names
+
+
+# Kamailio 6.0.1 (Debian 13) as the stock kamailio.service, logging to the journal (tests/lab/capture_k60.py,
+# tests/data/real/README.md): name -> (scenario's expected events, Kamailio's JSON log engine)
+K60 = {
+    "k60-journal.json": (EXPECTED, False), "k60-journal-short-iso.log": (EXPECTED, False),
+    "k60-journal-kjson.json": (EXPECTED, True), "k60-journal-kjson-short-iso.log": (EXPECTED, True),
+    "k60-fraud-journal.json": (EXPECTED_FRAUD, False), "k60-fraud-journal-short-iso.log": (EXPECTED_FRAUD, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(K60))
+def test_k60_capture_as_the_daemon_reads_it(name: str, filters: FilterSet) -> None:
+    """Debian 13's identifier (`/usr/sbin/kamailio`, argv[0] under the stock unit: the example config
+    without log_name) in both forms an operator has: the journal export read with the trust the daemon
+    gives its journal source (the unit), and journalctl's short-iso text with the default program check.
+    Every attacker is found by the right filter, the phone as a phone, 198.18.0.99 never."""
+    from sipguard.formats import JournalParser, JournalTrust
+
+    want, kjson = K60[name]
+    path = REAL / name
+    lines = [b for b in path.read_bytes().split(b"\n") if b]
+    if name.endswith(".json"):
+        entries = [__import__("json").loads(b) for b in lines]
+        kam = [e for e in entries if e.get("_SYSTEMD_UNIT") == "kamailio.service"]
+        # Kamailio's own lines carry the path; only the start-up before the config is read says "kamailio"
+        idents = {e["SYSLOG_IDENTIFIER"] for e in kam if e["_TRANSPORT"] == "syslog"}
+        assert idents == {"/usr/sbin/kamailio", "kamailio"}, idents
+        assert sum(e["SYSLOG_IDENTIFIER"] == "/usr/sbin/kamailio" for e in kam) > len(kam) - 10
+        parser = JournalParser(trust=JournalTrust.of(units=["kamailio.service"]))
+        records = list(Pipeline({name: parser}).records(Line(name, b, i) for i, b in enumerate(lines)))
+        assert parser.stats["untrusted"] == len(entries) - len(kam) > 0  # systemd's own lines about the unit
+        # the CR/LF senders' raw CR: MESSAGE as a byte array (classic engine only; none in the fraud scenario)
+        assert (parser.stats["binary_message"] >= 1) == (not kjson and want is not EXPECTED_FRAUD)
+    else:
+        assert sum(b" /usr/sbin/kamailio[" in b for b in lines) > len(lines) // 2
+        parser = RecordParser(now=lambda: NOW, on_stderr=lambda _s: None)
+        records = list(Pipeline(parser).records(Line(name, b, i) for i, b in enumerate(lines)))
+        assert parser.stats.by_format.get("iso", 0) > len(lines) // 2, parser.stats
+        assert parser.has_json(name) == kjson
+    events = [e for r in records if (e := filters.match(r, NOW)) is not None]
+    got = {(e.filter, e.ip) for e in events}
+    assert all(ip != INJECTED for _, ip in got), got
+    assert got == want
+    if kjson:  # read as the JSON engine's records, not as text that happens to match
+        assert sum('"msg"' in r.text or r.text.startswith("@cee") for r in records) == 0
+        assert b"@cee: {" in path.read_bytes()
+
+
+def test_k60_fraud_capture_bans_like_the_5_6_one() -> None:
+    """The default policy plus test_distinct's fraud jail on Kamailio 6.0.1's fraud capture (`sipguard
+    scan` of the journalctl short-iso text): the prober (.40) and the secfilter senders are banned, exactly as in
+    5.6.3's fraud-traditional.log; the phone (.48) and the callers refused once or twice are not."""
+    from sipguard.config import Config
+    from sipguard.scan import scan_files
+    from test_distinct import FRAUD
+
+    cfg = Config.model_validate({"allowlist": {"include_host_addresses": False},
+                                 "policy": {"jails": {"fraud": FRAUD}}})
+    bans = {}
+    for name in ("fraud-traditional.log", "k60-fraud-journal-short-iso.log"):
+        bans[name] = {(b.ip, b.reason) for b in scan_files([str(REAL / name)], cfg).bans}
+    assert bans["k60-fraud-journal-short-iso.log"] == bans["fraud-traditional.log"]
+    assert {ip for ip, _ in bans["fraud-traditional.log"]} == {
+        "198.18.0.40", "198.18.0.44", "198.18.0.45", "198.18.0.46", "198.18.0.47"}

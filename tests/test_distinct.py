@@ -86,7 +86,7 @@ def test_captures_travel_with_the_event(shipped: FilterSet) -> None:
     f = {x.name: x for x in shipped.filters}
     assert f["call-attempt"].captures == ("dest",) and f["call-refused"].captures == ("dest",)
     assert f["acl-refused"].captures == ("dest",) and f["secfilter"].captures == ()
-    assert f["auth-failure"].captures == ()
+    assert f["auth-failure"].captures == ("user",) and f["register-success"].captures == ("user",)  # the office policy
     e = shipped.match(Record("NOTICE: <script>: call attempt to +442079460000 from 198.18.0.40:5060"), 0.0)
     assert e._replace(text="") == Event(0.0, "198.18.0.40", "call-attempt", EventKind.DIAL, 1.0,
                                        captures=(("dest", "+442079460000"),))
@@ -96,7 +96,7 @@ def test_captures_travel_with_the_event(shipped: FilterSet) -> None:
     e = shipped.match(Record("WARNING: <script>: secfilter blocked INVITE (SQL injection) from 198.18.0.47:5060"), 0.0)
     assert (e.filter, e.kind, e.captures) == ("secfilter", EventKind.SCANNER, ())
     e = shipped.match(Record("NOTICE: <script>: auth failed for user 1000 from 198.18.0.5:5060 method REGISTER"), 0.0)
-    assert e.captures == ()
+    assert e.captures == (("user", "1000"),)  # the office policy's key (it was () before the office policy)
 
 
 def test_a_long_value_is_cut(shipped: FilterSet) -> None:

@@ -18,7 +18,17 @@ journal (no rsyslog). Then, in that container:
    dropped; the phone's requests are all answered and it is never banned; the address injected into
    attacker-controlled text is never banned;
 3. `systemctl restart`: bans back and enforced; `systemctl stop`: kernel bans stay, a short one expires
-   on time; `kill -9` of the main process: systemd restarts it, no ban lost, detection goes on;
+   on time; with the sets and hook removed while stopped, `systemctl start` (Type=notify: the daemon's
+   READY=1) returns with the bans already back in the kernel; `kill -9` of the main process: systemd
+   restarts it, no ban lost, detection goes on;
+   then what an operator turns on in /etc/sipguard/sipguard.toml (README, step 4), under the packaged
+   unit plus only its packaged htable drop-in (SupplementaryGroups=kamailio): the htable mirror against
+   the real kamailio.service (user kamailio): the bans in force in Kamailio's ipban table after the
+   restart, a `sipguard ban` there and a `sipguard unban` gone within 2 s each (kamcmd through
+   Kamailio's ctl socket), no htable error counted or logged (a call that waited its timeout is one),
+   no reply path left; `[metrics] listen`: /metrics from the unit on 127.0.0.1; `[cluster]` with a
+   secret_file and Debian's redis-server in the container: `status` in sync, the manual ban on the
+   fleet stream, signed; then all of it turned off again;
 4. `sipguard firewall apply --force` with sipguard-firewall.service enabled, then a reboot (power off,
    the namespace's netfilter wiped as a new kernel has it, boot): when kamailio.service starts (a
    drop-in records the kernel's state from ExecStartPre) the baseline rules and the bans are in place;

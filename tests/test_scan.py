@@ -117,7 +117,9 @@ def test_real_captures_scan_to_the_expected_bans():
     trusting = Config.model_validate({"allowlist": {"include_host_addresses": False},
                                       "sources": {"trust_plain_stderr": True}})
     for name in ("traditional.log", "iso.log", "rfc5424.log", "stderr.log", "json.log", "json-c.log",
-                 "json-iso.log", "json-cee.log", "json-cee-iso.log"):
+                 "json-iso.log", "json-cee.log", "json-cee-iso.log",
+                 # Kamailio 6.0.1 as Debian 13's kamailio.service (/usr/sbin/kamailio), journalctl -o short-iso
+                 "k60-journal-short-iso.log", "k60-journal-kjson-short-iso.log"):
         # plain stderr (and stderr JSON with raw fields) is read only with trust_plain_stderr (issue 12)
         c = trusting if name in ("stderr.log", "json-c.log") else cfg()
         r = scan_files([str(REAL / name)], c, allow=allow)

@@ -6,6 +6,7 @@ every confirmation line prints the ban's values literally (escaped, never as mar
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -117,6 +118,13 @@ def list_(
         print(json.dumps({"count": n}) if fmt == "json" else n)
         return
     bans = store.iter_active_bans(now, **narrow)
+    users: list[Ban] = []
+    # then the user bans (the office policy: one user at one address, in Kamailio only)
+    users = [b for b in store.active_user_bans(now) if (narrow["since"] is None or b.created >= narrow["since"])
+             and (manual is None or b.manual is manual)
+             and (reason is None or b.reason == reason or b.reason.split(":", 1)[0] == reason)
+             and (keep is None or keep(b))]
+    bans = itertools.chain(bans, users)
     if keep is not None:
         bans = (b for b in bans if keep(b))
     held: dict[str, float | None] = {}
@@ -132,15 +140,18 @@ def list_(
             held = {ip: t for ip, t in held.items() if keep(Ban(ip, "", now, None))}
     n_kernel = len(held)
     if fmt == "json":
-        cols = [Column(k) for k in ("ip", "reason", "created", "expires", "manual", "score", "offence", "refused")] \
+        cols = [Column(k) for k in ("ip", "user", "reason", "created", "expires", "manual", "score", "offence",
+                                    "refused")] \
             + ([Column("kernel"), Column("kernel_only")] if kernel else [])
         with open_rows(cols, fmt) as rows:
             for b in bans:
                 extra = [{"timeout": held.pop(b.ip)} if b.ip in held else None, False] if kernel else []
-                rows.row([b.ip, b.reason, _iso(b.created), _iso(b.expires), b.manual, _json_number(b.score),
+                if b.user is not None:
+                    extra = [None, False] if kernel else []
+                rows.row([b.ip, b.user, b.reason, _iso(b.created), _iso(b.expires), b.manual, _json_number(b.score),
                           _json_number(b.offence), b.refused, *extra])
             for ip in sorted(held):
-                rows.row([ip, None, None, None, None, None, None, None, {"timeout": held[ip]}, True])
+                rows.row([ip, None, None, None, None, None, None, None, None, {"timeout": held[ip]}, True])
         return
 
     summary = store.active_bans_summary(now)
@@ -149,7 +160,7 @@ def list_(
             Column("reason", width=max(summary.reason_width, len("(kernel only)"))),
             Column("created", width=20, whole=True), Column("expires", width=20, whole=True),
             Column("left", width=12, whole=True), Column("offence", width=summary.offence_width, right=True),
-            Column("by", width=6)] \
+            Column("by", width=6)] + ([Column("user")] if users else []) \
         + ([Column("kernel", width=12, whole=True)] if kernel else []) \
         + ([Column("refused", "refused by the enforcer")] if refused else [])
     if fmt == "table":
@@ -165,11 +176,13 @@ def list_(
     with open_rows(cols, fmt) as rows:
         for b in bans:
             rows.row([b.ip, "" if b.reason is None else b.reason, _iso(b.created), _iso(b.expires) or "never",
-                      _left(b, now), str(b.offence), "manual" if b.manual else "auto",
-                      *([k(b.ip)] if kernel else []), *([b.refused or ""] if refused else [])])
+                      _left(b, now), str(b.offence), "manual" if b.manual else "auto", *([b.user or ""] if users else []),
+                      *([("(htable)" if b.user is not None else k(b.ip))] if kernel else []),
+                      *([b.refused or ""] if refused else [])])
         for ip in sorted(held):
             t = held[ip]
-            rows.row([ip, "(kernel only)", "", "", "", "", "", "permanent" if t is None else format_duration(t),
+            rows.row([ip, "(kernel only)", "", "", "", "", "", *([""] if users else []),
+                      "permanent" if t is None else format_duration(t),
                       *([""] if refused else [])])
 
 
@@ -212,16 +225,30 @@ def ban(
     reason: Annotated[str, typer.Option("--reason", help="why (shown in list)")] = "manual",
     force: Annotated[bool, typer.Option("--force", help="ban even an allow-listed address")] = False,
     from_file: Annotated[Optional[Path], typer.Option("--from-file", help="one address/CIDR per line, # comments")] = None,
+    user: Annotated[Optional[str], typer.Option(
+        "--user", help="ban only this user at the address (the office policy: Kamailio answers that user 403 "
+                       "through the htable mirror; the address and its other users are not touched)")] = None,
 ) -> None:
-    """Ban an address or network by hand (or every one in a file, in one batch)."""
+    """Ban an address or network by hand (or every one in a file, in one batch), or one user at one
+    address (--user)."""
     from ..addresses import parse_target
 
     if bool(target) == bool(from_file):
         raise SipguardError("give either an address or --from-file FILE")
+    if user is not None and from_file is not None:
+        raise SipguardError("--user needs an address, not --from-file")
     dur = _duration_option(for_)
     if dur == "policy":
-        dur = ctx.cfg.policy.bantime
+        dur = ctx.cfg.policy.office.user_bantime if user is not None else ctx.cfg.policy.bantime
     allow = ctx.allow()
+    if user is not None:
+        from ..actions import manual_ban_user
+
+        ub = manual_ban_user(ctx.store(), target or "", user, dur, reason, allow, force=force)  # type: ignore[arg-type]
+        out.print(f"banned user {ub.user} at {ub.ip} for {format_duration(ub.remaining(time.time()))} ({ub.reason}); "
+                  "Kamailio enforces it through the htable mirror" + ("" if ctx.cfg.htable.enabled else
+                                                                       " ([htable] enabled = false: stored and listed only)"))
+        return
     if from_file is not None:
         targets = _read_targets(from_file, allow, force)  # all validated before anything changes
         store = ctx.store()
@@ -259,11 +286,22 @@ def ban(
 def unban(
     target: Annotated[Optional[str], typer.Argument(help="IP address or CIDR")] = None,
     all_: Annotated[bool, typer.Option("--all", help="lift every ban")] = False,
+    user: Annotated[Optional[str], typer.Option(
+        "--user", help="lift the user ban of this user at the address (the office policy), not an address ban")] = None,
 ) -> None:
     """Lift a ban (or all of them)."""
     if all_ == bool(target):
         raise SipguardError("give either an address or --all")
     store = ctx.store()
+    if user is not None:
+        if all_:
+            raise SipguardError("--user needs an address, not --all")
+        from ..actions import manual_unban_user
+
+        ub = manual_unban_user(store, target or "", user)  # out.print escapes what it prints
+        out.print(f"user {user} at {target} had no user ban" if ub is None else
+                  f"lifted the user ban of {user} at {ub.ip}")
+        return
     enforcer = _kernel_enforcer()
     try:
         if all_:

@@ -17,7 +17,7 @@ class Verb(NamedTuple):
     module: str
     """the module of sipguard.cli whose import registers the verb on `app`"""
     help: str
-    """the first paragraph of the verb's help, as `sipguard --help` lists it"""
+    """the first paragraph of the verb's help, line breaks included, as `sipguard --help` lists it"""
     group: Optional[str] = None
     """for a group of verbs (`firewall ...`): the name of the module's typer.Typer holding them"""
 
@@ -30,7 +30,8 @@ VERBS: dict[str, Verb] = {
     "test-filter": Verb("logs", "Like fail2ban-regex: per filter, lines matched and missed, samples, ignored lines, "
                                 "time."),
     "list": Verb("bans", "Bans in force (with --kernel: beside the kernel's own entries and their timeouts)."),
-    "ban": Verb("bans", "Ban an address or network by hand (or every one in a file, in one batch)."),
+    "ban": Verb("bans", "Ban an address or network by hand (or every one in a file, in one batch), or one user "
+                        "at one\naddress (--user)."),
     "unban": Verb("bans", "Lift a ban (or all of them)."),
     "import": Verb("ops", "Ban a blocklist's entries (reason blocklist:NAME); entries gone from the list are "
                           "unbanned."),

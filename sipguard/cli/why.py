@@ -127,7 +127,8 @@ class WhyKernel(_Model):
 
 class WhyPast(_Model):
     time: Optional[str] = Field(description="when")
-    action: str = Field(description="ban, unban, expire or delist")
+    action: str = Field(description="ban, unban, expire or delist; userban, userunban or userexpire for a user "
+                                    "ban (the office policy; its reason then ends with user=USER)")
     reason: Optional[str] = Field(description="the ban's reason")
     score: float = Field(description="its score")
     offence: int = Field(description="its offence number")
@@ -147,6 +148,16 @@ class WhyJail(_Model):
     events: list[WhyEvent] = Field(description="the stored events of its kinds in the window ending now")
 
 
+class WhyUserBan(_Model):
+    user: str = Field(description="the user (attacker text: the From user as Kamailio printed it, at most 64 "
+                                  "characters)")
+    reason: Optional[str] = Field(description="office_user:FILTER")
+    created: Optional[str] = Field(description="since when (ISO 8601 UTC)")
+    expires: Optional[str] = Field(description="until when (null: permanent)")
+    score: float = Field(description="that user's failures counted there")
+    evidence: list[WhyEvidence] = Field(description="the records that decided it, oldest first")
+
+
 class WhyReport(_Model):
     ip: str = Field(description="the address or CIDR asked about, canonical")
     now: Optional[str] = Field(description="when this answer was made")
@@ -162,6 +173,8 @@ class WhyReport(_Model):
     next_duration: Optional[float] = Field(description="the ban time a new automatic ban would get (the next "
                                                        "offence, or the jail's own bantime), seconds (null: "
                                                        "permanent)")
+    user_bans: list[WhyUserBan] = Field(description="user bans in force at the address (the office policy: one "
+                                                    "user refused by Kamailio's userban htable, never the kernel)")
 
 
 # -- building it -------------------------------------------------------------------------------------
@@ -303,7 +316,11 @@ def explain(store: Store, cfg: Config, allow: AllowList, ip: str, now: float,
     else:
         next_duration = policy.ban_duration(offences + 1)
     backend = cfg.enforce.backend
+    user_bans = [WhyUserBan(user=b.user or "", reason=b.reason, created=_iso(b.created), expires=_iso(b.expires),
+                            score=_finite(b.score), evidence=_evidence(store.evidence_of(b.key).get(b.created, [])))
+                 for b in store.user_bans_of(ip) if b.expires is None or b.expires > now]
     return WhyReport(ip=ip, now=_iso(now), banned=ban is not None, ban=why_ban, covered_by=covering,
+                     user_bans=user_bans,
                      kernel=_kernel(enforcer, backend, ip, covering, kernel_error), allowlisted=allowed,
                      allowlist=[] if "/" in ip else networks_holding(ip, [str(n) for n in allow.networks]),
                      history=past, jails=why_jails, would_ban=would,
@@ -399,6 +416,11 @@ def render(r: WhyReport, write: Callable[[str], object]) -> None:
             line(f"  ban time: offence {e.offence}, {earlier}: {clean(e.formula)}")
     else:
         line(f"{r.ip}: not banned (store: no; {kernel})")
+    for u in r.user_bans:
+        line(f"  user ban: user {clean(u.user)} at this address only ({clean(u.reason)}, Kamailio's htable, "
+             f"not the kernel), since {u.created}, until {u.expires or 'never'}")
+        for ev in u.evidence:
+            line(f"    {ev.time}  {clean(ev.filter)}  {clean(ev.text)}" + ("  [cut]" if ev.cut else ""))
     for c in r.covered_by:
         held = k.covering.get(c)
         line(f"  covered by the CIDR ban {c}" + ("" if held is None else f" (kernel: {'holds it' if held else 'NOT held'})"))

@@ -7,7 +7,8 @@
   Redis is away);
 * a ban listener (`on_bans` / `on_unbans`, called by the ban book inside the transaction that stores
   a change): this node's own bans and unbans go to the store's outbox (so a restart loses nothing)
-  and the fleet ban ids it holds are kept;
+  and the fleet ban ids it holds are kept; `on_user_bans` / `on_user_unbans` do the same for user
+  bans (the office policy), published as `userban` / `userunban`;
 * a hook (`tick`): it hands what the stream reader delivered (other nodes' bans and unbans,
   snapshots) to the ban book, publishes the outbox, keeps a heartbeat and garbage-collects the
   shared hashes.
@@ -19,7 +20,9 @@ on verified events, or the local Policy, does).
 
 What it writes to Redis is signed (`signing.py`), what it reads is verified and bounds-checked
 (`wire.py`) and passed through this node's guard rails (`guard.py`) before the ban book sees it;
-everything refused is counted in `ClusterStats` and logged rate-limited.
+everything refused is counted in `ClusterStats` and logged rate-limited. A user ban from the fleet
+(`_apply_user_entry`, and `_apply_user_snapshot` with each snapshot) passes the same guard rails for
+its address and goes to the ban book, which puts it in Kamailio's htable, never in the kernel.
 The design (scoring, sharing, signatures, failure, the Redis layout) is in README.md next to this file.
 """
 
@@ -37,16 +40,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from ..bans import BLOCKLIST, EXPIRY, FLEET, FLEET_SCORE, POLICY, BanBook, ban_from_decision
+from ..bans import BLOCKLIST, EXPIRY, FLEET, FLEET_SCORE, POLICY, RESTORE, BanBook, ban_from_decision
+from ..config import OFFICE_JAILS
 from ..model import Ban
 from .connection import connect, describe_error, redacted, redis_errors, sentinel_servers, server_hosts
 from .guard import FleetGuard, Throttle, resolve
 from .reader import StreamReader
 from .scoring import ClusterPolicy
 from .scripts import HDEL_IF_LUA, PUBLISH_LUA, SCORE_LUA
-from .signing import Signer, offence_parts, unban_parts
+from .signing import Signer, offence_parts, unban_parts, user_unban_parts
 from .status import STATUS_META
-from .wire import Unverified, ban_payload, canonical_ip, parse_ban, parse_unban, plain_text, tombstone_at
+from .wire import (Unverified, ban_payload, canonical_ip, checked_user, parse_ban, parse_unban, parse_user_ban,
+                   parse_user_unban, plain_text, tombstone_at, user_ban_payload, user_tombstone_at)
 
 if TYPE_CHECKING:
     from ..addresses import AllowList
@@ -65,7 +70,9 @@ FLUSH_ROUNDS = 4  # outbox pipelines published per loop turn
 SCORE_CHUNK = 2000  # events per score script call
 REFUSALS = {"too_wide": "a network wider than [cluster] max_prefix_v4 / max_prefix_v6",
             "allowlisted": "in (or overlapping) this node's allow-list",
-            "own_address": "it covers this node's own address", "redis_server": "it covers this node's Redis server"}
+            "own_address": "it covers this node's own address", "redis_server": "it covers this node's Redis server",
+            "network": "a user ban of a network (a user ban is of one address)"}
+USER_OPS = ("userban", "userunban")  # the office policy's user bans on the stream and in the outbox
 APPLY_BATCH = 2000
 """Fleet entries (stream entries, snapshot bans) applied per loop turn: one store transaction, their
 bans in one kernel batch (split only where an unban comes between), then the daemon reads its logs again."""
@@ -80,6 +87,8 @@ class ClusterStats:
     stale: int = 0  # outbox entries Redis refused as older than what it holds
     applied_bans: int = 0  # bans from other nodes applied here
     applied_unbans: int = 0
+    applied_user_bans: int = 0  # user bans (the office policy) from other nodes applied here (Kamailio's htable)
+    applied_user_unbans: int = 0
     duplicates: int = 0  # entries this node already held (idempotent skip)
     superseded: int = 0  # entries older than what this node holds
     malformed: int = 0  # stream entries or shared bans that could not be parsed or are out of bounds (skipped)
@@ -153,12 +162,13 @@ class ClusterBridge:
         self._last_heartbeat = -math.inf  # monotonic: a step of the wall clock never stops the heartbeat
         self._last_gc = time.monotonic()
         self._errors = redis_errors()
-        self._jail_csv = ",".join(j for j in policy_cfg.jails)
+        self._jail_csv = ",".join([*policy_cfg.jails, *((OFFICE_JAILS) if policy_cfg.office.enabled else ())])
         self.policy = ClusterPolicy(local, cfg, lambda: self.scoring, self.signer)
         # fleet ids of the bans handed to the ban book and not yet stored: ip -> (id, origin, created)
         self._ids: dict[str, tuple[str, str, float]] = {}
         self._flush_at = 0.0  # monotonic: publish again after a WAIT found too few replicas
         self._unreplicated: dict[str, str] = {}
+        self._user_snapshot_due = False  # a snapshot was applied: its user bans are read next (`tick`)
         self._tombstones: dict[str, str] = {}  # the unbans hash as read with the latest snapshot  # claimed bans no replica acknowledged: ip -> id (re-published)
 
     def outbox_size(self) -> int:
@@ -254,6 +264,10 @@ class ClusterBridge:
             candidates = [c for r in results for c in r[0]]
             held = [x for r in results for x in r[3]]
             verdicts, forged = pol.verdicts(candidates, at)
+            office_forged, office_local = pol.office_checks(results, at)  # (the office policy, verified)
+            for key, members in office_forged.items():
+                forged.setdefault(key, []).extend(members)
+            verdicts = pol.office_verdicts(verdicts, office_local)
             claims: list = []
             if verdicts or forged:
                 with self.client.pipeline(transaction=False) as pipe:
@@ -271,7 +285,8 @@ class ClusterBridge:
                         if won == 1:  # re-published from the outbox until a replica has it
                             self._unreplicated[v.ban.ip] = v.ban_id
             lost = [v for v, won in zip(verdicts, claims) if won != 1]
-            in_force = self._verified_in_force([v.ban.ip for v in lost], now) if lost else set()
+            in_force = self._verified_in_force([v.ban.ip for v in lost if v.ban.user is None], now) if lost else set()
+            users_in_force = self._users_in_force([v for v in lost if v.ban.user is not None], now)
         except self._errors as exc:
             self._down(exc)
             local = [ban_from_decision(d, now) for d in pol.decide_locally(events)]  # counted once
@@ -284,6 +299,14 @@ class ClusterBridge:
                                "score decision (forged: they decide nothing)", n_forged)
         bans, mine = [], []
         for v, won in zip(verdicts, claims):
+            if v.ban.user is not None:  # a user ban (the office policy): claimed in the user-ban hash
+                if won == 1:
+                    bans.append(v.ban)
+                elif (v.ban.ip, v.ban.user) not in users_in_force | pol.local.user_banned:
+                    mine.append(v.ban)  # a forged user ban refused the claim: ban here, publish
+                else:
+                    self.stats.claims_lost += 1
+                continue
             if won == 1:
                 bans.append(v.ban)
                 self._ids[v.ban.ip] = (v.ban_id, self.node, v.ban.created)
@@ -296,13 +319,36 @@ class ClusterBridge:
         skipped = {ip for ip, payload in zip(held[0::2], held[1::2]) if not self._verifies_in_force(payload, now)}
         skipped -= self.policy.banned
         skipped_events = [ev for ev in events if ev.ip in skipped]
+        if office_local:  # an office made by successes that do not verify, a user ban that does not: decided here
+            self.throttle.warn("unverified_office", "cluster: %d office failures rested on successes or user bans "
+                               "without a valid signature; scored on this node", len(office_local))
+            here = {id(ev) for ev in pol.decided_here(events, office_local)}
+            skipped_events = [ev for ev in events if ev.ip in skipped or id(ev) in here]
         if skipped:
             self.throttle.warn("unverified", "cluster: %d sources stood as banned in the shared set without a "
                                "valid signature; scored on this node", len(skipped))
-        pol.scored([ev for ev in events if ev.ip not in skipped], [b.ip for b in bans + mine])
+        decided_here = {id(ev) for ev in skipped_events}
+        pol.scored([ev for ev in events if id(ev) not in decided_here], [b.ip for b in bans + mine if b.user is None])
+        mine += pol.unsendable()  # user bans whose user the stream refuses: this node's alone
         local = [ban_from_decision(d, now) for d in pol.decide_locally(skipped_events)] if skipped_events else []
         self.stats.cluster_bans += len(bans)
         return [(FLEET_SCORE, bans), (POLICY, mine + local)]
+
+    def _users_in_force(self, lost: list, now: float) -> set[tuple[str, str]]:
+        """Of the user-ban verdicts whose claims were refused, the (ip, user) the shared user-ban hash holds a
+        verified user ban in force on (Redis errors propagate)."""
+        if not lost:
+            return set()
+        values = self.client.hmget(self.prefix + "ubans", [f"{v.ban.ip}|{v.user_hash}" for v in lost])
+        out = set()
+        for v, value in zip(lost, values):
+            try:
+                ban = parse_user_ban(value, self.signer, now)[0] if value is not None else None
+            except (ValueError, TypeError):
+                continue
+            if ban is not None and ban.user == v.ban.user and (ban.expires is None or ban.expires > now):
+                out.add((v.ban.ip, v.ban.user))
+        return out
 
     def _verifies_in_force(self, payload: str, now: float) -> bool:
         try:
@@ -357,6 +403,146 @@ class ClusterBridge:
         for ip in ips:
             self.publish_unban(ip, at)
 
+    # -- user bans (the office policy) on the stream -------------------------------------------
+    def on_user_bans(self, bans: list[Ban], cause: str, now: float) -> None:
+        """The ban book's user bans (inside its transaction): this node's own (its policy with Redis away,
+        adopted, ...) go to the outbox as `userban`; the fleet's and the claimed ones are there already."""
+        if cause in (FLEET, FLEET_SCORE, BLOCKLIST, RESTORE):
+            return
+        for ban in bans:
+            try:
+                payload = user_ban_payload(ban, self._new_id(), self.node, self.signer)
+            except ValueError:  # a control character or too long: never on the stream
+                self.throttle.warn("user_unsendable", "cluster: a user ban at %s was not published: its user "
+                                   "has a control character or is too long (banned on this node only)", ban.ip)
+                continue
+            self.store.outbox_add("userban", ban.ip, json.loads(payload)["id"], payload)
+
+    def on_user_unbans(self, pairs: list[tuple[str, str]], cause: str, now: float) -> None:
+        """A user ban lifted here (`unban --user`): published as `userunban` (expiries happen everywhere)."""
+        if cause in (FLEET, EXPIRY, BLOCKLIST, RESTORE):
+            return
+        for ip, user in pairs:
+            try:
+                checked_user(user)
+            except ValueError:
+                continue
+            self.store.outbox_add("userunban", ip, self._new_id(), json.dumps({"at": repr(float(now)), "user": user}))
+
+    def _user_publish_args(self, op: str, ip: str, ban_id: str, payload: str) -> list | None:
+        """PUBLISH_LUA's ARGV for a user ban or unban from the outbox (None: malformed, dropped)."""
+        try:
+            if op == "userban":
+                d = json.loads(payload)
+                user, arg, sig = d["user"], payload, ""
+            else:
+                d = json.loads(payload)
+                user, arg = d["user"], d["at"]
+                sig = self.signer.tag("userunban", *user_unban_parts(ip, user, ban_id, self.node, arg))
+            h = self.policy.user_hash(checked_user(user))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return [self.prefix, self.cfg.stream_maxlen, op, ip, ban_id, self.node, arg, self.policy_cfg.offence_memory,
+                UNBAN_MEMORY, "", sig, "", "", "0", repr(time.time()), h, user]
+
+    def _apply_user_entry(self, book: BanBook, fields: dict, now: float) -> None:
+        """A user ban or unban from the stream (another node's): verified and bounded (`wire.py`), the
+        address part through the guard rails, then the ban book (Kamailio's htable, never the kernel)."""
+        if fields.get("op") == "userban":
+            ban, _ban_id, origin = parse_user_ban(fields["ban"], self.signer, now)
+            ip = fields.get("ip")
+            if ip != ban.ip and ban.ip != canonical_ip(ip):
+                raise ValueError("ip mismatch")
+            if origin == self.node or (ban.expires is not None and ban.expires <= now):
+                return  # (this node's own: applied when it was claimed or made)
+            refusal = self.guard.refusal(ban.ip) or ("network" if "/" in ban.ip else None)
+            if refusal is not None:  # a user ban is of one address: a network is refused too
+                self._refused(refusal, ban.ip, origin)
+                return
+            held = [b for b in self.store.user_bans_of(ban.ip) if b.user == ban.user]
+            if held and held[0].created >= ban.created and (held[0].expires is None or held[0].expires > now):
+                self.stats.duplicates += 1
+                return
+            self._flush_batch(book, now)  # in order with this chunk's address bans
+            book.ban([ban], now, FLEET)
+            self.stats.applied_user_bans += 1
+            log.info("cluster: %s banned user %r at %s", origin, ban.user, ban.ip)
+            return
+        ip, user, _ban_id, origin, at = parse_user_unban(fields, self.signer, now)
+        if origin == self.node:
+            return
+        held = [b for b in self.store.user_bans_of(ip) if b.user == user]
+        if not held or held[0].created > at:
+            return
+        self._flush_batch(book, now)
+        book.unban_user(ip, user, now, cause=FLEET)
+        self.stats.applied_user_unbans += 1
+        log.info("cluster: lifted the user ban of %r at %s", user, ip)
+
+    def _apply_user_snapshot(self, book: BanBook) -> None:
+        """After each snapshot (`tick`, once its chunk is stored): the shared user bans (the office policy)
+        this node lacks, so a late joiner or a restarted node holds them too; each verified, bounded and
+        through the guard rails like a stream entry; and the user bans this node holds that were lifted
+        while it was away (not shared any more, and a verified tombstone in the user unbans hash newer
+        than the ban), lifted here too. One transaction of its own. (Read on the main connection, beside
+        the reader's snapshot of the address bans.)"""
+        self._user_snapshot_due = False
+        now = time.time()
+        held = self.store.active_user_bans(now)
+        try:
+            shared = list(self.client.hscan_iter(self.prefix + "ubans", count=1000))
+            tombs = dict(self.client.hscan_iter(self.prefix + "uunbans", count=1000)) if held else {}
+        except self._errors as exc:
+            self._down(exc)
+            return
+        if not shared and not held:
+            return
+        fields = {f for f, _ in shared}
+        lifted = []
+        for b in held:
+            field = f"{b.ip}|{self.policy.user_hash(b.user or '')}"
+            if field in fields or field not in tombs:
+                continue
+            at = user_tombstone_at(tombs[field], b.ip, b.user or "", self.signer, now)
+            if at is not None and at >= b.created:
+                lifted.append(b)
+        try:
+            with self.store.transaction():
+                for field, payload in shared:
+                    try:
+                        ban = parse_user_ban(payload, self.signer, now)[0]
+                        self._apply_user_entry(book, {"op": "userban", "ip": ban.ip, "ban": payload}, now)
+                    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                        self._skipped(exc, f"shared user ban {plain_text(field, 120)}")
+                for b in lifted:
+                    book.unban_user(b.ip, b.user or "", now, cause=FLEET)
+                    log.info("cluster: the user ban of %r at %s was lifted while this node was away", b.user, b.ip)
+                self.stats.dropped_by_snapshot += len(lifted)
+                book.write(now)
+        except BaseException:
+            book.failed()
+            raise
+        book.written()
+
+    def _gc_users(self, now: float) -> None:
+        """Expired, malformed or forged user bans and old user unbans leave the shared user-ban hashes."""
+        P = self.prefix
+        for field, payload in self.client.hscan_iter(P + "ubans", count=1000):
+            try:
+                ban = parse_user_ban(payload, self.signer, now)[0]
+                gone = ban.expires is not None and ban.expires <= now
+            except (ValueError, TypeError):
+                gone = True
+            if gone:
+                self._hdel_if(keys=[P + "ubans"], args=[field, payload])
+        for field, at in self.client.hscan_iter(P + "uunbans", count=1000):
+            try:
+                old = float(at.split("|", 1)[0]) < now - UNBAN_MEMORY
+            except ValueError:
+                old = True
+            if old:
+                self._hdel_if(keys=[P + "uunbans"], args=[field, at])
+
     # -- housekeeping -----------------------------------------------------------------------
     def on_batch(self, report: object) -> None:
         pass  # an automatic ban is published by `on_bans`, in the transaction that stores it
@@ -366,6 +552,8 @@ class ClusterBridge:
         if book.pending == 0:
             self._ids.clear()  # every handed-over ban is stored with its id
         self._drain(book)
+        if self._user_snapshot_due and self.redis_ok:
+            self._apply_user_snapshot(book)
         if not self.redis_ok and time.monotonic() >= self._retry_at and self.reader.connected:
             try:
                 self.client.ping()
@@ -393,6 +581,11 @@ class ClusterBridge:
             try:
                 with self.client.pipeline(transaction=False) as pipe:
                     for e in entries:
+                        if e.op in USER_OPS:  # (a user ban or unban: its own arguments; malformed: dropped)
+                            args = self._user_publish_args(e.op, e.ip, e.id, e.payload)
+                            if args is not None:
+                                self._publish(args=args, client=pipe)
+                            continue
                         sig, member, at = self._signatures(e.op, e.ip, e.id, e.payload)
                         self._publish(args=[self.prefix, self.cfg.stream_maxlen, e.op, e.ip, e.id, self.node,
                                             e.payload, pcfg.offence_memory, UNBAN_MEMORY, self._jail_csv, sig,
@@ -597,6 +790,7 @@ class ClusterBridge:
                     self._cur[ip] = None
                 self.stats.dropped_by_snapshot += len(drop)
         self.store.set_meta(EPOCH_META, epoch or "")
+        self._user_snapshot_due = True  # (read after this chunk's transaction: `_apply_user_snapshot`)
         self.synced = True
         if not self.redis_ok:
             try:
@@ -614,6 +808,8 @@ class ClusterBridge:
                 if ip != ban.ip and ban.ip != canonical_ip(ip):  # (the same text: canonical already)
                     raise ValueError("ip mismatch")
                 self._apply_ban(book, ban, ban_id, origin, now)
+            elif op in USER_OPS:
+                self._apply_user_entry(book, fields, now)
             elif op in ("unban", "unban_all"):
                 op, ip, _, _, at = parse_unban(fields, self.signer, now)
                 if op == "unban":
@@ -770,6 +966,7 @@ class ClusterBridge:
                     old = True
                 if old:
                     self._hdel_if(keys=[P + "unbans"], args=[ip, at])
+            self._gc_users(now)
         except self._errors as exc:
             self._down(exc)
         self.store.gc_held()

@@ -10,6 +10,9 @@ bridge hands a fleet ban to the ban book, `FleetGuard.refusal` says why this nod
   own_addresses`) or one of its Redis / Sentinel servers' addresses (resolved at start and whenever
   the bridge learns a new master): a node that bans its Redis can never hear the unban.
 
+The same rails apply to the address of a user ban from the fleet (the office policy: one user at one
+address, enforced by Kamailio, never the kernel); the bridge refuses a user ban of a network besides.
+
 Refusals are counted by reason and logged rate-limited (`Throttle`). A refusal is a few integer
 operations and set lookups (`sipguard.addresses.network_key` / `NetworkSet`, no `ipaddress` object per
 ban): a 100,000-ban burst passes the guard in a fraction of a second. Pure apart from resolving the

@@ -24,6 +24,19 @@ Evidence: a ban the cluster score decided carries this node's own records among 
 those of the batch being scored by their uid (`score_args` remembers what it sent, `take` forgets it),
 those of earlier batches by time from the local Policy's evidence (`evidence_for`: the events `scored`
 restored, with their text). Other nodes' records stay on those nodes (never published).
+
+The office policy ([policy.office]) is scored in Redis too, with the same semantics as the local Policy
+(pinned by the shared policy cases): a success for (address, user) is shared as a member of the address's
+successes, the user as a keyed hash (`Signer.keyed_hash`, never its text), signed like every member, so
+node B knows the office had a success that node A saw; an auth failure with a user capture carries that
+hash and the tags for the office's keys, and the script scores it as the office's (per (address, user
+hash), and in the office's two address jails `office_users` and `office_rate`) when the shared successes
+name another user. User candidates (`jail = "office_user"`) are recounted on verified members like the
+others and become user bans (`Ban.user`, the user's text from this node's own deciding event), claimed
+with PUBLISH_LUA (`userban`). The successes that made an address an office and the user bans an event was
+skipped for are verified too (`office_checks`): what does not verify is removed and those events are
+decided by this node's local Policy, so a forged success makes no office and a forged user ban stops no
+one.
 """
 
 from __future__ import annotations
@@ -36,10 +49,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import fields
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..model import Ban, Decision, Event, EventKind
+from ..model import Ban, Decision, Event, EventKind, capture, evidence_of
 from ..policy import PolicyStats
 from .signing import Signer, event_parts, offence_parts
-from .wire import ban_payload, plain_text
+from .wire import Unverified, ban_payload, checked_user, parse_user_ban, plain_text, user_ban_payload
 
 if TYPE_CHECKING:
     from ..config import ClusterConfig
@@ -53,6 +66,7 @@ class Verdict(NamedTuple):
     ban_id: str
     offence_member: str  # id|tag, stored in the source's offence key when the claim wins
     offence_at: str  # the deciding event's time ("%.6f"), the offence's score
+    user_hash: str = ""  # a user ban (the office policy): the user's keyed hash (its key in Redis)
 
 
 class ClusterPolicy:
@@ -78,6 +92,11 @@ class ClusterPolicy:
         self._own = PolicyStats()  # counted here while the fleet scores; `stats` adds the local ones
         self._jail_index = {j.name: n + 1 for n, j in enumerate(local.jails)}
         self._jails = {j.name: j for j in local.jails}
+        self._office = local.office  # the office policy ([policy.office]) or None
+        self._jails.update((j.name, j) for j in local.office_jails)
+        self._user_hashes: dict[str, str] = {}  # user -> keyed hash (bounded: cleared when big)
+        self._unsendable: list[Ban] = []
+        self._offices: set[tuple[str, str]] = set()  # (ip, user hash) the last `office_checks` verified
         self._kind_names: dict[EventKind, list[str]] = {
             kind: [j.name for j in local.jails if kind in j.kinds] for kind in EventKind}
         self._kind_distinct = {kind for kind in EventKind
@@ -102,7 +121,8 @@ class ClusterPolicy:
         if ev.ip in self.local.banned:
             st.while_banned += 1
             return None
-        if ev.kind in self._kind_jails:
+        if ev.kind in self._kind_jails or (self._office is not None and ev.kind is EventKind.AUTH_FAILURE
+                                           and capture(ev, "user") is not None):
             self._buffer.append(ev)
         return None
 
@@ -111,6 +131,13 @@ class ClusterPolicy:
 
     def release(self, ip: str) -> None:
         self.local.release(ip)
+
+    def note_user_ban(self, ip: str, user: str) -> None:
+        """A user ban (the office policy) is in force: the local policy stops scoring that user there."""
+        self.local.note_user_ban(ip, user)
+
+    def release_user(self, ip: str, user: str) -> None:
+        self.local.release_user(ip, user)
 
     def restore(self, events: Iterable[Event]) -> None:
         self.local.restore(events)
@@ -160,12 +187,20 @@ class ClusterPolicy:
                 bt = ""
             args += [j.name, j.cfg.findtime, j.cfg.threshold, bt, "1" if j.cfg.reset_on_success else "0",
                      "" if j.distinct is None else j.cfg.max_values]
+        oc = self._office
+        args += ["", "", "", "", "", "", ""] if oc is None else [
+            oc.success_within, oc.user_findtime, oc.user_threshold, oc.findtime, oc.distinct_users, oc.rate,
+            oc.max_users]
         seq = self._seq
         tag = self.signer.tag
         sent = self._sent
         for ev in events:
             uid, at, w = f"{self._node}.{next(seq)}", f"{ev.time:.6f}", repr(float(ev.weight))
             sent[uid] = ev
+            user = None if oc is None else capture(ev, "user")
+            if user is not None and ev.kind in (EventKind.SUCCESS, EventKind.AUTH_FAILURE):
+                args += self._office_event(ev, user, uid, w, at)
+                continue
             if ev.kind in self._kind_distinct:
                 items, tags = self._distinct_items(ev, uid, w, at)
                 args += [ev.ip, items, at, w, ev.filter, uid, tags]
@@ -175,6 +210,104 @@ class ClusterPolicy:
                 tag("ev", *event_parts(ev.ip, name, uid, w, at)) for name in self._kind_names[ev.kind])
             args += [ev.ip, js, at, w, ev.filter, uid, tags]
         return args
+
+    def user_hash(self, user: str) -> str:
+        """The user's keyed hash, the name Redis knows it by (`Signer.keyed_hash`)."""
+        h = self._user_hashes.get(user)
+        if h is None:
+            if len(self._user_hashes) > 100_000:
+                self._user_hashes.clear()
+            h = self._user_hashes[user] = self.signer.keyed_hash(user)
+        return h
+
+    def _office_event(self, ev: Event, user: str, uid: str, w: str, at: str) -> list:
+        """The 7 ARGV fields of a success or an auth failure with a user capture (see lua/score.lua)."""
+        h = self.user_hash(user)
+        signed = self.signer.enabled
+        tag = self.signer.tag
+        if ev.kind is EventKind.SUCCESS:
+            t = tag("ev", *event_parts(ev.ip, "office_ok", uid, "d" + h, at)) if signed else ""
+            return [ev.ip, "S:" + h, at, w, ev.filter, uid, t]
+        if ev.kind in self._kind_distinct:
+            items, tags = self._distinct_items(ev, uid, w, at)
+        else:
+            items = self._kind_jails.get(ev.kind, "")
+            tags = "" if not signed or not items else ",".join(
+                tag("ev", *event_parts(ev.ip, name, uid, w, at)) for name in self._kind_names[ev.kind])
+        otags = "" if not signed else ",".join((
+            tag("ev", *event_parts(ev.ip, "office_users", uid, "d" + h, at)),
+            tag("ev", *event_parts(ev.ip, "office_rate", uid, w, at)),
+            tag("ev", *event_parts(ev.ip, "office_user:" + h, uid, w, at))))
+        return [ev.ip, f"{items};{h}", at, w, ev.filter, uid, f"{tags};{otags}"]
+
+    def office_checks(self, results: Iterable, now: float) -> tuple[dict[str, list[str]], set[tuple[str, str]]]:
+        """The office parts of the script's results (one per call), verified: ({key suffix: forged success
+        members}, {(ip, user hash) whose failures this node decides itself}): a failure scored as an
+        office's on successes none of which verifies (for another user), or skipped for a user ban that
+        does not verify (or no longer holds), decides nothing in Redis; the local Policy decides it."""
+        forged: dict[str, list[str]] = {}
+        local: set[tuple[str, str]] = set()
+        verify = self.signer.verify
+        for r in results:
+            uheld = r[4] if len(r) > 4 and isinstance(r[4], list) else []
+            for ip, h, value in zip(uheld[0::3], uheld[1::3], uheld[2::3]):
+                try:
+                    ban, _, _ = parse_user_ban(value, self.signer, now)
+                    good = ban.ip == ip and self.user_hash(ban.user or "") == h and (
+                        ban.expires is None or ban.expires > now)
+                except (ValueError, TypeError, Unverified):
+                    good = False
+                if not good:
+                    local.add((ip, h))
+            for raw in (r[5] if len(r) > 5 and isinstance(r[5], list) else []):
+                try:
+                    c = json.loads(raw)
+                    ip, h = c["ip"], c["u"]
+                    ok = c.get("ok") if isinstance(c.get("ok"), list) else []
+                except (ValueError, KeyError, TypeError):
+                    continue
+                good, bad = False, []
+                for m, sc in zip(ok[0::2], ok[1::2]):
+                    parts = str(m).split("|")
+                    try:
+                        t = f"{float(sc):.6f}"
+                    except ValueError:
+                        bad.append(m)
+                        continue
+                    if len(parts) == 3 and parts[1].startswith("d") and parts[1] != "d" + h and verify(
+                            parts[2], "ev", *event_parts(ip, "office_ok", parts[0], parts[1], t), now=now) \
+                            or len(parts) == 2 and not self.signer.enabled:
+                        good = True
+                    else:
+                        bad.append(m)
+                if bad:
+                    forged.setdefault(f"s:{ip}:office_ok", []).extend(bad)
+                if not good:
+                    local.add((ip, h))
+                else:
+                    self._offices.add((ip, h))
+        return forged, local
+
+    def office_verdicts(self, verdicts: list[Verdict], pairs: set[tuple[str, str]]) -> list[Verdict]:
+        """`verdicts` without those that rest on an office `office_checks` did not verify: a user ban of one
+        of `pairs`, an address ban by an office jail of one of their addresses (the local Policy decides)."""
+        if not pairs:
+            return verdicts
+        ips = {ip for ip, _ in pairs}
+        return [v for v in verdicts if not (
+            (v.ban.ip, v.user_hash) in pairs if v.ban.user is not None
+            else v.ban.ip in ips and v.ban.reason.startswith(("office_users:", "office_rate:")))]
+
+    def decided_here(self, events: Iterable[Event], pairs: set[tuple[str, str]]) -> list[Event]:
+        """Of `events`, the auth failures of the (ip, user hash) pairs `office_checks` left to this node."""
+        if not pairs:
+            return []
+        out = []
+        for ev in events:
+            user = capture(ev, "user") if ev.kind is EventKind.AUTH_FAILURE else None
+            if user is not None and (ev.ip, self.user_hash(user)) in pairs:
+                out.append(ev)
+        return out
 
     def _distinct_items(self, ev: Event, uid: str, w: str, at: str) -> tuple[str, str]:
         """The jails field and the tags of an event of a kind some distinct jail counts (see lua/score.lua)."""
@@ -207,6 +340,11 @@ class ClusterPolicy:
             try:
                 c = json.loads(raw)
                 ip, name, uid, at = c["ip"], c["jail"], c["uid"], c["t"]
+                if name == "office_user" and self._office is not None:
+                    v = self._user_verdict(c, ip, uid, at, now, forged)
+                    if v is not None:
+                        out.append(v)
+                    continue
                 jail = self._jails[name]
             except (ValueError, KeyError, TypeError):
                 continue
@@ -273,8 +411,71 @@ class ClusterPolicy:
             out.append(Verdict(ban, ban_id, member, at))
         return out, forged
 
+    def _user_verdict(self, c: dict, ip: str, uid: str, at: str, now: float,
+                      forged: dict[str, list[str]]) -> Verdict | None:
+        """A user candidate (the office policy) recounted on its verified members: a user ban when they reach
+        user_threshold. Its user is the text of this node's own deciding event (the batch's, by uid)."""
+        oc = self._office
+        assert oc is not None
+        h = c.get("u")
+        ev = self._sent.get(uid)
+        user = None if ev is None else capture(ev, "user")
+        if not isinstance(h, str) or user is None or self.user_hash(user) != h:
+            return None
+        name = "office_user:" + h
+        members = c.get("ev") if isinstance(c.get("ev"), list) else []
+        score, bad, batch = 0.0, [], []
+        for m, sc in zip(members[0::2], members[1::2]):
+            parts = str(m).split("|")
+            try:
+                t = f"{float(sc):.6f}"
+                w = float(parts[1])
+            except (IndexError, ValueError):
+                bad.append(m)
+                continue
+            if len(parts) == 3 and self.signer.verify(parts[2], "ev", *event_parts(ip, name, parts[0], parts[1], t),
+                                                      now=now) or len(parts) == 2 and not self.signer.enabled:
+                score += w
+                got = self._sent.get(parts[0])
+                if got is not None and got.text:
+                    batch.append(got)
+            else:
+                bad.append(m)
+        if bad:
+            forged[f"s:{ip}:{name}"] = bad
+        if score < oc.user_threshold:
+            return None
+        try:
+            checked_user(user)
+        except ValueError:  # a control character or too long: never on the stream; this node bans it alone
+            unsendable = True
+        else:
+            unsendable = False
+        lines = self.local.evidence_lines
+        evidence = tuple(evidence_of(e) for e in sorted(batch, key=lambda e: e.time)[-lines:]) if lines else ()
+        ban = Ban(ip=ip, reason=plain_text(f"office_user:{c.get('filter')}"), created=now,
+                  expires=now + oc.user_bantime, score=score, offence=1, evidence=evidence, user=user)
+        if unsendable:
+            self._unsendable.append(ban)
+            return None
+        return Verdict(ban, f"{self._node}:{uid}", "", at, h)
+
+    def unsendable(self) -> list[Ban]:
+        """User bans `verdicts` made whose user the stream refuses (a control character): banned on this
+        node alone (the bridge hands them to the ban book as this node's own, unpublished)."""
+        out, self._unsendable = self._unsendable, []
+        return out
+
     def claim_args(self, v: Verdict, now: float, maxlen: int, unban_memory: float, jail_csv: str) -> list:
-        """ARGV of the PUBLISH_LUA call that claims a verdict's ban (once for the whole fleet)."""
+        """ARGV of the PUBLISH_LUA call that claims a verdict's ban (once for the whole fleet); a user ban's
+        (`userban`, in the shared user-ban hash, field IP|HASH) when the verdict is one."""
+        if v.ban.user is not None:
+            return [self._prefix, maxlen, "userban", v.ban.ip, v.ban_id, self._node,
+                    user_ban_payload(v.ban, v.ban_id, self._node, self.signer), self.local.cfg.offence_memory,
+                    unban_memory, "", "", "", v.offence_at, "1", f"{now:.6f}", v.user_hash, v.ban.user]
+        if self._office is not None:  # an address ban also clears the office's address windows
+            names = [x for x in jail_csv.split(",") if x]
+            jail_csv = ",".join([*names, *(j.name for j in self.local.office_jails if j.name not in names)])
         return [self._prefix, maxlen, "ban", v.ban.ip, v.ban_id, self._node,
                 ban_payload(v.ban, v.ban_id, self._node, self.signer), self.local.cfg.offence_memory,
                 unban_memory, jail_csv, "", v.offence_member, v.offence_at, "1", f"{now:.6f}"]
@@ -282,7 +483,15 @@ class ClusterPolicy:
     def scored(self, events: list[Event], banned: Iterable[str]) -> None:
         """Redis scored `events` and decided bans on `banned`: keep the local windows warm (for when
         Redis goes away) and their records as evidence (for the fleet's next bans, and the local Policy's),
-        and count and note those bans."""
+        and count and note those bans. An office the script scored on verified successes other nodes saw
+        (`office_checks`) is taught to the local Policy first (`Policy.note_office`), so its windows keep
+        the office's failures where the fleet counted them, not in the address's auth jail."""
+        offices, self._offices = self._offices, set()
+        if offices:  # the fleet's verified successes, taught to the local Policy (for when Redis goes away)
+            for ev in events:
+                user = capture(ev, "user") if ev.kind is EventKind.AUTH_FAILURE else None
+                if user is not None and (ev.ip, self.user_hash(user)) in offices:
+                    self.local.note_office(ev.ip, user, ev.time)
         self.local.restore(events)
         st = self._own
         for ip in banned:

@@ -1,7 +1,8 @@
 """The fleet's signatures: an HMAC-SHA256 tag on everything a node writes to Redis that another node acts on.
 
-Bans and unbans (the stream entries and the values of the shared ban set), the weighted events a node
-adds to the score keys and the offences behind an escalation each carry a tag computed here, by a
+Bans and unbans (the stream entries and the values of the shared ban set), user bans and their unbans
+(the office policy), the weighted events a node adds to the score keys (an office's successes among
+them) and the offences behind an escalation each carry a tag computed here, by a
 node, under `[cluster] secret` (or `secret_file`). The secret never goes to Redis and no Redis script
 ever computes a tag: whoever can only write to Redis cannot make one, so what they write decides
 nothing (`sipguard/cluster/README.md`, "Signatures").
@@ -45,6 +46,7 @@ class Signer:
         self._until = previous_until
         self.prefix = prefix
         self._heads: dict[str, str] = {}  # kind -> the encoded prefix and kind every message of it starts with
+        self._user_key: bytes | None = None  # `keyed_hash`'s key, derived once
 
     @property
     def enabled(self) -> bool:
@@ -87,6 +89,18 @@ class Signer:
         if self._key is None:
             return ""
         return self._tag(self._key, self._message(kind, parts))
+
+    def keyed_hash(self, value: str) -> str:
+        """A user's name as the fleet knows it (the office policy): 16 hex digits of BLAKE2b keyed with a
+        key derived from the current secret (plain BLAKE2b without one), the same on every node that holds
+        that secret; whoever reads Redis cannot try names against it. (During a rotation nodes on
+        different current secrets hash a user differently: an office's success seen on one of them is
+        not an office for the other until the rotation ends.)"""
+        key = self._user_key
+        if key is None:
+            key = self._user_key = b"" if self._key is None else hashlib.sha256(
+                b"sipguard user hash\0" + self.prefix.encode("utf-8", "surrogatepass") + b"\0" + self._key).digest()
+        return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), key=key, digest_size=8).hexdigest()
 
     def keys_now(self, now: float | None = None) -> list[bytes]:
         """The secrets whose tags are accepted at `now`: the current one, and the previous ones
@@ -176,6 +190,17 @@ def ban_parts(d: dict) -> tuple:
 def unban_parts(op: str, ip: str, ban_id: str, origin: str, at: str) -> tuple:
     """The signed fields of an unban stream entry (`at` as the text carried on the stream)."""
     return (op, ip, ban_id, origin, at)
+
+
+def user_ban_parts(d: dict) -> tuple:
+    """The signed fields of a user ban json (the office policy): a ban's, then the user (kind "userban",
+    so an address ban's tag never verifies as a user ban's nor the other way round)."""
+    return (*ban_parts(d), d.get("user"))
+
+
+def user_unban_parts(ip: str, user: str, ban_id: str, origin: str, at: str) -> tuple:
+    """The signed fields of a user unban stream entry (kind "userunban")."""
+    return ("userunban", ip, user, ban_id, origin, at)
 
 
 def event_parts(ip: str, jail: str, uid: str, weight: str, at: str) -> tuple:

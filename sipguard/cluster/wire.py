@@ -8,6 +8,11 @@ of at most 100 years (MAX_DURATION) or permanent, finite scores, whole offence c
 names in the node-name alphabet; reasons are plain text (control characters removed) of bounded
 length (`plain_text`) before they reach a log, the store or a terminal. Nothing here talks to Redis
 or touches the store.
+
+User bans (the office policy: one user at one address, `Ban.user`) travel as their own kinds, `userban`
+and `userunban` (`user_ban_payload`, `parse_user_ban`, `parse_user_unban`): the ban json plus the user,
+signed as kind "userban", so a user ban never reads as an address ban. The user is attacker text: at
+most CAPTURE_CHARS characters, and one with a control or format character is refused, not cleaned.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import math
 import re
 import socket
 import unicodedata
+from dataclasses import replace
 from typing import Any
 
 from ..addresses import parse_target
 from ..config import MAX_DURATION
-from ..model import Ban
-from .signing import Signer, ban_parts, unban_parts
+from ..model import Ban, checked_user
+from .signing import Signer, ban_parts, unban_parts, user_ban_parts, user_unban_parts
 
 CREATED_SKEW = 86400.0  # a ban's `created` is at most a day away from this node's clock
 MAX_SCORE = 1e12
@@ -200,9 +206,70 @@ def tombstone_at(value: Any, ip: str, signer: Signer, now: float | None = None) 
     return _float(at)
 
 
+def user_tombstone_at(value: Any, ip: str, user: str, signer: Signer, now: float | None = None) -> float | None:
+    """The time of a verified unban of `user` at `ip` from its tombstone in the user unbans hash
+    (publish.lua writes "at|id|origin|sig"), else None."""
+    if not isinstance(value, str) or len(value) > 512:
+        return None
+    parts = value.split("|")
+    if len(parts) != 4:
+        return None if signer.enabled else _float(parts[0])
+    at, ban_id, origin, sig = parts
+    if signer.enabled and not signer.verify(sig, "userunban", *user_unban_parts(ip, user, ban_id, origin, at), now=now):
+        return None
+    return _float(at)
+
+
 def _float(v: str) -> float | None:
     try:
         t = float(v)
     except ValueError:
         return None
     return t if math.isfinite(t) else None
+
+
+# -- user bans (the office policy) ---------------------------------------------------------------------
+def user_ban_payload(ban: Ban, ban_id: str, origin: str, signer: Signer | None = None) -> str:
+    """The json of a user ban (Ban.user set) for the stream and the shared user-ban hash, signed as "userban"."""
+    d = ban_dict(ban, ban_id, origin)
+    d["user"] = checked_user(ban.user)
+    if signer is not None and signer.enabled:
+        d["sig"] = signer.tag("userban", *user_ban_parts(d))
+    return json.dumps(d, separators=(",", ":"))
+
+
+def parse_user_ban(payload: str, signer: Signer | None = None, now: float | None = None) -> tuple[Ban, str, str]:
+    """A user ban json → (Ban with `user`, id, origin), with the bounds of `parse_ban` and `checked_user`;
+    Unverified when no accepted secret signed it as a user ban."""
+    if not isinstance(payload, str) or len(payload) > 4096:
+        raise ValueError("bad user ban json")
+    d = json.loads(payload)
+    if not isinstance(d, dict):
+        raise ValueError("user ban is not an object")
+    if signer is not None and signer.enabled and not signer.verify(d.get("sig"), "userban", *user_ban_parts(d),
+                                                                   now=now):
+        raise Unverified("user ban not signed by this fleet")
+    user = checked_user(d.get("user"))
+    rest = {k: v for k, v in d.items() if k not in ("sig", "user")}
+    ban, ban_id, origin = parse_ban(json.dumps(rest), None, now)  # the address ban's bounds, already verified
+    return replace(ban, user=user), ban_id, origin  # (a network: the guard rails, then the bridge, refuse it)
+
+
+def parse_user_unban(fields: dict, signer: Signer | None = None, now: float | None = None
+                     ) -> tuple[str, str, str, str, float]:
+    """A userunban stream entry → (ip, user, id, origin, at); ValueError when malformed, Unverified when
+    not signed by this fleet."""
+    ip, user, ban_id, origin, at = (fields.get(k) for k in ("ip", "user", "id", "origin", "at"))
+    if fields.get("op") != "userunban" or not isinstance(at, str) or len(at) > 40:
+        raise ValueError("bad user unban")
+    if signer is not None and signer.enabled and not signer.verify(
+            fields.get("sig"), "userunban", *user_unban_parts(ip, user, ban_id, origin, at), now=now):
+        raise Unverified("user unban not signed by this fleet")
+    try:
+        t = float(at)
+    except ValueError:
+        raise ValueError("bad at") from None
+    target = canonical_ip(ip)
+    if "/" in target:
+        raise ValueError("a user ban is of one address, not a network")
+    return target, checked_user(user), checked_id(ban_id), checked_origin(origin), checked_time(t, "at", now)

@@ -3,6 +3,11 @@ htable), composed by the composition root into one `Enforcer`.
 
 A mirror's failure is logged and counted, never raised: the ban stands in the kernel and the next
 resync repairs the mirror. What the stack can hold, and what it holds, is the kernel's.
+
+User bans (the office policy: one user at one address, `Ban.user`) go to the mirrors that hold them
+(Kamailio's htable, `holds_users`) and never to the kernel: the other users of that address keep
+working. There the mirror is the only enforcer, so its errors reach the ban book (which counts them and
+retries at the next resync).
 """
 
 from __future__ import annotations
@@ -30,6 +35,28 @@ class EnforcerStack:
             except Exception as exc:  # noqa: BLE001
                 self.mirror_errors += 1
                 log.error("%s %s failed: %s", m.name, op, exc)
+
+    @property
+    def holds_users(self) -> bool:
+        """Does a mirror hold user bans (the htable mirror does)?"""
+        return any(getattr(m, "holds_users", False) for m in self.mirrors)
+
+    def _user_mirrors(self) -> list:
+        return [m for m in self.mirrors if getattr(m, "holds_users", False)]
+
+    def ban_users(self, bans: list[Ban], now: float) -> None:
+        """Hold user bans (Ban.user set) in the mirrors that can; never the kernel."""
+        for m in self._user_mirrors():
+            m.ban_users(bans, now)
+
+    def unban_user(self, ip: str, user: str) -> None:
+        for m in self._user_mirrors():
+            m.unban_user(ip, user)
+
+    def sync_users(self, bans: list[Ban], now: float) -> None:
+        """Make the mirrors hold exactly these user bans."""
+        for m in self._user_mirrors():
+            m.sync_users(bans, now)
 
     def refuses(self, ip: str) -> str | None:
         return self.primary.refuses(ip)

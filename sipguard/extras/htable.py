@@ -21,6 +21,13 @@ FIFO transport Kamailio's `modparam("jsonrpcs", "fifo_reply_dir", "/run/sipguard
 
 Only single addresses go into the table: `$sht(ipban=>$si)` is an exact-key lookup, so network
 bans (CIDRs) are left to the kernel enforcer and counted as skipped.
+
+User bans (the office policy, `Ban.user`: one user at one address, never in the kernel) go into a second
+table, `[htable] user_table` (default `userban`), keyed `USER@ADDRESS` as the script's
+`$sht(userban=>$fU@$si)` looks it up before authentication (403). The user is attacker text: it is only
+ever a key of that table (sent as a JSON string, bounded by the event's CAPTURE_CHARS); it never names
+an address. The same `value` marks sipguard's entries there; a resync makes the table hold exactly the
+user bans in force.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..enforce.base import EnforcedEntry, SyncReport
 from ..errors import SipguardError
-from ..model import Ban
+from ..model import Ban, user_key
 
 if TYPE_CHECKING:
     from ..config import HtableConfig
@@ -117,7 +124,15 @@ class ReplyDir:
                 raise RpcError(f"[htable] reply_dir {path}: cannot give it group {self.group} (sipguard must be in "
                                f"that group, e.g. SupplementaryGroups={self.group} in its unit)") from None
         self._gid = gid if gid is not None else st.st_gid
-        os.chmod(path, 0o2750)  # group may enter, never write; new reply paths inherit the group
+        # group may enter, never write; new reply paths inherit the group. Only when it is not so already:
+        # the packaged unit makes it 2750 itself (RuntimeDirectoryMode=) and its RestrictSUIDSGID=yes
+        # refuses any chmod that sets the setgid bit (EPERM; found in the installed-host test)
+        if stat.S_IMODE(os.lstat(path).st_mode) != 0o2750:
+            try:
+                os.chmod(path, 0o2750)
+            except PermissionError:
+                raise RpcError(f"[htable] reply_dir {path}: cannot make it mode 2750 (setgid); a unit with "
+                               f"RestrictSUIDSGID=yes must create it so: RuntimeDirectoryMode=2750") from None
         self._ready = True
 
     def new_path(self, kind: str) -> str:
@@ -295,6 +310,49 @@ class HtableEnforcer:
 
     def current(self) -> dict[str, Any]:
         return dump_keys(self.rpc.call("htable.dump", self.table))
+
+    # -- user bans ([htable] user_table) --------------------------------------------------------
+    holds_users = True
+
+    def _set_user(self, ban: Ban, now: float) -> bool:
+        if ban.user is None or "/" in ban.ip:
+            return False
+        key, table = user_key(ban.user, ban.ip), self.cfg.user_table
+        if ban.expires is None:
+            self.rpc.call("htable.seti", table, key, self.cfg.value)
+            self.rpc.call("htable.setex", table, key, 0)
+            return True
+        left = ban.expires - now
+        if left <= 0:
+            return False
+        self.rpc.call("htable.setxi", table, key, self.cfg.value, max(1, math.ceil(left)))
+        return True
+
+    def ban_users(self, bans: list[Ban], now: float) -> None:
+        for ban in bans:
+            self._set_user(ban, now)
+
+    def unban_user(self, ip: str, user: str) -> None:
+        try:
+            self.rpc.call("htable.delete", self.cfg.user_table, user_key(user, ip))
+        except RpcError as exc:
+            if "not found" not in str(exc).lower():
+                raise
+
+    def sync_users(self, bans: list[Ban], now: float) -> None:
+        table = self.cfg.user_table
+        have = dump_keys(self.rpc.call("htable.dump", table))
+        want = {user_key(b.user, b.ip): b for b in bans
+                if b.user is not None and (b.expires is None or b.expires > now)}
+        for key, value in have.items():
+            if key not in want and value == self.cfg.value:
+                try:
+                    self.rpc.call("htable.delete", table, key)
+                except RpcError as exc:
+                    if "not found" not in str(exc).lower():
+                        raise
+        for ban in want.values():
+            self._set_user(ban, now)
 
     def sync(self, bans: list[Ban], now: float) -> SyncReport:
         have = self.current()

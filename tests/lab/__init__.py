@@ -35,5 +35,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO_ROOT / "examples" / "kamailio"
 NS_PREFIX = "sgl-"
 # every prefix a test namespace may carry: the lab, the e2e test and the demo, the ops tests, the
-# kernel enforcer tests (tests/netns_util.py) and the firewall tests
-NS_PREFIXES = ("sgl-", "sge2e-", "sgdemo-", "sgo-", "sge-", "sgf-")
+# kernel enforcer tests (tests/netns_util.py), the firewall tests and the Kamailio versions test
+# (tests/test_kamailio_versions.py, tests/lab/capture_k60.py)
+NS_PREFIXES = ("sgl-", "sge2e-", "sgdemo-", "sgo-", "sge-", "sgf-", "sgk60-")

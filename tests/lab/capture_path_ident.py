@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from . import EXAMPLE_DIR
-from .capture_real_logs import DOMAIN, NET, OUT_DIR, PROXY, SCENARIO
+from .capture_real_logs import DOMAIN, OUT_DIR, PROXY, SCENARIO, play
 from .kamailio import Kamailio
 from .netns import Lab
 
@@ -49,19 +49,6 @@ def config_without_log_name(workdir: Path) -> Path:
     out = workdir / "kamailio-no-log-name.cfg"
     out.write_text("".join(lines))
     return out
-
-
-def play(lab: Lab, name: str, verbose: bool) -> None:
-    time.sleep(1.0)
-    for octet, desc, fn in SCENARIO:
-        ip = f"{NET}{octet}"
-        ns = lab.add_client(ip)
-        t0 = time.monotonic()
-        res = fn(lab, ns, ip)
-        if verbose:
-            print(f"[{name}] {ip:<14} {desc}: {res!s:.100} ({time.monotonic() - t0:.1f}s)", flush=True)
-        time.sleep(0.3)
-    time.sleep(1.0)
 
 
 def capture_journal(verbose: bool = True) -> Path:
@@ -89,7 +76,9 @@ def capture_journal(verbose: bool = True) -> Path:
                 while f"{PROXY}:5060" not in lab.hub.run("ss", "-lunH", check=False).stdout:
                     assert time.monotonic() < deadline and proc.poll() is None, "kamailio did not start"
                     time.sleep(0.1)
-                play(lab, "journal", verbose)
+                time.sleep(1.0)
+                play(lab, SCENARIO, "journal", verbose)
+                time.sleep(1.0)
             finally:
                 proc.terminate()  # nsenter passes it on; the namespace's end stops the rest
                 try:
@@ -115,7 +104,9 @@ def capture(name: str, verbose: bool = True) -> Path:
         with Lab("capp", proxy_ip=PROXY) as lab:
             with PathKamailio(lab.hub, PROXY, logmode="rsyslog", template=FORMATS[name], logfile=logfile,
                               domain=DOMAIN, cfg=cfg):
-                play(lab, name, verbose)
+                time.sleep(1.0)
+                play(lab, SCENARIO, name, verbose)
+                time.sleep(1.0)
         out = OUT_DIR / f"{name}-path-ident.log"
         shutil.copyfile(logfile, out)
     return out

@@ -259,6 +259,20 @@ def st_svcrack_spoof(lab, ns, ip):
     return sipvicious(ns, "svcrack", ["-u1000", "-r1-40", PROXY], ua=PHONE_UA)
 
 
+def play(lab, scenario, label: str, verbose: bool = True, only=None) -> None:
+    """Each sender of `scenario` from its own client namespace, in order, 0.3 s apart (`only`: those octets)."""
+    for octet, desc, fn in scenario:
+        if only and octet not in only:
+            continue
+        ip = f"{NET}{octet}"
+        ns = lab.add_client(ip)
+        t0 = time.monotonic()
+        res = fn(lab, ns, ip)
+        if verbose:
+            print(f"[{label}] {ip:<14} {desc}: {res!s:.120} ({time.monotonic() - t0:.1f}s)", flush=True)
+        time.sleep(0.3)
+
+
 def client(ns, ip) -> SipClient:
     return SipClient(PROXY, netns=ns.name, local_ip=ip, domain=DOMAIN, timeout=1.5)
 
@@ -446,17 +460,7 @@ def capture(name: str, only: set[int] | None = None, verbose: bool = True) -> Pa
                                      logfile=logfile, domain=DOMAIN, log_engine=engine)
             with kam:
                 time.sleep(1.0)
-                for octet, desc, fn in SCENARIO:
-                    if only and octet not in only:
-                        continue
-                    ip = f"{NET}{octet}"
-                    ns = lab.add_client(ip)
-                    t0 = time.monotonic()
-                    res = fn(lab, ns, ip)
-                    if verbose:
-                        print(f"[{name}] {ip:<14} {desc}: {res!s:.120} ({time.monotonic()-t0:.1f}s)",
-                              flush=True)
-                    time.sleep(0.3)
+                play(lab, SCENARIO, name, verbose, only)
                 time.sleep(1.0)
             # Kamailio (and rsyslogd) stopped here: shutdown lines are flushed
         if journal is not None:
@@ -573,13 +577,7 @@ def capture_fraud(name: str, verbose: bool = True) -> Path:
             with Kamailio(lab.hub, PROXY, logmode=logmode, template=template or "RSYSLOG_TraditionalFileFormat",
                           logfile=logfile, domain=DOMAIN):
                 time.sleep(1.0)
-                for octet, desc, fn in FRAUD_SCENARIO:
-                    ip = f"{NET}{octet}"
-                    ns = lab.add_client(ip)
-                    res = fn(lab, ns, ip)
-                    if verbose:
-                        print(f"[fraud-{name}] {ip:<14} {desc}: {res!s:.120}", flush=True)
-                    time.sleep(0.3)
+                play(lab, FRAUD_SCENARIO, f"fraud-{name}", verbose)
                 time.sleep(1.0)
         out = OUT_DIR / f"fraud-{name}.log"
         shutil.copyfile(logfile, out)

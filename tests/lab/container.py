@@ -286,6 +286,25 @@ ExecStartPre=+/bin/sh -c 'date +%%s.%%N > /run/sgtest-kam.time; iptables-save > 
 SOURCES_FALLBACK = """[Service]
 Environment=SIPGUARD_CONFIG=/etc/sipguard/test-sources.toml
 """
+METRICS_PORT = 9108
+# what an operator adds to /etc/sipguard/sipguard.toml (README: "Installing on a Kamailio host") to turn
+# on the htable mirror, the Prometheus port and the fleet's Redis (all defaults otherwise)
+OPERATOR_TOML = f"""
+# added by the operator
+[metrics]
+listen = "127.0.0.1:{METRICS_PORT}"
+
+[htable]
+enabled = true
+
+[cluster]
+redis_url = "redis://127.0.0.1:6379/0"
+node_name = "edge1"
+secret_file = "/etc/sipguard/fleet.secret"
+"""
+# the unit drop-in the package ships for the htable mirror (/usr/share/doc/sipguard/examples/)
+HTABLE_DROPIN = "/etc/systemd/system/sipguard.service.d/htable.conf"
+MIRROR_BUDGET = 2.0  # a ban (and an unban) in Kamailio's htable within this; a call's timeout is 2 s
 
 
 class InstalledHost:
@@ -345,6 +364,8 @@ class InstalledHost:
                 for f in (Path(d) / "dbtext").iterdir():
                     c.put(f"/etc/kamailio/dbtext/{f.name}", f.read_bytes())
         c.put("/etc/systemd/system/kamailio.service.d/sgtest-probe.conf", KAMAILIO_PROBE)
+        # Debian's redis-server.service is enabled by its package: the fleet step starts it, no boot does
+        (c.root / "etc/systemd/system/multi-user.target.wants/redis-server.service").unlink(missing_ok=True)
         shutil.copy(self.deb, c.root / "var" / "tmp" / self.deb.name)
         # the units whose sandboxes README compares (their Debian packages' unit files)
         for unit in ("fail2ban.service", "crowdsec.service"):
@@ -418,6 +439,7 @@ class InstalledHost:
         self.echo(f"[{self.dist}] systemd-analyze security, this container:\n{self.security}")
         banned = self.step_attack()
         self.step_restarts(banned)
+        self.step_operator_features(banned)
         self.step_reboot(banned)
         self.step_upgrade(banned)
         self.step_remove_purge()
@@ -585,8 +607,18 @@ class InstalledHost:
         time.sleep(5.5)
         left = self.kernel_bans()
         assert "198.18.0.77" not in left and banned <= left, left
-        c.run("systemctl", "start", "sipguard.service", timeout=60)
-        assert self.wait_active("sipguard.service") == "active"
+        # Type=notify: `systemctl start` returns once the daemon said READY=1, i.e. with the bans back in
+        # the kernel. With its sets and hook removed while it is stopped, they must be there at once.
+        self.sg("firewall", "remove-hook")
+        assert not banned & self.kernel_bans()
+        t1 = time.monotonic()
+        c.run("systemctl", "start", "sipguard.service", timeout=150)
+        self.timings["start_notify"] = time.monotonic() - t1
+        assert self.active("sipguard.service") == "active"
+        left = self.kernel_bans()
+        assert banned <= left, f"systemctl start returned before the bans were back: {sorted(banned - left)}"
+        status = c.run("systemctl", "show", "-p", "StatusText", "--value", "sipguard.service").stdout
+        assert status.startswith("bans restored; following "), status
         # kill -9: systemd restarts it (Restart=on-failure), nothing lost, detection goes on
         pid = self.main_pid()
         c.run("kill", "-9", str(pid))
@@ -608,6 +640,141 @@ class InstalledHost:
         assert ip not in banned and ip in self.kernel_bans(), "no detection after the kill -9 restart\n" + self.journal("sipguard.service")
         banned.add(ip)
         self._t("restart_stop_kill", t0)
+
+    # -- the operator's optional features under the installed unit's sandbox -------------------------
+    def htable_value(self, ip: str) -> str | None:
+        """The value of *ip* in Kamailio's ipban htable (kamcmd, through Kamailio's own ctl socket)."""
+        r = self.container.run("kamcmd", "htable.get", "ipban", ip, check=False, timeout=10)
+        m = re.search(r"value:\s*(\S+)", r.stdout)
+        if m:
+            return m.group(1)
+        if "doesn't exist" in r.stdout + r.stderr or "not found" in (r.stdout + r.stderr).lower():
+            return None
+        raise RuntimeError(f"kamcmd htable.get ipban {ip}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+
+    def _until(self, what, deadline_s: float) -> float | None:
+        """Seconds until what() is true (polled), None if not within *deadline_s*."""
+        t0 = time.monotonic()
+        while True:
+            if what():
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > deadline_s:
+                return None
+            time.sleep(0.02)
+
+    def metrics(self) -> str:
+        return self.container.run("python3", "-c", "import urllib.request,sys; sys.stdout.write(urllib.request."
+                                  f"urlopen('http://127.0.0.1:{METRICS_PORT}/metrics', timeout=5).read().decode())",
+                                  timeout=20).stdout
+
+    def step_operator_features(self, banned: set[str]) -> None:
+        """What an operator turns on in /etc/sipguard/sipguard.toml, under the installed (unchanged) unit:
+        the htable mirror against the real kamailio.service (running as user kamailio), the Prometheus
+        port, and the fleet through a Redis in the container with a secret_file. Put back afterwards."""
+        import secrets
+
+        c, t0 = self.container, time.monotonic()
+        conf = c.root / "etc/sipguard/sipguard.toml"
+        original = conf.read_text()
+        unit_before = c.run("systemctl", "cat", "sipguard.service").stdout
+        # the operator's steps (README): the secret, the config tables, the packaged drop-in for the mirror
+        c.put("/etc/sipguard/fleet.secret", secrets.token_hex(24) + "\n", 0o600)
+        c.put("/etc/sipguard/sipguard.toml", original + OPERATOR_TOML, 0o644)
+        c.sh(f"install -D -m 0644 /usr/share/doc/sipguard/examples/sipguard-htable.conf {HTABLE_DROPIN}")
+        c.run("systemctl", "start", "redis-server.service", timeout=60)
+        assert self._until(lambda: c.run("redis-cli", "ping", check=False).stdout.strip() == "PONG", 10) is not None
+        self.sg("check-config")
+        c.run("systemctl", "daemon-reload")
+        since = c.run("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
+        c.run("systemctl", "restart", "sipguard.service", timeout=150)
+        try:
+            assert self.active("sipguard.service") == "active", self.journal("sipguard.service")
+            # the sandbox of the installed unit is as packaged: only the drop-in's group was added
+            props = c.run("systemctl", "show", "sipguard.service", "-p", "SupplementaryGroups", "-p", "ProtectSystem",
+                          "-p", "PrivateTmp", "-p", "CapabilityBoundingSet", "-p", "RestrictAddressFamilies").stdout
+            assert "SupplementaryGroups=kamailio" in props and "ProtectSystem=strict" in props, props
+            assert "PrivateTmp=yes" in props and "cap_dac_override" not in props.lower(), props
+            self._check_htable(banned)
+            self._check_metrics()
+            self._check_fleet()
+            log = c.run("journalctl", "-u", "sipguard.service", "--since", since, "--no-pager", "-o", "cat").stdout
+            bad = [ln for ln in log.splitlines() if re.search(r"htable|rpc|no reply|timed? ?out|redis|fleet", ln, re.I)
+                   and re.search(r"warn|error|fail|cannot|refus|unreach", ln, re.I)]
+            assert not bad, "\n".join(bad)
+        finally:  # the operator turns it all off again: the later steps run on the package's defaults
+            c.put("/etc/sipguard/sipguard.toml", original, 0o644)
+            c.sh(f"rm -f {HTABLE_DROPIN} /etc/sipguard/fleet.secret; rmdir {Path(HTABLE_DROPIN).parent} || true")
+            c.run("systemctl", "daemon-reload")
+            c.run("systemctl", "restart", "sipguard.service", timeout=150, check=False)
+            c.run("systemctl", "stop", "redis-server.service", timeout=60, check=False)
+        assert c.run("systemctl", "cat", "sipguard.service").stdout == unit_before
+        assert self.active("sipguard.service") == "active"
+        self._t("htable_metrics_fleet", t0)
+
+    def _check_htable(self, banned: set[str]) -> None:
+        # at start the mirror dumped the table and set every ban in force (its resync)
+        ips = sorted(ip for ip in banned if "/" not in ip)
+        assert self._until(lambda: all(self.htable_value(ip) == "2" for ip in ips), 5) is not None, \
+            {ip: self.htable_value(ip) for ip in ips}
+        ip = "198.18.0.88"
+        assert self.htable_value(ip) is None
+        # timed from the CLI's return (the ban is in the store then; the CLI's own start-up, ~1 s of Python,
+        # is reported beside it): the daemon's part, the kernel and then the RPC calls
+        t0 = time.monotonic()
+        self.sg("ban", ip, "--for", "1h", "--reason", "htable-check")
+        cli_s = time.monotonic() - t0
+        ban_s = self._until(lambda: self.htable_value(ip) == "2", 5)
+        assert ip in self.kernel_bans()
+        assert ban_s is not None and ban_s < MIRROR_BUDGET, f"not in Kamailio's htable within {MIRROR_BUDGET} s: {ban_s}"
+        t0 = time.monotonic()
+        self.sg("unban", ip)
+        cli_u = time.monotonic() - t0
+        unban_s = self._until(lambda: self.htable_value(ip) is None, 5)
+        assert unban_s is not None and unban_s < MIRROR_BUDGET, f"still in Kamailio's htable: {unban_s}"
+        assert ip not in self.kernel_bans()
+        self.timings["htable_ban"], self.timings["htable_unban"] = ban_s, unban_s
+        self.echo(f"[{self.dist}] htable mirror: ban in Kamailio's table {ban_s:.2f} s after `sipguard ban` "
+                  f"returned ({cli_s:.2f} s the command), unban gone {unban_s:.2f} s after `sipguard unban` "
+                  f"returned ({cli_u:.2f} s)")
+        # Kamailio answered every call into /run/sipguard: nothing left there, nothing in /tmp
+        st = self.container.run("stat", "-c", "%U:%G %a", "/run/sipguard").stdout.split()
+        assert st == ["root:kamailio", "2750"], st
+        left = self.container.sh("ls -A /run/sipguard; find /tmp /var/tmp -name 'sg_*' -o -name 'sipguard-rpc-*'").stdout.split()
+        assert not left, left
+
+    def _check_metrics(self) -> None:
+        text = self.metrics()
+        names = {m.group(1).removesuffix("_total") for m in re.finditer(r"^# TYPE (sipguard_\w+) ", text, re.M)}
+        assert {"sipguard_lines_read", "sipguard_active_bans", "sipguard_fleet_in_sync"} <= names, sorted(names)
+        # no mirror call failed (a call that waited its timeout is an RpcError, counted here)
+        errors = [ln for ln in text.splitlines() if ln.startswith("sipguard_enforcer_errors_total{")
+                  and not ln.rstrip().endswith(" 0.0")]
+        assert not errors, errors
+        self.echo(f"[{self.dist}] metrics on 127.0.0.1:{METRICS_PORT}: {len(names)} sipguard_ families")
+
+    def _check_fleet(self) -> None:
+        c = self.container
+        ok = self._until(lambda: "cluster: node edge1 via redis://127.0.0.1:6379/0: in sync" in self.sg("status").stdout,
+                         15)
+        status = self.sg("status").stdout
+        assert ok is not None and re.search(r"^\s+edge1: last heartbeat -?[\d.]+s ago, in sync$", status, re.M), status
+        ip = "198.18.0.89"
+        self.sg("ban", ip, "--for", "1h", "--reason", "fleet-check")
+        entry: dict = {}
+
+        def published() -> bool:  # redis-cli's raw output: one field or value a line
+            out = c.run("redis-cli", "XRANGE", "sipguard:stream", "-", "+").stdout.splitlines()
+            for ln in out:
+                if ln.startswith("{") and f'"ip":"{ip}"' in ln:
+                    entry.update(json.loads(ln))
+                    return True
+            return False
+
+        assert self._until(published, 5) is not None, c.run("redis-cli", "XRANGE", "sipguard:stream", "-", "+").stdout
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", entry.get("sig") or ""), entry  # signed (HMAC-SHA256, 128 bits)
+        assert entry.get("manual") is True and entry.get("origin") == "edge1", entry
+        self.sg("unban", ip)
+        self.echo(f"[{self.dist}] fleet: status in sync via 127.0.0.1:6379, the manual ban on the stream, signed")
 
     def step_reboot(self, banned: set[str]) -> None:
         c, t0 = self.container, time.monotonic()

@@ -8,6 +8,7 @@
 --       sig (of an unban), offence member (id|tag of an automatic ban, '' = the id), offence time,
 --       claim ('1': a ban is refused while the shared set holds one in force: the score's
 --       decision is claimed once for the whole fleet), now.
+-- User bans: see the block before the unbans below (ARGV[16], ARGV[17]).
 -- Returns 1 when applied (and appended to the stream), 0 when stale, a duplicate or refused.
 local P, maxlen, op, ip, id, origin, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local memory, unban_memory = tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -49,6 +50,46 @@ if op == 'ban' then
   end
   redis.call('XADD', P .. 'stream', 'MAXLEN', '~', maxlen, '*', 'op', 'ban', 'ip', ip, 'id', id,
              'origin', origin, 'ban', payload)
+  return 1
+end
+-- User bans (the office policy): op 'userban' / 'userunban', ARGV[16] the user's keyed hash, ARGV[17] its
+-- text (an unban's); the shared user-ban hash P .. 'ubans' (field IP|HASH -> the signed json) and its
+-- tombstones P .. 'uunbans' (field -> "at|id|origin|sig": a node that was away verifies it), never the address
+-- ban set.
+if op == 'userban' or op == 'userunban' then
+  local uh, user = ARGV[16] or '', ARGV[17] or ''
+  if not string.match(uh, '^%x+$') then return 0 end
+  local field = ip .. '|' .. uh
+  local cur = redis.call('HGET', P .. 'ubans', field)
+  local tomb = tonumber(string.match(redis.call('HGET', P .. 'uunbans', field) or '', '^[^|]*')) or -1
+  if op == 'userban' then
+    local nb = cjson.decode(payload)
+    local c = tonumber(nb.created)
+    if cur then
+      local oc, oid, ob = fields_of(cur)
+      if claim and ob ~= nil then
+        local e = tonumber(ob.expires)
+        if e == nil or e > now then return 0 end
+      end
+      if oc > c or (oc == c and oid >= id) then return 0 end
+    end
+    if tomb >= c then return 0 end
+    redis.call('HSET', P .. 'ubans', field, payload)
+    redis.call('DEL', P .. 's:' .. ip .. ':office_user:' .. uh)
+    redis.call('XADD', P .. 'stream', 'MAXLEN', '~', maxlen, '*', 'op', 'userban', 'ip', ip, 'id', id,
+               'origin', origin, 'ban', payload)
+    return 1
+  end
+  if not redis.call('SET', P .. 'done:' .. id, '1', 'NX', 'PX', math.ceil(unban_memory * 1000)) then return 0 end
+  local at = tonumber(payload)
+  if cur then
+    if fields_of(cur) > at then return 0 end
+    redis.call('HDEL', P .. 'ubans', field)
+  end
+  if at > tomb then redis.call('HSET', P .. 'uunbans', field, payload .. '|' .. id .. '|' .. origin .. '|' .. sig) end
+  redis.call('DEL', P .. 's:' .. ip .. ':office_user:' .. uh)
+  redis.call('XADD', P .. 'stream', 'MAXLEN', '~', maxlen, '*', 'op', 'userunban', 'ip', ip, 'user', user,
+             'id', id, 'origin', origin, 'at', payload, 'sig', sig)
   return 1
 end
 if not redis.call('SET', P .. 'done:' .. id, '1', 'NX', 'PX', math.ceil(unban_memory * 1000)) then return 0 end
