@@ -413,8 +413,8 @@ class Store:
         q = self.conn.execute
         # ids given here (as SQLite would: one past the largest), so the texts name their events; a text's
         # id is never reused, even after every event was pruned
-        base = max(q("SELECT coalesce(max(id), 0) FROM events").fetchone()[0],
-                   q("SELECT coalesce(max(id), 0) FROM event_texts").fetchone()[0])
+        base = q("SELECT max(coalesce((SELECT max(id) FROM events), 0), "
+                 "coalesce((SELECT max(id) FROM event_texts), 0))").fetchone()[0]  # one statement a batch
         self.conn.executemany(
             "INSERT INTO events (id, time, ip, filter, kind, weight) VALUES (?, ?, ?, ?, ?, ?)",
             ((base + k, e.time, e.ip, e.filter, e.kind.value, e.weight) for k, e in enumerate(events, 1)),

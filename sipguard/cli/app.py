@@ -1,14 +1,20 @@
 """The `sipguard` typer app: the app object, the global options and context, the output consoles, the
 log format and the option parsers every verb module shares (tables: sipguard/cli/output.py).
 
-Verb modules (`run`, `logs`, `bans`, `ops`, `doctor`, `firewall`) register their commands on `app`; this module
-imports none of them. It holds no logic of sipguard's stages. Values shown to the operator are printed
-literally (never as markup) with control characters escaped (sipguard.text), and never cut; so are the
-lines of sipguard's own log (EscapingFormatter).
+Verb modules (`run`, `logs`, `bans`, `ops`, `doctor`, `why`, `firewall`) register their commands on `app`;
+this module imports none of them at import time. Its root group (`_Verbs`) imports the one module of the
+verb a command runs, named by sipguard/cli/verbs.py's table, and builds only that verb's command; `--help`
+lists the table's help lines without importing any verb module. A verb module imported before the app
+runs (a test, an older `from . import x`) has its commands there from the start. It holds no logic of
+sipguard's stages. Values shown to the operator are printed literally (never as markup) with control
+characters escaped (sipguard.text), and never cut; so are the lines of sipguard's own log
+(EscapingFormatter).
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import logging
 import sys
 from datetime import datetime, timezone
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from ..addresses import AllowList
@@ -23,11 +30,80 @@ from ..config import Config, load_config, parse_duration, resolve_state_dir
 from ..errors import SipguardError
 from ..text import EscapingFormatter, printable
 from .output import OUTPUTS, output_format  # noqa: F401 - the verbs' shared --output parser
+from .verbs import VERBS
 
 if TYPE_CHECKING:
     from ..store import Store
 
+
+class _Verbs(TyperGroup):
+    """The root group: the verbs of sipguard/cli/verbs.py, each module imported (and its commands built)
+    when one of its verbs is asked for; commands already registered on `app` (a test imported the
+    module) are there from the start. While the help is drawn, a verb not loaded yet is a stand-in
+    command holding the table's help line, so `sipguard --help` imports no verb module."""
+
+    _listing = False
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return [*VERBS, *(name for name in self.commands if name not in VERBS)]
+
+    def get_command(self, ctx: typer.Context, cmd_name: str):  # noqa: ANN201 - a click command or None
+        cmd = self.commands.get(cmd_name)
+        if cmd is None and cmd_name in VERBS:
+            if self._listing:
+                return TyperCommand(name=cmd_name, help=VERBS[cmd_name].help)
+            self._load(cmd_name)
+            cmd = self.commands.get(cmd_name)
+        return cmd
+
+    def _load(self, name: str) -> None:
+        """Import the verb's module (the collector paused, as for sipguard's own start-up) and build its
+        commands with typer's own builders, as typer builds an eagerly registered command."""
+        from typer.main import get_command_from_info, get_command_name, get_group_from_info
+        from typer.models import TyperInfo
+
+        verb = VERBS[name]
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            module = importlib.import_module(f"{__package__}.{verb.module}")
+        finally:
+            if paused:
+                gc.enable()
+        opts = {"pretty_exceptions_short": app.pretty_exceptions_short, "rich_markup_mode": app.rich_markup_mode}
+        if verb.group is not None:
+            self.add_command(get_group_from_info(TyperInfo(getattr(module, verb.group), name=name),
+                                                 suggest_commands=app.suggest_commands, **opts), name)
+            return
+        for info in app.registered_commands:
+            verb_name = info.name or get_command_name(info.callback.__name__)
+            if VERBS.get(verb_name, verb).module == verb.module and verb_name not in self.commands:
+                self.add_command(get_command_from_info(info, **opts), verb_name)
+
+    def format_help(self, ctx: typer.Context, formatter) -> None:  # noqa: ANN001 - click's HelpFormatter
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]):  # noqa: ANN201 - click's triple
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as exc:  # click's "No such command": suggest from the table, not the loaded verbs
+            message = getattr(exc, "message", None)
+            names = self.list_commands(ctx)
+            if args and args[0] not in names and isinstance(message, str) and "Did you mean" not in message:
+                from difflib import get_close_matches
+
+                near = get_close_matches(args[0], names)
+                if near:
+                    exc.message = f"{message.rstrip('.')}. Did you mean {', '.join(map(repr, near))}?"
+            raise
+
+
 app = typer.Typer(
+    cls=_Verbs,
     add_completion=False,
     no_args_is_help=True,
     help="sipguard: bans the sources that attack a Kamailio SIP server, from what Kamailio logs.",

@@ -7,7 +7,7 @@ baseline firewall stays, since removing it could open the host).
 
 Everything printed goes out line by line escaped (`_lines`), and is never cut.
 
-Registered by sipguard/cli/__init__.py with `app.add_typer(firewall_app, name="firewall")`; the global
+Registered as the `firewall` verb by sipguard/cli/verbs.py's table (built when a command asks for it); the global
 options (--config, --state-dir) live in sipguard/cli/app.py's `ctx`.
 """
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 log = logging.getLogger("sipguard")
 
@@ -72,7 +72,8 @@ class LossStats:
     untrusted: int = 0  # journal entries that look like journald's notice but lack its own fields
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        # (dataclasses.asdict deep-copies: this runs for every batch the daemon reports to its hooks)
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class LossNotices:

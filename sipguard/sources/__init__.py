@@ -4,8 +4,9 @@
 (FileFollower, through rotation, truncation and restarts) or whole (read_file, read_chunks);
 `identity.py` tells which file a position belongs to by its content (fingerprints, logrotate's names
 for rotated generations); `journal.py` follows the systemd journal through journalctl; `multi.py`
-polls files and journal as one. Every live source hands out LineBatches through the `Follower`
-interface.
+polls files and journal as one; `pace.py` paces both (while lines keep coming, one batch per
+interval, so a writer appending a line at a time does not cost the daemon a batch per line). Every
+live source hands out LineBatches through the `Follower` interface.
 
 Nothing here knows what Kamailio is: never decodes, parses or filters a line, and never touches
 the store (callers persist positions and cursors).

@@ -33,6 +33,10 @@ from .identity import (
     COMPRESSED, DECOMPRESS_ERRORS, Mark, Opened, Stream, open_at, open_start, plain_holds, rotated_siblings,
 )
 from .lines import CHUNK, HEAD, MAX_LINE, TAIL, LineBatch, SourcePosition, _Cutter, _to_lines
+from .pace import BATCH_INTERVAL, Pacer
+
+STREAM_POLLS = 10
+"""Polls in a row that find lines at their first look before a steady stream is followed without inotify."""
 
 log = logging.getLogger("sipguard.sources")
 
@@ -51,6 +55,7 @@ STAT_KEYS = (
     "errors",  # any other OSError while reading; retried
     "unterminated",  # final partial line of a rotated-away file, delivered as is
     "lost_rotated",  # saved position's file not found on restart: its unread rest is lost
+    "streaming",  # a steady stream began: the watches were dropped until a poll found nothing (pace.py)
 )
 
 
@@ -298,7 +303,11 @@ class FileFollower:
     """Follows several log files at once and hands out their complete lines exactly once.
 
     Woken by inotify (watchdog watching the parent directories) and, as a safety net, by a
-    stat every `stat_interval` seconds. Use from one thread: ``start()``, then ``poll()`` in a
+    stat every `stat_interval` seconds. Paced (pace.py): while lines keep coming, a poll hands out
+    at most one batch per `batch_interval` seconds (the first line after a quiet spell and a
+    backlog at once), so a writer appending a line at a time does not cost a batch per line; during
+    a steady stream the watches are dropped (the pacer's looks find the lines, inotify would wake a
+    thread per write) until a poll finds nothing. Use from one thread: ``start()``, then ``poll()`` in a
     loop; after processing each batch persist ``positions()``; ``close()`` at the end. On a
     restart pass the persisted positions back in.
     """
@@ -313,6 +322,7 @@ class FileFollower:
         rotate_grace: float = 2.0,
         stat_interval: float = 1.0,
         read_budget: int = CHUNK,
+        batch_interval: float = BATCH_INTERVAL,
     ) -> None:
         self.paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
         self._names = {os.path.abspath(p): p for p in paths}  # absolute -> as given
@@ -325,6 +335,12 @@ class FileFollower:
         self.read_budget = read_budget
         self.stats: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
         self._wake = threading.Event()
+        self.batch_interval = batch_interval
+        self._pacer = Pacer(batch_interval)
+        self.backlog = False  # the last poll was cut by the read budget: more lines are waiting
+        self._streaming = False  # a steady stream: no directory watches, the pacer's looks instead
+        self._hot = 0  # polls in a row whose first look found lines
+        self._last_lines = False  # the last poll returned lines
         self._interrupted = False  # wake() was called: the current (or next) poll returns at once
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._watches: dict[str, tuple[object, tuple[int, int]]] = {}  # dir -> (watch, dir ident)
@@ -402,13 +418,21 @@ class FileFollower:
         if self._closed:
             return LineBatch([])
         deadline = time.monotonic() + max(0.0, timeout)
+        if not self._interrupted:
+            self._pacer.hold(deadline)  # the lines of a steady stream gather meanwhile
+        first = True
         while True:
             self._wake.clear()
             out, more = self._pass()
             now = time.monotonic()
             if out or now >= deadline or self._interrupted:
                 self._interrupted = False
+                self._handed(bool(out), more, hot=first and bool(out))
                 return out
+            first = False
+            if self._streaming:  # a lull: inotify wakes the wait again, then one more look (a line
+                self._watch_again()  # written before the watch was armed is not missed)
+                continue
             if more:
                 continue
             wait = min(deadline - now, self._interval())
@@ -417,10 +441,42 @@ class FileFollower:
                 wait = min(wait, max(0.0, t - now) + 0.001)
             self._wake.wait(wait)
 
+    def _handed(self, lines: bool, more: bool, hot: bool) -> None:
+        """A poll returns. `hot`: its first look found lines right after the previous batch (a steady
+        stream): after STREAM_POLLS such polls in a row the directory watches are dropped, since the
+        pacer looks every batch_interval anyway and inotify would only cost a wake-up (in the watcher's
+        threads) for every line written; the first poll that finds nothing arms them again."""
+        self.backlog = more
+        self._pacer.handed(lines, more)
+        self._hot = self._hot + 1 if hot and self._last_lines else 0
+        self._last_lines = lines
+        if not lines and self._streaming:
+            self._watch_again()
+        elif (self._hot >= STREAM_POLLS and not self._streaming and self._observer is not None
+              and not self._watch_failed and self.batch_interval > 0):
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        obs = self._observer
+        for w, _ident in self._watches.values():
+            try:
+                obs.unschedule(w)  # type: ignore[union-attr, arg-type]
+            except Exception:  # pragma: no cover - a watch the observer dropped itself
+                pass
+        self._watches.clear()
+        self._streaming = True
+        self.stats["streaming"] += 1
+
+    def _watch_again(self) -> None:
+        self._streaming = False
+        self._hot = 0
+        self._check_dirs(force=True)
+
     def wake(self) -> None:
         """End the current (or the next) poll's wait now, with the lines there are (maybe none).
         Safe from any thread: the daemon's other inputs (the fleet's stream, a CLI request) use it."""
         self._interrupted = True
+        self._pacer.poke()
         self._wake.set()
 
     def positions(self) -> dict[str, SourcePosition]:
@@ -458,7 +514,7 @@ class FileFollower:
     def _check_dirs(self, force: bool = False) -> None:
         """(Re)schedule directory watches: dirs appearing late, or replaced by a new inode."""
         now = time.monotonic()
-        if not force and now < self._next_dir_check and not self._dead_dirs:
+        if self._streaming or (not force and now < self._next_dir_check and not self._dead_dirs):
             return
         self._next_dir_check = now + self.stat_interval
         obs = self._observer
