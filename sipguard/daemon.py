@@ -14,7 +14,8 @@ Between batches: steps of the wall clock (sipguard/clock.py: the bans keep their
 requests, hooks (fleet, blocklists), expiries, the resync, pruning and the status heartbeat.
 
 The loop waits in the follower's poll for at most `control_interval`, and nothing in it spins: new log
-lines end the wait (inotify), and so does everything else the loop serves, through the follower's
+lines end the wait (inotify after a quiet spell; during a steady stream the follower paces itself to
+one batch per 50 ms, sipguard/sources/pace.py), and so does everything else the loop serves, through the follower's
 `wake` (called from other threads): a CLI command's ring (sipguard/doorbell.py), an entry from the
 fleet's stream (sipguard/cluster/reader.py), `stop`. So a CLI ban is mirrored (and published to the
 fleet) at once and another node's ban is applied at once; the tick only bounds what nothing announces
