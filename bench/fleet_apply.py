@@ -24,7 +24,6 @@ import ipaddress
 import os
 import pstats
 import shutil
-import subprocess
 import sys
 import tempfile
 import time

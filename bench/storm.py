@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from tests.lab import journald as lab_journald
-from tests.lab.kamailio_unit import PROXY, available, kamailio_unit, storm
+from tests.lab.kamailio_unit import available, kamailio_unit, storm
 
 OUT = Path(__file__).resolve().parent / "storm.json"
 NET = "198.19.0.0/16"  # 65,534 sources

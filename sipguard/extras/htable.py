@@ -52,7 +52,6 @@ from ..model import Ban, user_key
 
 if TYPE_CHECKING:
     from ..config import HtableConfig
-    from ..enforce.base import Enforcer
 
 log = logging.getLogger("sipguard.htable")
 
