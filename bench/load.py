@@ -199,6 +199,17 @@ def render(res: LoadResult, f2b: dict | None, cfg: LoadConfig, when: str, load_a
         f"{len(res.attacks) // max(1, cfg.attack_rounds)} of tests/e2e/scenario.py from fresh addresses.",
         "",
     ]
+    lines += [
+        "Earlier runs (2026-12-01 21:35 UTC) failed two checks, both fixed in the example config: the callee PBX "
+        "(198.18.250.1) was blocked by pike at its users' re-registration burst (20 REGISTERs in 1.6 s plus "
+        "keepalives from one address) and banned by sipguard for the pike line (`flood:pike-block`), which cut the "
+        "calls to 2.7/s: the config now skips pike for the high-rate peers of address group 2, where the lab lists "
+        "it; svcrack with a phone's User-Agent was banned at one event by `scanner:secfilter`: the config gave "
+        "secfilter's SQL-injection check whole From/To headers, and svcrack's `\"1000\" <sip:1000@...>` has the "
+        "quoted display name every phone sends: the config checks only the user parts and the User-Agent, and "
+        "svcrack is banned by the auth jail.",
+        "",
+    ]
     if f2b is not None:
         lines += [
             f"fail2ban-regex took {f2b['seconds']:.1f} s for the log and matched {f2b['failures']:,} failures. It "
