@@ -156,16 +156,22 @@ def manual_ban_user(
               score=0.0, offence=1, manual=True, user=user)
     book = _book(store, None)  # no kernel: a user ban is Kamailio's (the daemon sets its htable entry)
     [ban] = book.ban([ban], now, MANUAL)
+    _store_user(book, store, now, "ban_user", ip, user)
+    return ban
+
+
+def _store_user(book: BanBook, store: Store, now: float, action: str, ip: str, user: str) -> None:
+    """Write a user ban change `book` queued and its control request in one transaction (no kernel side
+    to put back: the running daemon changes Kamailio's entry when it mirrors the request)."""
     try:
         with store.transaction():
             book.write(now)
-            store.request("ban_user", ip, user=user)
+            store.request(action, ip, user=user)
     except BaseException:
         book.failed()
         raise
     book.written()
     ring(store.path)
-    return ban
 
 
 def manual_unban_user(store: Store, target: str, user: str, now: float | None = None) -> Ban | None:
@@ -181,15 +187,7 @@ def manual_unban_user(store: Store, target: str, user: str, now: float | None = 
         return None
     book = _book(store, None)  # no kernel: a user ban is Kamailio's (the daemon lifts its htable entry)
     book.unban_user(ip, user, now)
-    try:
-        with store.transaction():
-            book.write(now)
-            store.request("unban_user", ip, user=user)
-    except BaseException:
-        book.failed()
-        raise
-    book.written()
-    ring(store.path)
+    _store_user(book, store, now, "unban_user", ip, user)
     return ban
 
 

@@ -472,6 +472,20 @@ def test_outbox_survives_a_restart_while_redis_is_away(fleet, redis_server):
 
 
 # -- the office policy in fleet mode (issue 17): shared successes, user bans on the stream -------------
+def htable_rpc(tables: dict[str, dict[str, int]], req: dict) -> dict:
+    """Kamailio's htable JSON-RPC methods the mirror calls, on in-memory tables: the reply to `req`."""
+    method, params = req["method"], req["params"]
+    t = tables.setdefault(params[0], {})
+    result = None
+    if method in ("htable.setxi", "htable.seti"):
+        t[params[1]] = params[2]
+    elif method == "htable.delete":
+        t.pop(params[1], None)
+    elif method == "htable.dump":
+        result = [{"slot": [{"name": k, "value": v} for k, v in list(t.items())]}]
+    return {"jsonrpc": "2.0", "result": result, "id": req["id"]}
+
+
 class FakeKamailio:
     """Kamailio's JSON-RPC over HTTP (jsonrpcs through xhttp), its htables in memory: 127.0.0.1, a free
     port, a thread of this test; stopped by `close`."""
@@ -485,16 +499,7 @@ class FakeKamailio:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                method, params = req["method"], req["params"]
-                t = outer.tables.setdefault(params[0], {})
-                result = None
-                if method in ("htable.setxi", "htable.seti"):
-                    t[params[1]] = params[2]
-                elif method == "htable.delete":
-                    t.pop(params[1], None)
-                elif method == "htable.dump":
-                    result = [{"slot": [{"name": k, "value": v} for k, v in list(t.items())]}]
-                body = json.dumps({"jsonrpc": "2.0", "result": result, "id": req["id"]}).encode()
+                body = json.dumps(htable_rpc(outer.tables, req)).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -751,17 +756,8 @@ class DgramKamailio:
             except OSError:
                 return
             req = json.loads(data)
-            method, params = req["method"], req["params"]
-            t = self.tables.setdefault(params[0], {})
-            result = None
-            if method in ("htable.setxi", "htable.seti"):
-                t[params[1]] = params[2]
-            elif method == "htable.delete":
-                t.pop(params[1], None)
-            elif method == "htable.dump":
-                result = [{"slot": [{"name": k, "value": v} for k, v in list(t.items())]}]
             try:
-                self.sock.sendto(json.dumps({"jsonrpc": "2.0", "result": result, "id": req["id"]}).encode(), addr)
+                self.sock.sendto(json.dumps(htable_rpc(self.tables, req)).encode(), addr)
             except OSError:
                 pass
 

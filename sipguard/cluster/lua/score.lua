@@ -85,18 +85,18 @@ if ARGV[i] ~= '' then
 end
 i = i + 7
 local banned, values = {}, {}
+local function in_force(v)  -- a shared ban's json (address or user ban): not expired at `now`
+  if not v then return false end
+  local ok, ban = pcall(cjson.decode, v)
+  if not ok or type(ban) ~= 'table' then return false end
+  local e = tonumber(ban.expires)
+  return (e == nil) or (e > now)
+end
 local function is_banned(ip)
   if banned[ip] ~= nil then return banned[ip] end
   local v = redis.call('HGET', P .. 'bans', ip)
-  local b = false
-  if v then
-    local ok, ban = pcall(cjson.decode, v)
-    if ok and type(ban) == 'table' then
-      local e = tonumber(ban.expires)
-      b = (e == nil) or (e > now)
-    end
-    if b then values[ip] = v end
-  end
+  local b = in_force(v)
+  if b then values[ip] = v end
   banned[ip] = b
   return b
 end
@@ -126,18 +126,11 @@ local function user_banned(ip, h)
   local f = ip .. '|' .. h
   if uban[f] ~= nil then return uban[f] end
   local v = redis.call('HGET', P .. 'ubans', f)
-  local b = false
-  if v then
-    local ok, ban = pcall(cjson.decode, v)
-    if ok and type(ban) == 'table' then
-      local e = tonumber(ban.expires)
-      b = (e == nil) or (e > now)
-    end
-    if b then
-      table.insert(uheld, ip)
-      table.insert(uheld, h)
-      table.insert(uheld, v)
-    end
+  local b = in_force(v)
+  if b then
+    table.insert(uheld, ip)
+    table.insert(uheld, h)
+    table.insert(uheld, v)
   end
   uban[f] = b
   return b
