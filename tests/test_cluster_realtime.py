@@ -308,3 +308,18 @@ def test_checked_entries_are_what_the_daemon_applies():
                        signer, now) == ("unban", ban.ip, now)
     assert check_entry({"op": "unban", "ip": ban.ip, "id": "edge1:2", "origin": "edge1", "at": at, "sig": "x" * 22},
                        signer, now) == ("unverified", "")
+
+
+def test_the_reader_thread_shadows_nothing_of_threading_thread():
+    """StreamReader is a threading.Thread: none of its names may be one Thread's own instances use
+    (Python 3.13's Thread keeps its handle in `self._handle`: a method of that name was shadowed by it,
+    and the reader's process was restarted forever on Debian 13)."""
+    import threading
+
+    from sipguard.cluster.reader import StreamReader
+
+    thread_names = set(vars(threading.Thread())) | {"_handle", "_started", "_ident", "_native_id", "_tstate_lock",
+                                                   "_is_stopped", "_target", "_args", "_kwargs", "_name",
+                                                   "_daemonic", "_stderr", "_invoke_excepthook"}
+    own = {n for n in vars(StreamReader) if not n.startswith("__")}
+    assert not own & thread_names, own & thread_names

@@ -99,7 +99,7 @@ class StreamReader(threading.Thread):
         try:
             while conn.poll(0):
                 msg = marshal.loads(conn.recv_bytes())
-                if not self._handle(msg, wake=False):
+                if not self._on_message(msg, wake=False):
                     return
         except (EOFError, OSError, ValueError, TypeError):
             return  # (the relay sees the same and says so)
@@ -167,7 +167,7 @@ class StreamReader(threading.Thread):
 
         class Direct:
             def send_bytes(self, data: bytes) -> None:
-                relay._handle(marshal.loads(data))
+                relay._on_message(marshal.loads(data))
 
         self.pid = os.getpid()
         follow(self.cfg, secrets, Direct(), self.block_ms, os.getppid(), alive=lambda: not self._stop_ev.is_set())
@@ -178,7 +178,7 @@ class StreamReader(threading.Thread):
             log.warning("cluster: the stream reader's process did not start within %.0f s", START_WAIT)
             return
         try:  # its first message says which protocol it speaks; then `pump` may share the reading
-            if not self._handle(marshal.loads(conn.recv_bytes())):
+            if not self._on_message(marshal.loads(conn.recv_bytes())):
                 return
         except (EOFError, OSError, ValueError, TypeError):
             return
@@ -190,7 +190,7 @@ class StreamReader(threading.Thread):
                     with self._reading:
                         while conn.poll(0):
                             msg = marshal.loads(conn.recv_bytes())  # (from this node's own reader process)
-                            if not self._handle(msg):
+                            if not self._on_message(msg):
                                 return
                 except (EOFError, OSError):
                     return
@@ -200,7 +200,7 @@ class StreamReader(threading.Thread):
         finally:
             self._conn = None
 
-    def _handle(self, msg: tuple, wake: bool = True) -> bool:
+    def _on_message(self, msg: tuple, wake: bool = True) -> bool:
         """One message of the reader: a state kept here, or an item for the bridge; False: stop reading."""
         kind = msg[0]
         if kind == "hello":

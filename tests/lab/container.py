@@ -757,7 +757,8 @@ class InstalledHost:
         ok = self._until(lambda: "cluster: node edge1 via redis://127.0.0.1:6379/0: in sync" in self.sg("status").stdout,
                          15)
         status = self.sg("status").stdout
-        assert ok is not None and re.search(r"^\s+edge1: last heartbeat -?[\d.]+s ago, in sync$", status, re.M), status
+        assert ok is not None and re.search(r"^\s+edge1: last heartbeat -?[\d.]+s ago, in sync$", status, re.M), \
+            status + "\n" + c.sh("journalctl -u sipguard.service --no-pager -n 400 | grep -v 'ended (exit code' | tail -60", check=False).stdout
         ip = "198.18.0.89"
         self.sg("ban", ip, "--for", "1h", "--reason", "fleet-check")
         entry: dict = {}
