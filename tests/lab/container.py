@@ -758,7 +758,7 @@ class InstalledHost:
                          15)
         status = self.sg("status").stdout
         assert ok is not None and re.search(r"^\s+edge1: last heartbeat -?[\d.]+s ago, in sync$", status, re.M), \
-            status + "\n" + c.sh("journalctl -u sipguard.service --no-pager -n 400 | grep -v 'ended (exit code' | tail -60", check=False).stdout
+            status + "\n" + self.journal("sipguard.service", 60)
         ip = "198.18.0.89"
         self.sg("ban", ip, "--for", "1h", "--reason", "fleet-check")
         entry: dict = {}
