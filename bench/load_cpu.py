@@ -45,20 +45,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tests.e2e.scenario import FRAUD_JAIL
+
 from .common import SIPGUARD, db_offset, db_status, log, start, stop, wait_for, write_config
 
 RATE = 526.0
 """Kamailio's log lines/s in bench/RESULTS.md's Load run (157,943 lines in 300 s)."""
 PHONES = 3000
 CALLEES = 10
-SG_EXTRA = """
-[policy.jails.fraud]
-kinds = ["dial", "probe"]
-distinct = "dest"
-prefixes = ["+", "00"]
-findtime = "1h"
-threshold = 5
-"""
+SG_EXTRA = FRAUD_JAIL
 """The load lab's sipguard config (tests/lab/load.py: SG_CONFIG + FRAUD_JAIL) less its files and kernel."""
 
 

@@ -27,18 +27,19 @@ local function fields_of(v)
   if ok and type(b) == 'table' then return tonumber(b.created) or 0, tostring(b.id or ''), b end
   return 0, '', nil
 end
+local function held_over(cur, c)  -- does the current value `cur` win over a new ban created at `c`?
+  if not cur then return false end
+  local oc, oid, ob = fields_of(cur)
+  if claim and ob ~= nil then  -- a claim is refused while a ban is in force
+    local e = tonumber(ob.expires)
+    if e == nil or e > now then return true end
+  end
+  return oc > c or (oc == c and oid >= id)
+end
 if op == 'ban' then
   local nb = cjson.decode(payload)
   local c = tonumber(nb.created)
-  local cur = redis.call('HGET', P .. 'bans', ip)
-  if cur then
-    local oc, oid, ob = fields_of(cur)
-    if claim and ob ~= nil then
-      local e = tonumber(ob.expires)
-      if e == nil or e > now then return 0 end
-    end
-    if oc > c or (oc == c and oid >= id) then return 0 end
-  end
+  if held_over(redis.call('HGET', P .. 'bans', ip), c) then return 0 end
   if tomb_at(ip) >= c then return 0 end
   redis.call('HSET', P .. 'bans', ip, payload)
   clear(ip)
@@ -65,14 +66,7 @@ if op == 'userban' or op == 'userunban' then
   if op == 'userban' then
     local nb = cjson.decode(payload)
     local c = tonumber(nb.created)
-    if cur then
-      local oc, oid, ob = fields_of(cur)
-      if claim and ob ~= nil then
-        local e = tonumber(ob.expires)
-        if e == nil or e > now then return 0 end
-      end
-      if oc > c or (oc == c and oid >= id) then return 0 end
-    end
+    if held_over(cur, c) then return 0 end
     if tomb >= c then return 0 end
     redis.call('HSET', P .. 'ubans', field, payload)
     redis.call('DEL', P .. 's:' .. ip .. ':office_user:' .. uh)
