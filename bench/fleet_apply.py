@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     from sipguard.config import Config
     from sipguard.enforce import make_enforcer
     from sipguard.enforce.dryrun import DryRunEnforcer
+    from sipguard.process import tune_gc
     from sipguard.store import Store
     from sipguard.wiring import build_daemon
 
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         enf = make_enforcer(cfg.enforce, str(tmp / "state")) if args.ipset else DryRunEnforcer()
         daemon = build_daemon(cfg, store, enf, logs=[str(tmp / "kamailio.log")])
         daemon.setup()
+        tune_gc()  # (as `sipguard run` does)
         bridge, book = daemon.parts.fleet, daemon.parts.book
         entries = signed_entries(args.bans, cfg.cluster.key_prefix) if args.via != "redis" else []
         prof = cProfile.Profile() if args.profile else None

@@ -13,6 +13,11 @@ always in this order:
    ban's evidence (the records that decided it, `Ban.evidence`) beside its row;
    `written()` drops what a committed transaction holds. A transaction that fails (disk full, a lock)
    leaves the queue as it was: the rows are written by the next transaction that commits, never lost.
+   The daemon's book takes at most `write_slice` queued changes per transaction (whole calls, in
+   order), so a burst (100,000 fleet bans) is stored in short transactions after it is in the kernel:
+   while the fleet says a burst is under way (`hold`), only HOLD_SLICE per transaction, so the kernel
+   gets all of it first; `behind` tells the daemon's loop to come round at once until the queue is
+   stored.
 
 A crash between 1 and 3 never loses a ban: at start `restore` adopts every entry found in sipguard's own
 kernel sets without a store record, with its remaining kernel timeout, before making the kernel equal to
@@ -90,6 +95,14 @@ EXPIRY = "expiry"
 RESTORE = "restore"
 
 
+WRITE_SLICE = 2000
+"""Queued changes per transaction in the daemon (`write_slice`): each stays short (a few ms to 20 ms),
+so a CLI command never waits long for the store."""
+HOLD_SLICE = 100
+"""Queued changes per transaction while a burst is being put into the kernel (`hold`): the store keeps
+moving, the kernel goes first."""
+
+
 @dataclass(slots=True)
 class BookStats:
     bans: int = 0
@@ -123,6 +136,7 @@ class _Remove:
     ip: str
     action: str  # unban | expire | delist
     cleared_at: float | None  # events of `ip` up to this time no longer count (unban); None: keep them
+    queued: float = 0.0  # when it was decided (a CLI command stored after it wins over it)
 
 
 class BanBook:
@@ -130,23 +144,47 @@ class BanBook:
     loop (or one CLI command) owns it."""
 
     def __init__(self, store: Store, enforcer: Enforcer | None, scorer: BannedSet | None = None,
-                 listeners: Iterable[BanListener] = (), *, strict: bool = False) -> None:
+                 listeners: Iterable[BanListener] = (), *, strict: bool = False,
+                 write_slice: int | None = None) -> None:
         """`strict` (the CLI): a kernel error is raised and nothing is queued for the store, so a
-        command either changes both or neither. The daemon is not strict: it never stops on one ban."""
+        command either changes both or neither. The daemon is not strict: it never stops on one ban.
+        `write_slice` (the daemon): at most this many queued changes per transaction (None: all, as one
+        CLI command stores its whole change at once)."""
         self.strict = strict
         self.store = store
         self.enforcer = enforcer
         self.scorer = scorer
         self.listeners = tuple(listeners)
         self.stats = BookStats()
-        self._pending: list[_Put | _Remove | _PutUser | _RemoveUser] = []
-        self._heard: list[tuple[str, Sequence[Ban] | Sequence[str], str, float]] = []
+        # queued store changes, in order (None: one dropped by `_forget`, so the marks below stay true)
+        self._pending: list[_Put | _Remove | _PutUser | _RemoveUser | None] = []
+        # what the listeners hear, each with the count of changes ever queued when it was heard and how
+        # many of them its call queued: a transaction that takes a slice takes its changes in order with
+        # what the listeners hear of them (a call's items one to one with its changes can be cut)
+        self._heard: list[tuple[str, Sequence, str, float, int, int]] = []
+        self._queued = 0  # changes ever queued
+        self._done = 0  # changes ever stored (dropped from the front of `_pending`)
+        self._removes: dict[str, int] = {}  # address -> queued `_Remove`s of it
+        self._slice = write_slice
+        self._holding = False
+        self._behind = False
         self._refused: dict[str, str | None] = {}
-        self._marks = (0, 0)  # what the last `write` put into the open transaction
+        self._marks = (0, 0, 0)  # what the last `write` put into the open transaction
         self._overlay: dict[str, Ban | None] = {}  # the queued state of each address changed, not yet stored
         self._warned_users = False
 
     # -- changes -----------------------------------------------------------------------------
+    def _queue(self, ops: Iterable[_Put | _Remove | _PutUser | _RemoveUser]) -> int:
+        n = len(self._pending)
+        self._pending.extend(ops)
+        n = len(self._pending) - n
+        self._queued += n
+        return n
+
+    def _hear(self, kind: str, items: Sequence, cause: str, t: float, ops: int = 0) -> None:
+        """What the listeners hear of a call that queued the last `ops` changes."""
+        self._heard.append((kind, items, cause, t, self._queued, ops))
+
     def ban(self, bans: Sequence[Ban], now: float, cause: str = POLICY, *, store: bool = True,
             batch: bool = False) -> list[Ban]:
         """Ban each of `bans`: kernel (one batch when several, or with `batch`), scorer, then queued for
@@ -171,11 +209,12 @@ class BanBook:
         if self.scorer is not None:
             for ban in out:
                 self.scorer.note_ban(ban.ip)
+        queued = 0
         if store:
-            self._pending.extend(_Put(b) for b in out)
+            queued = self._queue(_Put(b) for b in out)
             for b in out:
                 self._overlay[b.ip] = b
-        self._heard.append(("ban", out, cause, now))
+        self._hear("ban", out, cause, now, queued)
         self.stats.bans += len(out)
         for ban in out:
             if ban.refused:
@@ -206,9 +245,8 @@ class BanBook:
             if note is not None:
                 note(b.ip, b.user)
             log.info("user ban: user %r at %s (%s)", b.user, b.ip, b.reason)
-        if store:
-            self._pending.extend(_PutUser(b) for b in bans)
-        self._heard.append(("userban", bans, cause, now))
+        queued = self._queue(_PutUser(b) for b in bans) if store else 0
+        self._hear("userban", bans, cause, now, queued)
         self.stats.bans += len(bans)
 
     def unban_user(self, ip: str, user: str, now: float, *, action: str = "userunban", store: bool = True,
@@ -227,9 +265,8 @@ class BanBook:
         release = getattr(self.scorer, "release_user", None)
         if release is not None:
             release(ip, user)
-        if store:
-            self._pending.append(_RemoveUser(ip, user, action))
-        self._heard.append(("userunban", [(ip, user)], EXPIRY if action == "userexpire" else cause, now))
+        queued = self._queue([_RemoveUser(ip, user, action)]) if store else 0
+        self._hear("userunban", [(ip, user)], EXPIRY if action == "userexpire" else cause, now, queued)
         if action == "userexpire":
             self.stats.expired += 1
         else:
@@ -252,13 +289,15 @@ class BanBook:
             self._kernel_sync([b for b in self.held(now) if b.ip not in lifted], now)
         elif self.enforcer is not None:
             self._kernel_unban(ips[0])
+        queued = 0
         for ip in ips:
             if self.scorer is not None:
                 self.scorer.release(ip)
             if store:
-                self._pending.append(_Remove(ip, action, at if clear else None))
+                queued += self._queue([_Remove(ip, action, at if clear else None, now)])
+                self._removes[ip] = self._removes.get(ip, 0) + 1
                 self._overlay[ip] = None
-        self._heard.append(("unban", ips, cause, at))
+        self._hear("unban", ips, cause, at, queued)
         if action == "expire":
             self.stats.expired += len(ips)
         else:
@@ -267,8 +306,9 @@ class BanBook:
 
     def expire(self, now: float) -> list[Ban]:
         """End every ban whose time is over (kernel entries expire by themselves; this tidies up)."""
-        gone = {(op.ip, op.user) for op in self._pending if isinstance(op, _RemoveUser)}
-        for b in self.store.expired_user_bans(now):
+        users = self.store.expired_user_bans(now)
+        gone = {(op.ip, op.user) for op in self._pending if isinstance(op, _RemoveUser)} if users else set()
+        for b in users:
             if (b.ip, b.user) not in gone:
                 self.unban_user(b.ip, b.user or "", now, action="userexpire")
                 log.info("user ban of %r at %s expired", b.user, b.ip)
@@ -280,12 +320,18 @@ class BanBook:
         return expired
 
     def apply_request(self, req: ControlRequest, now: float) -> None:
-        """Mirror what a CLI command did (it changed the store and its own kernel view already)."""
+        """Mirror what a CLI command did (it changed the store and its own kernel view already). A change
+        of the same address still queued here is older than the command's: it is dropped, so it never
+        overwrites what the command stored."""
         if req.action == "ban" and req.target:
             ban = self.store.get_ban(req.target)
+            target = req.target
             if ban is not None:
+                self._forget(lambda ip: ban.created if ip == target else None)
                 self.ban([ban], now, MANUAL, store=False)
         elif req.action == "unban" and req.target:
+            target, at = req.target, req.time
+            self._forget(lambda ip: at if ip == target else None)
             self.unban([req.target], now, MANUAL, at=req.time, store=False)
         elif req.action == "ban_user" and req.target and isinstance(req.payload.get("user"), str):
             got = [b for b in self.store.user_bans_of(req.target) if b.user == req.payload["user"]]
@@ -296,9 +342,15 @@ class BanBook:
         elif req.action in ("unban_all", "sync"):
             active = self.store.active_bans(now)
             keep = {b.ip for b in active}
+            if req.action == "unban_all":
+                at = req.time
+                self._forget(lambda ip: at)
+            else:  # (an import: the rows it stored win over what was queued before them)
+                made = {b.ip: b.created for b in active}
+                self._forget(made.get)
             gone = [ip for ip in self._banned_in_scorer() if ip not in keep]
             if req.action == "unban_all":
-                self._heard.append(("unban_all", [], MANUAL, req.time))
+                self._hear("unban_all", [], MANUAL, req.time)
             for ip in gone:
                 if self.scorer is not None:
                     self.scorer.release(ip)
@@ -306,7 +358,7 @@ class BanBook:
                 if self.scorer is not None:
                     self.scorer.note_ban(ban.ip)
             if req.action == "sync":
-                self._heard.append(("ban", active, MANUAL, now))
+                self._hear("ban", active, MANUAL, now)
             self.resync(now)
 
     def clock_stepped(self, step: float, now: float, *, made_after: tuple[float, float] | None = None,
@@ -357,7 +409,7 @@ class BanBook:
             if also is not None:
                 also()
         for i, op in enumerate(self._pending):
-            if isinstance(op, _Put) and op.ban.ip in delta and op.ban.expires is not None:
+            if type(op) is _Put and op.ban.ip in delta and op.ban.expires is not None:
                 self._pending[i] = _Put(replace(op.ban, expires=op.ban.expires + delta[op.ban.ip]))
         for ip, d in delta.items():
             queued = self._overlay.get(ip)
@@ -367,13 +419,19 @@ class BanBook:
 
     # -- store -------------------------------------------------------------------------------
     def write(self, now: float) -> int:
-        """Put every queued change into the caller's open transaction; returns how many (for `written`)."""
+        """Put the queued changes into the caller's open transaction (all of them, or with `write_slice`
+        whole calls up to the slice, in order); returns how many (for `written`)."""
         store = self.store
-        n = len(self._pending)
+        n, h, part = self._take()
         run: list[Ban] = []  # consecutive puts go to the store as one statement pair
-        for op in self._pending:
+        evidence: list[Ban] = []
+        for op in self._pending[:n]:
+            if op is None:
+                continue
             if isinstance(op, _Put):
                 run.append(op.ban)
+                if op.ban.evidence:
+                    evidence.append(op.ban)
                 continue
             if isinstance(op, _PutUser):
                 store.put_user_bans([op.ban], now)
@@ -389,11 +447,13 @@ class BanBook:
                 store.mark_cleared(op.ip, op.cleared_at)
         if run:
             store.put_bans(run, now)
-        evidence = [op.ban for op in self._pending if isinstance(op, _Put) and op.ban.evidence]
         if evidence:
             store.add_evidence(evidence)
-        heard = len(self._heard)
-        for kind, items, cause, t in self._heard:
+        heard = self._heard[:h]
+        if part:  # (the first `part` items of a call cut by the slice: those whose changes it takes)
+            kind, items, cause, t, _mark, _ops = self._heard[h]
+            heard.append((kind, items[:part], cause, t, 0, 0))
+        for kind, items, cause, t, _mark, _ops in heard:
             for li in self.listeners:
                 if kind == "ban":
                     li.on_bans(items, cause, now)  # type: ignore[arg-type]
@@ -405,22 +465,61 @@ class BanBook:
                         hear(items, cause, now)
                 else:
                     li.on_unbans(["*"], t, cause, now)
-        self._marks = (n, heard)
+        self._marks = (n, h, part)
         return n
+
+    def _take(self) -> tuple[int, int, int]:
+        """(queued changes, whole heard calls, items of the next call) the next transaction takes: all,
+        or the changes up to the slice in order with what the listeners hear of them. A call whose
+        items are its changes one to one (a ban batch, an unban) is cut at the slice; another one goes
+        whole, or waits when the slice has something already."""
+        total = len(self._pending)
+        limit = None if self._slice is None else (HOLD_SLICE if self._holding else self._slice)
+        if limit is None or total <= limit:
+            return total, len(self._heard), 0
+        n = h = 0
+        done = self._done
+        for _kind, items, _cause, _t, mark, ops in self._heard:
+            end = mark - done
+            if end <= limit:
+                h += 1
+                n = end
+                continue
+            start = end - ops
+            if ops == len(items) and ops > 0 and start < limit:
+                return limit, h, limit - start
+            if n == 0 and start <= 0:  # (one call bigger than the slice, not to be cut: whole)
+                return end, h + 1, 0
+            return max(n, min(start, limit)), h, 0
+        return max(n, min(total, limit)), h, 0
 
     def written(self) -> None:
         """The transaction `write` filled has committed: forget what it held."""
-        n, heard = self._marks
+        n, heard, part = self._marks
+        removes = self._removes
+        for op in self._pending[:n]:
+            if type(op) is _Remove:
+                left = removes.get(op.ip, 0) - 1
+                if left > 0:
+                    removes[op.ip] = left
+                else:
+                    removes.pop(op.ip, None)
         del self._pending[:n]
+        if part:
+            kind, items, cause, t, mark, ops = self._heard[heard]
+            self._heard[heard] = (kind, items[part:], cause, t, mark, ops - part)
         del self._heard[:heard]
-        self._marks = (0, 0)
+        self._done += n
+        self._marks = (0, 0, 0)
         if not self._pending:
             self._overlay.clear()
+        self._behind = bool(self._pending or self._heard)
         self.stats.pending = len(self._pending)
 
     def failed(self) -> None:
         """The transaction `write` filled rolled back: keep everything queued for the next one."""
-        self._marks = (0, 0)
+        self._marks = (0, 0, 0)
+        self._behind = False  # (the caller's retry decides when; the daemon loop does not spin on it)
         self.stats.pending = len(self._pending)
 
     def commit(self, now: float) -> None:
@@ -434,6 +533,53 @@ class BanBook:
             self.failed()
             raise
         self.written()
+
+    def hold(self, on: bool) -> None:
+        """A burst is being put into the kernel (the fleet's bridge says so while its backlog lasts):
+        each transaction takes at most HOLD_SLICE queued changes until `hold(False)`."""
+        self._holding = on
+
+    @property
+    def behind(self) -> bool:
+        """A transaction committed and left queued changes (a slice): the loop should come round now."""
+        return self._behind
+
+    def _forget(self, when: Callable[[str], float | None]) -> None:
+        """Drop the queued address changes a CLI command made stale: `when(ip)` is the time of the
+        command's stored change of `ip` (None: it did not change `ip`); a queued ban created then or
+        before, or a queued unban queued then or before, would overwrite it and goes (only the queued
+        ones: what the listeners hear stays); what the book knows of those addresses is the store's
+        again, or what is still queued. O(queue): CLI commands only."""
+        touched: set[str] = set()
+        for i, op in enumerate(self._pending):
+            t = type(op)
+            if t is _Put:
+                ip, at = op.ban.ip, op.ban.created
+            elif t is _Remove:
+                ip, at = op.ip, op.queued
+            else:
+                continue
+            limit = when(ip)
+            if limit is None or at > limit:
+                continue
+            self._pending[i] = None
+            touched.add(ip)
+            if t is _Remove:
+                left = self._removes.get(ip, 0) - 1
+                if left > 0:
+                    self._removes[ip] = left
+                else:
+                    self._removes.pop(ip, None)
+        touched.update(ip for ip in self._overlay if when(ip) is not None)  # (stored already: the store has it now)
+        if not touched:
+            return
+        for ip in touched:
+            self._overlay.pop(ip, None)
+        for op in self._pending:  # the overlay: what is still queued for them, else the store
+            if type(op) is _Put and op.ban.ip in touched:
+                self._overlay[op.ban.ip] = op.ban
+            elif type(op) is _Remove and op.ip in touched:
+                self._overlay[op.ip] = None
 
     @property
     def pending(self) -> int:
@@ -491,10 +637,10 @@ class BanBook:
                 expires = None if e.timeout is None else now + e.timeout
                 adopted.append(Ban(ip=e.ip, reason=ADOPTED_REASON, created=now, expires=expires))
         if adopted:
-            self._pending.extend(_Put(b) for b in adopted)
+            queued = self._queue(_Put(b) for b in adopted)
             for b in adopted:
                 self._overlay[b.ip] = b
-            self._heard.append(("ban", adopted, RESTORE, now))
+            self._hear("ban", adopted, RESTORE, now, queued)
             self.stats.adopted += len(adopted)
             log.warning("adopted %d kernel entries the store did not hold (a stop between kernel and store)",
                         len(adopted))
@@ -503,7 +649,7 @@ class BanBook:
         # ipset and a /0), or no longer: its store row says so from now on (`list`, `status`)
         remarked = [b.with_refusal(why) for b in active if (why := self._refusal(b.ip)) != b.refused]
         if remarked:
-            self._pending.extend(_Put(b) for b in remarked)
+            self._queue(_Put(b) for b in remarked)
             for b in remarked:
                 self._overlay[b.ip] = b
             refused = [b for b in remarked if b.refused]
@@ -608,7 +754,7 @@ class BanBook:
         return why
 
     def _removing(self, ip: str) -> bool:
-        return any(isinstance(op, _Remove) and op.ip == ip for op in self._pending)
+        return ip in self._removes
 
     def _banned_in_scorer(self) -> list[str]:
         return [] if self.scorer is None else list(self.scorer.banned)

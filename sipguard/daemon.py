@@ -224,8 +224,8 @@ class Daemon:
                         if self._stop.wait(self._retry_in):
                             break
                         self.retry()
-                    else:
-                        self.step(p.follower.poll_batch(interval))
+                    else:  # (the ban book stored a slice and holds more: round again at once)
+                        self.step(p.follower.poll_batch(0.0 if p.book.behind else interval))
                 except Exception:  # noqa: BLE001 - the daemon never dies on one bad batch
                     self.stats.errors += 1
                     log.exception("error while processing a batch; continuing")
@@ -235,6 +235,7 @@ class Daemon:
             if self._unstored is not None and not self.retry(housekeeping=False):
                 log.warning("stopping with %d events read but not stored: the next start reads their lines again",
                             len(self._unstored.events))
+            self._store_queued()
             try:
                 self.write_status(time.time(), running=False)
             except Exception:  # noqa: BLE001 - a store that refuses writes: the heartbeat goes stale
@@ -246,6 +247,21 @@ class Daemon:
                 except Exception:  # noqa: BLE001
                     log.exception("closing %s failed", type(hook).__name__)
         return self.stats
+
+    def _store_queued(self) -> None:
+        """At stop: what the ban book still holds queued (the tail of a burst) goes to the store, in its
+        short transactions (bounded; what does not land is adopted from the kernel at the next start)."""
+        book = self.parts.book
+        book.hold(False)
+        for _ in range(1000):
+            if not book.pending:
+                return
+            try:
+                book.commit(time.time())
+            except Exception:  # noqa: BLE001 - the kernel holds them; the next start adopts them
+                log.warning("stopping with %d ban changes not stored: the next start adopts them from the kernel",
+                            book.pending)
+                return
 
     # -- one batch ---------------------------------------------------------------------------
     def step(self, lines: list | LineBatch) -> list[Ban]:

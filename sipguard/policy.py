@@ -252,6 +252,9 @@ class Policy:
             self._dist["office_users"] = {}
             self.max_findtime = max(self.max_findtime, oc.findtime, oc.user_findtime)
         self._every = [*self.jails, *self._office_jails]
+        # every source that may hold a window (a superset: rebuilt by `expire`): clearing one that holds
+        # none is one set lookup (a fleet burst clears 100,000 sources it never saw)
+        self._known: set[str] = set()
         self._keeper = EvidenceKeeper((j.name for j in self._every), self.evidence_lines)
         self._succ: dict[str, dict[int, float]] = {}
         self._uwin: dict[tuple[str, str], list[float]] = {}
@@ -318,6 +321,8 @@ class Policy:
         wins = self._win[jail.name]
         old = wins.pop(ip, None)  # re-inserted below: dict order is least recently active first
         since = t - jail.cfg.findtime
+        if old is None:
+            self._known.add(ip)
         if old is None and w == 1.0:
             win: float | list[float] = t  # one event of weight 1.0: just its time
             score = 1.0
@@ -481,6 +486,7 @@ class Policy:
         seen = srcs.pop(ev.ip, None)  # re-inserted below: least recently active source first
         if seen is None:
             seen = {}
+            self._known.add(ev.ip)
         h = hash(value)  # a counting key only: never kept as text, never an address
         last = seen.pop(h, None)
         seen[h] = t if last is None or t > last else last
@@ -509,6 +515,11 @@ class Policy:
         for ip in gone:
             del wins[ip]
         self._keeper.drop(jail, gone)
+        held = [*self._win.values(), *self._dist.values()]  # (a spray keeps `_known` no bigger than the windows)
+        known = self._known
+        for ip in gone:
+            if not any(ip in d for d in held):
+                known.discard(ip)
         self.stats.evicted += n
 
     @property
@@ -567,6 +578,10 @@ class Policy:
         return min(base, cap)
 
     def _clear(self, ip: str, jails: Iterable[_Jail]) -> bool:
+        if ip not in self._known:  # (no window anywhere, so no evidence either)
+            return False
+        if jails is self._every:
+            self._known.discard(ip)
         hit = False
         for jail in jails:
             if self._win[jail.name].pop(ip, None) is not None:
@@ -614,6 +629,7 @@ class Policy:
             n += len(dead_u)
             if gone or dead_u:
                 self._succ, self._uwin, self._uevid = dict(self._succ), dict(self._uwin), dict(self._uevid)
+        self._known = {ip for held in (*self._win.values(), *self._dist.values()) for ip in held}
         horizon = now - self.cfg.offence_memory
         for ip in [ip for ip, ts in self.offences.items() if not ts or ts[-1] < horizon]:
             del self.offences[ip]

@@ -78,6 +78,9 @@ _SCHEMA = (
     'CREATE TABLE IF NOT EXISTS "event_texts" ("id" INTEGER PRIMARY KEY, "text" TEXT)',
     'CREATE TABLE IF NOT EXISTS "bans" ("ip" TEXT PRIMARY KEY, "reason" TEXT NOT NULL, "score" REAL, '
     '"created" REAL NOT NULL, "expires" REAL, "offence" INTEGER, "manual" INTEGER, "refused" TEXT)',
+    # the daemon looks for expired bans after every batch: without it each look read every ban (4 ms at
+    # 100,000 bans, 20 times a second under a steady stream of lines)
+    'CREATE INDEX IF NOT EXISTS "idx_bans_expires" ON "bans" ("expires")',
     'CREATE TABLE IF NOT EXISTS "ban_log" ("id" INTEGER PRIMARY KEY, "time" REAL, "action" TEXT, "ip" TEXT, '
     '"reason" TEXT, "score" REAL, "expires" REAL, "offence" INTEGER, "manual" INTEGER)',
     'CREATE INDEX IF NOT EXISTS "idx_ban_log_ip_time" ON "ban_log" ("ip", "time")',
@@ -102,7 +105,7 @@ _SCHEMA = (
 )
 _TABLES = ("events", "event_texts", "bans", "ban_log", "positions", "control", "cleared", "cluster_outbox", "cluster_bans", "meta",
            "evidence", "user_bans")
-_INDEXES = ("idx_events_time", "idx_events_ip_time", "idx_ban_log_ip_time", "idx_ban_log_time")
+_INDEXES = ("idx_events_time", "idx_events_ip_time", "idx_bans_expires", "idx_ban_log_ip_time", "idx_ban_log_time")
 
 
 class StoreError(SipguardError):

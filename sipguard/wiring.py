@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .addresses import AllowList
-from .bans import BanBook, BanListener
+from .bans import WRITE_SLICE, BanBook, BanListener
 from .config import Config, SourcesConfig, running_as_root, trusted_program
 from .daemon import Daemon, Hook, Parts
 from .doorbell import Doorbell, bell_path
@@ -250,7 +250,7 @@ def build_daemon(cfg: Config, store: Store, kernel: Enforcer, logs: list[str] | 
         scorer = fleet.policy
         listeners.append(fleet)
         hooks.append(fleet)
-    book = BanBook(store, enforcer, scorer, listeners)
+    book = BanBook(store, enforcer, scorer, listeners, write_slice=WRITE_SLICE)
 
     if cfg.blocklists:
         from .extras.blocklists import BlocklistHook

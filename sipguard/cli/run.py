@@ -23,6 +23,7 @@ def run(
     max_seconds: Annotated[Optional[float], typer.Option(hidden=True)] = None,
 ) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
+    from ..process import tune_gc
     from ..enforce import make_enforcer
     from ..wiring import build_daemon, load_filters
 
@@ -32,6 +33,7 @@ def run(
     enforcer = make_enforcer("dryrun" if dry_run else cfg.enforce)
     daemon = build_daemon(cfg, store, enforcer, logs=log or None, from_start=from_start or None, filters=filters)
     daemon.install_signal_handlers()
+    tune_gc()
     stats = daemon.run(max_seconds=max_seconds)
     logging.getLogger("sipguard").info("stopped: %d lines, %d events, %d bans", stats.lines, stats.events, stats.bans)
 

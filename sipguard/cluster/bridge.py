@@ -150,6 +150,7 @@ class ClusterBridge:
         self.reader = StreamReader(cfg, self.queue, wake)
         # what the reader delivered and the loop has not applied yet (applied APPLY_BATCH at a time)
         self._backlog: deque[tuple] = deque()
+        self._waiting = 0  # entries in the backlog beyond one per item (a "checked" item holds a reply's list)
         self._batch: dict[str, Ban] = {}  # fleet bans of the chunk being applied, for one kernel batch
         self._cur: dict[str, Ban | None] = {}  # the chunk's addresses: the ban held (prefetched, kept current)
         self._held_cache: dict[str, tuple[str, float] | None] = {}  # the chunk's addresses: held fleet id
@@ -642,8 +643,10 @@ class ClusterBridge:
                     _kind, epoch, bans, taken = item
                     self._backlog.extend(("snapc", ip, checked) for ip, checked in bans)
                     self._backlog.append(("snap_end", epoch, taken, frozenset(ip for ip, _ in bans)))
-                elif kind == "checked":
-                    self._backlog.extend(("checked", entry_id, checked) for entry_id, checked in item[1])
+                elif kind == "checked":  # (one item for a whole reply: `_chunk` cuts it, no tuple per entry)
+                    if item[1]:
+                        self._backlog.append(item)
+                        self._waiting += len(item[1]) - 1
                 elif kind == "entries":  # (raw entries, checked here)
                     self._backlog.extend(("entry", entry_id, fields) for entry_id, fields in item[1])
                 else:
@@ -658,17 +661,20 @@ class ClusterBridge:
         detection never waits for all of it."""
         self._take()
         if not self._backlog:
+            book.hold(False)
             return
         backlog = self._backlog
-        chunk = [backlog.popleft() for _ in range(min(APPLY_BATCH, len(backlog)))]
+        chunk = self._chunk()
+        book.hold(bool(backlog))  # a burst: its bans go to the kernel first, the store follows in slices
         now = time.time()
         self._prefetch(book, chunk)
         try:
             with self.store.transaction():
                 for item in chunk:
                     kind = item[0]
-                    if kind == "checked":
-                        self._apply_checked(book, item[1], item[2], now)
+                    if kind == "checked":  # ("checked", [(entry id, checked tuple), ...])
+                        for entry_id, checked in item[1]:
+                            self._apply_checked(book, entry_id, checked, now)
                     elif kind == "snapc":
                         self._apply_snap_checked(book, item[1], item[2], now)
                     elif kind == "snap":
@@ -698,14 +704,36 @@ class ClusterBridge:
         if backlog and self._wake is not None:
             self._wake()  # the next chunk right after the daemon's next batch
 
+    def _chunk(self) -> list[tuple]:
+        """Up to APPLY_BATCH entries off the front of the backlog (a reply's list cut where it ends)."""
+        backlog = self._backlog
+        chunk: list[tuple] = []
+        room = APPLY_BATCH
+        while backlog and room > 0:
+            item = backlog[0]
+            if item[0] == "checked":
+                entries = item[1]
+                if len(entries) > room:
+                    chunk.append(("checked", entries[:room]))
+                    backlog[0] = ("checked", entries[room:])
+                    self._waiting -= room
+                    break
+                backlog.popleft()
+                chunk.append(item)
+                room -= len(entries)
+                self._waiting -= len(entries) - 1
+            else:
+                chunk.append(backlog.popleft())
+                room -= 1
+        return chunk
+
     def _prefetch(self, book: BanBook, chunk: list[tuple]) -> None:
         """The bans and held ids of the addresses a chunk bans, in a few queries (not two per entry)."""
         ips = []
         for item in chunk:
             kind = item[0]
             if kind == "checked":
-                if item[2][0] == "ban":
-                    ips.append(item[2][1])
+                ips += [checked[1] for _, checked in item[1] if checked[0] == "ban"]
             elif kind == "snap" or kind == "snapc":
                 ips.append(item[1])
             elif item[0] == "entry" and isinstance(item[2], dict) and isinstance(item[2].get("ip"), str):
@@ -955,7 +983,7 @@ class ClusterBridge:
     # -- heartbeat, status, gc --------------------------------------------------------------
     def in_backlog(self) -> int:
         """Fleet entries delivered and not yet applied."""
-        return len(self._backlog)
+        return len(self._backlog) + self._waiting
 
     def in_sync(self) -> bool:
         return self.redis_ok and self.synced and self.reader.connected and self.queue.empty() \

@@ -334,6 +334,9 @@ def _end(proc: subprocess.Popen) -> None:
 
 def main() -> None:
     """The reader's process (`StreamReader._start` runs it): the config from stdin, then `follow`."""
+    from ..process import tune_gc
+
     conn = Connection(int(sys.argv[1]), readable=False)
     cfg, secrets, block_ms, parent = pickle.load(sys.stdin.buffer)
+    tune_gc()  # (a burst: 2,000 checked entries per reply, made and dropped)
     follow(cfg, secrets, conn, block_ms, parent)
