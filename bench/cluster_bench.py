@@ -14,10 +14,13 @@ per command.
 A latency is measured kernel to kernel: from the ban (or the unban) being in the deciding node's set
 to it being in every other node's set. Manual bans and unbans come from the agents; automatic bans
 from a spray of auth failures over three nodes' logs (the third failure decides), which an agent
-then unbans. The burst: 100,000 bans written onto the stream in pipelines (as another node's
-blocklist import would be), timed until the receiving node's kernel holds them all, while auth
-failures from IPv6 sources are written into that node's log, their own ban latency (log line
-written -> in the kernel) measured meanwhile (the v6 set stays small enough to read each time).
+then unbans. The burst: 100,000 signed bans written onto the stream at once (as another node's
+blocklist import would be: framed beforehand and written by `redis-cli --pipe`, appended with XADD
+or each through the publish script), timed until the receiving node's kernel holds them all, while
+auth failures from IPv6 sources are written into that node's log, their own ban latency (log line
+written -> in the kernel) measured meanwhile (the v6 set stays small enough to read each time); with
+a fleet of 1 (the writer standing for the importing node: one receiver, as on an edge of its own) and
+of 3 (three receivers sharing this machine's CPUs).
 Scoring: N processes on the host, each scoring batches of 1000 events in a private redis-server on
 127.0.0.1 (no kernel).
 

@@ -101,6 +101,9 @@ so a CLI command never waits long for the store."""
 HOLD_SLICE = 100
 """Queued changes per transaction while a burst is being put into the kernel (`hold`): the store keeps
 moving, the kernel goes first."""
+HOLD_MAX = 200_000
+"""A hold never lets the queue grow past this many changes (a stream that never lets up): beyond it
+transactions take whole slices again."""
 
 
 @dataclass(slots=True)
@@ -474,7 +477,8 @@ class BanBook:
         items are its changes one to one (a ban batch, an unban) is cut at the slice; another one goes
         whole, or waits when the slice has something already."""
         total = len(self._pending)
-        limit = None if self._slice is None else (HOLD_SLICE if self._holding else self._slice)
+        limit = None if self._slice is None else (
+            HOLD_SLICE if self._holding and total < HOLD_MAX else self._slice)
         if limit is None or total <= limit:
             return total, len(self._heard), 0
         n = h = 0

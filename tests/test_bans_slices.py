@@ -104,6 +104,19 @@ def test_while_a_burst_goes_to_the_kernel_the_store_takes_a_small_slice(tmp_path
     assert len(stored(store)) == 10_000 and len(ears.bans) == 10_000 and len(set(ears.bans)) == 10_000
 
 
+def test_a_hold_never_lets_the_queue_grow_past_its_bound(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import sipguard.bans as bans
+
+    monkeypatch.setattr(bans, "HOLD_MAX", 3000)
+    book, store, _enf, _ears = book_on(tmp_path)
+    book.hold(True)
+    book.ban(fleet_bans(addrs(4000)), NOW, FLEET, batch=True)
+    book.commit(NOW)  # over the bound: a whole slice although the hold is on
+    assert len(stored(store)) == 2000
+    book.commit(NOW)  # under it again: the hold's small slice
+    assert len(stored(store)) == 2000 + HOLD_SLICE
+
+
 def test_order_is_kept_across_slices(tmp_path: Path) -> None:
     book, store, _enf, ears = book_on(tmp_path)
     ips = addrs(3000)
@@ -226,3 +239,95 @@ def test_the_daemon_stores_a_queued_burst_by_itself_and_at_stop(tmp_path: Path) 
     daemon, store = daemon_with(7000, "b")
     daemon.run(max_seconds=0.01)
     assert daemon.parts.book.pending == 0 and len(stored(store)) == 7000
+
+
+def test_any_mix_of_changes_ends_the_same_whatever_the_slice(tmp_path: Path) -> None:
+    """Random runs of bans, unbans (one and many), user bans and commits: a sliced book (any slice, a
+    hold switched on and off) ends with the store and what the listeners heard exactly as a book that
+    stores everything at once."""
+    import random
+
+    from sipguard.bans import POLICY
+
+    class AllEars(Ears):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq: list[tuple[str, str]] = []
+
+        def on_bans(self, bans, cause, now):  # noqa: ANN001
+            self.seq += [("ban", b.ip) for b in bans]
+
+        def on_unbans(self, ips, at, cause, now):  # noqa: ANN001
+            self.seq += [("unban", ip) for ip in ips]
+
+        def on_user_bans(self, bans, cause, now):  # noqa: ANN001
+            self.seq += [("userban", f"{b.user}@{b.ip}") for b in bans]
+
+        def on_user_unbans(self, pairs, cause, now):  # noqa: ANN001
+            self.seq += [("userunban", f"{u}@{ip}") for ip, u in pairs]
+
+    for seed in range(12):
+        rng = random.Random(seed)
+        pool = addrs(60, "198.18.90.0")
+        books = []
+        for name, slice_ in (("whole", None), ("sliced", rng.choice([1, 3, 7, 25]))):
+            store = Store.open_state_dir(tmp_path / f"{name}-{seed}")
+            ears = AllEars()
+            books.append((BanBook(store, DryRunEnforcer(), None, [ears], write_slice=slice_), store, ears))
+        steps = []
+        t = NOW
+        for _ in range(120):
+            t += 1.0
+            r = rng.random()
+            if r < 0.35:
+                ips = rng.sample(pool, rng.randint(1, 12))
+                steps.append(("ban", ips, t))
+            elif r < 0.55:
+                steps.append(("unban", rng.sample(pool, rng.randint(1, 3)), t))
+            elif r < 0.65:
+                steps.append(("user", [rng.choice(pool)], t))
+            elif r < 0.75:
+                steps.append(("hold", [], rng.random() < 0.5))
+            else:
+                steps.append(("commit", [], t))
+        for book, store, _ears in books:
+            for kind, ips, t in steps:
+                if kind == "ban":
+                    book.ban(fleet_bans(ips, created=t), t, POLICY if len(ips) == 1 else FLEET, batch=True)
+                elif kind == "unban":
+                    book.unban(ips, t, MANUAL)
+                elif kind == "user":
+                    book.ban([Ban(ip=ips[0], reason="office", created=t, expires=t + 600, user="alice")], t)
+                elif kind == "hold":
+                    book.hold(bool(t))
+                else:
+                    book.commit(t)
+            book.hold(False)
+            while book.pending:
+                book.commit(t)
+        (_w, whole, whole_ears), (_s, sliced, sliced_ears) = books
+        assert {b.ip: b for b in sliced.active_bans(NOW)} == {b.ip: b for b in whole.active_bans(NOW)}, seed
+        assert [(b.ip, b.user) for b in sliced.active_user_bans(NOW)] == \
+            [(b.ip, b.user) for b in whole.active_user_bans(NOW)], seed
+        assert sliced_ears.seq == whole_ears.seq, seed
+
+
+def test_changes_no_listener_hears_are_stored_in_slices_too(tmp_path: Path) -> None:
+    """The restore's re-marked rows (an enforcer that refuses what the store holds) are queued with
+    nothing for the listeners: they are cut anywhere, and all stored."""
+
+    class Refuses(DryRunEnforcer):
+        def refuses(self, ip: str) -> str | None:
+            return "not here"
+
+    store = Store.open_state_dir(tmp_path / "state")
+    store.put_bans(fleet_bans(addrs(4500)), NOW)
+    book = BanBook(store, Refuses(), None, [Ears()], write_slice=2000)
+    book.restore(NOW)  # (it stores the first slice itself)
+    assert book.pending == 2500
+    rounds = 0
+    while book.pending and rounds < 10:
+        book.commit(NOW)
+        rounds += 1
+    assert rounds == 2
+    assert all(b.refused == "not here" for b in store.active_bans(NOW)) and len(store.active_bans(NOW)) == 4500

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from sipguard.actions import manual_ban, manual_ban_many, manual_unban
+from sipguard.bans import WRITE_SLICE
 from sipguard.cluster.bridge import APPLY_BATCH
 from sipguard.config import Config
 from sipguard.doorbell import ring
@@ -79,16 +80,27 @@ class CountingEnforcer(DryRunEnforcer):
 
 
 class CountingStore(Store):
-    """Counts the store's outermost transactions (each a BEGIN IMMEDIATE ... COMMIT)."""
+    """Counts the store's outermost transactions (each a BEGIN IMMEDIATE ... COMMIT) and the most ban
+    rows one of them wrote."""
 
     transactions = 0
+    most_rows = 0
+    _rows = 0
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        if not self.conn.in_transaction:
+        outer = not self.conn.in_transaction
+        if outer:
             self.transactions += 1
+            self._rows = 0
         with super().transaction():
             yield
+        if outer:
+            self.most_rows = max(self.most_rows, self._rows)
+
+    def put_bans(self, bans, now):  # noqa: ANN001
+        self._rows += len(bans)
+        super().put_bans(bans, now)
 
 
 class SlowNode(Node):
@@ -224,7 +236,8 @@ def test_max_bans_caps_what_a_node_takes_from_the_fleet(tmp_path, redis_server):
 
 def test_burst_of_100k_bans_on_the_stream_is_applied_in_batches(slow_fleet):
     """Another node's blocklist import (100,000 bans) arrives on the stream: the receiving nodes apply
-    it in kernel batches of at most APPLY_BATCH, one short transaction each, between their own batches."""
+    it in kernel batches of at most APPLY_BATCH between their own batches, and store it after, in
+    transactions of at most WRITE_SLICE rows."""
     a, b, c = slow_fleet
     n = 100_000
     ips = lab_addresses(n)
@@ -246,6 +259,11 @@ def test_burst_of_100k_bans_on_the_stream_is_applied_in_batches(slow_fleet):
     assert math.ceil(n / APPLY_BATCH) <= applied <= n / 100  # batches, not one per entry (nor one for all)
     assert batches <= applied + 1
     assert transactions <= 3 * applied + 10
+    # the store follows the kernel in short transactions: all of it, never more than a slice at once
+    for node in (b, c):
+        wait_for(lambda node=node: node.store.count_active_bans() >= n and node.daemon.parts.book.pending == 0,
+                 timeout=60, interval=0.2)
+        assert node.store.most_rows <= WRITE_SLICE
     # detection kept going on b meanwhile, and b's own ban reaches the others at once
     ip = "198.19.200.1"
     for node in (b, b, b):
