@@ -143,8 +143,8 @@ def test_cluster_bench_runs_tiny_with_a_secret(tmp_path):
     lat = res["latency"]["2"]
     assert set(lat) == {"manual ban", "manual unban", "automatic ban", "unban of an automatic ban"}
     assert all(v["samples"] == 2 and 0 <= v["p50"] <= v["p99"] <= v["max"] for v in lat.values())
-    burst = res["burst"]["stream"]
-    assert burst["size"] == 2000 and burst["unverified"] == 0 and burst["malformed"] == 0
+    burst = res["burst"]["stream/2"]  # (appended to the stream, a fleet of 2)
+    assert burst["size"] == 2000 and burst["nodes"] == 2 and burst["unverified"] == 0 and burst["malformed"] == 0
     assert 0 < burst["first"] <= burst["applied"]
     assert len(res["idle_cpu"]["2"]) == 2 and res["scoring"]["1"] > 0
     assert "| manual ban | 2 |" in r.stdout
