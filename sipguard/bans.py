@@ -98,7 +98,7 @@ RESTORE = "restore"
 WRITE_SLICE = 2000
 """Queued changes per transaction in the daemon (`write_slice`): each stays short (a few ms to 20 ms),
 so a CLI command never waits long for the store."""
-HOLD_SLICE = 100
+HOLD_SLICE = 25
 """Queued changes per transaction while a burst is being put into the kernel (`hold`): the store keeps
 moving, the kernel goes first."""
 HOLD_MAX = 200_000

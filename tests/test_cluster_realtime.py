@@ -295,6 +295,42 @@ def test_the_stream_reader_is_a_process_of_its_own_and_is_started_again_when_it_
     assert b.bridge.stats.malformed == 0 and b.bridge.stats.unverified == 0
 
 
+def test_an_entry_read_as_its_field_list_is_checked_as_its_fields():
+    """The reader's process checks XREAD's field-value lists (`wire.check_flat_entry`: ban entries in
+    the order nodes write them without a dict): every shape gives what `check_entry` gives its dict."""
+    from sipguard.cluster.signing import Signer
+    from sipguard.cluster.wire import ban_payload, check_entry, check_flat_entry
+    from sipguard.model import Ban
+
+    signer = Signer("s" * 24, "sgtest:")
+    now = time.time()
+    ban = Ban(ip="198.18.31.7", reason="r", created=now, expires=now + 60, manual=True)
+    good = ban_payload(ban, "n1:1", "n1", signer)
+    shapes = [
+        ["op", "ban", "ip", "198.18.31.7", "id", "n1:1", "origin", "n1", "ban", good],
+        ["op", "ban", "ip", "198.18.31.8", "id", "n1:1", "origin", "n1", "ban", good],  # another address
+        ["op", "ban", "ip", "198.18.31.7", "id", "n1:1", "origin", "n1", "ban", good[:-3]],  # cut json
+        ["op", "ban", "ip", "198.18.31.7", "id", "n1:1", "origin", "n1", "ban", good.replace('"r"', '"x"')],
+        ["ip", "198.18.31.7", "op", "ban", "id", "n1:1", "origin", "n1", "ban", good],  # other order
+        ["op", "ban", "ip", "198.18.31.7", "ban", good],
+        ["op", "ban", "ip", "198.18.31.7", "id", "n1:1", "origin", "n1", "ban"],  # odd length
+        ["op", "unban", "ip", "198.18.31.7", "id", "n1:1", "origin", "n1", "at", f"{now:.6f}", "sig", "x" * 22],
+        ["op", "nonsense"], [], "not a list", None, {"op": "ban", "ip": "198.18.31.7", "ban": good},
+    ]
+    for flat in shapes:
+        if isinstance(flat, dict):
+            fields = flat
+        elif isinstance(flat, list):
+            it = iter(flat)
+            fields = dict(zip(it, it))
+        else:
+            fields = {}
+        assert check_flat_entry(flat, signer, now) == check_entry(fields, signer, now), flat
+    assert check_flat_entry(shapes[0], signer, now)[0] == "ban"
+    assert check_flat_entry(shapes[1], signer, now)[0] == "malformed"
+    assert check_flat_entry(shapes[3], signer, now)[0] == "unverified"
+
+
 def test_checked_entries_are_what_the_daemon_applies():
     """`wire.check_entry` (run in the reader's process) gives plain tuples: a verified ban as parse_ban
     reads it, unbans with their time; unsigned, wrongly signed, mismatched or malformed entries as

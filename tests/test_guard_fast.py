@@ -4,7 +4,8 @@ Each fast checker replaced one written with `ipaddress` objects (or `hmac`): `ne
 `ipaddress.ip_network`, `NetworkSet.overlaps` (and so `AllowList` and `FleetGuard.refusal`) against a
 loop of `overlaps` over the networks, `wire.canonical_ip`'s shortcut against `parse_target`, the
 signer's precomputed HMAC states against `hmac.digest`, its inlined message encoding against the
-generic `_encode`. Every case must give the same answer (or the same refusal to answer).
+generic `_encode`, the ipset netlink encoder's one-pack IPv4 entry against its attribute-by-attribute
+encoding. Every case must give the same answer (or the same refusal to answer).
 """
 
 from __future__ import annotations
@@ -184,3 +185,11 @@ def test_a_huge_integer_on_the_wire_is_malformed_not_a_crash():
                ',"offence":1,"manual":false,"id":"a:1","origin":"a"}')
     with pytest.raises(ValueError):
         parse_ban(payload)
+
+
+@SETTINGS
+@given(v4, st.one_of(st.none(), st.integers(0, 2**32 - 1)), st.integers(0, 2**32 - 1))
+def test_ipset_entry_encoding_is_the_generic_one(addr, timeout, lineno):
+    from sipguard.enforce.ipsetnl import _encode_entry, encode_entry
+
+    assert encode_entry(str(addr), timeout, lineno) == _encode_entry(str(addr), timeout, lineno)

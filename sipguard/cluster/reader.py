@@ -236,7 +236,7 @@ def follow(cfg: ClusterConfig, secrets: tuple, conn, block_ms: int, parent: int,
             return os.getppid() == parent
 
     from .signing import Signer
-    from .wire import check_entry, check_shared
+    from .wire import check_flat_entry, check_shared
 
     def send(msg: tuple) -> None:  # marshal: plain values only, a sixth of pickle's time
         conn.send_bytes(marshal.dumps(msg))
@@ -276,8 +276,7 @@ def follow(cfg: ClusterConfig, secrets: tuple, conn, block_ms: int, parent: int,
                         if entries:
                             last = entries[-1][0]
                             now = time.time()
-                            send(("checked", [(eid, check_entry(_fields(flat), signer, now))
-                                              for eid, flat in entries]))
+                            send(("checked", [(eid, check_flat_entry(flat, signer, now)) for eid, flat in entries]))
             except (BrokenPipeError, EOFError):
                 raise  # (the daemon is gone or stopping)
             except errors as exc:
@@ -309,16 +308,6 @@ def _close(client) -> None:  # noqa: ANN001
 
 def _raw(response, **_options):  # noqa: ANN001, ANN202 - a redis-py response callback
     return response
-
-
-def _fields(flat):  # noqa: ANN001, ANN202
-    """A stream entry's field-value list as a dict (what XREAD's reply holds per entry)."""
-    if isinstance(flat, dict):
-        return flat
-    if not isinstance(flat, list):
-        return {}
-    it = iter(flat)
-    return dict(zip(it, it))
 
 
 def _end(proc: subprocess.Popen) -> None:

@@ -313,17 +313,39 @@ def check_shared(payload: Any, signer: Signer | None, now: float) -> tuple:
         return _skip(exc)
 
 
+def check_ban_entry(ip: Any, payload: Any, signer: Signer | None, now: float) -> tuple:
+    """A "ban" stream entry given its `ip` and `ban` fields → a checked "ban" tuple (its `ip` the same
+    address as its ban's); raises as `checked_ban` does (`check_entry` turns that into a skip)."""
+    checked = checked_ban(payload, signer, now)
+    if ip != checked[1] and checked[1] != canonical_ip(ip):  # (the same text: canonical already)
+        raise ValueError("ip mismatch")
+    return checked
+
+
+def check_flat_entry(flat: Any, signer: Signer | None, now: float) -> tuple:
+    """`check_entry` of a stream entry as XREAD's reply holds it (its field-value list): the ban entries
+    nodes write (op, ip, id, origin, ban: publish.lua's order) without a dict, any other through one."""
+    if type(flat) is list and len(flat) == 10 and flat[0] == "op" and flat[1] == "ban" and flat[2] == "ip" \
+            and flat[8] == "ban":
+        try:
+            return check_ban_entry(flat[3], flat[9], signer, now)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            return _skip(exc)
+    if isinstance(flat, dict):
+        return check_entry(flat, signer, now)
+    if not isinstance(flat, list):
+        return check_entry({}, signer, now)
+    it = iter(flat)
+    return check_entry(dict(zip(it, it)), signer, now)
+
+
 def check_entry(fields: Any, signer: Signer | None, now: float) -> tuple:
     """A stream entry (its fields) → a checked tuple ("ban", "unban", "unban_all") or a skip tuple:
     the tag verified, every bound checked, the entry's `ip` the same address as its ban's."""
     try:
         op = fields.get("op")
         if op == "ban":
-            checked = checked_ban(fields["ban"], signer, now)
-            ip = fields.get("ip")
-            if ip != checked[1] and checked[1] != canonical_ip(ip):  # (the same text: canonical already)
-                raise ValueError("ip mismatch")
-            return checked
+            return check_ban_entry(fields.get("ip"), fields["ban"], signer, now)
         if op in ("unban", "unban_all"):
             op, ip, _, _, at = parse_unban(fields, signer, now)
             return (op, ip, at)
