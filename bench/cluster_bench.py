@@ -29,7 +29,7 @@ verified, every fleet ban through the guard rails). The burst's entries are sign
 sipguard's own signing module, as a node signs them, so the receivers verify every one of them (a
 receiver that skipped any as unverified or malformed fails the run).
 
-    python bench/cluster_bench.py [--bans 60] [--nodes 3,10] [--burst 100000] [--burst-nodes 1,3]
+    python bench/cluster_bench.py [--bans 60] [--nodes 3,10] [--burst 100000] [--burst-nodes 1,3] [--burst-repeat 3]
                                   [--seconds 5] [--scoring 1,3,10] [--idle 10] [--json FILE] [--no-write]
                                   [--out DIR]
 
@@ -564,6 +564,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--burst-nodes", default="1,3", help="nodes of the burst's fleets (each a fleet of its own; "
                     "1: the one receiving node, the writer standing for the importing node)")
     ap.add_argument("--burst-via", default="stream,publish", help="how the burst is written (stream, publish)")
+    ap.add_argument("--burst-repeat", type=int, default=3, help="runs of each burst (the median is reported)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per scoring run")
     ap.add_argument("--scoring", default="1,3,10", help="processes of the scoring runs; empty: none")
     ap.add_argument("--json", help="also write the results as json to this file")
@@ -614,14 +615,21 @@ def main(argv: list[str] | None = None) -> dict | None:
                 finally:
                     stop_fleet(nodes)
             runs = [(via, int(n)) for n in args.burst_nodes.split(",") if n for via in args.burst_via.split(",")]
-            for j, (via, count) in enumerate(runs if args.burst else ()):
-                prefix = f"cbb{j}:"  # a fresh fleet for each burst
-                nodes = start_fleet(lab, tmp, count, prefix, r, 70 + 10 * j)
-                try:
-                    bursts[f"{via}/{count}"] = b = bench_burst(nodes, r, sock, prefix, args.burst, via, tmp)
-                    print("burst", via, count, {k: v for k, v in b.items() if k != "own"}, flush=True)
-                finally:
-                    stop_fleet(nodes)
+            j, first = 0, 70
+            for via, count in runs if args.burst else ():
+                for _ in range(max(1, args.burst_repeat)):  # (each time a fresh fleet: the run varies a lot here)
+                    prefix = f"cbb{j}:"
+                    if first + count > 250:
+                        raise SystemExit("too many burst runs for the lab's addresses (198.18.0.70-250)")
+                    # (new addresses, so new namespaces: never the kernel sets another run filled)
+                    nodes = start_fleet(lab, tmp, count, prefix, r, first)
+                    j, first = j + 1, first + count
+                    try:
+                        b = bench_burst(nodes, r, sock, prefix, args.burst, via, tmp)
+                        bursts.setdefault(f"{via}/{count}", []).append(b)
+                        print("burst", via, count, {k: v for k, v in b.items() if k != "own"}, flush=True)
+                    finally:
+                        stop_fleet(nodes)
         score = {int(k): bench_scoring(args.seconds, int(k)) for k in args.scoring.split(",") if k}
         redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
     finally:
@@ -631,13 +639,22 @@ def main(argv: list[str] | None = None) -> dict | None:
                                     "p99": pct(v, 99), "max": max(v)} for w, v in per.items()}
                        for c, per in lat.items()},
            "idle_cpu": {str(c): v for c, v in cpu.items()},
-           "burst": {via: {k: v for k, v in b.items() if k != "own"} | {
-               "own_samples": len(b["own"]), "own_p50": statistics.median(b["own"]) if b["own"] else None,
-               "own_p99": pct(b["own"], 99) if b["own"] else None} for via, b in bursts.items()},
+           "burst": {key: _burst_summary(runs) for key, runs in bursts.items()},
            "scoring": {str(k): v for k, v in score.items()}, "secret": True, "load": os.getloadavg()}
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return res
+
+
+def _burst_summary(runs: list[dict]) -> dict:
+    """The repeats of one burst: the median run's figures (by the time to have them all), each run's,
+    and the own bans of all runs together."""
+    mid = sorted(runs, key=lambda b: b["applied"])[(len(runs) - 1) // 2]
+    own = [x for b in runs for x in b["own"]]
+    return {k: v for k, v in mid.items() if k != "own"} | {
+        "runs": [{k: v for k, v in b.items() if k != "own"} for b in runs],
+        "own_samples": len(own), "own_p50": statistics.median(own) if own else None,
+        "own_p99": pct(own, 99) if own else None}
 
 
 def stop_fleet(nodes: list[Node]) -> None:
@@ -686,14 +703,15 @@ def report(args, lat: dict, cpu: dict, bursts: dict, score: dict, redis_version:
     if bursts:
         how = {"stream": "appended to the stream (XADD)", "publish": "each through the publish script"}
         text += ["", f"| burst: {args.burst:,} signed bans written at once (redis-cli --pipe) | nodes receiving | "
-                 "written | first in the receiver's kernel | all in its kernel, from the first written | "
-                 "... after the last was written | the receiver's CPU (daemon and reader) | "
-                 "its own bans meanwhile (log line -> kernel): samples, p50, p99 |", "|---|---|---|---|---|---|---|---|"]
-        for b in bursts.values():
-            own = (f"{len(b['own'])}, {ms(statistics.median(b['own']))}, {ms(pct(b['own'], 99))}" if b["own"]
-                   else "none")
-            text.append(f"| {how[b['via']]} | {b['nodes']} | {b['inject']:.2f} s | {b['first']:.2f} s | "
-                        f"{b['applied']:.2f} s | {b['after_inject']:.2f} s | {b['recv_cpu']:.2f} s | {own} |")
+                 "runs | written | first in the receiver's kernel | all in its kernel, from the first written: "
+                 "median (each run) | ... after the last was written | the receiver's CPU (daemon and reader) | "
+                 "its own bans meanwhile (log line -> kernel): samples, p50, p99 |", "|---|---|---|---|---|---|---|---|---|"]
+        for runs in bursts.values():
+            b = _burst_summary(runs)
+            each = ", ".join(f"{x['applied']:.2f}" for x in runs)
+            own = (f"{b['own_samples']}, {ms(b['own_p50'])}, {ms(b['own_p99'])}" if b["own_samples"] else "none")
+            text.append(f"| {how[b['via']]} | {b['nodes']} | {len(runs)} | {b['inject']:.2f} s | {b['first']:.2f} s | "
+                        f"{b['applied']:.2f} s ({each}) | {b['after_inject']:.2f} s | {b['recv_cpu']:.2f} s | {own} |")
     text += ["", "| cluster scoring (processes, batches of 1000 events: 95% a spray of new sources) | events scored "
              "in Redis /s |", "|---|---|"]
     for k, v in score.items():

@@ -134,7 +134,8 @@ def test_cluster_bench_runs_tiny_with_a_secret(tmp_path):
     out = tmp_path / "cluster.json"
     before = (ROOT / "bench" / "RESULTS.md").read_text()
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "cluster_bench.py"), "--bans", "2", "--nodes", "2",
-                        "--burst", "2000", "--burst-nodes", "2", "--burst-via", "stream", "--seconds", "0.5",
+                        "--burst", "2000", "--burst-nodes", "2", "--burst-via", "stream", "--burst-repeat", "2",
+                        "--seconds", "0.5",
                         "--scoring", "1", "--idle", "1", "--no-write", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -145,6 +146,7 @@ def test_cluster_bench_runs_tiny_with_a_secret(tmp_path):
     assert all(v["samples"] == 2 and 0 <= v["p50"] <= v["p99"] <= v["max"] for v in lat.values())
     burst = res["burst"]["stream/2"]  # (appended to the stream, a fleet of 2)
     assert burst["size"] == 2000 and burst["nodes"] == 2 and burst["unverified"] == 0 and burst["malformed"] == 0
+    assert len(burst["runs"]) == 2 and burst["applied"] in [x["applied"] for x in burst["runs"]]
     assert 0 < burst["first"] <= burst["applied"]
     assert len(res["idle_cpu"]["2"]) == 2 and res["scoring"]["1"] > 0
     assert "| manual ban | 2 |" in r.stdout

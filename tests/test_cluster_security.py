@@ -159,6 +159,22 @@ def test_signed_bans_of_protected_addresses_are_refused_by_every_other_node(flee
         assert st.unverified == 0
 
 
+def test_a_list_banned_on_one_node_is_signed_and_reaches_every_other(fleet):
+    """`sipguard ban --from-file` (many bans at once: the bridge publishes them in bulk, as it does the
+    bans adopted at a start) is signed like a single ban: every other node verifies and holds it all
+    (the bulk path once published them unsigned, so a fleet with a secret refused every one)."""
+    from sipguard.actions import manual_ban_many
+
+    a, b, c = fleet
+    ips = [f"198.18.44.{i}" for i in range(1, 41)]
+    with _Closing(a.cli_store()) as st:
+        manual_ban_many(st, ips, 3600, "list")
+    wait_for(lambda: all(all_enforce([b, c], ip) for ip in ips), timeout=10)
+    for n in (b, c):
+        assert n.bridge.stats.unverified == 0 and n.bridge.stats.malformed == 0
+        assert {x.ip for x in n.store.active_bans()} >= set(ips)
+
+
 def test_a_slash_8_published_by_another_node_is_refused(fleet):
     a, b, c = fleet
     with _Closing(a.cli_store()) as st:

@@ -384,7 +384,8 @@ class ClusterBridge:
             fresh = [b for b in bans if b.ip not in held or held[b.ip].created != b.created]
             rows = [(b, self._new_id()) for b in fresh]
             self.store.hold_many((b.ip, ban_id, self.node, b.created) for b, ban_id in rows)
-            self.store.outbox_add_many(("ban", b.ip, ban_id, ban_payload(b, ban_id, self.node)) for b, ban_id in rows)
+            self.store.outbox_add_many(("ban", b.ip, ban_id, ban_payload(b, ban_id, self.node, self.signer))
+                                       for b, ban_id in rows)
             if cause == POLICY:
                 self.stats.local_bans += len(fresh)
             return
