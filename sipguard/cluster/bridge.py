@@ -729,7 +729,8 @@ class ClusterBridge:
         return chunk
 
     def _prefetch(self, book: BanBook, chunk: list[tuple]) -> None:
-        """The bans and held ids of the addresses a chunk bans, in a few queries (not two per entry)."""
+        """The bans, and the held ids of those banned here, of the addresses a chunk bans, in a few
+        queries (not two per entry)."""
         ips = []
         for item in chunk:
             kind = item[0]
@@ -742,8 +743,10 @@ class ClusterBridge:
         if len(ips) < 8:
             return
         ips = [ip for ip in dict.fromkeys(ips) if len(ip) <= 64]
-        self._cur.update(book.current_many(ips))
-        held = self.store.held_of(ips)
+        cur = book.current_many(ips)
+        self._cur.update(cur)
+        ips = [ip for ip, ban in cur.items() if ban is not None]  # (held ids: only against a ban held here)
+        held = self.store.held_of(ips) if ips else {}
         self._held_cache.update((ip, (held[ip].id, held[ip].created) if ip in held else None) for ip in ips)
 
     def _current(self, book: BanBook, ip: str) -> Ban | None:
@@ -901,15 +904,16 @@ class ClusterBridge:
         if refusal is not None:
             self._refused(refusal, ban.ip, origin)
             return
-        held = self._held(ban.ip)
         local = self._current(book, ban.ip)
-        if local is not None and held is not None and held[0] == ban_id:
-            self.stats.duplicates += 1
-            return
-        if local is not None and (local.created, held[0] if held else "") > (ban.created, ban_id):
-            self.stats.superseded += 1
-            return
-        if local is None and not self._room(book, now):
+        if local is not None:  # (the held id matters only against a ban held here)
+            held = self._held(ban.ip)
+            if held is not None and held[0] == ban_id:
+                self.stats.duplicates += 1
+                return
+            if (local.created, held[0] if held else "") > (ban.created, ban_id):
+                self.stats.superseded += 1
+                return
+        elif not self._room(book, now):
             return
         self._ids[ban.ip] = (ban_id, origin, ban.created)
         if local is None:
