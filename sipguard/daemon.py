@@ -19,7 +19,9 @@ one batch per 50 ms, sipguard/sources/pace.py), and so does everything else the 
 `wake` (called from other threads): a CLI command's ring (sipguard/doorbell.py), an entry from the
 fleet's stream (sipguard/cluster/reader.py), `stop`. So a CLI ban is mirrored (and published to the
 fleet) at once and another node's ban is applied at once; the tick only bounds what nothing announces
-(expiries, a CLI command whose ring was lost).
+(expiries, a CLI command whose ring was lost). While the ban book holds queued rows beyond one
+transaction's slice (a fleet burst: the kernel first, the store after, sipguard/bans.py) the loop does
+not wait at all; a stop stores what is still queued.
 """
 
 from __future__ import annotations
