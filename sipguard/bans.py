@@ -550,21 +550,25 @@ class BanBook:
 
     def _forget(self, when: Callable[[str], float | None]) -> None:
         """Drop the queued address changes a CLI command made stale: `when(ip)` is the time of the
-        command's stored change of `ip` (None: it did not change `ip`); a queued ban created then or
-        before, or a queued unban queued then or before, would overwrite it and goes (only the queued
-        ones: what the listeners hear stays); what the book knows of those addresses is the store's
-        again, or what is still queued. O(queue): CLI commands only."""
+        command's stored change of `ip` (None: it did not change `ip`); a queued ban created before it
+        (one created at the same instant is that very ban, e.g. re-marked refused), or a queued unban
+        decided then or before, would overwrite it and goes (only the queued ones: what the listeners
+        hear stays); what the book knows of those addresses is the store's again, or what is still
+        queued. O(queue): CLI commands only."""
         touched: set[str] = set()
         for i, op in enumerate(self._pending):
             t = type(op)
             if t is _Put:
-                ip, at = op.ban.ip, op.ban.created
+                ip = op.ban.ip
+                limit = when(ip)
+                if limit is None or op.ban.created >= limit:
+                    continue
             elif t is _Remove:
-                ip, at = op.ip, op.queued
+                ip = op.ip
+                limit = when(ip)
+                if limit is None or op.queued > limit:
+                    continue
             else:
-                continue
-            limit = when(ip)
-            if limit is None or at > limit:
                 continue
             self._pending[i] = None
             touched.add(ip)
