@@ -500,14 +500,9 @@ class BanBook:
     def written(self) -> None:
         """The transaction `write` filled has committed: forget what it held."""
         n, heard, part = self._marks
-        removes = self._removes
         for op in self._pending[:n]:
             if type(op) is _Remove:
-                left = removes.get(op.ip, 0) - 1
-                if left > 0:
-                    removes[op.ip] = left
-                else:
-                    removes.pop(op.ip, None)
+                self._unqueued_remove(op.ip)
         del self._pending[:n]
         if part:
             kind, items, cause, t, mark, ops = self._heard[heard]
@@ -573,11 +568,7 @@ class BanBook:
             self._pending[i] = None
             touched.add(ip)
             if t is _Remove:
-                left = self._removes.get(ip, 0) - 1
-                if left > 0:
-                    self._removes[ip] = left
-                else:
-                    self._removes.pop(ip, None)
+                self._unqueued_remove(ip)
         touched.update(ip for ip in self._overlay if when(ip) is not None)  # (stored already: the store has it now)
         if not touched:
             return
@@ -763,6 +754,14 @@ class BanBook:
 
     def _removing(self, ip: str) -> bool:
         return ip in self._removes
+
+    def _unqueued_remove(self, ip: str) -> None:
+        """One queued `_Remove` of `ip` is no longer queued (stored, or dropped by `_forget`)."""
+        left = self._removes.get(ip, 0) - 1
+        if left > 0:
+            self._removes[ip] = left
+        else:
+            self._removes.pop(ip, None)
 
     def _banned_in_scorer(self) -> list[str]:
         return [] if self.scorer is None else list(self.scorer.banned)
