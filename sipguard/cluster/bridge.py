@@ -188,8 +188,12 @@ class ClusterBridge:
         """Queue a ban this node made (or holds) for the cluster; it becomes the ban's id here."""
         ban_id = ban_id or self._new_id()
         self.store.hold(ban.ip, ban_id, self.node, ban.created)
-        self.store.outbox_add("ban", ban.ip, ban_id, ban_payload(ban, ban_id, self.node, self.signer))
+        self.store.outbox_add("ban", ban.ip, ban_id, self._ban_json(ban, ban_id))
         return ban_id
+
+    def _ban_json(self, ban: Ban, ban_id: str) -> str:
+        """The json this node publishes for its ban: always signed with its secret (when it has one)."""
+        return ban_payload(ban, ban_id, self.node, self.signer)
 
     def publish_unban(self, ip: str, at: float, op: str = "unban") -> None:
         if op == "unban":
@@ -384,8 +388,7 @@ class ClusterBridge:
             fresh = [b for b in bans if b.ip not in held or held[b.ip].created != b.created]
             rows = [(b, self._new_id()) for b in fresh]
             self.store.hold_many((b.ip, ban_id, self.node, b.created) for b, ban_id in rows)
-            self.store.outbox_add_many(("ban", b.ip, ban_id, ban_payload(b, ban_id, self.node, self.signer))
-                                       for b, ban_id in rows)
+            self.store.outbox_add_many(("ban", b.ip, ban_id, self._ban_json(b, ban_id)) for b, ban_id in rows)
             if cause == POLICY:
                 self.stats.local_bans += len(fresh)
             return
