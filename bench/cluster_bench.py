@@ -396,13 +396,15 @@ def bench_burst(nodes: list[Node], r, sock: Path, prefix: str, size: int, via: s
     """`size` bans onto the stream at once, the time until the receiving node's kernel holds them all,
     and its own ban latency meanwhile. The entries are signed and framed beforehand, then written by
     `redis-cli --pipe` (C: the arrival as fast as Redis takes it, no Python writer sharing the CPU with
-    the receiver). `via` "publish": each through the publish script (EVALSHA), as a node's import is
-    (the shared set and the stream); "stream": appended to the stream as the script appends them (XADD),
-    so the receiver is what is timed."""
-    from sipguard.cluster.bridge import UNBAN_MEMORY
+    the receiver). What a node's import writes: bulk entries of BULK_BANS bans, one tag each (the
+    bridge's `_flush`); `via` "publish": through the publish script (EVALSHA), as the importing node
+    calls it (the shared set and the stream); "stream": appended to the stream as the script appends
+    them (XADD), so the receiver is what is timed; "single": 100,000 separate entries, one per ban (the
+    shape of bans decided one by one, or of a node of an older version's import)."""
+    from sipguard.cluster.bridge import BULK_BANS, UNBAN_MEMORY
     from sipguard.cluster.scripts import PUBLISH_LUA
-    from sipguard.cluster.signing import Signer
-    from sipguard.cluster.wire import ban_payload
+    from sipguard.cluster.signing import Signer, bulk_parts
+    from sipguard.cluster.wire import ban_payload, bulk_payload
     from sipguard.config import PolicyConfig
     from sipguard.model import Ban
 
@@ -419,17 +421,30 @@ def bench_burst(nodes: list[Node], r, sock: Path, prefix: str, size: int, via: s
     at = f"{now:.6f}"
     feed = tmp / f"burst-{prefix.strip(':')}.resp"
     with feed.open("wb") as f:
+        run: list[tuple[str, str, str]] = []
         for i in range(size):
             ip = str(ipaddress.ip_address(first_addr + i))
             ban = Ban(ip=ip, reason="import", created=now, expires=now + 3600, score=0.0, offence=1, manual=True)
             bid = f"import:{i:08x}"
             payload = ban_payload(ban, bid, "import", signer)
-            if via == "publish":  # (a manual ban: no offence member; the ban json carries its tag)
-                f.write(_resp("EVALSHA", sha, "0", prefix, "200000", "ban", ip, bid, "import", payload, "86400",
-                              str(UNBAN_MEMORY), jails, "", "", at, "0", repr(now)))
-            else:
+            if via == "single":
                 f.write(_resp("XADD", prefix + "stream", "MAXLEN", "~", "200000", "*", "op", "ban", "ip", ip,
                               "id", bid, "origin", "import", "ban", payload))
+                continue
+            run.append((ip, bid, payload))
+            if len(run) < BULK_BANS and i < size - 1:
+                continue
+            listed = bulk_payload([p for _, _, p in run])
+            tag = signer.tag("bans", *bulk_parts("import", listed))
+            if via == "publish":  # (manual bans: no offence member; each ban json carries its tag)
+                f.write(_resp("EVALSHA", sha, "0", prefix, "200000", "bans", "", f"import:b{i:08x}", "import", listed,
+                              "86400", str(UNBAN_MEMORY), jails, tag, "", "", "0", repr(now),
+                              *[x for ip_, bid_, p in run for x in (ip_, bid_, p, "", at)]))
+            else:
+                f.write(_resp("XADD", prefix + "stream", "MAXLEN", "~", "200000", "*", "op", "bans", "origin",
+                              "import", "id", f"import:b{i:08x}", "bans", listed, "sig", tag, "skip", ""))
+            run = []
+    entries = size if via == "single" else -(-size // BULK_BANS)
     own: list[float] = []
     stop = threading.Event()
 
@@ -458,7 +473,7 @@ def bench_burst(nodes: list[Node], r, sock: Path, prefix: str, size: int, via: s
         piped = subprocess.run(["redis-cli", "-s", str(sock), "--pipe"], stdin=f, capture_output=True, text=True,
                                timeout=300)
     t1 = time.monotonic()
-    if piped.returncode != 0 or f"errors: 0, replies: {size}" not in piped.stdout:
+    if piped.returncode != 0 or f"errors: 0, replies: {entries}" not in piped.stdout:
         raise RuntimeError(f"redis-cli --pipe: {piped.stdout.strip()} {piped.stderr.strip()}")
     feed.unlink()
     wait(lambda: recv.reached(base + size, t0) is not None, 120, "the burst on the receiver")
@@ -563,7 +578,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--burst", type=int, default=100_000, help="bans of the burst; 0: none")
     ap.add_argument("--burst-nodes", default="1,3", help="nodes of the burst's fleets (each a fleet of its own; "
                     "1: the one receiving node, the writer standing for the importing node)")
-    ap.add_argument("--burst-via", default="stream,publish", help="how the burst is written (stream, publish)")
+    ap.add_argument("--burst-via", default="stream,publish,single",
+                    help="how the burst is written (stream, publish: bulk entries as a node's import; single: an "
+                         "entry per ban)")
     ap.add_argument("--burst-repeat", type=int, default=3, help="runs of each burst (the median is reported)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per scoring run")
     ap.add_argument("--scoring", default="1,3,10", help="processes of the scoring runs; empty: none")
@@ -701,7 +718,11 @@ def report(args, lat: dict, cpu: dict, bursts: dict, score: dict, redis_version:
     for count, v in cpu.items():
         text.append(f"| CPU of one core | {count} | {statistics.mean(v) * 100:.2f} % | {max(v) * 100:.2f} % |")
     if bursts:
-        how = {"stream": "appended to the stream (XADD)", "publish": "each through the publish script"}
+        from sipguard.cluster.bridge import BULK_BANS
+
+        how = {"stream": f"an import: {BULK_BANS} bans per entry, appended to the stream (XADD)",
+               "publish": f"an import: {BULK_BANS} bans per entry, through the publish script",
+               "single": "one entry per ban, appended to the stream (XADD)"}
         text += ["", f"| burst: {args.burst:,} signed bans written at once (redis-cli --pipe) | nodes receiving | "
                  "runs | written | first in the receiver's kernel | all in its kernel, from the first written: "
                  "median (each run) | ... after the last was written | the receiver's CPU (daemon and reader) | "

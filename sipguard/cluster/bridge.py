@@ -49,10 +49,10 @@ from .guard import FleetGuard, Throttle, resolve
 from .reader import StreamReader
 from .scoring import ClusterPolicy
 from .scripts import HDEL_IF_LUA, PUBLISH_LUA, SCORE_LUA
-from .signing import Signer, offence_parts, unban_parts, user_unban_parts
+from .signing import Signer, bulk_parts, offence_parts, unban_parts, user_unban_parts
 from .status import STATUS_META
 from .reader import START_WAIT
-from .wire import (Unverified, ban_of, ban_payload, canonical_ip, check_entry, checked_user, parse_ban, parse_user_ban,
+from .wire import (Unverified, ban_of, ban_payload, bulk_payload, canonical_ip, check_entry, checked_user, parse_ban, parse_user_ban,
                    parse_user_unban, plain_text, tombstone_at, user_ban_payload, user_tombstone_at)
 
 if TYPE_CHECKING:
@@ -75,6 +75,11 @@ REFUSALS = {"too_wide": "a network wider than [cluster] max_prefix_v4 / max_pref
             "own_address": "it covers this node's own address", "redis_server": "it covers this node's Redis server",
             "network": "a user ban of a network (a user ban is of one address)"}
 USER_OPS = ("userban", "userunban")  # the office policy's user bans on the stream and in the outbox
+BULK_MIN = 8  # bans in a row of the outbox that go out as bulk entries (fewer: one entry each)
+BULK_BANS = 100
+"""Bans per bulk entry: the stream reader asks for fewer entries after a reply with bulk ones, yet a reply
+of 2,000 of them read at once stays a few tens of MB."""
+WIRE = 2  # what this version reads on the stream (2: bulk entries), in its heartbeat
 APPLY_BATCH = 2000
 """Fleet entries (stream entries, snapshot bans) applied per loop turn: one store transaction, their
 bans in one kernel batch (split only where an unban comes between), then the daemon reads its logs again."""
@@ -170,6 +175,7 @@ class ClusterBridge:
         # fleet ids of the bans handed to the ban book and not yet stored: ip -> (id, origin, created)
         self._ids: dict[str, tuple[str, str, float]] = {}
         self._flush_at = 0.0  # monotonic: publish again after a WAIT found too few replicas
+        self._peers_bulk = False  # every node heard from reads bulk entries (`_bulk_ok`; known after a heartbeat)
         self._unreplicated: dict[str, str] = {}
         self._user_snapshot_due = False  # a snapshot was applied: its user bans are read next (`tick`)
         self._tombstones: dict[str, str] = {}  # the unbans hash as read with the latest snapshot  # claimed bans no replica acknowledged: ip -> id (re-published)
@@ -580,25 +586,35 @@ class ClusterBridge:
 
     def _flush(self) -> None:
         """Publish the outbox, FLUSH_ROUNDS pipelines of FLUSH_BATCH per loop turn: a big import goes
-        out between the daemon's batches (the loop is woken for the rest), never stalling detection."""
+        out between the daemon's batches (the loop is woken for the rest), never stalling detection.
+        Runs of at least BULK_MIN bans go out as bulk entries of up to BULK_BANS (one script call and one
+        stream entry, one tag, for the list) while every node heard from reads them (`_bulk_ok`)."""
         for _round in range(FLUSH_ROUNDS):
             entries = self.store.outbox_next(FLUSH_BATCH)
             if not entries:
                 return
-            pcfg = self.policy_cfg
             need = self.cfg.wait_replicas
+            sizes: list[int] = []  # per call: 0 for one entry (1 when applied), else the bans of its list
             try:
                 with self.client.pipeline(transaction=False) as pipe:
-                    for e in entries:
+                    run: list = []
+                    bulk = self._bulk_ok()
+                    for e in [*entries, None]:
+                        if bulk and e is not None and e.op == "ban":
+                            run.append(e)
+                            continue
+                        self._publish_run(pipe, run, sizes)
+                        run = []
+                        if e is None:
+                            break
                         if e.op in USER_OPS:  # (a user ban or unban: its own arguments; malformed: dropped)
                             args = self._user_publish_args(e.op, e.ip, e.id, e.payload)
                             if args is not None:
                                 self._publish(args=args, client=pipe)
+                                sizes.append(0)
                             continue
-                        sig, member, at = self._signatures(e.op, e.ip, e.id, e.payload)
-                        self._publish(args=[self.prefix, self.cfg.stream_maxlen, e.op, e.ip, e.id, self.node,
-                                            e.payload, pcfg.offence_memory, UNBAN_MEMORY, self._jail_csv, sig,
-                                            member, at, "0", repr(time.time())], client=pipe)
+                        self._publish(args=self._publish_args(e), client=pipe)
+                        sizes.append(0)
                     if need:
                         pipe.wait(need, int(self.cfg.socket_timeout * 500))
                     results = pipe.execute()
@@ -611,13 +627,52 @@ class ClusterBridge:
                     self.throttle.warn("replicas", "cluster: fewer than %d replicas acknowledged what this node "
                                        "published; kept queued and published again", need)
                     return
-            self.stats.published += sum(1 for r in results if r == 1)
-            self.stats.stale += sum(1 for r in results if r != 1)
+            for n, r in zip(sizes, results):
+                ok = (1 if r == 1 else 0) if n == 0 else int(r)
+                self.stats.published += ok
+                self.stats.stale += max(n, 1) - ok
             self.store.outbox_delete_upto(entries[-1].seq)
             if len(entries) < FLUSH_BATCH:
                 return
         if self._wake is not None:
             self._wake()  # more to publish: right after the daemon's next batch
+
+    def _publish_run(self, pipe, run: list, sizes: list[int]) -> None:  # noqa: ANN001 - a redis pipeline
+        """Bans in a row of the outbox into `pipe`: bulk entries of up to BULK_BANS when there are at
+        least BULK_MIN, else one call each; `sizes` gets each call's (see `_flush`)."""
+        if len(run) < BULK_MIN:
+            for e in run:
+                self._publish(args=self._publish_args(e), client=pipe)
+                sizes.append(0)
+            return
+        for k in range(0, len(run), BULK_BANS):
+            part = run[k:k + BULK_BANS]
+            self._publish(args=self._bulk_args(part), client=pipe)
+            sizes.append(len(part))
+
+    def _publish_args(self, e) -> list:  # noqa: ANN001 - an outbox entry
+        """PUBLISH_LUA's ARGV for one ban or unban of the outbox."""
+        sig, member, at = self._signatures(e.op, e.ip, e.id, e.payload)
+        return [self.prefix, self.cfg.stream_maxlen, e.op, e.ip, e.id, self.node, e.payload,
+                self.policy_cfg.offence_memory, UNBAN_MEMORY, self._jail_csv, sig, member, at, "0", repr(time.time())]
+
+    def _bulk_args(self, run: list) -> list:
+        """PUBLISH_LUA's ARGV for bans of the outbox published as one bulk entry (op "bans"): the list
+        of their jsons with one tag, then five arguments per ban."""
+        payload = bulk_payload([e.payload for e in run])
+        args = [self.prefix, self.cfg.stream_maxlen, "bans", "", self._new_id(), self.node, payload,
+                self.policy_cfg.offence_memory, UNBAN_MEMORY, self._jail_csv,
+                self.signer.tag("bans", *bulk_parts(self.node, payload)), "", "", "0", repr(time.time())]
+        for e in run:
+            _sig, member, at = self._signatures(e.op, e.ip, e.id, e.payload)
+            args += [e.ip, e.id, e.payload, member, at]
+        return args
+
+    def _bulk_ok(self) -> bool:
+        """Whether every node whose heartbeat is in Redis reads bulk entries (its heartbeat says `wire` 2
+        or more; `_heartbeat` looks, every heartbeat_interval): a node of an older version would skip
+        them as malformed, so while one runs, lists go out one entry per ban."""
+        return self._peers_bulk
 
     def _signatures(self, op: str, ip: str, ban_id: str, payload: str) -> tuple[str, str, str]:
         """(the unban's tag, the offence member and time of an automatic ban) for one outbox entry."""
@@ -867,6 +922,9 @@ class ClusterBridge:
             self._apply_unban(book, checked[1], checked[2], now)
         elif op == "unban_all":
             self._apply_unban_all(book, checked[2], now)
+        elif op == "bulk":  # (a node's list read on this thread: `check_entry` of an op "bans" entry)
+            for one in checked[1]:
+                self._apply_checked(book, entry_id, one, now)
         elif op == "user":
             try:
                 self._apply_user_entry(book, checked[1], now)
@@ -1000,7 +1058,7 @@ class ClusterBridge:
     def view(self, now: float) -> dict:
         return {"node": self.node, "redis": redacted(self.cfg.redis_url), "connected": self.redis_ok,
                 "in_sync": self.in_sync(), "outbox": self.outbox_size(), "heartbeat": now, "pid": os.getpid(),
-                "stats": asdict(self.stats)}
+                "wire": WIRE, "stats": asdict(self.stats)}
 
     def _heartbeat(self, now: float) -> None:
         self._last_heartbeat = time.monotonic()
@@ -1014,9 +1072,13 @@ class ClusterBridge:
                 pipe.set(self.prefix + "node:" + self.node, json.dumps(view), ex=ttl)
                 pipe.zadd(self.prefix + "nodes", {self.node: now})
                 pipe.zremrangebyscore(self.prefix + "nodes", "-inf", now - 7 * 86400)
-                pipe.execute()
+                pipe.zrangebyscore(self.prefix + "nodes", now - 2 * ttl, "+inf")
+                names = pipe.execute()[-1]
+            beats = self.client.mget([self.prefix + "node:" + n for n in names]) if names else []
         except self._errors as exc:
             self._down(exc)
+            return
+        self._peers_bulk = all(_wire_of(b) >= WIRE for b in beats if b is not None)
 
     def _gc(self, now: float) -> None:
         """Expired bans and old unbans leave the shared hashes (compare-and-delete, so no race)."""
@@ -1043,3 +1105,12 @@ class ClusterBridge:
         except self._errors as exc:
             self._down(exc)
         self.store.gc_held()
+
+
+def _wire_of(heartbeat: object) -> int:
+    """The `wire` a node's heartbeat json says it reads (1: none said, an older version; 0: unreadable)."""
+    try:
+        v = json.loads(heartbeat).get("wire", 1)  # type: ignore[arg-type]
+    except (ValueError, TypeError, AttributeError):
+        return 0
+    return v if type(v) is int else 0

@@ -3,7 +3,8 @@
 The reading and the checking run in a child process (`main` / `follow`, started by `StreamReader` as
 `python -c ...` with this very sipguard first on its path), with its own Redis connection: XREAD
 BLOCK and its reply's parsing, each entry's json, its tag (`signing.py`) and its bounds
-(`wire.check_entry`), and the same for every value of the shared ban set at each (re)connect
+(`wire.check_entry`; a node's bulk list one tag for all its bans), and the same for every value of
+the shared ban set at each (re)connect
 (`wire.check_shared`). It hands the daemon checked tuples of plain values, a whole XREAD reply per
 message, marshalled through a pipe; so the daemon's own thread only applies them (the guard rails, the
 ban book's kernel batch, the store): a 100,000-ban burst is checked on one core while it is applied
@@ -46,8 +47,9 @@ log = logging.getLogger("sipguard.cluster")
 
 XREAD_COUNT = 2000
 """Entries per XREAD: one reply per chunk the bridge applies (APPLY_BATCH); a single entry still
-returns at once (XREAD BLOCK answers as soon as one is there). The replies are parsed by hiredis
-(a dependency), in the reader's process."""
+returns at once (XREAD BLOCK answers as soon as one is there). After a reply with bulk entries (a
+node's lists of bans) fewer are asked for, so a reply holds about this many bans whatever the entries
+are. The replies are parsed by hiredis (a dependency), in the reader's process."""
 
 PROTOCOL = 1  # of the messages between the reader's process and the daemon (marshalled plain values)
 _ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding this sipguard package
@@ -236,7 +238,7 @@ def follow(cfg: ClusterConfig, secrets: tuple, conn, block_ms: int, parent: int,
             return os.getppid() == parent
 
     from .signing import Signer
-    from .wire import check_flat_entry, check_shared
+    from .wire import check_reply, check_shared
 
     def send(msg: tuple) -> None:  # marshal: plain values only, a sixth of pickle's time
         conn.send_bytes(marshal.dumps(msg))
@@ -270,13 +272,18 @@ def follow(cfg: ClusterConfig, secrets: tuple, conn, block_ms: int, parent: int,
                 now = time.time()
                 send(("checked_snapshot", epoch, [(ip, check_shared(v, signer, now)) for ip, v in bans.items()],
                            taken))
+                count = XREAD_COUNT
                 while alive():
-                    resp = client.xread({P + "stream": last}, count=XREAD_COUNT, block=block_ms)
+                    resp = client.xread({P + "stream": last}, count=count, block=block_ms)
                     for _stream, entries in (resp.items() if isinstance(resp, dict) else resp or ()):
                         if entries:
                             last = entries[-1][0]
                             now = time.time()
-                            send(("checked", [(eid, check_flat_entry(flat, signer, now)) for eid, flat in entries]))
+                            checked = check_reply(entries, signer, now)
+                            for k in range(0, len(checked), XREAD_COUNT):
+                                send(("checked", checked[k:k + XREAD_COUNT]))
+                            # bulk entries (a node's lists): fewer per reply, about XREAD_COUNT bans each
+                            count = max(1, XREAD_COUNT * len(entries) // max(len(checked), len(entries)))
             except (BrokenPipeError, EOFError):
                 raise  # (the daemon is gone or stopping)
             except errors as exc:

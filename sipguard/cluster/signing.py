@@ -1,6 +1,7 @@
 """The fleet's signatures: an HMAC-SHA256 tag on everything a node writes to Redis that another node acts on.
 
-Bans and unbans (the stream entries and the values of the shared ban set), user bans and their unbans
+Bans and unbans (the stream entries, a node's lists of bans on the stream, and the values of the
+shared ban set), user bans and their unbans
 (the office policy), the weighted events a node adds to the score keys (an office's successes among
 them) and the offences behind an escalation each carry a tag computed here, by a
 node, under `[cluster] secret` (or `secret_file`). The secret never goes to Redis and no Redis script
@@ -185,6 +186,12 @@ def ban_parts(d: dict) -> tuple:
     """The signed fields of a ban json (everything but its tag), in a fixed order."""
     return (d.get("ip"), d.get("reason"), d.get("created"), d.get("expires"), d.get("score"), d.get("offence"),
             d.get("manual"), d.get("id"), d.get("origin"))
+
+
+def bulk_parts(origin: str, payload: str) -> tuple:
+    """The signed fields of a bulk stream entry (kind "bans"): the node it came from and the list of
+    bans exactly as it was written (one tag for the whole list)."""
+    return (origin, payload)
 
 
 def unban_parts(op: str, ip: str, ban_id: str, origin: str, at: str) -> tuple:

@@ -9,6 +9,12 @@ names in the node-name alphabet; reasons are plain text (control characters remo
 length (`plain_text`) before they reach a log, the store or a terminal. Nothing here talks to Redis
 or touches the store.
 
+A node's list of bans (an import, the bans it re-publishes) travels as one bulk entry (op `bans`,
+`check_bulk`): the ban jsons as one json array with one tag for the whole list (kind "bans"), and
+`skip`, the positions the publish script refused (unsigned: whoever writes to Redis can drop a ban
+from it, or replay one a node signed, as with single entries). Each ban in it is bounded as a single
+one is.
+
 User bans (the office policy: one user at one address, `Ban.user`) travel as their own kinds, `userban`
 and `userunban` (`user_ban_payload`, `parse_user_ban`, `parse_user_unban`): the ban json plus the user,
 signed as kind "userban", so a user ban never reads as an address ban. The user is attacker text: at
@@ -30,12 +36,14 @@ from orjson import loads as _loads  # a quarter of json.loads's time: a burst pa
 from ..addresses import parse_target
 from ..config import MAX_DURATION
 from ..model import Ban, checked_user
-from .signing import Signer, ban_parts, unban_parts, user_ban_parts, user_unban_parts
+from .signing import Signer, ban_parts, bulk_parts, unban_parts, user_ban_parts, user_unban_parts
 
 CREATED_SKEW = 86400.0  # a ban's `created` is at most a day away from this node's clock
 MAX_SCORE = 1e12
 MAX_OFFENCE = 1_000_000
 REASON_CHARS = 200
+BULK_MAX = 2000  # bans in one bulk stream entry (nodes write at most FLUSH_BATCH)
+BULK_CHARS = BULK_MAX * 4096  # the json of a bulk entry's list, at most
 NAME_CHARS = 64
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # [cluster] node_name's alphabet
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,160}$")
@@ -71,6 +79,11 @@ def ban_payload(ban: Ban, ban_id: str, origin: str, signer: Signer | None = None
     if signer is not None and signer.enabled:
         d["sig"] = signer.tag("ban", *ban_parts(d))
     return json.dumps(d, separators=(",", ":"))
+
+
+def bulk_payload(payloads: list[str]) -> str:
+    """The list a bulk stream entry carries: the ban jsons (`ban_payload`) as one json array."""
+    return "[" + ",".join(payloads) + "]"
 
 
 def checked_number(v: Any, what: str) -> float:
@@ -146,11 +159,19 @@ def checked_ban(payload: str, signer: Signer | None = None, now: float | None = 
     if not isinstance(d, dict):
         raise ValueError("ban is not an object")
     get = d.get
+    if signer is not None and signer.enabled and not signer.verify(  # (the fields of `ban_parts`, in its order)
+            get("sig"), "ban", get("ip"), get("reason"), get("created"), get("expires"), get("score"),
+            get("offence"), get("manual"), get("id"), get("origin"), now=now):
+        raise Unverified("ban not signed by this fleet")
+    return _bounded_ban(d, now)
+
+
+def _bounded_ban(d: dict, now: float | None) -> tuple:
+    """A ban json's fields (its tag verified, or the list's that holds it) as a checked "ban" tuple;
+    ValueError when one is out of bounds."""
+    get = d.get
     ip, reason, created, expires = get("ip"), get("reason"), get("created"), get("expires")
     score, offence, manual, ban_id, origin = get("score"), get("offence"), get("manual"), get("id"), get("origin")
-    if signer is not None and signer.enabled and not signer.verify(  # (the fields of `ban_parts`, in its order)
-            get("sig"), "ban", ip, reason, created, expires, score, offence, manual, ban_id, origin, now=now):
-        raise Unverified("ban not signed by this fleet")
     ip = canonical_ip(ip)
     created = checked_time(created, "created", now)
     if expires is not None:
@@ -291,7 +312,8 @@ def parse_user_unban(fields: dict, signer: Signer | None = None, now: float | No
 #   ("unban", ip, at) / ("unban_all", "*", at)
 #   ("user", fields)    (a userban / userunban entry, as read: `parse_user_ban` / `parse_user_unban` there)
 #   ("unverified", "") / ("malformed", why)      (skipped: the daemon counts and logs them)
-# The tuples are pickled through a pipe between two processes of the same node: never through Redis.
+#   ("bulk", [checked tuple per ban])    (`check_entry` of a bulk entry; `check_reply` lists them flat)
+# The tuples are marshalled through a pipe between two processes of the same node: never through Redis.
 
 def ban_of(item: tuple) -> tuple[Ban, str, str]:
     """A checked "ban" tuple back to (Ban, id, origin)."""
@@ -322,6 +344,53 @@ def check_ban_entry(ip: Any, payload: Any, signer: Signer | None, now: float) ->
     return checked
 
 
+def check_bulk(fields: dict, signer: Signer | None, now: float) -> list[tuple]:
+    """A bulk stream entry (op "bans": a node's list of bans, one tag for the list, `skip` the positions
+    the publish script refused) → a checked tuple per ban applied (a skip tuple for a ban out of
+    bounds), or one skip tuple for the whole entry (not signed by this fleet, malformed)."""
+    try:
+        payload, origin, skip = fields.get("bans"), fields.get("origin"), fields.get("skip") or ""
+        if not isinstance(payload, str) or len(payload) > BULK_CHARS or not isinstance(skip, str) \
+                or len(skip) > BULK_CHARS // 100:
+            raise ValueError("bad bans list")
+        if signer is not None and signer.enabled and not signer.verify(
+                fields.get("sig"), "bans", *bulk_parts(origin, payload), now=now):  # type: ignore[arg-type]
+            raise Unverified("bans list not signed by this fleet")
+        try:
+            bans = _loads(payload)
+        except ValueError:
+            bans = json.loads(payload)
+        if not isinstance(bans, list) or len(bans) > BULK_MAX:
+            raise ValueError("bad bans list")
+        refused = {int(k) for k in skip.split(",")} if skip else set()  # (int(): ValueError for a bad one)
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        return [_skip(exc)]
+    out = []
+    for k, d in enumerate(bans, 1):
+        if k in refused:
+            continue
+        try:
+            if not isinstance(d, dict):
+                raise ValueError("ban is not an object")
+            out.append(_bounded_ban(d, now))
+        except (ValueError, TypeError) as exc:
+            out.append(_skip(exc))
+    return out
+
+
+def check_reply(entries: Any, signer: Signer | None, now: float) -> list[tuple]:
+    """An XREAD reply's entries ([(entry id, field-value list)]) → [(entry id, checked tuple)], a bulk
+    entry's bans one tuple each (the reader's process hands the daemon this list)."""
+    out = []
+    for eid, flat in entries:
+        if type(flat) is list and len(flat) > 1 and flat[1] == "bans" and flat[0] == "op":
+            it = iter(flat)
+            out += [(eid, checked) for checked in check_bulk(dict(zip(it, it)), signer, now)]
+        else:
+            out.append((eid, check_flat_entry(flat, signer, now)))
+    return out
+
+
 def check_flat_entry(flat: Any, signer: Signer | None, now: float) -> tuple:
     """`check_entry` of a stream entry as XREAD's reply holds it (its field-value list): the ban entries
     nodes write (op, ip, id, origin, ban: publish.lua's order) without a dict, any other through one."""
@@ -349,6 +418,8 @@ def check_entry(fields: Any, signer: Signer | None, now: float) -> tuple:
         if op in ("unban", "unban_all"):
             op, ip, _, _, at = parse_unban(fields, signer, now)
             return (op, ip, at)
+        if op == "bans":  # a node's list: ("bulk", [checked tuple per ban])
+            return ("bulk", check_bulk(fields, signer, now))
         if op in ("userban", "userunban"):  # rare (the office policy): checked by the daemon's thread
             return ("user", {k: v for k, v in fields.items() if isinstance(k, str) and isinstance(v, str)})
         raise ValueError("unknown op")
