@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lab.netns import Netns, in_netns
 
     with Netns(f"sgl-fa{os.getpid() % 100000}") as ns, in_netns(ns.name):  # (threads and children inherit it)
+        args.netns = ns.name
         return run(args)
 
 
@@ -110,6 +111,10 @@ def run(args: argparse.Namespace) -> dict:
     from sipguard.store import Store
     from sipguard.wiring import build_daemon
 
+    ns = getattr(args, "netns", None)
+    if args.ipset and (ns is None or os.stat(f"/run/netns/{ns}").st_ino != os.stat("/proc/self/ns/net").st_ino):
+        raise SystemExit("fleet_apply: --ipset runs only inside the network namespace main() makes for it, "
+                         "never in the host's (its firewall is never touched)")
     tmp = Path(tempfile.mkdtemp(prefix="sg-apply-"))
     redis = RedisServer(tmp)
     redis.start()
