@@ -171,7 +171,6 @@ class BanBook:
         self._slice = write_slice
         self._holding = False
         self._behind = False
-        self._refused: dict[str, str | None] = {}
         self._marks = (0, 0, 0)  # what the last `write` put into the open transaction
         self._overlay: dict[str, Ban | None] = {}  # the queued state of each address changed, not yet stored
         self._warned_users = False
@@ -742,15 +741,9 @@ class BanBook:
             return SyncReport()
 
     def _refusal(self, ip: str) -> str | None:
-        if self.enforcer is None:
-            return None
-        why = self._refused.get(ip)
-        if why is None and ip not in self._refused:
-            why = self.enforcer.refuses(ip)
-            if len(self._refused) > 4096:
-                self._refused.clear()
-            self._refused[ip] = why  # type: ignore[assignment]
-        return why
+        """Why the enforcer cannot hold `ip` (a few string and dict lookups: asked each time, so what the
+        kernel refused since counts at once)."""
+        return None if self.enforcer is None else self.enforcer.refuses(ip)
 
     def _removing(self, ip: str) -> bool:
         return ip in self._removes

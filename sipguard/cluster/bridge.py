@@ -10,8 +10,8 @@
   and the fleet ban ids it holds are kept; `on_user_bans` / `on_user_unbans` do the same for user
   bans (the office policy), published as `userban` / `userunban`;
 * a hook (`tick`): it hands what the stream reader delivered (other nodes' bans and unbans,
-  snapshots) to the ban book, publishes the outbox, keeps a heartbeat and garbage-collects the
-  shared hashes.
+  snapshots) to the ban book, publishes the outbox (a run of bans as bulk entries, one tag per list,
+  while every node heard from reads them), keeps a heartbeat and garbage-collects the shared hashes.
 
 It reaches SQLite only through the store's named methods, the policy only through methods (the
 `Scorer` interface, and ClusterPolicy's take / score_args / verdicts / claim_args / scored /
