@@ -18,7 +18,7 @@ import time
 import pytest
 
 from sipguard.actions import manual_ban_many
-from sipguard.cluster.bridge import BULK_BANS, BULK_MIN, UNBAN_MEMORY
+from sipguard.cluster.bridge import BULK_BANS, BULK_MIN, UNBAN_MEMORY, WIRE, _wire_of
 from sipguard.cluster.scripts import PUBLISH_LUA
 from sipguard.cluster.signing import Signer, bulk_parts
 from sipguard.cluster.wire import BULK_MAX, ban_payload, bulk_payload, check_bulk, check_entry, check_reply
@@ -231,3 +231,13 @@ def test_check_reply_lists_every_ban_of_a_bulk_entry_in_order(n):
     assert [eid for eid, _ in out] == ["1-0"] + ["2-0"] * n + ["3-0"]
     assert [c[1] for _, c in out[1:-1]] == ips
     assert out[-1][1][0] == "malformed"
+
+
+def test_what_a_heartbeat_says_it_reads():
+    """A heartbeat is anyone's to write: whatever it holds, the answer is a number and never a crash
+    (anything but a plain int `wire` of 2 or more keeps lists one entry per ban)."""
+    assert _wire_of(json.dumps({"node": "a", "wire": WIRE})) == WIRE
+    assert _wire_of(json.dumps({"node": "a"})) == 1  # (an older version says nothing)
+    for bad in ("", "not json", "[]", "7", "null", json.dumps({"wire": "2"}), json.dumps({"wire": 2.0}),
+                json.dumps({"wire": True}), "[" * 100_000 + "]" * 100_000, '{"wire": ' * 50_000, b"\xff\xfe", None):
+        assert _wire_of(bad) < WIRE, bad

@@ -319,6 +319,30 @@ def test_created_1e300_and_out_of_bounds_values_are_rejected_without_a_crash(fle
     assert "198.18.35.9" in listed
 
 
+def test_json_nested_deeper_than_python_recursion_is_malformed_not_a_stalled_reader(fleet, redis_server):
+    """Values nested thousands deep (orjson refuses them, Python's json recurses): on the stream, in a
+    bulk entry and in the shared ban and user-ban sets they are counted as malformed; the readers keep
+    reading and a restarted node still reads its snapshot (a RecursionError once made the reader's
+    process reconnect for ever on such a shared ban)."""
+    r = redis_server.client()
+    deep = "[" * 2000 + "]" * 2000  # (4,000 characters: under the 4,096 a ban json may have)
+    r.xadd(PREFIX + "stream", {"op": "ban", "ip": "198.18.36.1", "id": "x:1", "origin": "x", "ban": deep})
+    r.xadd(PREFIX + "stream", {"op": "bans", "origin": "x", "id": "x:2", "bans": deep, "sig": "", "skip": ""})
+    r.xadd(PREFIX + "stream", {"op": "userban", "ip": "198.18.36.2", "id": "x:3", "origin": "x", "ban": deep})
+    r.hset(PREFIX + "bans", "198.18.36.3", deep)
+    r.hset(PREFIX + "ubans", "198.18.36.4|0123456789abcdef", deep)
+    sync_marker(fleet, "198.18.36.99")
+    for n in fleet[1:]:
+        assert n.bridge.stats.malformed >= 2 and n.bridge.reader.connected
+    fleet[1].restart()
+    wait_for(lambda: fleet[1].bridge.in_sync(), timeout=10)
+    assert fleet[1].bridge.stats.malformed >= 1  # (the shared ban, read with the snapshot)
+    sync_marker(fleet, "198.18.36.98")
+    assert all(n.thread.is_alive() for n in fleet)
+    for ip in ("198.18.36.1", "198.18.36.2", "198.18.36.3", "198.18.36.4"):
+        assert not enforced_anywhere(fleet, ip)
+
+
 def test_a_malformed_heartbeat_never_crashes_status(fleet, redis_server):
     a = fleet[0]
     r = redis_server.client()
@@ -326,8 +350,9 @@ def test_a_malformed_heartbeat_never_crashes_status(fleet, redis_server):
     r.set(PREFIX + "node:evil2", "[1, 2, 3]")
     r.set(PREFIX + "node:evil3", json.dumps({"outbox": "lots", "in_sync": "yes", "heartbeat": 1e300}))
     r.set(PREFIX + "node:\x1b[2Jevil4\r\n", "null")
+    r.set(PREFIX + "node:evil5", "[" * 30000 + "]" * 30000)  # (json nested deeper than Python's recursion)
     r.zadd(PREFIX + "nodes", {"evil1": float("inf"), "evil2": time.time() - 1e-300, "evil3": 1e300,
-                              "\x1b[2Jevil4\r\n": time.time()})
+                              "\x1b[2Jevil4\r\n": time.time(), "evil5": time.time()})
     wait_for(lambda: a.store.get_meta("cluster_status") is not None)
     for args in (["status"], ["status", "--json"]):
         out = subprocess.run([sys.executable, "-m", "sipguard", "--config", str(a.config_file()), "--state-dir",
@@ -338,7 +363,7 @@ def test_a_malformed_heartbeat_never_crashes_status(fleet, redis_server):
     json.loads(out.stdout, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     nodes = {n["node"]: n for n in info["nodes"]}
     assert nodes["evil1"]["age"] is None and nodes["evil3"]["in_sync"] is False
-    assert nodes["evil3"]["outbox"] is None and "[2Jevil4" in nodes
+    assert nodes["evil3"]["outbox"] is None and "[2Jevil4" in nodes and nodes["evil5"]["in_sync"] is False
     assert nodes["edge1"]["in_sync"] and nodes["edge1"]["alive"]
 
 

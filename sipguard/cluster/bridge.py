@@ -52,8 +52,8 @@ from .scripts import HDEL_IF_LUA, PUBLISH_LUA, SCORE_LUA
 from .signing import Signer, bulk_parts, offence_parts, unban_parts, user_unban_parts
 from .status import STATUS_META
 from .reader import START_WAIT
-from .wire import (Unverified, ban_of, ban_payload, bulk_payload, canonical_ip, check_entry, checked_user, parse_ban, parse_user_ban,
-                   parse_user_unban, plain_text, tombstone_at, user_ban_payload, user_tombstone_at)
+from .wire import (Unverified, ban_of, ban_payload, bulk_payload, canonical_ip, check_entry, checked_user, parse_ban,
+                   parse_user_ban, parse_user_unban, plain_text, tombstone_at, user_ban_payload, user_tombstone_at)
 
 if TYPE_CHECKING:
     from ..addresses import AllowList
@@ -80,6 +80,7 @@ BULK_BANS = 100
 """Bans per bulk entry: the stream reader asks for fewer entries after a reply with bulk ones, yet a reply
 of 2,000 of them read at once stays a few tens of MB."""
 WIRE = 2  # what this version reads on the stream (2: bulk entries), in its heartbeat
+MAX_PEERS = 1000  # heartbeats a node reads to learn what the others read (`_bulk_ok`)
 APPLY_BATCH = 2000
 """Fleet entries (stream entries, snapshot bans) applied per loop turn: one store transaction, their
 bans in one kernel batch (split only where an unban comes between), then the daemon reads its logs again."""
@@ -1072,13 +1073,14 @@ class ClusterBridge:
                 pipe.set(self.prefix + "node:" + self.node, json.dumps(view), ex=ttl)
                 pipe.zadd(self.prefix + "nodes", {self.node: now})
                 pipe.zremrangebyscore(self.prefix + "nodes", "-inf", now - 7 * 86400)
-                pipe.zrangebyscore(self.prefix + "nodes", now - 2 * ttl, "+inf")
+                pipe.zrangebyscore(self.prefix + "nodes", now - 2 * ttl, "+inf", start=0, num=MAX_PEERS + 1)
                 names = pipe.execute()[-1]
             beats = self.client.mget([self.prefix + "node:" + n for n in names]) if names else []
         except self._errors as exc:
             self._down(exc)
             return
-        self._peers_bulk = all(_wire_of(b) >= WIRE for b in beats if b is not None)
+        # (more names than any fleet has: someone wrote them; lists then go out one entry per ban)
+        self._peers_bulk = len(names) <= MAX_PEERS and all(_wire_of(b) >= WIRE for b in beats if b is not None)
 
     def _gc(self, now: float) -> None:
         """Expired bans and old unbans leave the shared hashes (compare-and-delete, so no race)."""
@@ -1111,6 +1113,6 @@ def _wire_of(heartbeat: object) -> int:
     """The `wire` a node's heartbeat json says it reads (1: none said, an older version; 0: unreadable)."""
     try:
         v = json.loads(heartbeat).get("wire", 1)  # type: ignore[arg-type]
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):  # (anyone with Redis access writes there)
         return 0
     return v if type(v) is int else 0

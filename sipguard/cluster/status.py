@@ -38,7 +38,7 @@ def _json_object(raw: Any) -> dict:
         return {}
     try:
         d = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # (a heartbeat nested thousands deep: anyone can write one)
         return {}
     return d if isinstance(d, dict) else {}
 

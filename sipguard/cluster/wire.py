@@ -152,10 +152,7 @@ def checked_ban(payload: str, signer: Signer | None = None, now: float | None = 
     sends tuples)."""
     if not isinstance(payload, str) or len(payload) > 4096:
         raise ValueError("bad ban json")
-    try:
-        d = _loads(payload)
-    except ValueError:  # (what orjson refuses and json takes: NaN, huge integers, lone surrogates; bounds decide)
-        d = json.loads(payload)
+    d = _json(payload)
     if not isinstance(d, dict):
         raise ValueError("ban is not an object")
     get = d.get
@@ -164,6 +161,19 @@ def checked_ban(payload: str, signer: Signer | None = None, now: float | None = 
             get("offence"), get("manual"), get("id"), get("origin"), now=now):
         raise Unverified("ban not signed by this fleet")
     return _bounded_ban(d, now)
+
+
+def _json(text: str) -> Any:
+    """A json text from Redis, parsed (orjson, then json for what orjson refuses and json takes: NaN,
+    huge integers, lone surrogates; the bounds decide on those); ValueError for anything else, a
+    nesting deeper than Python's recursion included (anyone with Redis access can write one)."""
+    try:
+        return _loads(text)
+    except ValueError:
+        try:
+            return json.loads(text)
+        except RecursionError:
+            raise ValueError("json nested too deep") from None
 
 
 def _bounded_ban(d: dict, now: float | None) -> tuple:
@@ -273,7 +283,7 @@ def parse_user_ban(payload: str, signer: Signer | None = None, now: float | None
     Unverified when no accepted secret signed it as a user ban."""
     if not isinstance(payload, str) or len(payload) > 4096:
         raise ValueError("bad user ban json")
-    d = json.loads(payload)
+    d = _json(payload)
     if not isinstance(d, dict):
         raise ValueError("user ban is not an object")
     if signer is not None and signer.enabled and not signer.verify(d.get("sig"), "userban", *user_ban_parts(d),
@@ -356,14 +366,11 @@ def check_bulk(fields: dict, signer: Signer | None, now: float) -> list[tuple]:
         if signer is not None and signer.enabled and not signer.verify(
                 fields.get("sig"), "bans", *bulk_parts(origin, payload), now=now):  # type: ignore[arg-type]
             raise Unverified("bans list not signed by this fleet")
-        try:
-            bans = _loads(payload)
-        except ValueError:
-            bans = json.loads(payload)
+        bans = _json(payload)
         if not isinstance(bans, list) or len(bans) > BULK_MAX:
             raise ValueError("bad bans list")
         refused = {int(k) for k in skip.split(",")} if skip else set()  # (int(): ValueError for a bad one)
-    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         return [_skip(exc)]
     out = []
     for k, d in enumerate(bans, 1):
