@@ -476,6 +476,18 @@ def test_json_lines_that_cannot_be_read_are_counted_and_skipped() -> None:
     assert len(recs) == 1 and p.stats.json_invalid == 1
 
 
+def test_json_nested_deeper_than_python_recursion_is_invalid_not_a_crash() -> None:
+    """A line anyone who can log can write: `@cee: ` with json nested thousands deep (Python's json
+    recurses per level) is invalid and skipped, the lines around it are read."""
+    deep = "[" * 5000 + "]" * 5000
+    recs, p = parse(f"Dec  1 20:08:37 vm kamailio[1]: @cee: {deep}",
+                    f"Dec  1 20:08:37 vm kamailio[1]: @cee: {{\"msg\": {deep}}}",
+                    f"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: {{ \"message\": {deep} }}",
+                    f"2026-12-01T20:08:37.1+00:00 vm kamailio[1]: {MSG}", trust_plain_stderr=False)
+    assert [r.text for r in recs] == [MSG]
+    assert p.stats.json_invalid >= 2
+
+
 def test_json_stderr_with_a_raw_field_is_as_forgeable_as_plain_stderr() -> None:
     """Flag c on stderr: the Call-ID is written raw and its CR/LF splits the record (the next line
     starts with the fold's space). Without trust_plain_stderr nothing of that source is read; with

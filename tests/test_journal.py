@@ -45,6 +45,7 @@ def test_parser_builds_records():
     assert p.feed(_entry(MESSAGE=" 1(99) NOTICE: forged", _PID="77", _TRANSPORT="stdout")) == []
     assert p.stats["forged"] == 2
     assert p.feed(Line("j", b"{not json", 0)) == [] and p.stats["garbage"] == 1
+    assert p.feed(Line("j", b"[" * 5000 + b"]" * 5000, 0)) == [] and p.stats["garbage"] == 2  # (deeper than recursion)
     assert message_text(None) is None
 
 

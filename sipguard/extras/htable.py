@@ -184,7 +184,7 @@ class JsonRpc:
             raise RpcError(f"kamailio rpc {self.url}: {method}: {exc}") from None
         try:
             reply = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RpcError(f"kamailio rpc {self.url}: {method}: not JSON: {raw[:200]!r}") from None
         if "error" in reply:
             err = reply["error"]

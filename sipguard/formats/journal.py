@@ -133,7 +133,7 @@ class JournalParser:
             return []
         try:
             entry = json.loads(line.data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             st["garbage"] += 1
             return []
         if not isinstance(entry, dict):

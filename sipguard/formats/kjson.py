@@ -127,7 +127,7 @@ def decode(text: str) -> Decoded | None:
         return None
     try:
         message = json.loads(s[i:close + 1], strict=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(message, str):
         return None
@@ -151,7 +151,7 @@ def classic(level: str, module: str, file: str, line: object, func: str, message
 def _cee(body: str) -> Decoded | None:
     try:
         d = json.loads(body, strict=False)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested deeper than Python's recursion: a forged line, invalid)
         return None
     if not isinstance(d, dict):
         return None

@@ -120,7 +120,7 @@ class LossNotices:
     def _journal_entry(self, raw: bytes) -> None:
         try:
             entry = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return
         if not isinstance(entry, dict) or entry.get("MESSAGE_ID") != JOURNAL_DROPPED:
             return
