@@ -127,14 +127,15 @@ def test_journal_stub_is_idle(tmp_path):
 @pytest.mark.root
 def test_cluster_bench_runs_tiny_with_a_secret(tmp_path):
     """bench/cluster_bench.py end to end, tiny: 2 daemons in namespaces with a [cluster] secret, a few
-    propagation samples, a 2,000-ban signed burst (every entry verified by the receiver), idle CPU, one
-    scoring run; it writes nothing into bench/RESULTS.md."""
+    propagation samples, a 2,000-ban signed burst as an import writes it (bulk entries) and as single
+    entries (every entry verified by the receiver), idle CPU, one scoring run; it writes nothing into
+    bench/RESULTS.md."""
     if os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("redis-server"):
         pytest.skip("needs root, ipset and redis-server (network namespaces)")
     out = tmp_path / "cluster.json"
     before = (ROOT / "bench" / "RESULTS.md").read_text()
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "cluster_bench.py"), "--bans", "2", "--nodes", "2",
-                        "--burst", "2000", "--burst-nodes", "2", "--burst-via", "stream", "--burst-repeat", "2",
+                        "--burst", "2000", "--burst-nodes", "2", "--burst-via", "stream,single", "--burst-repeat", "2",
                         "--seconds", "0.5",
                         "--scoring", "1", "--idle", "1", "--no-write", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -144,10 +145,12 @@ def test_cluster_bench_runs_tiny_with_a_secret(tmp_path):
     lat = res["latency"]["2"]
     assert set(lat) == {"manual ban", "manual unban", "automatic ban", "unban of an automatic ban"}
     assert all(v["samples"] == 2 and 0 <= v["p50"] <= v["p99"] <= v["max"] for v in lat.values())
-    burst = res["burst"]["stream/2"]  # (appended to the stream, a fleet of 2)
-    assert burst["size"] == 2000 and burst["nodes"] == 2 and burst["unverified"] == 0 and burst["malformed"] == 0
-    assert len(burst["runs"]) == 2 and burst["applied"] in [x["applied"] for x in burst["runs"]]
-    assert 0 < burst["first"] <= burst["applied"]
+    for key in ("stream/2", "single/2"):  # (an import's bulk entries, and one entry per ban; a fleet of 2)
+        burst = res["burst"][key]
+        assert burst["size"] == 2000 and burst["nodes"] == 2 and burst["unverified"] == 0 and burst["malformed"] == 0
+        assert len(burst["runs"]) == 2 and burst["applied"] in [x["applied"] for x in burst["runs"]]
+        assert 0 < burst["first"] <= burst["applied"]
+    assert "| an import: 100 bans per entry, appended to the stream (XADD) | 2 |" in r.stdout
     assert len(res["idle_cpu"]["2"]) == 2 and res["scoring"]["1"] > 0
     assert "| manual ban | 2 |" in r.stdout
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before
