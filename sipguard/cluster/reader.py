@@ -3,7 +3,7 @@
 The reading and the checking run in a child process (`main` / `follow`, started by `StreamReader` as
 `python -c ...` with this very sipguard first on its path), with its own Redis connection: XREAD
 BLOCK and its reply's parsing, each entry's json, its tag (`signing.py`) and its bounds
-(`wire.check_entry`; a node's bulk list one tag for all its bans), and the same for every value of
+(`wire.check_entry`; a node's bulk list: one tag for all its bans), and the same for every value of
 the shared ban set at each (re)connect
 (`wire.check_shared`). It hands the daemon checked tuples of plain values, a whole XREAD reply per
 message, marshalled through a pipe; so the daemon's own thread only applies them (the guard rails, the
