@@ -50,7 +50,7 @@ from .reader import StreamReader
 from .scoring import ClusterPolicy
 from .scripts import HDEL_IF_LUA, PUBLISH_LUA, SCORE_LUA
 from .signing import Signer, bulk_parts, offence_parts, unban_parts, user_unban_parts
-from .status import STATUS_META
+from .status import STATUS_META, json_object
 from .reader import START_WAIT
 from .wire import (Unverified, ban_of, ban_payload, bulk_payload, canonical_ip, check_entry, checked_user, parse_ban,
                    parse_user_ban, parse_user_unban, plain_text, tombstone_at, user_ban_payload, user_tombstone_at)
@@ -598,16 +598,14 @@ class ClusterBridge:
             sizes: list[int] = []  # per call: 0 for one entry (1 when applied), else the bans of its list
             try:
                 with self.client.pipeline(transaction=False) as pipe:
-                    run: list = []
+                    run: list = []  # bans in a row
                     bulk = self._bulk_ok()
-                    for e in [*entries, None]:
-                        if bulk and e is not None and e.op == "ban":
+                    for e in entries:
+                        if e.op == "ban":
                             run.append(e)
                             continue
-                        self._publish_run(pipe, run, sizes)
+                        self._publish_run(pipe, run, sizes, bulk)
                         run = []
-                        if e is None:
-                            break
                         if e.op in USER_OPS:  # (a user ban or unban: its own arguments; malformed: dropped)
                             args = self._user_publish_args(e.op, e.ip, e.id, e.payload)
                             if args is not None:
@@ -616,6 +614,7 @@ class ClusterBridge:
                             continue
                         self._publish(args=self._publish_args(e), client=pipe)
                         sizes.append(0)
+                    self._publish_run(pipe, run, sizes, bulk)
                     if need:
                         pipe.wait(need, int(self.cfg.socket_timeout * 500))
                     results = pipe.execute()
@@ -638,10 +637,10 @@ class ClusterBridge:
         if self._wake is not None:
             self._wake()  # more to publish: right after the daemon's next batch
 
-    def _publish_run(self, pipe, run: list, sizes: list[int]) -> None:  # noqa: ANN001 - a redis pipeline
-        """Bans in a row of the outbox into `pipe`: bulk entries of up to BULK_BANS when there are at
-        least BULK_MIN, else one call each; `sizes` gets each call's (see `_flush`)."""
-        if len(run) < BULK_MIN:
+    def _publish_run(self, pipe, run: list, sizes: list[int], bulk: bool) -> None:  # noqa: ANN001 - a redis pipeline
+        """Bans in a row of the outbox into `pipe`: with `bulk` and at least BULK_MIN of them, bulk entries
+        of up to BULK_BANS, else one call each; `sizes` gets each call's (see `_flush`)."""
+        if not bulk or len(run) < BULK_MIN:
             for e in run:
                 self._publish(args=self._publish_args(e), client=pipe)
                 sizes.append(0)
@@ -1110,9 +1109,7 @@ class ClusterBridge:
 
 
 def _wire_of(heartbeat: object) -> int:
-    """The `wire` a node's heartbeat json says it reads (1: none said, an older version; 0: unreadable)."""
-    try:
-        v = json.loads(heartbeat).get("wire", 1)  # type: ignore[arg-type]
-    except (ValueError, TypeError, AttributeError, RecursionError):  # (anyone with Redis access writes there)
-        return 0
+    """The `wire` a node's heartbeat says it reads (1: none said, an older version, or no heartbeat json
+    at all; 0: not a whole number)."""
+    v = json_object(heartbeat).get("wire", 1)
     return v if type(v) is int else 0

@@ -33,7 +33,9 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
-def _json_object(raw: Any) -> dict:
+def json_object(raw: Any) -> dict:
+    """A heartbeat (or this node's stored view) as a dict: {} for anything that is not a json object
+    of at most 64 KiB (anyone with Redis access can write one)."""
     if not isinstance(raw, str) or len(raw) > 65536:
         return {}
     try:
@@ -45,7 +47,7 @@ def _json_object(raw: Any) -> dict:
 
 def _node_info(name: Any, last: Any, beat: Any, now: float) -> dict:
     """One node of `status` from the nodes zset and its heartbeat key, whatever they hold."""
-    b = _json_object(beat)
+    b = json_object(beat)
     last = _number(last)
     outbox = b.get("outbox")
     return {"node": node_name(name), "last_heartbeat": last,
@@ -57,7 +59,7 @@ def _node_info(name: Any, last: Any, beat: Any, now: float) -> dict:
 def cluster_status(cfg: ClusterConfig, store: Store, now: float | None = None) -> dict:
     """For `sipguard status`: this node's last view (from SQLite) and the nodes Redis has seen."""
     now = time.time() if now is None else now
-    me = _json_object(store.get_meta(STATUS_META))
+    me = json_object(store.get_meta(STATUS_META))
     info: dict = {"node": cfg.node_name, "redis": redacted(cfg.redis_url), "this_node": me, "nodes": [],
                   "reachable": False}
     try:
